@@ -1,0 +1,18 @@
+//! The core of bk, shared by every tool: records, errors and exit codes, the streaming
+//! codec, stores, locking and progress. It links no database driver.
+
+pub mod cli;
+pub mod codec;
+pub mod error;
+pub mod lock;
+pub mod ls;
+pub mod name;
+pub mod private;
+pub mod progress;
+pub mod record;
+pub mod store;
+
+pub use error::{Error, Kind, Result};
+
+/// The version written into every manifest.
+pub const BK_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,110 @@
+//! bk-ls: lists the backups (manifests) in a store.
+
+use clap::Parser;
+
+use crate::error::{Error, Result};
+use crate::name::validate_name;
+use crate::progress::human_bytes;
+use crate::record::{Artifact, Output, Record};
+use crate::store;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// One artifact record per line (JSON Lines)
+    Json,
+    /// Aligned columns for people
+    Table,
+}
+
+/// List the backups in a store.
+///
+/// Reads the manifests under STORE/<name>/ and prints one artifact record per complete
+/// backup, oldest first within each name. Files without a manifest (left by a killed run, or
+/// copied in by hand) are not backups: they are reported on stderr as warnings.
+#[derive(Debug, Parser)]
+#[command(
+    name = "bk-ls",
+    version,
+    after_help = "Exit status: 0 ok, 64 usage, 66 no such store or backup, 74 I/O error (see bk(7))."
+)]
+pub struct Cli {
+    /// The store: a directory or file:// URL
+    pub store: String,
+    /// Only the backups of this job name
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Only the newest backup of each name
+    #[arg(long)]
+    pub latest: bool,
+    /// Output format
+    #[arg(long, value_enum, default_value_t = Format::Json)]
+    pub format: Format,
+}
+
+pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
+    if let Some(n) = &cli.name {
+        validate_name(n)?;
+    }
+    let store = store::open(&cli.store)?;
+    let listing = store.list(cli.name.as_deref())?;
+    for leftover in &listing.leftovers {
+        eprintln!("{}: warning: {leftover}", out.tool());
+    }
+    let mut artifacts = listing.artifacts;
+    if cli.latest {
+        artifacts = newest_per_name(artifacts);
+    }
+    if let (Some(n), true) = (&cli.name, artifacts.is_empty()) {
+        return Err(Error::no_input(format!("no backup of {n} in {}", store.url())).named(n));
+    }
+    match cli.format {
+        Format::Json => artifacts
+            .into_iter()
+            .try_for_each(|a| out.emit(&Record::Artifact(a))),
+        Format::Table => print_table(&artifacts, out),
+    }
+}
+
+/// Keeps the last artifact of each name in a listing sorted by name, then time.
+pub fn newest_per_name(artifacts: Vec<Artifact>) -> Vec<Artifact> {
+    let mut newest: Vec<Artifact> = Vec::new();
+    for a in artifacts {
+        match newest.last_mut() {
+            Some(last) if last.name == a.name => *last = a,
+            _ => newest.push(a),
+        }
+    }
+    newest
+}
+
+fn print_table(artifacts: &[Artifact], out: &mut Output) -> Result<()> {
+    let header = ["ID", "ENGINE", "FINISHED", "SIZE", "CONTENT", "ENCRYPTED"].map(String::from);
+    let rows: Vec<[String; 6]> = artifacts
+        .iter()
+        .map(|a| {
+            [
+                a.id.clone(),
+                a.engine.clone(),
+                a.finished.clone(),
+                human_bytes(a.bytes),
+                human_bytes(a.content_bytes),
+                if a.encryption.is_some() { "age" } else { "no" }.to_string(),
+            ]
+        })
+        .collect();
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    for row in std::iter::once(&header).chain(&rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.text(cells.join("  ").trim_end())?;
+    }
+    Ok(())
+}

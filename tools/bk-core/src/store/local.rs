@@ -1,0 +1,374 @@
+//! A store on a local (or mounted) filesystem.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use super::{manifest_file, Listing, Store, Upload};
+use crate::error::{Error, Result};
+use crate::name::validate_name;
+use crate::private::create_private_dir;
+use crate::record::{parse_line, Artifact, Record};
+
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+impl LocalStore {
+    pub fn new(path: &str) -> Result<Self> {
+        if path.is_empty() {
+            return Err(Error::usage("empty store path"));
+        }
+        let path = Path::new(path);
+        let root = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            std::env::current_dir()
+                .map_err(|e| Error::io("finding the current directory", e))?
+                .join(path)
+        };
+        Ok(LocalStore { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn name_dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Creates the root and the name's directory, 0700 whatever the umask.
+    fn ensure_name_dir(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.name_dir(name);
+        create_private_dir(&self.root)?;
+        create_private_dir(&dir)?;
+        Ok(dir)
+    }
+}
+
+/// A hidden name no listing mistakes for an artifact: `.<file>.tmp.<pid>.<random>`.
+fn temp_path(dir: &Path, file: &str) -> PathBuf {
+    dir.join(format!(
+        ".{file}.tmp.{}.{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ))
+}
+
+fn is_temp(file_name: &str) -> bool {
+    file_name.starts_with('.') && file_name.contains(".tmp.")
+}
+
+/// Writes a new 0600 file under a hidden name; publishes it by fsync and rename.
+struct LocalUpload {
+    file: Option<File>,
+    temp: PathBuf,
+    target: PathBuf,
+}
+
+impl LocalUpload {
+    fn create(dir: &Path, file: &str) -> Result<Self> {
+        let temp = temp_path(dir, file);
+        let handle = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)
+            .map_err(|e| Error::create(&temp, e))?;
+        // The mode passed to open is filtered by the umask; this is not.
+        handle
+            .set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::create(&temp, e))?;
+        Ok(LocalUpload {
+            file: Some(handle),
+            temp,
+            target: dir.join(file),
+        })
+    }
+
+    fn file(&mut self) -> &mut File {
+        self.file
+            .as_mut()
+            .expect("an upload is written only before commit")
+    }
+}
+
+impl Write for LocalUpload {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file().write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file().flush()
+    }
+}
+
+impl Upload for LocalUpload {
+    fn commit(mut self: Box<Self>) -> Result<()> {
+        let file = self.file.take().expect("committed once");
+        file.sync_all()
+            .map_err(|e| Error::io(format!("writing {}", self.temp.display()), e))?;
+        drop(file);
+        fs::rename(&self.temp, &self.target)
+            .map_err(|e| Error::io(format!("publishing {}", self.target.display()), e))?;
+        sync_dir(self.target.parent().expect("a file in a name directory"))
+    }
+}
+
+impl Drop for LocalUpload {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.temp);
+        }
+    }
+}
+
+/// Makes a rename durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(format!("syncing {}", dir.display()), e))
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(Error::io(format!("deleting {}", path.display()), e))
+        }
+        _ => Ok(()),
+    }
+}
+
+impl Store for LocalStore {
+    fn url(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn location(&self, name: &str, file: &str) -> String {
+        self.name_dir(name).join(file).display().to_string()
+    }
+
+    fn create(&self, name: &str, file: &str) -> Result<Box<dyn Upload>> {
+        let dir = self.ensure_name_dir(name)?;
+        Ok(Box::new(LocalUpload::create(&dir, file)?))
+    }
+
+    fn put_manifest(&self, artifact: &Artifact) -> Result<()> {
+        let dir = self.ensure_name_dir(&artifact.name)?;
+        let mut upload = LocalUpload::create(&dir, &manifest_file(&artifact.id))?;
+        let line = Record::Artifact(artifact.clone()).to_line();
+        writeln!(upload, "{line}")
+            .map_err(|e| Error::io(format!("writing {}", upload.temp.display()), e))?;
+        Box::new(upload).commit()
+    }
+
+    fn has_manifest(&self, name: &str, id: &str) -> Result<bool> {
+        Ok(self.name_dir(name).join(manifest_file(id)).exists())
+    }
+
+    fn list(&self, name: Option<&str>) -> Result<Listing> {
+        if !self.root.is_dir() {
+            return Err(Error::no_input(format!("no store at {}", self.url())));
+        }
+        let names: Vec<String> = match name {
+            Some(n) => vec![n.to_string()],
+            None => {
+                let entries = fs::read_dir(&self.root)
+                    .map_err(|e| Error::io(format!("listing store {}", self.url()), e))?;
+                let mut names = Vec::new();
+                for entry in entries {
+                    let entry =
+                        entry.map_err(|e| Error::io(format!("listing store {}", self.url()), e))?;
+                    let n = entry.file_name().to_string_lossy().into_owned();
+                    if entry.path().is_dir() && validate_name(&n).is_ok() {
+                        names.push(n);
+                    }
+                }
+                names
+            }
+        };
+        let mut listing = Listing::default();
+        for n in names {
+            list_name(&self.name_dir(&n), &n, &mut listing)?;
+        }
+        listing
+            .artifacts
+            .sort_by(|a, b| (&a.name, &a.started, &a.id).cmp(&(&b.name, &b.started, &b.id)));
+        listing.leftovers.sort();
+        Ok(listing)
+    }
+
+    fn open(&self, artifact: &Artifact) -> Result<Box<dyn Read>> {
+        let path = self.name_dir(&artifact.name).join(&artifact.file);
+        let file =
+            File::open(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        Ok(Box::new(BufReader::with_capacity(256 * 1024, file)))
+    }
+
+    fn delete(&self, artifact: &Artifact) -> Result<()> {
+        let dir = self.name_dir(&artifact.name);
+        remove_if_present(&dir.join(manifest_file(&artifact.id)))?;
+        remove_if_present(&dir.join(&artifact.file))?;
+        sync_dir(&dir)
+    }
+}
+
+fn list_name(dir: &Path, name: &str, listing: &mut Listing) -> Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        other => other.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?,
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+        files.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    let mut claimed = Vec::new();
+    for f in files.iter().filter(|f| f.ends_with(".json") && !is_temp(f)) {
+        let path = dir.join(f);
+        claimed.push(f.clone());
+        let read = fs::read_to_string(&path).map_err(|e| Error::io("unreadable manifest", e));
+        match read.and_then(|text| parse_line(text.trim(), "unreadable manifest")) {
+            Ok(Record::Artifact(mut a)) if a.name == name && manifest_file(&a.id) == *f => {
+                a.location = dir.join(&a.file).display().to_string();
+                claimed.push(a.file.clone());
+                listing.artifacts.push(a);
+            }
+            Ok(_) => listing
+                .leftovers
+                .push(format!("{}: not a manifest of {name}", path.display())),
+            Err(e) => listing
+                .leftovers
+                .push(format!("{}: {}", path.display(), e.message)),
+        }
+    }
+    for f in files.iter().filter(|f| !claimed.contains(f)) {
+        let why = if is_temp(f) {
+            "temporary file of an unfinished run"
+        } else {
+            "no manifest"
+        };
+        listing
+            .leftovers
+            .push(format!("{}: {why}", dir.join(f).display()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{Source, ToolInfo};
+    use std::os::unix::fs::MetadataExt;
+
+    fn artifact(name: &str, id: &str, file: &str) -> Artifact {
+        Artifact {
+            id: id.into(),
+            name: name.into(),
+            engine: "files".into(),
+            source: Source::default(),
+            started: "2026-11-22T00:00:00Z".into(),
+            finished: "2026-11-22T00:00:01Z".into(),
+            file: file.into(),
+            format: "tar".into(),
+            compression: crate::codec::Compression::None,
+            encryption: None,
+            bytes: 5,
+            sha256: String::new(),
+            content_bytes: 5,
+            counts: Default::default(),
+            tool: ToolInfo {
+                program: "t".into(),
+                version: "0".into(),
+            },
+            bk_version: "0".into(),
+            location: String::new(),
+        }
+    }
+
+    #[test]
+    fn upload_publishes_atomically_with_private_modes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let old = unsafe { libc::umask(0) };
+        let store = LocalStore::new(tmp.path().join("store").to_str().unwrap()).unwrap();
+        let mut up = store.create("job", "job.1.tar").unwrap();
+        up.write_all(b"hello").unwrap();
+        let dir = tmp.path().join("store/job");
+        assert!(
+            !dir.join("job.1.tar").exists(),
+            "not published before commit"
+        );
+        let listing = store.list(None).unwrap();
+        assert_eq!(listing.artifacts.len(), 0);
+        assert_eq!(listing.leftovers.len(), 1, "{:?}", listing.leftovers);
+        up.commit().unwrap();
+        let a = artifact("job", "job.1", "job.1.tar");
+        store.put_manifest(&a).unwrap();
+        unsafe { libc::umask(old) };
+        for p in [dir.join("job.1.tar"), dir.join("job.1.json")] {
+            assert_eq!(
+                fs::metadata(&p).unwrap().mode() & 0o777,
+                0o600,
+                "{}",
+                p.display()
+            );
+        }
+        for d in [tmp.path().join("store"), dir.clone()] {
+            assert_eq!(fs::metadata(&d).unwrap().mode() & 0o777, 0o700);
+        }
+        let listing = store.list(Some("job")).unwrap();
+        assert_eq!(listing.artifacts.len(), 1);
+        assert!(listing.leftovers.is_empty(), "{:?}", listing.leftovers);
+        assert_eq!(
+            listing.artifacts[0].location,
+            dir.join("job.1.tar").display().to_string()
+        );
+        let mut content = String::new();
+        store
+            .open(&listing.artifacts[0])
+            .unwrap()
+            .read_to_string(&mut content)
+            .unwrap();
+        assert_eq!(content, "hello");
+        store.delete(&a).unwrap();
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn dropped_upload_leaves_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(tmp.path().to_str().unwrap()).unwrap();
+        let mut up = store.create("job", "job.1.tar").unwrap();
+        up.write_all(b"partial").unwrap();
+        drop(up);
+        assert_eq!(fs::read_dir(tmp.path().join("job")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn listing_reports_orphans_and_bad_manifests() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("job");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("job.2.tar"), "x").unwrap();
+        fs::write(dir.join("job.3.json"), "{not json").unwrap();
+        let listing = LocalStore::new(tmp.path().to_str().unwrap())
+            .unwrap()
+            .list(None)
+            .unwrap();
+        assert!(listing.artifacts.is_empty());
+        assert_eq!(listing.leftovers.len(), 2, "{:?}", listing.leftovers);
+        assert!(listing.leftovers[0].ends_with("job.2.tar: no manifest"));
+        assert!(listing.leftovers[1].contains("unreadable manifest"));
+    }
+
+    #[test]
+    fn remote_schemes_are_refused_clearly() {
+        for url in ["s3://bucket/x", "ssh://u@h/x", "rclone:remote:path"] {
+            let e = super::super::open(url).err().unwrap();
+            assert_eq!(e.exit_code(), 64, "{url}");
+        }
+        assert!(super::super::open("file:///tmp/x").is_ok());
+        assert!(super::super::open("relative/dir").is_ok());
+    }
+}

@@ -1,0 +1,68 @@
+//! Stores hold artifacts and their manifests under `<root>/<name>/` (SPEC §3).
+
+mod local;
+
+use std::io::{Read, Write};
+
+pub use local::LocalStore;
+
+use crate::error::{Error, Result};
+use crate::record::Artifact;
+
+/// An artifact being written. Dropping it without `commit` removes what was written, so a
+/// failed dump never leaves a partial file under a final name.
+pub trait Upload: Write {
+    /// Makes the artifact durable and publishes it under its final name.
+    fn commit(self: Box<Self>) -> Result<()>;
+}
+
+/// What a store holds: complete artifacts (those with a manifest), and anything else.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// Sorted by name, then by start time, oldest first.
+    pub artifacts: Vec<Artifact>,
+    /// Files without a manifest (a killed run's temporary file, say), and unreadable
+    /// manifests, each with why it is listed.
+    pub leftovers: Vec<String>,
+}
+
+pub trait Store {
+    /// The store as the user named it, for messages.
+    fn url(&self) -> String;
+    /// Where an artifact file of a name lives, for the `location` field.
+    fn location(&self, name: &str, file: &str) -> String;
+    fn create(&self, name: &str, file: &str) -> Result<Box<dyn Upload>>;
+    /// Writes the manifest, last, which makes the artifact part of the store.
+    fn put_manifest(&self, artifact: &Artifact) -> Result<()>;
+    fn has_manifest(&self, name: &str, id: &str) -> Result<bool>;
+    /// Lists manifests, of one name or of all.
+    fn list(&self, name: Option<&str>) -> Result<Listing>;
+    fn open(&self, artifact: &Artifact) -> Result<Box<dyn Read>>;
+    /// Deletes the manifest first, then the artifact, so that an interrupted delete never
+    /// leaves a manifest pointing at nothing.
+    fn delete(&self, artifact: &Artifact) -> Result<()>;
+}
+
+/// Opens a store from its URL: a path or `file://` URL. Remote schemes are refused with
+/// exit 64 until their store exists.
+pub fn open(url: &str) -> Result<Box<dyn Store>> {
+    if let Some(path) = url.strip_prefix("file://") {
+        return Ok(Box::new(LocalStore::new(path)?));
+    }
+    if let Some((scheme, _)) = url
+        .split_once("://")
+        .or_else(|| url.split_once(':').filter(|(s, _)| *s == "rclone"))
+    {
+        if !scheme.contains('/') {
+            return Err(Error::usage(format!(
+                "store {url}: {scheme} stores are not supported by this version of bk yet; use a local path"
+            )));
+        }
+    }
+    Ok(Box::new(LocalStore::new(url)?))
+}
+
+/// The manifest's file name of an artifact id.
+pub fn manifest_file(id: &str) -> String {
+    format!("{id}.json")
+}
