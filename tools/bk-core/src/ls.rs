@@ -108,3 +108,8 @@ fn print_table(artifacts: &[Artifact], out: &mut Output) -> Result<()> {
     }
     Ok(())
 }
+
+/// The bk-ls program.
+pub fn main() -> std::process::ExitCode {
+    crate::cli::main(run)
+}

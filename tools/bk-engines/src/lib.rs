@@ -1,1 +1,54 @@
+//! bk's engines: how each kind of source is dumped and restored, and the bk-dump and
+//! bk-restore commands over them. Tools that need no engine (bk-ls, ...) do not link this.
 
+pub mod dump;
+pub mod files;
+pub mod restore;
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use bk_core::record::{Source, ToolInfo};
+use bk_core::Result;
+
+/// What a dump produced besides its bytes.
+pub struct Dumped {
+    /// Exact rows, documents or entries in the artifact.
+    pub counts: BTreeMap<String, u64>,
+    pub tool: ToolInfo,
+}
+
+/// One source that becomes one artifact.
+pub trait DumpJob {
+    fn engine(&self) -> &'static str;
+    fn format(&self) -> &'static str;
+    fn default_name(&self) -> String;
+    fn source(&self) -> Source;
+    /// Writes the whole content to `out`; an error means the content is incomplete.
+    fn dump(&self, out: &mut dyn Write) -> Result<Dumped>;
+}
+
+pub struct RestoreOptions {
+    pub replace: bool,
+    pub include: Vec<String>,
+}
+
+/// What a restore left at its target.
+pub struct RestoredInfo {
+    pub target: serde_json::Map<String, serde_json::Value>,
+    pub counts: BTreeMap<String, u64>,
+    /// False for a partial restore.
+    pub complete: bool,
+}
+
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// A restore target that is a path.
+pub fn path_target(path: &std::path::Path) -> serde_json::Map<String, serde_json::Value> {
+    serde_json::Map::from_iter([("path".to_string(), path.display().to_string().into())])
+}

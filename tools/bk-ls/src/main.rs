@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    bk_core::cli::main(bk_core::ls::run)
+    bk_core::ls::main()
 }

@@ -145,6 +145,10 @@ impl Store for LocalStore {
         self.root.display().to_string()
     }
 
+    fn local_root(&self) -> Option<PathBuf> {
+        Some(self.root.clone())
+    }
+
     fn location(&self, name: &str, file: &str) -> String {
         self.name_dir(name).join(file).display().to_string()
     }

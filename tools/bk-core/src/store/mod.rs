@@ -38,6 +38,10 @@ pub trait Store {
     /// Lists manifests, of one name or of all.
     fn list(&self, name: Option<&str>) -> Result<Listing>;
     fn open(&self, artifact: &Artifact) -> Result<Box<dyn Read>>;
+    /// The directory of a store on this machine's filesystem, if it is one.
+    fn local_root(&self) -> Option<std::path::PathBuf> {
+        None
+    }
     /// Deletes the manifest first, then the artifact, so that an interrupted delete never
     /// leaves a manifest pointing at nothing.
     fn delete(&self, artifact: &Artifact) -> Result<()>;
@@ -60,6 +64,18 @@ pub fn open(url: &str) -> Result<Box<dyn Store>> {
         }
     }
     Ok(Box::new(LocalStore::new(url)?))
+}
+
+/// The store an artifact record's `location` points into: `<root>/<name>/<file>`.
+pub fn open_location(artifact: &Artifact) -> Result<Box<dyn Store>> {
+    let suffix = format!("/{}/{}", artifact.name, artifact.file);
+    let root = artifact.location.strip_suffix(&suffix).ok_or_else(|| {
+        Error::data(format!(
+            "{}: location {:?} does not end in {suffix}",
+            artifact.id, artifact.location
+        ))
+    })?;
+    open(if root.is_empty() { "/" } else { root })
 }
 
 /// The manifest's file name of an artifact id.

@@ -1,0 +1,369 @@
+#!/usr/bin/env bash
+# Start (or stop) every server the bk test suite talks to, on loopback, in throwaway directories.
+#
+#   tests/services.sh [start]   install what is missing, start what is down, write $BASE/env
+#   tests/services.sh stop      stop every server started from $BASE (safe when nothing runs)
+#   tests/services.sh env       print the path of the env file (source it to get TEST_* variables)
+#
+# Made for Debian 12 run as root without systemd (installed packages do not start services).
+# Idempotent: a second `start` only checks that each server answers. When $BASE survives but the
+# servers are down (machine reused), they are started again on their existing data, not re-initialised.
+#
+# Environment: BASE (default /tmp/bk-test-services) holds data, logs, pidfiles and the env file;
+# TOOLS (default /tmp/bk-test-tools) holds the Python venv and cargo-installed binaries;
+# S3_IMPL=s3s-fs (default, the only one supported); READY_TIMEOUT seconds per server (default 60).
+set -euo pipefail
+
+BASE=${BASE:-/tmp/bk-test-services}
+TOOLS=${TOOLS:-/tmp/bk-test-tools}
+S3_IMPL=${S3_IMPL:-s3s-fs}
+READY_TIMEOUT=${READY_TIMEOUT:-60}
+PYTHON=${PYTHON:-python3}
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+export DEBIAN_FRONTEND=noninteractive
+export PATH="$PATH:/usr/sbin:/sbin:${HOME:-/root}/.cargo/bin"
+
+APT_PACKAGES=(
+  mariadb-server mariadb-client mariadb-backup postgresql openssh-server rsync
+  influxdb influxdb-client sqlite3 zstd age cron time curl ca-certificates
+)
+
+# Ports (must match the env file below).
+MYSQL_PORT=13306 PG_PORT=15432 MONGO_PORT=27018 INFLUX_HTTP_PORT=18086 INFLUX_RPC_PORT=18088
+S3_PORT=18014 SSH_PORT=2222 SSH_USER=citest
+S3_AK=testak S3_SK=testsecret S3_BUCKET=test-bucket
+
+t0=$(date +%s)
+step() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+die() { echo "services.sh: error: $*" >&2; exit 1; }
+
+# show_log FILE: last lines of a log on stderr, to explain a failure.
+show_log() {
+  [ -f "$1" ] || return 0
+  echo "---- last lines of $1 ----" >&2
+  tail -n 25 "$1" >&2 || true
+  echo "----" >&2
+}
+
+# run_logged LOG CMD...: run quietly, keep output in LOG, show it if the command fails.
+run_logged() {
+  local log=$1; shift
+  if ! "$@" >>"$log" 2>&1; then
+    show_log "$log"
+    die "command failed: $* (full output in $log)"
+  fi
+}
+
+tcp_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") >/dev/null 2>&1; }
+
+# pid_alive PIDFILE: the pid in PIDFILE is a live process whose command line mentions $BASE
+# (guards against stale pidfiles whose pid was reused by an unrelated process).
+pid_alive() {
+  local pid
+  [ -f "$1" ] || return 1
+  pid=$(cat "$1" 2>/dev/null) || return 1
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  [ -r "/proc/$pid/cmdline" ] || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$BASE"
+}
+
+# wait_ready NAME LOG PIDFILE CHECK...: poll CHECK until it succeeds; fail naming the server and
+# its log after READY_TIMEOUT seconds, or at once if the server process (PIDFILE, optional) died.
+wait_ready() {
+  local name=$1 log=$2 pidfile=$3; shift 3
+  local deadline=$(( $(date +%s) + READY_TIMEOUT )) n=0
+  until "$@" >/dev/null 2>&1; do
+    n=$((n + 1))
+    if [ -n "$pidfile" ] && [ $n -gt 20 ] && [ $((n % 10)) -eq 0 ] && ! pid_alive "$pidfile"; then
+      # a last check: it may have come up and the pidfile been rewritten in between
+      "$@" >/dev/null 2>&1 && return 0
+      show_log "$log"
+      die "$name exited before becoming ready; see $log"
+    fi
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      show_log "$log"
+      die "$name not ready after ${READY_TIMEOUT}s; see $log"
+    fi
+    sleep 0.1
+  done
+}
+
+# running PID: the process exists and is not a zombie (PID 1 may reap exited servers slowly).
+running() {
+  local st
+  st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ -n "$st" ] && [ "${st:0:1}" != Z ]
+}
+
+# stop_pidfile NAME PIDFILE: TERM the process, wait up to 30 s, then KILL.
+stop_pidfile() {
+  local name=$1 pf=$2 pid n=0
+  if pid_alive "$pf"; then
+    pid=$(cat "$pf")
+    echo "stopping $name (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    while running "$pid"; do
+      n=$((n + 1))
+      if [ $n -gt 300 ]; then
+        echo "$name did not stop in 30s; killing" >&2
+        kill -KILL "$pid" 2>/dev/null || true
+        break
+      fi
+      sleep 0.1
+    done
+  fi
+  rm -f "$pf"
+}
+
+# ---------------------------------------------------------------------------------------------
+install_packages() {
+  local missing=() p
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  step "apt install: ${missing[*]}"
+  [ "$(id -u)" = 0 ] || die "packages missing (${missing[*]}) and not root: cannot apt-get install"
+  run_logged "$BASE/apt.log" apt-get update -qq
+  run_logged "$BASE/apt.log" apt-get install -y -qq "${APT_PACKAGES[@]}"
+}
+
+install_python_tools() {
+  local v="$TOOLS/venv"
+  [ -x "$v/bin/nx-27017" ] && [ -x "$v/bin/aws" ] && "$v/bin/python" -c 'import pymongo' 2>/dev/null && return 0
+  step "python tools (nx-27017 mongo wire server, pymongo, awscli)"
+  [ -x "$v/bin/pip" ] || run_logged "$TOOLS/pip.log" "$PYTHON" -m venv "$v"
+  run_logged "$TOOLS/pip.log" "$v/bin/pip" install -q nx-27017 pymongo awscli
+}
+
+install_s3_server() {
+  [ "$S3_IMPL" = s3s-fs ] || die "S3_IMPL=$S3_IMPL is not supported (only s3s-fs)"
+  [ -x "$TOOLS/bin/s3s-fs" ] && return 0
+  step "s3s-fs build (cargo install, ~1-2 min)"
+  command -v cargo >/dev/null || die "cargo not found (needed to build s3s-fs)"
+  # run outside the repo so that no project .cargo/config.toml applies
+  (cd "$TOOLS" && run_logged "$TOOLS/cargo-install.log" \
+    cargo install --locked s3s-fs@0.14.1 --features binary --root "$TOOLS")
+  [ -x "$TOOLS/bin/s3s-fs" ] || die "s3s-fs not installed; see $TOOLS/cargo-install.log"
+}
+
+# ---------------------------------------------------------------------------------------------
+mysql_ping() { mariadb-admin --socket="$BASE/mysql/run/sock" -uroot ping; }
+mysql_tcp() { mariadb -h127.0.0.1 -P"$MYSQL_PORT" -utest -ptestpw -e 'select 1'; }
+
+start_mariadb() {
+  local d="$BASE/mysql"
+  install -d -o mysql -g mysql "$d" "$d/run"
+  if mysql_ping >/dev/null 2>&1; then
+    step "mariadb: already running"
+  else
+    if ! pid_alive "$d/server.pid" && ! pid_alive "$d/run/pid"; then
+      if [ ! -d "$d/data/mysql" ]; then
+        step "mariadb: initialise"
+        # initialise aside and move into place, so that an existing data dir is always complete
+        rm -rf "$d/data" "$d/data.new"
+        run_logged "$d/install-db.log" mariadb-install-db --user=mysql --datadir="$d/data.new" \
+          --auth-root-authentication-method=socket --skip-test-db
+        mv "$d/data.new" "$d/data"
+      fi
+      step "mariadb: start"
+      setsid mariadbd --no-defaults --user=mysql --datadir="$d/data" --socket="$d/run/sock" \
+        --pid-file="$d/run/pid" --port="$MYSQL_PORT" --bind-address=127.0.0.1 --skip-name-resolve \
+        --log-error="$d/err.log" </dev/null >/dev/null 2>&1 9>&- &
+      echo $! >"$d/server.pid"
+    fi
+    local pf="$d/server.pid"; pid_alive "$pf" || pf="$d/run/pid"
+    wait_ready mariadb "$d/err.log" "$pf" mysql_ping
+  fi
+  # idempotent: TCP logins come from 127.0.0.1 (skip-name-resolve), socket logins from localhost
+  mariadb --socket="$d/run/sock" -uroot -e "
+    CREATE USER IF NOT EXISTS 'test'@'127.0.0.1' IDENTIFIED BY 'testpw';
+    GRANT ALL ON *.* TO 'test'@'127.0.0.1' WITH GRANT OPTION;
+    CREATE USER IF NOT EXISTS 'test'@'localhost' IDENTIFIED BY 'testpw';
+    GRANT ALL ON *.* TO 'test'@'localhost' WITH GRANT OPTION;" \
+    || { show_log "$d/err.log"; die "mariadb: could not create user test; see $d/err.log"; }
+  wait_ready mariadb "$d/err.log" "" mysql_tcp
+}
+
+pg_ready() { "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; }
+
+start_postgres() {
+  local d="$BASE/pg" pid
+  install -d -o postgres -g postgres "$d"
+  if pg_ready; then
+    step "postgres: already running"
+    return 0
+  fi
+  if [ ! -f "$d/data/PG_VERSION" ]; then
+    step "postgres: initialise"
+    # initialise aside and move into place, so that an existing data dir is always complete
+    rm -rf "$d/data" "$d/data.new"
+    echo testpw >"$d/pw"; chown postgres "$d/pw"; chmod 600 "$d/pw"
+    run_logged "$d/initdb.log" runuser -u postgres -- "$PG_BIN/initdb" -D "$d/data.new" -U postgres \
+      --pwfile="$d/pw" --auth=scram-sha-256 -E UTF8 --locale=C.UTF-8
+    mv "$d/data.new" "$d/data"
+  fi
+  if runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$d/data" status >/dev/null 2>&1; then
+    wait_ready postgres "$d/log" "" pg_ready   # running but not answering yet
+    return 0
+  fi
+  # a postmaster.pid left by a killed server whose pid now belongs to someone else blocks startup
+  if [ -f "$d/data/postmaster.pid" ]; then
+    pid=$(head -n1 "$d/data/postmaster.pid")
+    if ! { [[ $pid =~ ^[0-9]+$ ]] && grep -q postgres "/proc/$pid/comm" 2>/dev/null; }; then
+      rm -f "$d/data/postmaster.pid"
+    fi
+  fi
+  step "postgres: start"
+  runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$d/data" -l "$d/log" -w -t "$READY_TIMEOUT" \
+    -o "-p $PG_PORT -k $d -c listen_addresses=127.0.0.1" start >>"$d/pg_ctl.log" 2>&1 9>&- \
+    || { show_log "$d/log"; die "postgres did not start; see $d/log"; }
+  wait_ready postgres "$d/log" "" pg_ready
+}
+
+start_mongo() {
+  local d="$BASE/mongo" pf="$BASE/mongo.pid"
+  mkdir -p "$d"
+  if tcp_open "$MONGO_PORT"; then
+    step "mongo (nx-27017): already running"
+    return 0
+  fi
+  if ! pid_alive "$pf"; then
+    step "mongo (nx-27017): start"
+    setsid "$TOOLS/venv/bin/nx-27017" --data-dir "$d" --host 127.0.0.1 -p "$MONGO_PORT" \
+      --log-file "$d/log" --pid-file "$d/pid" </dev/null >>"$d/stdout.log" 2>&1 9>&- &
+    echo $! >"$pf"
+  fi
+  wait_ready "mongo (nx-27017)" "$d/log" "$pf" tcp_open "$MONGO_PORT"
+}
+
+influx_ping() { curl -sf "http://127.0.0.1:$INFLUX_HTTP_PORT/ping"; }
+
+start_influx() {
+  local d="$BASE/influx"
+  mkdir -p "$d"
+  if influx_ping >/dev/null 2>&1; then
+    step "influxdb: already running"
+    return 0
+  fi
+  if ! pid_alive "$d/pid"; then
+    step "influxdb: start"
+    cat >"$d/conf" <<EOF
+reporting-disabled = true
+bind-address = "127.0.0.1:$INFLUX_RPC_PORT"
+[meta]
+  dir = "$d/meta"
+[data]
+  dir = "$d/data"
+  wal-dir = "$d/wal"
+[http]
+  bind-address = "127.0.0.1:$INFLUX_HTTP_PORT"
+[monitor]
+  store-enabled = false
+EOF
+    setsid influxd run -config "$d/conf" -pidfile "$d/pid" </dev/null >>"$d/log" 2>&1 9>&- &
+    echo $! >"$d/pid"   # influxd rewrites it with the same pid
+  fi
+  wait_ready influxdb "$d/log" "$d/pid" influx_ping
+  wait_ready "influxdb (rpc)" "$d/log" "$d/pid" tcp_open "$INFLUX_RPC_PORT"
+}
+
+start_s3() {
+  local d="$BASE/s3"
+  mkdir -p "$d/root/$S3_BUCKET"   # a directory under root == a bucket
+  if tcp_open "$S3_PORT"; then
+    step "s3 (s3s-fs): already running"
+    return 0
+  fi
+  if ! pid_alive "$d/pid"; then
+    step "s3 (s3s-fs): start"
+    setsid "$TOOLS/bin/s3s-fs" --host 127.0.0.1 --port "$S3_PORT" --access-key "$S3_AK" \
+      --secret-key "$S3_SK" "$d/root" </dev/null >>"$d/log" 2>&1 9>&- &
+    echo $! >"$d/pid"
+  fi
+  wait_ready "s3 (s3s-fs)" "$d/log" "$d/pid" tcp_open "$S3_PORT"
+}
+
+start_sshd() {
+  local d="$BASE/ssh"
+  id "$SSH_USER" >/dev/null 2>&1 || useradd -m -s /bin/bash "$SSH_USER"
+  # unlock: sshd (UsePAM no) refuses '!' accounts
+  [ "$(getent shadow "$SSH_USER" | cut -d: -f2)" = '*' ] || usermod -p '*' "$SSH_USER"
+  mkdir -p "$d" /run/sshd
+  [ -f "$d/host" ] || ssh-keygen -q -t ed25519 -N '' -f "$d/host"
+  [ -f "$d/id" ] || ssh-keygen -q -t ed25519 -N '' -f "$d/id"
+  install -d -m 700 -o "$SSH_USER" -g "$SSH_USER" "/home/$SSH_USER/.ssh"
+  install -m 600 -o "$SSH_USER" -g "$SSH_USER" "$d/id.pub" "/home/$SSH_USER/.ssh/authorized_keys"
+  if tcp_open "$SSH_PORT"; then
+    step "sshd: already running"
+    return 0
+  fi
+  if ! pid_alive "$d/pid"; then
+    step "sshd: start"
+    printf '%s\n' "Port $SSH_PORT" "ListenAddress 127.0.0.1" "HostKey $d/host" "PidFile $d/pid" \
+      "PasswordAuthentication no" "KbdInteractiveAuthentication no" "UsePAM no" \
+      "Subsystem sftp internal-sftp" >"$d/config"
+    /usr/sbin/sshd -f "$d/config" -E "$d/log" 9>&- || { show_log "$d/log"; die "sshd did not start; see $d/log"; }
+  fi
+  wait_ready sshd "$d/log" "" tcp_open "$SSH_PORT"
+}
+
+write_env() {
+  local tmp="$BASE/env.tmp.$$"
+  cat >"$tmp" <<EOF
+export TEST_MYSQL_URL=mysql://test:testpw@127.0.0.1:$MYSQL_PORT
+export TEST_PG_URL=postgres://postgres:testpw@127.0.0.1:$PG_PORT/postgres
+export TEST_MONGO_URL=mongodb://127.0.0.1:$MONGO_PORT/?directConnection=true
+export TEST_INFLUX_HTTP=http://127.0.0.1:$INFLUX_HTTP_PORT TEST_INFLUX_RPC=127.0.0.1:$INFLUX_RPC_PORT
+export TEST_S3_ENDPOINT=http://127.0.0.1:$S3_PORT TEST_S3_BUCKET=$S3_BUCKET AWS_ACCESS_KEY_ID=$S3_AK AWS_SECRET_ACCESS_KEY=$S3_SK AWS_DEFAULT_REGION=us-east-1
+export TEST_SSH="$SSH_USER@127.0.0.1 -p $SSH_PORT -i $BASE/ssh/id"
+export TEST_MYSQL_SOCKET=$BASE/mysql/run/sock
+export TEST_PG_SOCKET_DIR=$BASE/pg
+export TEST_SSH_KEY=$BASE/ssh/id TEST_SSH_PORT=$SSH_PORT TEST_SSH_USER=$SSH_USER
+EOF
+  mv -f "$tmp" "$BASE/env"
+}
+
+# ---------------------------------------------------------------------------------------------
+cmd_start() {
+  [ "$(id -u)" = 0 ] || die "run as root (starts servers as the mysql/postgres users, adds user $SSH_USER)"
+  mkdir -p "$BASE" "$TOOLS"; chmod 755 "$BASE"
+  # one start/stop at a time; every server is started with 9>&- so that none inherits the lock
+  exec 9>"$BASE/.lock"; flock 9
+  install_packages
+  install_python_tools
+  install_s3_server
+  start_mariadb
+  start_postgres
+  start_mongo
+  start_influx
+  start_s3
+  start_sshd
+  write_env
+  step "all services up; env: $BASE/env"
+}
+
+cmd_stop() {
+  [ -d "$BASE" ] || { echo "nothing to stop ($BASE does not exist)"; return 0; }
+  exec 9>"$BASE/.lock"; flock 9
+  stop_pidfile sshd "$BASE/ssh/pid"
+  stop_pidfile "s3 (s3s-fs)" "$BASE/s3/pid"
+  stop_pidfile influxdb "$BASE/influx/pid"
+  stop_pidfile "mongo (nx-27017)" "$BASE/mongo.pid"
+  if [ -f "$BASE/pg/data/PG_VERSION" ] && [ -x "$PG_BIN/pg_ctl" ] \
+     && runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$BASE/pg/data" status >/dev/null 2>&1; then
+    echo "stopping postgres"
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$BASE/pg/data" -m fast -w -t 30 stop >/dev/null \
+      || echo "postgres did not stop cleanly; see $BASE/pg/log" >&2
+  fi
+  stop_pidfile mariadb "$BASE/mysql/server.pid"
+  stop_pidfile mariadb "$BASE/mysql/run/pid"
+  echo "stopped"
+}
+
+case "${1:-start}" in
+  start) cmd_start ;;
+  stop) cmd_stop ;;
+  env) echo "$BASE/env" ;;
+  *) echo "usage: $0 [start|stop|env]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,176 @@
+//! bk-dump: one artifact per source, streamed through the codec into a store.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use clap::{Parser, Subcommand};
+
+use bk_core::cli::LockOpts;
+use bk_core::codec::{parse_recipient, read_recipients_file, Compression, EncodeOptions, Encoder};
+use bk_core::error::{Error, Result};
+use bk_core::name::{artifact_id, rfc3339, validate_name};
+use bk_core::progress::Progress;
+use bk_core::record::{Artifact, Output, Record};
+use bk_core::store::{self, Store};
+
+use crate::{files, sqlite, DumpJob};
+
+/// Back up a source into a store.
+///
+/// Streams the source through compression (and age encryption) into STORE/<name>/ under a
+/// hidden temporary name, publishes it by rename, then writes its manifest. Prints one
+/// artifact record per backup on stdout; on failure an error record, and nothing is left
+/// in the store.
+#[derive(Debug, Parser)]
+#[command(
+    name = "bk-dump",
+    version,
+    subcommand_required = true,
+    after_help = "Exit status: 0 ok, 64 usage, 65 corrupt source, 66 no such source, 69 unreachable, 73 cannot create output, 74 I/O error, 75 locked, 77 permission denied (see bk(7))."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub engine: Engine,
+    /// The store to write to: a directory or file:// URL
+    #[arg(long, value_name = "STORE", global = true)]
+    pub to: Option<String>,
+    /// The job name (letters a-z, digits, '_' and '-') [default: from the engine and source]
+    #[arg(long, global = true)]
+    pub name: Option<String>,
+    /// Compression of the stored bytes
+    #[arg(long, value_enum, default_value_t = Compression::Zstd, global = true)]
+    pub compress: Compression,
+    /// Compression level [default: 3 for zstd (1-19), 6 for gzip (1-9)]
+    #[arg(long, global = true)]
+    pub level: Option<i32>,
+    /// Encrypt with age to this recipient (age1...; repeatable)
+    #[arg(long, value_name = "RECIPIENT", global = true)]
+    pub encrypt_to: Vec<String>,
+    /// Encrypt to every recipient listed in FILE (one age1... per line; repeatable)
+    #[arg(long, value_name = "FILE", global = true)]
+    pub recipients_file: Vec<PathBuf>,
+    #[command(flatten)]
+    pub lock: LockOpts,
+    /// No progress on stderr
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Engine {
+    /// Files and directories, as a tar (modes, owners, mtimes, links kept)
+    Files(files::DumpArgs),
+    /// A SQLite database, consistent while other processes write to it
+    Sqlite(sqlite::DumpArgs),
+}
+
+impl Engine {
+    fn jobs(&self, store: &dyn Store) -> Result<Vec<Box<dyn DumpJob>>> {
+        Ok(match self {
+            Engine::Files(args) => vec![Box::new(files::FilesJob::new(
+                args.clone(),
+                store.local_root().into_iter().collect(),
+            )?)],
+            Engine::Sqlite(args) => vec![Box::new(sqlite::SqliteJob::new(args.clone())?)],
+        })
+    }
+}
+
+pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
+    let to = cli
+        .to
+        .as_deref()
+        .ok_or_else(|| Error::usage("--to STORE is required"))?;
+    if let Some(n) = &cli.name {
+        validate_name(n)?;
+    }
+    let store = store::open(to)?;
+    let options = encode_options(&cli)?;
+    let jobs = cli.engine.jobs(store.as_ref())?;
+    for job in jobs {
+        let name = cli.name.clone().unwrap_or_else(|| job.default_name());
+        match dump_one(job.as_ref(), &name, store.as_ref(), &options, &cli) {
+            Ok(artifact) => out.emit(&Record::Artifact(artifact))?,
+            Err(e) => out.error(&e.named(&name))?,
+        }
+    }
+    Ok(())
+}
+
+fn encode_options(cli: &Cli) -> Result<EncodeOptions> {
+    let mut recipients: Vec<_> = cli
+        .encrypt_to
+        .iter()
+        .map(|r| parse_recipient(r))
+        .collect::<Result<_>>()?;
+    for file in &cli.recipients_file {
+        recipients.extend(read_recipients_file(file)?);
+    }
+    Ok(EncodeOptions {
+        compression: cli.compress,
+        level: cli.level,
+        recipients,
+    })
+}
+
+fn dump_one(
+    job: &dyn DumpJob,
+    name: &str,
+    store: &dyn Store,
+    options: &EncodeOptions,
+    cli: &Cli,
+) -> Result<Artifact> {
+    validate_name(name)?;
+    let _lock = cli.lock.acquire(name)?;
+    let started = unused_stamp(store, name)?;
+    let id = artifact_id(name, started);
+    let file = format!("{id}.{}{}", job.format(), options.suffix());
+    let upload = store.create(name, &file)?;
+    let mut encoder = Encoder::new(upload, options, Progress::new(name, cli.quiet))?;
+    // On error the encoder, and with it the upload, is dropped: the temporary file goes.
+    let dumped = job.dump(&mut encoder)?;
+    let encoded = encoder.finish()?;
+    encoded.inner.commit()?;
+    let artifact = Artifact {
+        id,
+        name: name.to_string(),
+        engine: job.engine().to_string(),
+        source: job.source(),
+        started: rfc3339(started),
+        finished: rfc3339(Utc::now()),
+        location: store.location(name, &file),
+        file,
+        format: job.format().to_string(),
+        compression: options.compression,
+        encryption: options.encryption(),
+        bytes: encoded.bytes,
+        sha256: encoded.sha256,
+        content_bytes: encoded.content_bytes,
+        counts: dumped.counts,
+        tool: dumped.tool,
+        bk_version: bk_core::BK_VERSION.to_string(),
+    };
+    if let Err(e) = store.put_manifest(&artifact) {
+        let _ = store.delete(&artifact);
+        return Err(e);
+    }
+    Ok(artifact)
+}
+
+/// Ids are `<name>.<UTC second>`: a second backup of a name within the same second waits
+/// for the next one rather than overwrite the first.
+fn unused_stamp(store: &dyn Store, name: &str) -> Result<DateTime<Utc>> {
+    loop {
+        let now = Utc::now().trunc_subsecs(0);
+        if !store.has_manifest(name, &artifact_id(name, now))? {
+            return Ok(now);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The bk-dump program.
+pub fn main() -> std::process::ExitCode {
+    bk_core::cli::main(run)
+}

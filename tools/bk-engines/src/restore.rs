@@ -1,0 +1,201 @@
+//! bk-restore: puts a backup back, into the same or another place.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use bk_core::cli::read_stdin_records;
+use bk_core::codec::{load_identities, Decoder, Identities};
+use bk_core::error::{Error, Result};
+use bk_core::name::{parse_time, rfc3339, validate_name};
+use bk_core::progress::Progress;
+use bk_core::record::{Artifact, Output, Record, Restored};
+use bk_core::store::{self, Store};
+
+use crate::{files, sqlite, RestoreOptions};
+
+/// Restore a backup.
+///
+/// Takes the artifact record on stdin (as bk-dump or bk-ls print it), or picks a backup
+/// from a store with --from. The artifact is checked while it is restored (sha256, full
+/// decode, counts); a restore that fails a check leaves the target as it was.
+#[derive(Debug, Parser)]
+#[command(
+    name = "bk-restore",
+    version,
+    after_help = "Exit status: 0 ok, 1 an upstream error came in, 64 usage, 65 corrupt artifact or wrong key, 66 no such backup, 73 target not empty or not writable, 74 I/O error (see bk(7))."
+)]
+pub struct Cli {
+    /// Pick the backup from this store instead of reading a record on stdin
+    #[arg(long, value_name = "STORE")]
+    pub from: Option<String>,
+    /// With --from: the job name
+    #[arg(long, requires = "from")]
+    pub name: Option<String>,
+    /// With --from: the newest backup (the default)
+    #[arg(long, requires = "from", conflicts_with_all = ["id", "at"])]
+    pub latest: bool,
+    /// With --from: the backup with this id
+    #[arg(long, requires = "from", conflicts_with = "at")]
+    pub id: Option<String>,
+    /// With --from: the newest backup started at or before TIME (RFC 3339, a stamp, or a date)
+    #[arg(long, value_name = "TIME", requires = "from")]
+    pub at: Option<String>,
+    /// Where to restore: a directory for files backups, a file for SQLite
+    #[arg(long, value_name = "TARGET")]
+    pub to: PathBuf,
+    /// Restore into a target that is not empty (files are overwritten, directories merged;
+    /// a SQLite file is replaced)
+    #[arg(long)]
+    pub replace: bool,
+    /// Restore only the files matching GLOB (repeatable; as bk-dump files --include)
+    #[arg(long, value_name = "GLOB")]
+    pub include: Vec<String>,
+    /// age identity file to decrypt with (repeatable; must be mode 0600)
+    #[arg(long, value_name = "FILE")]
+    pub identity: Vec<PathBuf>,
+    /// No progress on stderr
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
+    let identities: Identities = cli
+        .identity
+        .iter()
+        .map(|p| load_identities(p))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+    let (store, artifact) = match &cli.from {
+        Some(url) => {
+            let store = store::open(url)?;
+            let artifact = pick(store.as_ref(), &cli)?;
+            (store, artifact)
+        }
+        None => match from_stdin(out)? {
+            Some(found) => found,
+            None => return Ok(()),
+        },
+    };
+    let name = artifact.name.clone();
+    restore(store.as_ref(), &artifact, &cli, &identities, out).map_err(|e| e.named(&name))
+}
+
+/// Reads the records on stdin: passes on what is not an artifact, and returns the one
+/// artifact to restore, or none when an upstream tool failed.
+fn from_stdin(out: &mut Output) -> Result<Option<(Box<dyn Store>, Artifact)>> {
+    let inputs = read_stdin_records(
+        "pipe an artifact record in (bk-ls STORE --latest | bk-restore ...) or use --from",
+    )?;
+    let mut chosen: Option<Artifact> = None;
+    let mut upstream_failed = false;
+    for input in &inputs {
+        match &input.record {
+            Record::Artifact(a) => match &chosen {
+                Some(c) if c.id != a.id => {
+                    return Err(Error::usage(format!(
+                        "more than one backup on stdin ({} and {}); restore one at a time",
+                        c.id, a.id
+                    )))
+                }
+                Some(_) => {}
+                None => chosen = Some(a.clone()),
+            },
+            Record::Error(_) => upstream_failed = true,
+            _ => {}
+        }
+    }
+    for input in inputs
+        .iter()
+        .filter(|i| !matches!(i.record, Record::Artifact(_)))
+    {
+        out.pass(input)?;
+    }
+    if upstream_failed {
+        eprintln!("{}: an upstream tool failed; nothing restored", out.tool());
+        return Ok(None);
+    }
+    let artifact = chosen.ok_or_else(|| Error::usage("no artifact record on stdin"))?;
+    Ok(Some((store::open_location(&artifact)?, artifact)))
+}
+
+fn pick(store: &dyn Store, cli: &Cli) -> Result<Artifact> {
+    let name = match (&cli.name, &cli.id) {
+        (Some(n), _) => n.clone(),
+        (None, Some(id)) => id
+            .rsplit_once('.')
+            .map(|(n, _)| n.to_string())
+            .unwrap_or_default(),
+        (None, None) => return Err(Error::usage("--from needs --name NAME (or --id ID)")),
+    };
+    validate_name(&name)?;
+    let artifacts = store.list(Some(&name))?.artifacts;
+    let found = if let Some(id) = &cli.id {
+        artifacts.into_iter().find(|a| &a.id == id)
+    } else if let Some(at) = &cli.at {
+        let at = rfc3339(parse_time(at)?);
+        artifacts
+            .into_iter()
+            .filter(|a| a.started <= at)
+            .next_back()
+    } else {
+        artifacts.into_iter().next_back()
+    };
+    found.ok_or_else(|| {
+        let which = cli
+            .id
+            .clone()
+            .or(cli.at.as_ref().map(|t| format!("at or before {t}")))
+            .unwrap_or_default();
+        Error::no_input(
+            format!("no backup of {name} {which} in {}", store.url()).replace("  ", " "),
+        )
+        .named(&name)
+    })
+}
+
+fn restore(
+    store: &dyn Store,
+    artifact: &Artifact,
+    cli: &Cli,
+    identities: &Identities,
+    out: &mut Output,
+) -> Result<()> {
+    let raw = store.open(artifact)?;
+    let decoder = Decoder::new(
+        raw,
+        artifact,
+        identities,
+        Progress::new(&artifact.name, cli.quiet),
+    )?;
+    let options = RestoreOptions {
+        replace: cli.replace,
+        include: cli.include.clone(),
+    };
+    let target = std::path::absolute(&cli.to).map_err(|e| Error::io(cli.to.display(), e))?;
+    let restored = match artifact.engine.as_str() {
+        "files" => files::restore(artifact, decoder, &target, &options)?,
+        "sqlite" => sqlite::restore(artifact, decoder, &target, &options)?,
+        other => {
+            return Err(Error::usage(format!(
+                "{}: this bk-restore cannot restore {other} backups",
+                artifact.id
+            )))
+        }
+    };
+    out.emit(&Record::Restored(Restored {
+        id: artifact.id.clone(),
+        name: artifact.name.clone(),
+        engine: artifact.engine.clone(),
+        target: restored.target,
+        counts: restored.counts,
+        complete: restored.complete,
+    }))
+}
+
+/// The bk-restore program.
+pub fn main() -> std::process::ExitCode {
+    bk_core::cli::main(run)
+}
