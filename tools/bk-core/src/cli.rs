@@ -65,9 +65,7 @@ impl LockOpts {
 pub fn read_stdin_records(hint: &str) -> Result<Vec<Input>> {
     let stdin = std::io::stdin();
     if stdin.is_terminal() {
-        return Err(Error::usage(format!(
-            "no records on stdin (it is a terminal); {hint}"
-        )));
+        return Err(Error::usage(format!("no records on stdin (it is a terminal); {hint}")));
     }
     read_all(stdin.lock(), "stdin")
 }

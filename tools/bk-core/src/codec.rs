@@ -39,9 +39,7 @@ impl Compression {
             Compression::Zstd => (1..=19, 3),
             Compression::Gzip => (1..=9, 6),
             Compression::None if level.is_some() => {
-                return Err(Error::usage(
-                    "--level needs a compression (--compress zstd or gzip)",
-                ))
+                return Err(Error::usage("--level needs a compression (--compress zstd or gzip)"))
             }
             Compression::None => return Ok(0),
         };
@@ -80,11 +78,7 @@ impl EncodeOptions {
 
     /// The artifact's file name suffix after its format: compression, then `.age`.
     pub fn suffix(&self) -> String {
-        let age = if self.recipients.is_empty() {
-            ""
-        } else {
-            ".age"
-        };
+        let age = if self.recipients.is_empty() { "" } else { ".age" };
         format!("{}{age}", self.compression.suffix())
     }
 }
@@ -257,8 +251,7 @@ impl<W: Write> Encoder<W> {
         };
         let inner = match options.compression {
             Compression::Zstd => Compressor::Zstd(
-                zstd::stream::write::Encoder::new(sealed, level)
-                    .map_err(|e| Error::io("starting zstd", e))?,
+                zstd::stream::write::Encoder::new(sealed, level).map_err(|e| Error::io("starting zstd", e))?,
             ),
             Compression::Gzip => Compressor::Gzip(flate2::write::GzEncoder::new(
                 sealed,
@@ -276,16 +269,9 @@ impl<W: Write> Encoder<W> {
     /// Ends compression and encryption; the stored bytes are then complete in `inner`.
     pub fn finish(mut self) -> Result<Encoded<W>> {
         self.progress.finish();
-        let sealed = self
-            .inner
-            .finish()
-            .map_err(|e| from_io("writing the artifact", e))?;
-        let mut hashed = sealed
-            .finish()
-            .map_err(|e| from_io("writing the artifact", e))?;
-        hashed
-            .flush()
-            .map_err(|e| from_io("writing the artifact", e))?;
+        let sealed = self.inner.finish().map_err(|e| from_io("writing the artifact", e))?;
+        let mut hashed = sealed.finish().map_err(|e| from_io("writing the artifact", e))?;
+        hashed.flush().map_err(|e| from_io("writing the artifact", e))?;
         Ok(Encoded {
             bytes: hashed.tally.bytes.get(),
             sha256: hashed.tally.hex(),
@@ -336,12 +322,7 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    pub fn new(
-        raw: Box<dyn Read>,
-        artifact: &Artifact,
-        identities: &Identities,
-        progress: Progress,
-    ) -> Result<Self> {
+    pub fn new(raw: Box<dyn Read>, artifact: &Artifact, identities: &Identities, progress: Progress) -> Result<Self> {
         let tally = Rc::new(Tally::default());
         let hashed = HashReader {
             inner: raw,
@@ -358,22 +339,16 @@ impl Decoder {
                         enc.recipients.join(", ")
                     )));
                 }
-                let decryptor =
-                    age::Decryptor::new(hashed).map_err(|e| decrypt_error(file, enc, e))?;
+                let decryptor = age::Decryptor::new(hashed).map_err(|e| decrypt_error(file, enc, e))?;
                 let ids = identities.iter().map(|i| i.as_ref() as &dyn age::Identity);
-                Box::new(
-                    decryptor
-                        .decrypt(ids)
-                        .map_err(|e| decrypt_error(file, enc, e))?,
-                )
+                Box::new(decryptor.decrypt(ids).map_err(|e| decrypt_error(file, enc, e))?)
             }
         };
         let buffered = io::BufReader::with_capacity(128 * 1024, opened);
         let inner: Box<dyn Read> = match artifact.compression {
-            Compression::Zstd => Box::new(
-                zstd::stream::read::Decoder::with_buffer(buffered)
-                    .map_err(|e| Error::io("starting zstd", e))?,
-            ),
+            Compression::Zstd => {
+                Box::new(zstd::stream::read::Decoder::with_buffer(buffered).map_err(|e| Error::io("starting zstd", e))?)
+            }
             Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
             Compression::None => Box::new(buffered),
         };
@@ -389,8 +364,7 @@ impl Decoder {
     /// Reads what the consumer left (tar's padding, say) and checks the stored bytes'
     /// size and sha256 against the manifest: exit 65 on any difference.
     pub fn finish(mut self, artifact: &Artifact) -> Result<u64> {
-        io::copy(&mut self, &mut io::sink())
-            .map_err(|e| from_io(format!("decoding {}", self.file), e))?;
+        io::copy(&mut self, &mut io::sink()).map_err(|e| from_io(format!("decoding {}", self.file), e))?;
         self.progress.finish();
         let (bytes, sha) = (self.tally.bytes.get(), self.tally.hex());
         if bytes != artifact.bytes {
@@ -441,11 +415,7 @@ mod tests {
     use crate::record::{Source, ToolInfo};
     use age::secrecy::ExposeSecret;
 
-    fn artifact_for(
-        encoded: &Encoded<Vec<u8>>,
-        compression: Compression,
-        enc: Option<Encryption>,
-    ) -> Artifact {
+    fn artifact_for(encoded: &Encoded<Vec<u8>>, compression: Compression, enc: Option<Encryption>) -> Artifact {
         Artifact {
             id: "t.20260101T000000Z".into(),
             name: "t".into(),
@@ -480,24 +450,16 @@ mod tests {
     }
 
     fn decode(stored: Vec<u8>, artifact: &Artifact, ids: &Identities) -> Result<Vec<u8>> {
-        let mut dec = Decoder::new(
-            Box::new(io::Cursor::new(stored)),
-            artifact,
-            ids,
-            Progress::hidden(),
-        )?;
+        let mut dec = Decoder::new(Box::new(io::Cursor::new(stored)), artifact, ids, Progress::hidden())?;
         let mut out = Vec::new();
-        dec.read_to_end(&mut out)
-            .map_err(|e| from_io("decoding", e))?;
+        dec.read_to_end(&mut out).map_err(|e| from_io("decoding", e))?;
         let content = dec.finish(artifact)?;
         assert_eq!(content, out.len() as u64);
         Ok(out)
     }
 
     fn sample() -> Vec<u8> {
-        (0..300_000u32)
-            .flat_map(|i| (i % 251).to_le_bytes())
-            .collect()
+        (0..300_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect()
     }
 
     #[test]
@@ -534,24 +496,14 @@ mod tests {
         let encoded = encode(&sample(), &options);
         let artifact = artifact_for(&encoded, Compression::Zstd, options.encryption());
         let right: Identities = vec![Box::new(key.clone())];
-        assert_eq!(
-            decode(encoded.inner.clone(), &artifact, &right).unwrap(),
-            sample()
-        );
+        assert_eq!(decode(encoded.inner.clone(), &artifact, &right).unwrap(), sample());
         let wrong: Identities = vec![Box::new(other)];
         let e = decode(encoded.inner.clone(), &artifact, &wrong).unwrap_err();
         assert_eq!(e.exit_code(), 65);
-        assert!(
-            e.message.contains("no identity given can decrypt it"),
-            "{}",
-            e.message
-        );
+        assert!(e.message.contains("no identity given can decrypt it"), "{}", e.message);
         let e = decode(encoded.inner, &artifact, &vec![]).unwrap_err();
         assert!(e.message.contains("give --identity"), "{}", e.message);
-        assert!(key
-            .to_string()
-            .expose_secret()
-            .starts_with("AGE-SECRET-KEY-"));
+        assert!(key.to_string().expose_secret().starts_with("AGE-SECRET-KEY-"));
     }
 
     #[test]
@@ -566,10 +518,7 @@ mod tests {
         let mut flipped = encoded.inner.clone();
         let mid = flipped.len() / 2;
         flipped[mid] ^= 0x10;
-        assert_eq!(
-            decode(flipped, &artifact, &vec![]).unwrap_err().exit_code(),
-            65
-        );
+        assert_eq!(decode(flipped, &artifact, &vec![]).unwrap_err().exit_code(), 65);
         let truncated = encoded.inner[..encoded.inner.len() - 100].to_vec();
         let e = decode(truncated, &artifact, &vec![]).unwrap_err();
         assert_eq!(e.exit_code(), 65, "{}", e.message);
@@ -587,10 +536,7 @@ mod tests {
 
     #[test]
     fn levels_are_checked() {
-        assert_eq!(
-            Compression::Zstd.level(Some(25)).unwrap_err().exit_code(),
-            64
-        );
+        assert_eq!(Compression::Zstd.level(Some(25)).unwrap_err().exit_code(), 64);
         assert_eq!(Compression::Gzip.level(None).unwrap(), 6);
         assert!(Compression::None.level(Some(3)).is_err());
     }

@@ -117,15 +117,12 @@ impl Error {
     /// An I/O error on a path being created: permission or a missing parent is 73.
     pub fn create(path: &Path, e: io::Error) -> Self {
         let kind = match e.kind() {
-            io::ErrorKind::NotFound
-            | io::ErrorKind::PermissionDenied
-            | io::ErrorKind::ReadOnlyFilesystem => Kind::CantCreate,
+            io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => {
+                Kind::CantCreate
+            }
             _ => Kind::Io,
         };
-        Self::new(
-            kind,
-            format!("cannot create {}: {}", path.display(), describe_io(&e)),
-        )
+        Self::new(kind, format!("cannot create {}: {}", path.display(), describe_io(&e)))
     }
 
     pub fn exit_code(&self) -> u8 {

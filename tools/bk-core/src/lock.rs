@@ -75,8 +75,7 @@ impl NameLock {
 /// hold our locks forever.
 fn ensure_private_dir(dir: &Path) -> Result<()> {
     create_private_dir(dir)?;
-    let meta =
-        fs::metadata(dir).map_err(|e| Error::io(format!("lock directory {}", dir.display()), e))?;
+    let meta = fs::metadata(dir).map_err(|e| Error::io(format!("lock directory {}", dir.display()), e))?;
     let me = nix::unistd::geteuid().as_raw();
     if meta.uid() != me && me != 0 {
         return Err(Error::config(format!(

@@ -58,9 +58,7 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
         return Err(Error::no_input(format!("no backup of {n} in {}", store.url())).named(n));
     }
     match cli.format {
-        Format::Json => artifacts
-            .into_iter()
-            .try_for_each(|a| out.emit(&Record::Artifact(a))),
+        Format::Json => artifacts.into_iter().try_for_each(|a| out.emit(&Record::Artifact(a))),
         Format::Table => print_table(&artifacts, out),
     }
 }
@@ -99,11 +97,7 @@ fn print_table(artifacts: &[Artifact], out: &mut Output) -> Result<()> {
         }
     }
     for row in std::iter::once(&header).chain(&rows) {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let cells: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
         out.text(cells.join("  ").trim_end())?;
     }
     Ok(())

@@ -9,8 +9,7 @@ use crate::error::{Error, Result};
 
 /// Refuses (exit 78) a secrets file that group or others may read or write.
 pub fn check_private_file(path: &Path, what: &str) -> Result<()> {
-    let meta =
-        std::fs::metadata(path).map_err(|e| Error::io(format!("{what} {}", path.display()), e))?;
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(format!("{what} {}", path.display()), e))?;
     let mode = meta.mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(Error::config(format!(
@@ -31,8 +30,7 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
             .create(dir)
             .map_err(|e| Error::create(dir, e))?;
         // The mode given to mkdir is filtered by the umask; this is not.
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-            .map_err(|e| Error::create(dir, e))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| Error::create(dir, e))?;
     }
     Ok(())
 }

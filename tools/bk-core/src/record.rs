@@ -112,12 +112,9 @@ pub struct Input {
 
 /// Parses one line; `what` names the input in messages (e.g. "stdin line 3").
 pub fn parse_line(line: &str, what: &str) -> Result<Record> {
-    let value: Value = serde_json::from_str(line)
-        .map_err(|e| Error::data(format!("{what}: malformed JSON: {e}")))?;
+    let value: Value = serde_json::from_str(line).map_err(|e| Error::data(format!("{what}: malformed JSON: {e}")))?;
     let Value::Object(map) = &value else {
-        return Err(Error::data(format!(
-            "{what}: a record must be a JSON object"
-        )));
+        return Err(Error::data(format!("{what}: a record must be a JSON object")));
     };
     match map.get("bk").and_then(Value::as_u64) {
         Some(v) if v >= 1 => {}
@@ -127,16 +124,11 @@ pub fn parse_line(line: &str, what: &str) -> Result<Record> {
             )))
         }
     }
-    let kind = map
-        .get("type")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
+    let kind = map.get("type").and_then(Value::as_str).unwrap_or("").to_string();
     if !KNOWN_TYPES.contains(&kind.as_str()) {
         return Err(Error::data(format!("{what}: unknown record type {kind:?}")));
     }
-    serde_json::from_value(value)
-        .map_err(|e| Error::data(format!("{what}: invalid {kind} record: {e}")))
+    serde_json::from_value(value).map_err(|e| Error::data(format!("{what}: invalid {kind} record: {e}")))
 }
 
 /// Reads every record of a JSON Lines stream before anything is acted on, so that a
@@ -221,9 +213,7 @@ impl Output {
 
     fn fail(&mut self, code: u8) {
         // A local failure outranks an upstream one; otherwise the first code stays.
-        if self.exit_code == 0
-            || (self.exit_code == Kind::Upstream.exit_code() && code != self.exit_code)
-        {
+        if self.exit_code == 0 || (self.exit_code == Kind::Upstream.exit_code() && code != self.exit_code) {
             self.exit_code = code;
         }
     }
@@ -264,9 +254,7 @@ mod tests {
         assert_eq!(a.compression, Compression::Zstd);
         let again = parse_line(&record.to_line(), "t").unwrap();
         assert_eq!(again, record);
-        assert!(record
-            .to_line()
-            .starts_with(r#"{"bk":1,"type":"artifact","#));
+        assert!(record.to_line().starts_with(r#"{"bk":1,"type":"artifact","#));
     }
 
     #[test]
@@ -274,11 +262,7 @@ mod tests {
         let input = format!("{}\n\n{{\"bk\":1,\"type\":\"artifact\"\n", artifact_line());
         let e = read_all(input.as_bytes(), "stdin").unwrap_err();
         assert_eq!(e.exit_code(), 65);
-        assert!(
-            e.message.starts_with("stdin line 3: malformed JSON"),
-            "{}",
-            e.message
-        );
+        assert!(e.message.starts_with("stdin line 3: malformed JSON"), "{}", e.message);
     }
 
     #[test]
@@ -293,8 +277,7 @@ mod tests {
 
     #[test]
     fn pass_keeps_the_line_and_upstream_errors_fail_the_run() {
-        let line =
-            r#"{"bk":1,"type":"error","tool":"bk-dump","code":69,"message":"down","extra":true}"#;
+        let line = r#"{"bk":1,"type":"error","tool":"bk-dump","code":69,"message":"down","extra":true}"#;
         let inputs = read_all(line.as_bytes(), "stdin").unwrap();
         let buf = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
         struct Shared(std::rc::Rc<std::cell::RefCell<Vec<u8>>>);
@@ -309,10 +292,7 @@ mod tests {
         let mut out = Output::new("bk-x", Box::new(Shared(buf.clone())));
         out.pass(&inputs[0]).unwrap();
         assert_eq!(out.exit_code(), 1);
-        assert_eq!(
-            String::from_utf8(buf.borrow().clone()).unwrap(),
-            format!("{line}\n")
-        );
+        assert_eq!(String::from_utf8(buf.borrow().clone()).unwrap(), format!("{line}\n"));
         out.error(&Error::data("bad").named("job")).unwrap();
         assert_eq!(out.exit_code(), 65);
     }

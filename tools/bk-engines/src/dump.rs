@@ -114,13 +114,7 @@ fn encode_options(cli: &Cli) -> Result<EncodeOptions> {
     })
 }
 
-fn dump_one(
-    job: &dyn DumpJob,
-    name: &str,
-    store: &dyn Store,
-    options: &EncodeOptions,
-    cli: &Cli,
-) -> Result<Artifact> {
+fn dump_one(job: &dyn DumpJob, name: &str, store: &dyn Store, options: &EncodeOptions, cli: &Cli) -> Result<Artifact> {
     validate_name(name)?;
     let _lock = cli.lock.acquire(name)?;
     let started = unused_stamp(store, name)?;

@@ -90,10 +90,8 @@ impl FilesJob {
     pub fn new(args: DumpArgs, skip: Vec<PathBuf>) -> Result<Self> {
         let mut roots = Vec::new();
         for p in &args.paths {
-            let abs =
-                std::path::absolute(p).map_err(|e| Error::io(format!("{}", p.display()), e))?;
-            fs::metadata(&abs)
-                .map_err(|e| Error::io(format!("cannot back up {}", p.display()), e))?;
+            let abs = std::path::absolute(p).map_err(|e| Error::io(format!("{}", p.display()), e))?;
+            fs::metadata(&abs).map_err(|e| Error::io(format!("cannot back up {}", p.display()), e))?;
             roots.push(abs);
         }
         PathGlobs::new(&args.exclude, "--exclude")?;
@@ -133,8 +131,7 @@ impl DumpJob for FilesJob {
         };
         archiver.builder.mode(HeaderMode::Complete);
         for root in &self.roots {
-            let meta = fs::metadata(root)
-                .map_err(|e| Error::io(format!("reading {}", root.display()), e))?;
+            let meta = fs::metadata(root).map_err(|e| Error::io(format!("reading {}", root.display()), e))?;
             archiver.add(root, &meta, meta.dev())?;
         }
         let entries = archiver.entries;
@@ -198,8 +195,7 @@ impl Archiver<'_> {
                         .append_link(&mut header, &name, first)
                         .map_err(|e| from_io("writing", e));
                 }
-                self.hard_links
-                    .insert((meta.dev(), meta.ino()), name.clone());
+                self.hard_links.insert((meta.dev(), meta.ino()), name.clone());
             }
             let file = File::open(path).map_err(|e| vanished_or(path, e))?;
             let data = ExactSize {
@@ -283,9 +279,7 @@ impl Read for ExactSize<'_> {
         if self.remaining == 0 {
             return Ok(0);
         }
-        let want = buf
-            .len()
-            .min(self.remaining.try_into().unwrap_or(usize::MAX));
+        let want = buf.len().min(self.remaining.try_into().unwrap_or(usize::MAX));
         let mut n = self.inner.read(&mut buf[..want])?;
         if n == 0 {
             eprintln!(
@@ -303,12 +297,7 @@ impl Read for ExactSize<'_> {
 
 /// Restores a tar artifact into `target`: unpacked into a staging directory inside it,
 /// checked (sha256, entry count), then moved into place.
-pub fn restore(
-    artifact: &Artifact,
-    decoder: Decoder,
-    target: &Path,
-    opts: &RestoreOptions,
-) -> Result<RestoredInfo> {
+pub fn restore(artifact: &Artifact, decoder: Decoder, target: &Path, opts: &RestoreOptions) -> Result<RestoredInfo> {
     let include = PathGlobs::new(&opts.include, "--include")?;
     let created_target = !target.exists();
     if !created_target {
@@ -368,12 +357,7 @@ fn check_entries(artifact: &Artifact, found: u64, complete: bool) -> Result<()> 
 
 /// Unpacks every entry (or those `include` matches), directories last so their modes and
 /// mtimes are not disturbed by what is written inside them; then checks the stored bytes.
-fn unpack(
-    artifact: &Artifact,
-    decoder: Decoder,
-    staging: &Path,
-    include: &PathGlobs,
-) -> Result<u64> {
+fn unpack(artifact: &Artifact, decoder: Decoder, staging: &Path, include: &PathGlobs) -> Result<u64> {
     let mut archive = tar::Archive::new(decoder);
     archive.set_preserve_permissions(true);
     archive.set_preserve_mtime(true);
@@ -438,8 +422,7 @@ fn copy_dir_attributes(src: &Path, dst: &Path) -> Result<()> {
         std::os::unix::fs::chown(dst, Some(meta.uid()), Some(meta.gid())).map_err(set)?;
     }
     fs::set_permissions(dst, meta.permissions()).map_err(set)?;
-    filetime::set_file_mtime(dst, filetime::FileTime::from_last_modification_time(&meta))
-        .map_err(set)
+    filetime::set_file_mtime(dst, filetime::FileTime::from_last_modification_time(&meta)).map_err(set)
 }
 
 /// Removes a tree even where a restored directory is read-only (0555 and the like).

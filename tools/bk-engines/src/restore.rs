@@ -86,9 +86,8 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
 /// Reads the records on stdin: passes on what is not an artifact, and returns the one
 /// artifact to restore, or none when an upstream tool failed.
 fn from_stdin(out: &mut Output) -> Result<Option<(Box<dyn Store>, Artifact)>> {
-    let inputs = read_stdin_records(
-        "pipe an artifact record in (bk-ls STORE --latest | bk-restore ...) or use --from",
-    )?;
+    let inputs =
+        read_stdin_records("pipe an artifact record in (bk-ls STORE --latest | bk-restore ...) or use --from")?;
     let mut chosen: Option<Artifact> = None;
     let mut upstream_failed = false;
     for input in &inputs {
@@ -107,10 +106,7 @@ fn from_stdin(out: &mut Output) -> Result<Option<(Box<dyn Store>, Artifact)>> {
             _ => {}
         }
     }
-    for input in inputs
-        .iter()
-        .filter(|i| !matches!(i.record, Record::Artifact(_)))
-    {
+    for input in inputs.iter().filter(|i| !matches!(i.record, Record::Artifact(_))) {
         out.pass(input)?;
     }
     if upstream_failed {
@@ -124,10 +120,7 @@ fn from_stdin(out: &mut Output) -> Result<Option<(Box<dyn Store>, Artifact)>> {
 fn pick(store: &dyn Store, cli: &Cli) -> Result<Artifact> {
     let name = match (&cli.name, &cli.id) {
         (Some(n), _) => n.clone(),
-        (None, Some(id)) => id
-            .rsplit_once('.')
-            .map(|(n, _)| n.to_string())
-            .unwrap_or_default(),
+        (None, Some(id)) => id.rsplit_once('.').map(|(n, _)| n.to_string()).unwrap_or_default(),
         (None, None) => return Err(Error::usage("--from needs --name NAME (or --id ID)")),
     };
     validate_name(&name)?;
@@ -136,10 +129,7 @@ fn pick(store: &dyn Store, cli: &Cli) -> Result<Artifact> {
         artifacts.into_iter().find(|a| &a.id == id)
     } else if let Some(at) = &cli.at {
         let at = rfc3339(parse_time(at)?);
-        artifacts
-            .into_iter()
-            .filter(|a| a.started <= at)
-            .next_back()
+        artifacts.into_iter().filter(|a| a.started <= at).next_back()
     } else {
         artifacts.into_iter().next_back()
     };
@@ -149,27 +139,13 @@ fn pick(store: &dyn Store, cli: &Cli) -> Result<Artifact> {
             .clone()
             .or(cli.at.as_ref().map(|t| format!("at or before {t}")))
             .unwrap_or_default();
-        Error::no_input(
-            format!("no backup of {name} {which} in {}", store.url()).replace("  ", " "),
-        )
-        .named(&name)
+        Error::no_input(format!("no backup of {name} {which} in {}", store.url()).replace("  ", " ")).named(&name)
     })
 }
 
-fn restore(
-    store: &dyn Store,
-    artifact: &Artifact,
-    cli: &Cli,
-    identities: &Identities,
-    out: &mut Output,
-) -> Result<()> {
+fn restore(store: &dyn Store, artifact: &Artifact, cli: &Cli, identities: &Identities, out: &mut Output) -> Result<()> {
     let raw = store.open(artifact)?;
-    let decoder = Decoder::new(
-        raw,
-        artifact,
-        identities,
-        Progress::new(&artifact.name, cli.quiet),
-    )?;
+    let decoder = Decoder::new(raw, artifact, identities, Progress::new(&artifact.name, cli.quiet))?;
     let options = RestoreOptions {
         replace: cli.replace,
         include: cli.include.clone(),

@@ -36,10 +36,8 @@ pub struct SqliteJob {
 
 impl SqliteJob {
     pub fn new(args: DumpArgs) -> Result<Self> {
-        let path =
-            std::path::absolute(&args.file).map_err(|e| Error::io(args.file.display(), e))?;
-        let meta = fs::metadata(&path)
-            .map_err(|e| Error::io(format!("cannot back up {}", path.display()), e))?;
+        let path = std::path::absolute(&args.file).map_err(|e| Error::io(args.file.display(), e))?;
+        let meta = fs::metadata(&path).map_err(|e| Error::io(format!("cannot back up {}", path.display()), e))?;
         if !meta.is_file() {
             return Err(Error::no_input(format!("{} is not a file", path.display())));
         }
@@ -80,11 +78,7 @@ fn count_rows(conn: &Connection, what: &Path) -> Result<BTreeMap<String, u64>> {
     let mut counts = BTreeMap::new();
     for t in tables {
         let n: i64 = conn
-            .query_row(
-                &format!("SELECT count(*) FROM {}", quote_ident(&t)),
-                [],
-                |r| r.get(0),
-            )
+            .query_row(&format!("SELECT count(*) FROM {}", quote_ident(&t)), [], |r| r.get(0))
             .map_err(failed)?;
         counts.insert(t, n as u64);
     }
@@ -117,18 +111,14 @@ impl DumpJob for SqliteJob {
     fn dump(&self, out: &mut dyn Write) -> Result<Dumped> {
         let path = &self.path;
         let failed = |e| sql_error(format!("reading {}", path.display()), e);
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(failed)?;
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(failed)?;
         conn.busy_timeout(self.busy_timeout).map_err(failed)?;
         // The first read takes the snapshot; every read until COMMIT sees the same database.
         conn.execute_batch("BEGIN").map_err(failed)?;
         let counts = count_rows(&conn, path)?;
-        let page_count: i64 = conn
-            .query_row("PRAGMA page_count", [], |r| r.get(0))
-            .map_err(failed)?;
+        let page_count: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0)).map_err(failed)?;
         let mut pages = 0i64;
         {
             let mut stmt = conn
@@ -136,12 +126,8 @@ impl DumpJob for SqliteJob {
                 .map_err(failed)?;
             let mut rows = stmt.query([]).map_err(failed)?;
             while let Some(row) = rows.next().map_err(failed)? {
-                let data = row
-                    .get_ref(0)
-                    .and_then(|v| Ok(v.as_blob()?))
-                    .map_err(failed)?;
-                out.write_all(data)
-                    .map_err(|e| from_io("writing the artifact", e))?;
+                let data = row.get_ref(0).and_then(|v| Ok(v.as_blob()?)).map_err(failed)?;
+                out.write_all(data).map_err(|e| from_io("writing the artifact", e))?;
                 pages += 1;
             }
         }
@@ -185,6 +171,7 @@ pub fn restore(
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    fs::create_dir_all(&dir).map_err(|e| Error::create(&dir, e))?;
     let file_name = target
         .file_name()
         .ok_or_else(|| Error::usage(format!("{} is not a file path", target.display())))?;
@@ -203,9 +190,8 @@ pub fn restore(
                 stale.push(suffix);
                 let _ = fs::remove_file(PathBuf::from(stale));
             }
-            fs::rename(&temp, target).map_err(|e| {
-                Error::io(format!("moving the database to {}", target.display()), e)
-            })?;
+            fs::rename(&temp, target)
+                .map_err(|e| Error::io(format!("moving the database to {}", target.display()), e))?;
             Ok(counts)
         });
     if result.is_err() {
@@ -234,14 +220,8 @@ fn write_checked(artifact: &Artifact, decoder: &mut Decoder, temp: &Path) -> Res
 
 /// Opens a restored database: it must pass SQLite's own integrity check.
 pub fn check_database(path: &Path) -> Result<BTreeMap<String, u64>> {
-    let failed = |e| {
-        sql_error(
-            format!("checking the restored database {}", path.display()),
-            e,
-        )
-    };
-    let conn =
-        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE).map_err(failed)?;
+    let failed = |e| sql_error(format!("checking the restored database {}", path.display()), e);
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE).map_err(failed)?;
     let verdict: Vec<String> = conn
         .prepare("PRAGMA integrity_check")
         .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())

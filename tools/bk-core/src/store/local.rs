@@ -89,9 +89,7 @@ impl LocalUpload {
     }
 
     fn file(&mut self) -> &mut File {
-        self.file
-            .as_mut()
-            .expect("an upload is written only before commit")
+        self.file.as_mut().expect("an upload is written only before commit")
     }
 }
 
@@ -133,9 +131,7 @@ fn sync_dir(dir: &Path) -> Result<()> {
 
 fn remove_if_present(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            Err(Error::io(format!("deleting {}", path.display()), e))
-        }
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::io(format!("deleting {}", path.display()), e)),
         _ => Ok(()),
     }
 }
@@ -162,8 +158,7 @@ impl Store for LocalStore {
         let dir = self.ensure_name_dir(&artifact.name)?;
         let mut upload = LocalUpload::create(&dir, &manifest_file(&artifact.id))?;
         let line = Record::Artifact(artifact.clone()).to_line();
-        writeln!(upload, "{line}")
-            .map_err(|e| Error::io(format!("writing {}", upload.temp.display()), e))?;
+        writeln!(upload, "{line}").map_err(|e| Error::io(format!("writing {}", upload.temp.display()), e))?;
         Box::new(upload).commit()
     }
 
@@ -178,12 +173,11 @@ impl Store for LocalStore {
         let names: Vec<String> = match name {
             Some(n) => vec![n.to_string()],
             None => {
-                let entries = fs::read_dir(&self.root)
-                    .map_err(|e| Error::io(format!("listing store {}", self.url()), e))?;
+                let entries =
+                    fs::read_dir(&self.root).map_err(|e| Error::io(format!("listing store {}", self.url()), e))?;
                 let mut names = Vec::new();
                 for entry in entries {
-                    let entry =
-                        entry.map_err(|e| Error::io(format!("listing store {}", self.url()), e))?;
+                    let entry = entry.map_err(|e| Error::io(format!("listing store {}", self.url()), e))?;
                     let n = entry.file_name().to_string_lossy().into_owned();
                     if entry.path().is_dir() && validate_name(&n).is_ok() {
                         names.push(n);
@@ -205,8 +199,7 @@ impl Store for LocalStore {
 
     fn open(&self, artifact: &Artifact) -> Result<Box<dyn Read>> {
         let path = self.name_dir(&artifact.name).join(&artifact.file);
-        let file =
-            File::open(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let file = File::open(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         Ok(Box::new(BufReader::with_capacity(256 * 1024, file)))
     }
 
@@ -242,9 +235,7 @@ fn list_name(dir: &Path, name: &str, listing: &mut Listing) -> Result<()> {
             Ok(_) => listing
                 .leftovers
                 .push(format!("{}: not a manifest of {name}", path.display())),
-            Err(e) => listing
-                .leftovers
-                .push(format!("{}: {}", path.display(), e.message)),
+            Err(e) => listing.leftovers.push(format!("{}: {}", path.display(), e.message)),
         }
     }
     for f in files.iter().filter(|f| !claimed.contains(f)) {
@@ -253,9 +244,7 @@ fn list_name(dir: &Path, name: &str, listing: &mut Listing) -> Result<()> {
         } else {
             "no manifest"
         };
-        listing
-            .leftovers
-            .push(format!("{}: {why}", dir.join(f).display()));
+        listing.leftovers.push(format!("{}: {why}", dir.join(f).display()));
     }
     Ok(())
 }
@@ -299,10 +288,7 @@ mod tests {
         let mut up = store.create("job", "job.1.tar").unwrap();
         up.write_all(b"hello").unwrap();
         let dir = tmp.path().join("store/job");
-        assert!(
-            !dir.join("job.1.tar").exists(),
-            "not published before commit"
-        );
+        assert!(!dir.join("job.1.tar").exists(), "not published before commit");
         let listing = store.list(None).unwrap();
         assert_eq!(listing.artifacts.len(), 0);
         assert_eq!(listing.leftovers.len(), 1, "{:?}", listing.leftovers);
@@ -311,12 +297,7 @@ mod tests {
         store.put_manifest(&a).unwrap();
         unsafe { libc::umask(old) };
         for p in [dir.join("job.1.tar"), dir.join("job.1.json")] {
-            assert_eq!(
-                fs::metadata(&p).unwrap().mode() & 0o777,
-                0o600,
-                "{}",
-                p.display()
-            );
+            assert_eq!(fs::metadata(&p).unwrap().mode() & 0o777, 0o600, "{}", p.display());
         }
         for d in [tmp.path().join("store"), dir.clone()] {
             assert_eq!(fs::metadata(&d).unwrap().mode() & 0o777, 0o700);

@@ -1,0 +1,288 @@
+//! The sqlite engine through the real binaries: exact round trips, a consistent snapshot
+//! while another process writes, and every failure leaving nothing behind.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bk_tests::{files_below, run_cmd, Sandbox};
+use rusqlite::Connection;
+use sha2::{Digest, Sha256};
+
+fn create_sample(path: &Path, journal: &str) {
+    let conn = Connection::open(path).unwrap();
+    conn.pragma_update(None, "journal_mode", journal).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE people(id INTEGER PRIMARY KEY, name TEXT, note TEXT, photo BLOB, score REAL);
+         CREATE TABLE empty(x);
+         CREATE TABLE \"odd \"\"name\"\"\"(v);
+         CREATE VIEW named AS SELECT name FROM people WHERE name IS NOT NULL;
+         CREATE INDEX people_name ON people(name);
+         CREATE TRIGGER touch AFTER INSERT ON people BEGIN UPDATE people SET score = 1.5 WHERE id = new.id AND score IS NULL; END;",
+    )
+    .unwrap();
+    let every_byte: Vec<u8> = (0..=255u8).collect();
+    let tx = conn.unchecked_transaction().unwrap();
+    tx.execute(
+        "INSERT INTO people(name, note, photo) VALUES (NULL, '', ?1)",
+        [&every_byte],
+    )
+    .unwrap();
+    tx.execute(
+        "INSERT INTO people(name, note, photo) VALUES ('🦀 Ünïcødé', 'x', zeroblob(0))",
+        [],
+    )
+    .unwrap();
+    tx.execute(
+        "INSERT INTO people(name, note) VALUES ('long', ?1)",
+        [&"y".repeat(300_000)],
+    )
+    .unwrap();
+    for i in 0..5000 {
+        tx.execute(
+            "INSERT INTO people(name, note, photo, score) VALUES (?1, 'n', randomblob(100), ?2)",
+            rusqlite::params![format!("p{i}"), i as f64 / 3.0],
+        )
+        .unwrap();
+    }
+    tx.execute("INSERT INTO \"odd \"\"name\"\"\" VALUES (1), (2)", [])
+        .unwrap();
+    tx.commit().unwrap();
+}
+
+/// Rows per table and a hash over every value of every row, in rowid order.
+fn content(path: &Path) -> (Vec<(String, u64)>, String) {
+    let conn = Connection::open(path).unwrap();
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_schema WHERE type='table' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let mut sha = Sha256::new();
+    let mut counts = Vec::new();
+    for t in tables {
+        let q = format!("SELECT * FROM \"{}\" ORDER BY rowid", t.replace('"', "\"\""));
+        let mut stmt = conn.prepare(&q).unwrap();
+        let columns = stmt.column_count();
+        let mut rows = stmt.query([]).unwrap();
+        let mut n = 0;
+        while let Some(row) = rows.next().unwrap() {
+            for c in 0..columns {
+                sha.update(format!("{:?}", row.get_ref(c).unwrap()).as_bytes());
+            }
+            n += 1;
+        }
+        counts.push((t, n));
+    }
+    let schema: Vec<String> = conn
+        .prepare("SELECT sql FROM sqlite_schema ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get::<_, Option<String>>(0).map(|s| s.unwrap_or_default()))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    sha.update(schema.join(";").as_bytes());
+    (counts, hex::encode(sha.finalize()))
+}
+
+#[test]
+fn round_trip_is_exact_in_both_journal_modes() {
+    for journal in ["wal", "delete"] {
+        let sb = Sandbox::new();
+        let db = sb.path("app.db");
+        create_sample(&db, journal);
+        let artifact = sb.dump(&["sqlite", db.to_str().unwrap()]);
+        assert_eq!(artifact.name, "sqlite-app");
+        assert_eq!(artifact.engine, "sqlite");
+        assert_eq!(artifact.format, "sqlite");
+        assert!(artifact.file.ends_with(".sqlite.zst"), "{}", artifact.file);
+        assert_eq!(artifact.counts["people"], 5003);
+        assert_eq!(artifact.counts["empty"], 0);
+        assert_eq!(artifact.counts["odd \"name\""], 2);
+        assert_eq!(artifact.source.path.as_deref(), db.to_str());
+
+        let listed = sb.run("bk-ls", &[&sb.store(), "--latest"]).ok();
+        let target = sb.path("restored/app.db");
+        let restored = sb
+            .run_with_stdin("bk-restore", &["--to", target.to_str().unwrap()], &listed.stdout)
+            .ok()
+            .restored();
+        assert_eq!(restored.counts, artifact.counts);
+        assert!(restored.complete);
+        assert_eq!(content(&target), content(&db), "{journal}");
+    }
+}
+
+#[test]
+fn standard_tools_read_the_artifact() {
+    let sb = Sandbox::new();
+    let db = sb.path("app.db");
+    create_sample(&db, "wal");
+    let artifact = sb.dump(&["sqlite", db.to_str().unwrap()]);
+    let plain = sb.path("plain.db");
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args([
+        "-c",
+        &format!(
+            "zstd -dc '{}' > '{}' && sqlite3 '{}' 'PRAGMA integrity_check'",
+            artifact.location,
+            plain.display(),
+            plain.display()
+        ),
+    ]);
+    let run = run_cmd(cmd, "").ok();
+    assert_eq!(run.stdout.trim(), "ok");
+    assert_eq!(content(&plain), content(&db));
+}
+
+#[test]
+fn snapshot_is_consistent_while_another_process_writes() {
+    for journal in ["wal", "delete"] {
+        let sb = Sandbox::new();
+        let db = sb.path("busy.db");
+        {
+            let conn = Connection::open(&db).unwrap();
+            conn.pragma_update(None, "journal_mode", journal).unwrap();
+            conn.execute_batch("CREATE TABLE a(x); CREATE TABLE b(x);").unwrap();
+        }
+        // Every transaction adds two rows to a and one to b: any consistent snapshot has
+        // count(a) == 2 * count(b).
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (stop, db) = (stop.clone(), db.clone());
+            std::thread::spawn(move || {
+                let conn = Connection::open(&db).unwrap();
+                conn.busy_timeout(Duration::from_secs(30)).unwrap();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    conn.execute_batch("BEGIN IMMEDIATE; INSERT INTO a VALUES (randomblob(500)); INSERT INTO a VALUES (1); INSERT INTO b VALUES (randomblob(2000)); COMMIT;").unwrap();
+                    n += 1;
+                }
+                n
+            })
+        };
+        while Connection::open(&db)
+            .unwrap()
+            .query_row("SELECT count(*) FROM b", [], |r| r.get::<_, i64>(0))
+            .unwrap()
+            < 200
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut artifacts = Vec::new();
+        for _ in 0..3 {
+            artifacts.push(sb.dump(&["sqlite", db.to_str().unwrap(), "--busy-timeout", "30"]));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let transactions = writer.join().unwrap();
+        assert!(transactions > 0);
+        for (i, artifact) in artifacts.iter().enumerate() {
+            let (a, b) = (artifact.counts["a"], artifact.counts["b"]);
+            assert_eq!(a, 2 * b, "{journal}: the manifest's counts are one snapshot");
+            let target = sb.path(&format!("r{i}.db"));
+            let line = bk_core::record::Record::Artifact(artifact.clone()).to_line();
+            let restored = sb
+                .run_with_stdin("bk-restore", &["--to", target.to_str().unwrap()], &line)
+                .ok()
+                .restored();
+            assert_eq!(
+                restored.counts, artifact.counts,
+                "{journal}: the restore holds exactly the snapshot"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_locked_database_fails_with_75_and_leaves_nothing() {
+    let sb = Sandbox::new();
+    let db = sb.path("locked.db");
+    create_sample(&db, "delete");
+    let holder = Connection::open(&db).unwrap();
+    holder
+        .execute_batch("BEGIN EXCLUSIVE; INSERT INTO empty VALUES (1);")
+        .unwrap();
+    let run = sb
+        .run(
+            "bk-dump",
+            &[
+                "sqlite",
+                db.to_str().unwrap(),
+                "--busy-timeout",
+                "1",
+                "--to",
+                &sb.store(),
+            ],
+        )
+        .code(75);
+    let e = run.error();
+    assert_eq!(e.name.as_deref(), Some("sqlite-locked"));
+    assert!(e.message.contains("locked"), "{}", e.message);
+    assert_eq!(files_below(&sb.path("store")), Vec::<std::path::PathBuf>::new());
+    holder.execute_batch("ROLLBACK").unwrap();
+}
+
+#[test]
+fn a_corrupt_or_missing_database_is_refused() {
+    let sb = Sandbox::new();
+    let junk = sb.path("junk.db");
+    std::fs::write(&junk, vec![0x5a; 8192]).unwrap();
+    let run = sb
+        .run("bk-dump", &["sqlite", junk.to_str().unwrap(), "--to", &sb.store()])
+        .code(65);
+    assert!(run.error().message.contains("not a database"), "{}", run.stderr);
+    assert!(files_below(&sb.path("store")).is_empty());
+
+    let run = sb
+        .run("bk-dump", &["sqlite", "/nonexistent/x.db", "--to", &sb.store()])
+        .code(66);
+    assert!(run.error().message.contains("/nonexistent/x.db"));
+    let run = sb
+        .run("bk-dump", &["sqlite", sb.root().to_str().unwrap(), "--to", &sb.store()])
+        .code(66);
+    assert!(run.error().message.contains("is not a file"));
+}
+
+#[test]
+fn restore_refuses_an_existing_file_unless_replace() {
+    let sb = Sandbox::new();
+    let db = sb.path("app.db");
+    create_sample(&db, "wal");
+    let artifact = sb.dump(&["sqlite", db.to_str().unwrap()]);
+    let line = bk_core::record::Record::Artifact(artifact.clone()).to_line();
+    let target = sb.path("live.db");
+    std::fs::write(&target, "precious").unwrap();
+    std::fs::write(sb.path("live.db-wal"), "stale wal of the old database").unwrap();
+    let run = sb
+        .run_with_stdin("bk-restore", &["--to", target.to_str().unwrap()], &line)
+        .code(73);
+    assert!(run.error().message.contains("--replace"));
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
+    sb.run_with_stdin("bk-restore", &["--to", target.to_str().unwrap(), "--replace"], &line)
+        .ok();
+    assert!(
+        !sb.path("live.db-wal").exists()
+            || std::fs::read(sb.path("live.db-wal")).unwrap() != b"stale wal of the old database"
+    );
+    assert_eq!(content(&target), content(&db));
+}
+
+#[test]
+fn a_manifest_count_that_lies_fails_the_restore_and_writes_nothing() {
+    let sb = Sandbox::new();
+    let db = sb.path("app.db");
+    create_sample(&db, "wal");
+    let mut artifact = sb.dump(&["sqlite", db.to_str().unwrap()]);
+    *artifact.counts.get_mut("people").unwrap() += 1;
+    let line = bk_core::record::Record::Artifact(artifact).to_line();
+    let target = sb.path("out/app.db");
+    std::fs::create_dir(sb.path("out")).unwrap();
+    let run = sb
+        .run_with_stdin("bk-restore", &["--to", target.to_str().unwrap()], &line)
+        .code(65);
+    assert!(run.error().message.contains("the manifest says"), "{}", run.stderr);
+    assert!(files_below(&sb.path("out")).is_empty(), "nothing left at the target");
+}
