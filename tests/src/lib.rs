@@ -179,51 +179,32 @@ impl Run {
             .collect()
     }
 
-    /// The one artifact record printed.
-    pub fn artifact(&self) -> Artifact {
-        let mut all = self.artifacts();
+    /// The one record of a kind, picked out by `pick`.
+    fn only<T>(&self, what: &str, pick: impl Fn(Record) -> Option<T>) -> T {
+        let mut all: Vec<T> = self.records().into_iter().filter_map(pick).collect();
         assert_eq!(
             all.len(),
             1,
-            "one artifact expected\nstdout: {}\nstderr: {}",
+            "one {what} record expected\nstdout: {}\nstderr: {}",
             self.stdout,
             self.stderr
         );
         all.remove(0)
     }
 
+    /// The one artifact record printed.
+    pub fn artifact(&self) -> Artifact {
+        self.only("artifact", |r| if let Record::Artifact(x) = r { Some(x) } else { None })
+    }
+
     pub fn restored(&self) -> Restored {
-        let mut all: Vec<Restored> = self
-            .records()
-            .into_iter()
-            .filter_map(|r| if let Record::Restored(x) = r { Some(x) } else { None })
-            .collect();
-        assert_eq!(
-            all.len(),
-            1,
-            "one restored record expected\nstdout: {}\nstderr: {}",
-            self.stdout,
-            self.stderr
-        );
-        all.remove(0)
+        self.only("restored", |r| if let Record::Restored(x) = r { Some(x) } else { None })
     }
 
     /// The one error record printed; stderr must carry the same message once, prefixed with
     /// the tool's name.
     pub fn error(&self) -> ErrorRecord {
-        let mut all: Vec<ErrorRecord> = self
-            .records()
-            .into_iter()
-            .filter_map(|r| if let Record::Error(x) = r { Some(x) } else { None })
-            .collect();
-        assert_eq!(
-            all.len(),
-            1,
-            "one error record expected\nstdout: {}\nstderr: {}",
-            self.stdout,
-            self.stderr
-        );
-        let e = all.remove(0);
+        let e = self.only("error", |r| if let Record::Error(x) = r { Some(x) } else { None });
         assert_eq!(e.code as i32, self.code, "the error record's code is the exit code");
         assert!(
             self.stderr
