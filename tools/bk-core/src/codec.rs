@@ -366,21 +366,26 @@ impl Decoder {
     pub fn finish(mut self, artifact: &Artifact) -> Result<u64> {
         io::copy(&mut self, &mut io::sink()).map_err(|e| from_io(format!("decoding {}", self.file), e))?;
         self.progress.finish();
-        let (bytes, sha) = (self.tally.bytes.get(), self.tally.hex());
-        if bytes != artifact.bytes {
-            return Err(Error::data(format!(
-                "{}: {bytes} bytes stored, the manifest says {}: truncated or altered",
-                self.file, artifact.bytes
-            )));
-        }
-        if sha != artifact.sha256 {
-            return Err(Error::data(format!(
-                "{}: sha256 mismatch: the stored bytes hash to {sha}, the manifest says {}",
-                self.file, artifact.sha256
-            )));
-        }
+        check_digest(artifact, self.tally.bytes.get(), &self.tally.hex())?;
         Ok(self.content_bytes)
     }
+}
+
+/// Compares what was read of an artifact with its manifest: exit 65 on any difference.
+pub fn check_digest(artifact: &Artifact, bytes: u64, sha256: &str) -> Result<()> {
+    if bytes != artifact.bytes {
+        return Err(Error::data(format!(
+            "{}: {bytes} bytes stored, the manifest says {}: truncated or altered",
+            artifact.file, artifact.bytes
+        )));
+    }
+    if sha256 != artifact.sha256 {
+        return Err(Error::data(format!(
+            "{}: sha256 mismatch: the stored bytes hash to {sha256}, the manifest says {}",
+            artifact.file, artifact.sha256
+        )));
+    }
+    Ok(())
 }
 
 impl Read for Decoder {

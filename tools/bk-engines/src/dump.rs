@@ -9,12 +9,12 @@ use clap::{Parser, Subcommand};
 use bk_core::cli::LockOpts;
 use bk_core::codec::{parse_recipient, read_recipients_file, Compression, EncodeOptions, Encoder};
 use bk_core::error::{Error, Result};
-use bk_core::name::{artifact_id, rfc3339, validate_name};
+use bk_core::name::{artifact_id, rfc3339, sanitize, validate_name};
 use bk_core::progress::Progress;
 use bk_core::record::{Artifact, Output, Record};
 use bk_core::store::{self, Store};
 
-use crate::{files, sqlite, DumpJob};
+use crate::{files, mysql, sqlite, DumpJob};
 
 /// Back up a source into a store.
 ///
@@ -35,7 +35,8 @@ pub struct Cli {
     /// The store to write to: a directory or file:// URL
     #[arg(long, value_name = "STORE", global = true)]
     pub to: Option<String>,
-    /// The job name (letters a-z, digits, '_' and '-') [default: from the engine and source]
+    /// The job name (letters a-z, digits, '_' and '-'); {engine}, {host} and {database} in it
+    /// are replaced, e.g. '{engine}-{host}-{database}' [default: from the engine and source]
     #[arg(long, global = true)]
     pub name: Option<String>,
     /// Compression of the stored bytes
@@ -63,6 +64,8 @@ pub enum Engine {
     Files(files::DumpArgs),
     /// A SQLite database, consistent while other processes write to it
     Sqlite(sqlite::DumpArgs),
+    /// MySQL or MariaDB databases, one artifact each, with mariadb-dump or mysqldump
+    Mysql(mysql::DumpArgs),
 }
 
 impl Engine {
@@ -73,6 +76,7 @@ impl Engine {
                 store.local_root().into_iter().collect(),
             )?)],
             Engine::Sqlite(args) => vec![Box::new(sqlite::SqliteJob::new(args.clone())?)],
+            Engine::Mysql(args) => mysql::jobs(args)?,
         })
     }
 }
@@ -82,20 +86,50 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
         .to
         .as_deref()
         .ok_or_else(|| Error::usage("--to STORE is required"))?;
-    if let Some(n) = &cli.name {
-        validate_name(n)?;
+    if let Some(template) = &cli.name {
+        // Checked before any work; the filled-in names are checked again.
+        validate_name(
+            &template
+                .replace("{engine}", "e")
+                .replace("{host}", "h")
+                .replace("{database}", "d"),
+        )?;
     }
     let store = store::open(to)?;
     let options = encode_options(&cli)?;
     let jobs = cli.engine.jobs(store.as_ref())?;
-    for job in jobs {
-        let name = cli.name.clone().unwrap_or_else(|| job.default_name());
+    let names = job_names(&jobs, cli.name.as_deref())?;
+    for (job, name) in jobs.iter().zip(names) {
         match dump_one(job.as_ref(), &name, store.as_ref(), &options, &cli) {
             Ok(artifact) => out.emit(&Record::Artifact(artifact))?,
             Err(e) => out.error(&e.named(&name))?,
         }
     }
     Ok(())
+}
+
+/// Each job's name: the engine's default, or --name with its placeholders filled in. Two
+/// jobs may not share a name.
+fn job_names(jobs: &[Box<dyn DumpJob>], template: Option<&str>) -> Result<Vec<String>> {
+    let names: Vec<String> = jobs
+        .iter()
+        .map(|job| match template {
+            None => job.default_name(),
+            Some(t) => t
+                .replace("{engine}", job.engine())
+                .replace("{host}", &sanitize(&job.source().host))
+                .replace("{database}", &sanitize(job.database().unwrap_or_default())),
+        })
+        .collect();
+    for (i, name) in names.iter().enumerate() {
+        validate_name(name)?;
+        if names[..i].contains(name) {
+            return Err(Error::usage(format!(
+                "two backups would both be named {name}; put {{database}} in --name to tell them apart"
+            )));
+        }
+    }
+    Ok(names)
 }
 
 fn encode_options(cli: &Cli) -> Result<EncodeOptions> {
@@ -115,7 +149,6 @@ fn encode_options(cli: &Cli) -> Result<EncodeOptions> {
 }
 
 fn dump_one(job: &dyn DumpJob, name: &str, store: &dyn Store, options: &EncodeOptions, cli: &Cli) -> Result<Artifact> {
-    validate_name(name)?;
     let _lock = cli.lock.acquire(name)?;
     let started = unused_stamp(store, name)?;
     let id = artifact_id(name, started);

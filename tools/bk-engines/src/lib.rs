@@ -1,10 +1,15 @@
 //! bk's engines: how each kind of source is dumped and restored, and the bk-dump and
 //! bk-restore commands over them. Tools that need no engine (bk-ls, ...) do not link this.
 
+pub mod conn;
 pub mod dump;
 pub mod files;
+pub mod mysql;
+pub mod process;
 pub mod restore;
+pub mod sqlfilter;
 pub mod sqlite;
+pub mod sqlscan;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -25,13 +30,23 @@ pub trait DumpJob {
     fn format(&self) -> &'static str;
     fn default_name(&self) -> String;
     fn source(&self) -> Source;
+    /// The database this job dumps, for `{database}` in a --name template.
+    fn database(&self) -> Option<&str> {
+        None
+    }
     /// Writes the whole content to `out`; an error means the content is incomplete.
     fn dump(&self, out: &mut dyn Write) -> Result<Dumped>;
 }
 
 pub struct RestoreOptions {
     pub replace: bool,
+    /// Files backups: restore only what these globs match.
     pub include: Vec<String>,
+    /// Database backups: restore only these tables.
+    pub tables: Vec<String>,
+    /// Database backups: the database to restore into [default: the source's].
+    pub database: Option<String>,
+    pub conn: conn::ConnArgs,
 }
 
 /// What a restore left at its target.

@@ -1,18 +1,20 @@
 //! bk-restore: puts a backup back, into the same or another place.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::Parser;
 
 use bk_core::cli::read_stdin_records;
-use bk_core::codec::{load_identities, Decoder, Identities};
-use bk_core::error::{Error, Result};
+use bk_core::codec::{check_digest, load_identities, Decoder, Identities};
+use bk_core::error::{from_io, Error, Result};
 use bk_core::name::{parse_time, rfc3339, validate_name};
 use bk_core::progress::Progress;
 use bk_core::record::{Artifact, Output, Record, Restored};
 use bk_core::store::{self, Store};
 
-use crate::{files, sqlite, RestoreOptions};
+use crate::conn::ConnArgs;
+use crate::{files, mysql, sqlite, RestoreOptions};
 
 /// Restore a backup.
 ///
@@ -41,13 +43,22 @@ pub struct Cli {
     /// With --from: the newest backup started at or before TIME (RFC 3339, a stamp, or a date)
     #[arg(long, value_name = "TIME", requires = "from")]
     pub at: Option<String>,
-    /// Where to restore: a directory for files backups, a file for SQLite
+    /// Where to restore: a directory for files backups, a file for SQLite (database backups
+    /// go to the server the connection options name)
     #[arg(long, value_name = "TARGET")]
-    pub to: PathBuf,
+    pub to: Option<PathBuf>,
     /// Restore into a target that is not empty (files are overwritten, directories merged;
-    /// a SQLite file is replaced)
+    /// a SQLite file is replaced; a database is dropped and created again)
     #[arg(long)]
     pub replace: bool,
+    /// Database backups: restore into this database [default: the source's name]
+    #[arg(long, value_name = "NAME")]
+    pub database: Option<String>,
+    /// Database backups: restore only this table (repeatable)
+    #[arg(long, value_name = "TABLE")]
+    pub table: Vec<String>,
+    #[command(flatten)]
+    pub conn: ConnArgs,
     /// Restore only the files matching GLOB (repeatable; as bk-dump files --include)
     #[arg(long, value_name = "GLOB")]
     pub include: Vec<String>,
@@ -144,16 +155,33 @@ fn pick(store: &dyn Store, cli: &Cli) -> Result<Artifact> {
 }
 
 fn restore(store: &dyn Store, artifact: &Artifact, cli: &Cli, identities: &Identities, out: &mut Output) -> Result<()> {
-    let raw = store.open(artifact)?;
-    let decoder = Decoder::new(raw, artifact, identities, Progress::new(&artifact.name, cli.quiet))?;
     let options = RestoreOptions {
         replace: cli.replace,
         include: cli.include.clone(),
+        tables: cli.table.clone(),
+        database: cli.database.clone(),
+        conn: cli.conn.clone(),
     };
-    let target = std::path::absolute(&cli.to).map_err(|e| Error::io(cli.to.display(), e))?;
+    let is_database = matches!(artifact.engine.as_str(), "mysql");
+    if is_database {
+        // A database is loaded as the bytes come; check them all before touching it.
+        check_stored(store.open(artifact)?, artifact)?;
+    }
+    let raw = store.open(artifact)?;
+    let decoder = Decoder::new(raw, artifact, identities, Progress::new(&artifact.name, cli.quiet))?;
+    let target = || -> Result<PathBuf> {
+        let to = cli.to.as_ref().ok_or_else(|| {
+            Error::usage(format!(
+                "{} is a {} backup: give --to PATH",
+                artifact.id, artifact.engine
+            ))
+        })?;
+        std::path::absolute(to).map_err(|e| Error::io(to.display(), e))
+    };
     let restored = match artifact.engine.as_str() {
-        "files" => files::restore(artifact, decoder, &target, &options)?,
-        "sqlite" => sqlite::restore(artifact, decoder, &target, &options)?,
+        "files" => files::restore(artifact, decoder, &target()?, &options)?,
+        "sqlite" => sqlite::restore(artifact, decoder, &target()?, &options)?,
+        "mysql" => mysql::restore(artifact, decoder, &options)?,
         other => {
             return Err(Error::usage(format!(
                 "{}: this bk-restore cannot restore {other} backups",
@@ -161,6 +189,9 @@ fn restore(store: &dyn Store, artifact: &Artifact, cli: &Cli, identities: &Ident
             )))
         }
     };
+    let mismatch = is_database
+        .then(|| count_mismatch(artifact, &restored.counts, &options.tables))
+        .flatten();
     out.emit(&Record::Restored(Restored {
         id: artifact.id.clone(),
         name: artifact.name.clone(),
@@ -168,7 +199,62 @@ fn restore(store: &dyn Store, artifact: &Artifact, cli: &Cli, identities: &Ident
         target: restored.target,
         counts: restored.counts,
         complete: restored.complete,
-    }))
+    }))?;
+    match mismatch {
+        Some(m) => Err(Error::data(format!(
+            "{}: the restored database differs from the backup: {m}",
+            artifact.id
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Reads the stored bytes once, to check their size and sha256 against the manifest.
+fn check_stored(mut raw: Box<dyn std::io::Read>, artifact: &Artifact) -> Result<()> {
+    use sha2::Digest;
+    let mut sha = sha2::Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut bytes = 0u64;
+    loop {
+        let n = raw
+            .read(&mut buf)
+            .map_err(|e| from_io(format!("reading {}", artifact.file), e))?;
+        if n == 0 {
+            break;
+        }
+        sha.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    check_digest(artifact, bytes, &hex::encode(sha.finalize()))
+}
+
+/// Rows per table, restored against the manifest's, compared by table name (the restored
+/// database may have another name); `None` when they agree.
+fn count_mismatch(artifact: &Artifact, found: &BTreeMap<String, u64>, only: &[String]) -> Option<String> {
+    let by_table = |counts: &BTreeMap<String, u64>| -> BTreeMap<String, u64> {
+        counts
+            .iter()
+            .map(|(k, v)| (k.split_once('.').map_or(k.as_str(), |(_, t)| t).to_string(), *v))
+            .filter(|(t, _)| only.is_empty() || only.contains(t))
+            .collect()
+    };
+    let (expected, found) = (by_table(&artifact.counts), by_table(found));
+    let differences: Vec<String> = expected
+        .keys()
+        .chain(found.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .filter(|t| expected.get(*t) != found.get(*t))
+        .map(|t| {
+            let show = |n: Option<&u64>| n.map_or("none".to_string(), u64::to_string);
+            format!(
+                "{t}: {} rows expected, {} found",
+                show(expected.get(t)),
+                show(found.get(t))
+            )
+        })
+        .collect();
+    (!differences.is_empty()).then(|| differences.join("; "))
 }
 
 /// The bk-restore program.

@@ -1,0 +1,368 @@
+//! The `mysql` engine (MySQL and MariaDB): the system's mariadb-dump or mysqldump, one
+//! artifact per database, rows counted from the stream as it passes; restored through the
+//! mariadb or mysql client into the same or another database.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Command;
+
+use bk_core::codec::Decoder;
+use bk_core::error::{Error, Kind, Result};
+use bk_core::name::sanitize;
+use bk_core::record::{Artifact, Source, ToolInfo};
+
+use crate::conn::ConnArgs;
+use crate::process::{find_program, output_of, stream_from, stream_into, version_line};
+use crate::sqlscan::SqlScanner;
+use crate::{DumpJob, Dumped, RestoreOptions, RestoredInfo};
+
+const SYSTEM_DATABASES: [&str; 4] = ["information_schema", "performance_schema", "sys", "mysql"];
+const DEFAULT_OPTIONS: [&str; 5] = ["--quick", "--routines", "--triggers", "--events", "--hex-blob"];
+/// Options that would remove the completion marker, write elsewhere, dump other databases
+/// or put a password on the command line.
+const REFUSED_OPTIONS: [&str; 9] = [
+    "--skip-comments",
+    "--compact",
+    "--result-file",
+    "--tab",
+    "--databases",
+    "--all-databases",
+    "--password",
+    "-p",
+    "--xml",
+];
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DumpArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Back up this database (repeatable) [default: every database but the system ones]
+    #[arg(long = "database", value_name = "DB")]
+    pub databases: Vec<String>,
+    /// Leave out this database (repeatable)
+    #[arg(long, value_name = "DB")]
+    pub exclude_database: Vec<String>,
+    /// With no --database, include the `mysql` system database too
+    #[arg(long)]
+    pub include_system: bool,
+    /// Do not pass --single-transaction (for servers or engines that forbid it)
+    #[arg(long)]
+    pub no_single_transaction: bool,
+    /// Pass ARG to the dump program (repeatable), e.g. --extra-arg=--skip-lock-tables
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    pub extra_arg: Vec<String>,
+}
+
+/// What a failed MySQL program's stderr means: wrong credentials are a configuration
+/// error (78), an unknown database a missing input (66), no server an unavailable one (69).
+fn classify(stderr: &str) -> Kind {
+    let has = |codes: &[&str]| {
+        codes
+            .iter()
+            .any(|c| stderr.contains(&format!("ERROR {c} ")) || stderr.contains(&format!("error: {c}:")))
+    };
+    if has(&["1045", "1698", "1044"]) {
+        Kind::Config
+    } else if has(&["1049"]) {
+        Kind::NoInput
+    } else if has(&["2002", "2003", "2005", "2006", "2013"]) || stderr.contains("Lost connection") {
+        Kind::Unavailable
+    } else if stderr.contains("Access denied") {
+        Kind::NoPerm
+    } else {
+        Kind::Io
+    }
+}
+
+/// The MySQL client programs found in PATH.
+struct Programs {
+    dump: PathBuf,
+    client: PathBuf,
+}
+
+impl Programs {
+    fn find(need_dump: bool) -> Result<Self> {
+        let client = find_program(&["mariadb", "mysql"], "mariadb-client")?;
+        let dump = if need_dump {
+            find_program(&["mariadb-dump", "mysqldump"], "mariadb-client")?
+        } else {
+            PathBuf::new()
+        };
+        Ok(Programs { dump, client })
+    }
+}
+
+/// Runs one statement through the client in batch mode; returns the rows, tab-separated.
+fn query(client: &PathBuf, conn: &ConnArgs, database: Option<&str>, sql: &str) -> Result<Vec<Vec<String>>> {
+    let mut cmd = Command::new(client);
+    cmd.args(conn.mysql_args())
+        .args(["--batch", "--skip-column-names", "--raw", "-e", sql]);
+    if let Some(db) = database {
+        cmd.arg(db);
+    }
+    let out = output_of(cmd, classify)?;
+    Ok(out
+        .lines()
+        .map(|l| l.split('\t').map(str::to_string).collect())
+        .collect())
+}
+
+/// A MySQL string literal.
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// A MySQL identifier.
+fn ident(s: &str) -> String {
+    format!("`{}`", s.replace('`', "``"))
+}
+
+/// The databases to dump: those named, else all the user can see but the system ones.
+pub fn jobs(args: &DumpArgs) -> Result<Vec<Box<dyn DumpJob>>> {
+    args.conn.check_mysql()?;
+    for extra in &args.extra_arg {
+        let flag = extra.split('=').next().unwrap_or_default();
+        if REFUSED_OPTIONS.contains(&flag) || (flag.starts_with("-p") && !flag.starts_with("--")) {
+            return Err(Error::usage(format!("--extra-arg {extra} is not allowed: bk needs the dump complete, on stdout, and no password on a command line")));
+        }
+    }
+    let programs = Programs::find(true)?;
+    let visible: Vec<String> = query(&programs.client, &args.conn, None, "SHOW DATABASES")?
+        .into_iter()
+        .filter_map(|r| r.into_iter().next())
+        .collect();
+    let databases: Vec<String> = if args.databases.is_empty() {
+        visible
+            .into_iter()
+            .filter(|d| !SYSTEM_DATABASES.contains(&d.as_str()) || (args.include_system && d == "mysql"))
+            .filter(|d| !args.exclude_database.contains(d))
+            .collect()
+    } else {
+        for d in &args.databases {
+            if !visible.contains(d) {
+                return Err(Error::no_input(format!(
+                    "no database {d} on the server (or this user may not see it)"
+                )));
+            }
+        }
+        args.databases
+            .iter()
+            .filter(|d| !args.exclude_database.contains(d))
+            .cloned()
+            .collect()
+    };
+    if databases.is_empty() {
+        return Err(Error::no_input("no database to back up"));
+    }
+    let version = version_line(&programs.dump);
+    let version = version
+        .split("Ver ")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap_or(&version)
+        .to_string();
+    let program = programs
+        .dump
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    Ok(databases
+        .into_iter()
+        .map(|database| {
+            Box::new(MysqlJob {
+                args: args.clone(),
+                dump_program: programs.dump.clone(),
+                tool: ToolInfo {
+                    program: program.clone(),
+                    version: version.clone(),
+                },
+                database,
+            }) as Box<dyn DumpJob>
+        })
+        .collect())
+}
+
+pub struct MysqlJob {
+    args: DumpArgs,
+    dump_program: PathBuf,
+    tool: ToolInfo,
+    database: String,
+}
+
+impl DumpJob for MysqlJob {
+    fn engine(&self) -> &'static str {
+        "mysql"
+    }
+    fn format(&self) -> &'static str {
+        "sql"
+    }
+    fn default_name(&self) -> String {
+        format!("mysql-{}", sanitize(&self.database))
+    }
+    fn database(&self) -> Option<&str> {
+        Some(&self.database)
+    }
+    fn source(&self) -> Source {
+        Source {
+            host: self.args.conn.host_name(),
+            port: self.args.conn.port,
+            database: Some(self.database.clone()),
+            ..Source::default()
+        }
+    }
+
+    fn dump(&self, out: &mut dyn Write) -> Result<Dumped> {
+        let mut cmd = Command::new(&self.dump_program);
+        cmd.args(self.args.conn.mysql_args());
+        if !self.args.no_single_transaction {
+            cmd.arg("--single-transaction");
+        }
+        cmd.args(DEFAULT_OPTIONS).args(&self.args.extra_arg).arg(&self.database);
+        let mut scanner = SqlScanner::new(&self.database);
+        stream_from(cmd, out, |bytes| scanner.feed(bytes), classify)?;
+        if !scanner.completed() {
+            return Err(Error::new(
+                Kind::Io,
+                "the dump ended without its '-- Dump completed' line: it is incomplete",
+            ));
+        }
+        Ok(Dumped {
+            counts: scanner.counts().clone(),
+            tool: self.tool.clone(),
+        })
+    }
+}
+
+/// Restores a dump into `--database NEW` (default: the source's name) on the server the
+/// connection options name. The stored bytes were checked before (restore.rs).
+pub fn restore(artifact: &Artifact, decoder: Decoder, opts: &RestoreOptions) -> Result<RestoredInfo> {
+    opts.conn.check_mysql()?;
+    let programs = Programs::find(false)?;
+    let target = opts
+        .database
+        .clone()
+        .or_else(|| artifact.source.database.clone())
+        .ok_or_else(|| Error::usage("give --database NAME: the artifact names no source database"))?;
+    let conn = &opts.conn;
+    let exists = !query(
+        &programs.client,
+        conn,
+        None,
+        &format!(
+            "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = {}",
+            literal(&target)
+        ),
+    )?
+    .is_empty();
+    if exists {
+        let objects = query(
+            &programs.client,
+            conn,
+            None,
+            &format!(
+                "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = {}",
+                literal(&target)
+            ),
+        )?;
+        let non_empty = objects.first().and_then(|r| r.first()).is_some_and(|n| n != "0");
+        if non_empty && !opts.replace {
+            return Err(Error::cant_create(format!(
+                "database {target} is not empty; pass --replace to drop and recreate it"
+            )));
+        }
+        query(
+            &programs.client,
+            conn,
+            None,
+            &format!("DROP DATABASE {}", ident(&target)),
+        )?;
+    }
+    query(
+        &programs.client,
+        conn,
+        None,
+        &format!("CREATE DATABASE {}", ident(&target)),
+    )?;
+    let loaded = load(artifact, decoder, &programs.client, conn, &target, &opts.tables);
+    if let Err(e) = loaded {
+        let _ = query(
+            &programs.client,
+            conn,
+            None,
+            &format!("DROP DATABASE {}", ident(&target)),
+        );
+        return Err(e.context(format!("restoring into {target} failed, the database was dropped")));
+    }
+    let counts = count_rows(&programs.client, conn, &target)?;
+    let mut target_info = serde_json::Map::new();
+    target_info.insert("host".into(), conn.host_name().into());
+    if let Some(p) = conn.port {
+        target_info.insert("port".into(), p.into());
+    }
+    target_info.insert("database".into(), target.clone().into());
+    Ok(RestoredInfo {
+        target: target_info,
+        counts,
+        complete: opts.tables.is_empty(),
+    })
+}
+
+fn load(
+    artifact: &Artifact,
+    mut decoder: Decoder,
+    client: &PathBuf,
+    conn: &ConnArgs,
+    target: &str,
+    tables: &[String],
+) -> Result<()> {
+    let mut cmd = Command::new(client);
+    cmd.args(conn.mysql_args()).arg("--binary-mode").arg(target);
+    if tables.is_empty() {
+        stream_into(cmd, &mut decoder, classify)?;
+    } else {
+        let mut filtered = crate::sqlfilter::TableFilter::new(&mut decoder, tables);
+        stream_into(cmd, &mut filtered, classify)?;
+        let missing = filtered.missing();
+        if !missing.is_empty() {
+            return Err(Error::no_input(format!(
+                "{}: no table {} in this backup",
+                artifact.id,
+                missing.join(", ")
+            )));
+        }
+    }
+    decoder.finish(artifact).map(drop)
+}
+
+/// Exact rows of every base table of a database, keyed `<database>.<table>`.
+fn count_rows(client: &PathBuf, conn: &ConnArgs, database: &str) -> Result<BTreeMap<String, u64>> {
+    let tables = query(client, conn, None, &format!(
+        "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = {} AND TABLE_TYPE = 'BASE TABLE' ORDER BY TABLE_NAME",
+        literal(database)
+    ))?;
+    let mut counts = BTreeMap::new();
+    for chunk in tables.chunks(200) {
+        let sql = chunk
+            .iter()
+            .map(|row| {
+                format!(
+                    "SELECT {}, COUNT(*) FROM {}.{}",
+                    literal(&row[0]),
+                    ident(database),
+                    ident(&row[0])
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        for row in query(client, conn, None, &sql)? {
+            let n = row
+                .get(1)
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| Error::data(format!("unexpected count row {row:?}")))?;
+            counts.insert(format!("{database}.{}", row[0]), n);
+        }
+    }
+    Ok(counts)
+}

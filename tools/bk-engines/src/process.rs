@@ -1,0 +1,190 @@
+//! Running the trusted dump and restore programs (mariadb-dump, pg_dump, psql, ...):
+//! found in PATH, streamed through bk with bounded memory, their exit status and stderr
+//! turned into bk errors.
+
+use std::ffi::OsStr;
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStderr, Command, Stdio};
+use std::thread::JoinHandle;
+
+use bk_core::error::{from_io, Error, Kind, Result};
+
+/// The last bytes of a program's stderr kept for its error message.
+const STDERR_TAIL: usize = 16 * 1024;
+
+/// The first of `names` found in PATH.
+pub fn find_program(names: &[&str], package: &str) -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for name in names {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join(name);
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(Error::unavailable(format!(
+        "{} not found in PATH; install {package}",
+        names.join(" or ")
+    )))
+}
+
+/// A program's first `--version` line.
+pub fn version_line(program: &PathBuf) -> String {
+    Command::new(program)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+/// Turns a failed program's stderr into the kind of failure.
+pub type Classify = fn(&str) -> Kind;
+
+fn program_name(cmd: &Command) -> String {
+    PathBuf::from(cmd.get_program())
+        .file_name()
+        .unwrap_or(OsStr::new("?"))
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Collects a child's stderr on a thread, keeping its tail.
+fn collect_stderr(stderr: ChildStderr) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut tail = Vec::new();
+        let mut reader = stderr;
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            tail.extend_from_slice(&buf[..n]);
+            if tail.len() > 2 * STDERR_TAIL {
+                tail.drain(..tail.len() - STDERR_TAIL);
+            }
+        }
+        String::from_utf8_lossy(&tail).into_owned()
+    })
+}
+
+fn spawn(cmd: &mut Command) -> Result<Child> {
+    cmd.spawn().map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => Error::unavailable(format!("{} not found", program_name(cmd))),
+        _ => Error::io(format!("starting {}", program_name(cmd)), e),
+    })
+}
+
+/// The error of a program that exited non-zero: its last stderr lines, classified.
+fn failure(cmd: &Command, status: std::process::ExitStatus, stderr: &str, classify: Classify) -> Error {
+    let lines: Vec<&str> = stderr.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let said = lines
+        .iter()
+        .rev()
+        .take(3)
+        .rev()
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(" / ");
+    let how = match status.code() {
+        Some(c) => format!("exited with {c}"),
+        None => "was killed".to_string(),
+    };
+    let message = if said.is_empty() {
+        format!("{} {how}", program_name(cmd))
+    } else {
+        format!("{} {how}: {said}", program_name(cmd))
+    };
+    Error::new(classify(stderr), message)
+}
+
+/// Runs a dump program, passing its stdout to `observe` and then to `out`. Fails if the
+/// program exits non-zero or is killed; if writing fails, the program is killed.
+pub fn stream_from(
+    mut cmd: Command,
+    out: &mut dyn Write,
+    mut observe: impl FnMut(&[u8]),
+    classify: Classify,
+) -> Result<u64> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = spawn(&mut cmd)?;
+    let stderr = collect_stderr(child.stderr.take().expect("piped"));
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    let pumped: Result<()> = loop {
+        let n = match stdout.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => break Err(Error::io(format!("reading from {}", program_name(&cmd)), e)),
+        };
+        observe(&buf[..n]);
+        if let Err(e) = out.write_all(&buf[..n]) {
+            break Err(from_io("writing the artifact", e));
+        }
+        total += n as u64;
+    };
+    if pumped.is_err() {
+        let _ = child.kill();
+    }
+    drop(stdout);
+    let status = child
+        .wait()
+        .map_err(|e| Error::io(format!("waiting for {}", program_name(&cmd)), e))?;
+    let stderr = stderr.join().unwrap_or_default();
+    pumped?;
+    if !status.success() {
+        return Err(failure(&cmd, status, &stderr, classify));
+    }
+    Ok(total)
+}
+
+/// Runs a restore program, feeding it `input` on stdin. Fails if the program exits
+/// non-zero.
+pub fn stream_into(mut cmd: Command, input: &mut dyn Read, classify: Classify) -> Result<()> {
+    cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = spawn(&mut cmd)?;
+    let stderr = collect_stderr(child.stderr.take().expect("piped"));
+    let mut stdin = child.stdin.take().expect("piped");
+    let fed = io::copy(input, &mut stdin);
+    drop(stdin);
+    let status = child
+        .wait()
+        .map_err(|e| Error::io(format!("waiting for {}", program_name(&cmd)), e))?;
+    let stderr = stderr.join().unwrap_or_default();
+    if !status.success() {
+        return Err(failure(&cmd, status, &stderr, classify));
+    }
+    // A broken pipe means the program stopped reading: its own failure was reported above.
+    fed.map_err(|e| from_io(format!("feeding {}", program_name(&cmd)), e))?;
+    Ok(())
+}
+
+/// Runs a short query-like command to the end and returns its stdout.
+pub fn output_of(mut cmd: Command, classify: Classify) -> Result<String> {
+    cmd.stdin(Stdio::null());
+    let out = cmd.output().map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => Error::unavailable(format!("{} not found", program_name(&cmd))),
+        _ => Error::io(format!("running {}", program_name(&cmd)), e),
+    })?;
+    if !out.status.success() {
+        return Err(failure(
+            &cmd,
+            out.status,
+            &String::from_utf8_lossy(&out.stderr),
+            classify,
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
