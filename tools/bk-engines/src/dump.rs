@@ -14,7 +14,7 @@ use bk_core::progress::Progress;
 use bk_core::record::{Artifact, Output, Record};
 use bk_core::store::{self, Store};
 
-use crate::{files, mysql, sqlite, DumpJob};
+use crate::{files, mysql, postgres, sqlite, DumpJob};
 
 /// Back up a source into a store.
 ///
@@ -66,6 +66,8 @@ pub enum Engine {
     Sqlite(sqlite::DumpArgs),
     /// MySQL or MariaDB databases, one artifact each, with mariadb-dump or mysqldump
     Mysql(mysql::DumpArgs),
+    /// PostgreSQL databases, one artifact each, with pg_dump (counts from the same snapshot)
+    Postgres(postgres::DumpArgs),
 }
 
 impl Engine {
@@ -77,6 +79,7 @@ impl Engine {
             )?)],
             Engine::Sqlite(args) => vec![Box::new(sqlite::SqliteJob::new(args.clone())?)],
             Engine::Mysql(args) => mysql::jobs(args)?,
+            Engine::Postgres(args) => postgres::jobs(args)?,
         })
     }
 }

@@ -5,6 +5,7 @@ pub mod conn;
 pub mod dump;
 pub mod files;
 pub mod mysql;
+pub mod postgres;
 pub mod process;
 pub mod restore;
 pub mod sqlfilter;
@@ -47,6 +48,10 @@ pub struct RestoreOptions {
     /// Database backups: the database to restore into [default: the source's].
     pub database: Option<String>,
     pub conn: conn::ConnArgs,
+    /// PostgreSQL: restore neither owners nor privileges (for another server's roles).
+    pub no_owner: bool,
+    /// PostgreSQL custom format: pg_restore jobs in parallel.
+    pub jobs: Option<u32>,
 }
 
 /// What a restore left at its target.

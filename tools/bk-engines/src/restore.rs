@@ -14,7 +14,7 @@ use bk_core::record::{Artifact, Output, Record, Restored};
 use bk_core::store::{self, Store};
 
 use crate::conn::ConnArgs;
-use crate::{files, mysql, sqlite, RestoreOptions};
+use crate::{files, mysql, postgres, sqlite, RestoreOptions};
 
 /// Restore a backup.
 ///
@@ -57,6 +57,13 @@ pub struct Cli {
     /// Database backups: restore only this table (repeatable)
     #[arg(long, value_name = "TABLE")]
     pub table: Vec<String>,
+    /// PostgreSQL: restore neither owners nor privileges (restoring where the roles differ)
+    #[arg(long)]
+    pub no_owner: bool,
+    /// PostgreSQL custom format: run N pg_restore jobs in parallel (decodes to a temporary
+    /// file first, as pg_restore needs one)
+    #[arg(long, value_name = "N")]
+    pub jobs: Option<u32>,
     #[command(flatten)]
     pub conn: ConnArgs,
     /// Restore only the files matching GLOB (repeatable; as bk-dump files --include)
@@ -161,8 +168,10 @@ fn restore(store: &dyn Store, artifact: &Artifact, cli: &Cli, identities: &Ident
         tables: cli.table.clone(),
         database: cli.database.clone(),
         conn: cli.conn.clone(),
+        no_owner: cli.no_owner,
+        jobs: cli.jobs,
     };
-    let is_database = matches!(artifact.engine.as_str(), "mysql");
+    let is_database = matches!(artifact.engine.as_str(), "mysql" | "postgres");
     if is_database {
         // A database is loaded as the bytes come; check them all before touching it.
         check_stored(store.open(artifact)?, artifact)?;
@@ -182,6 +191,7 @@ fn restore(store: &dyn Store, artifact: &Artifact, cli: &Cli, identities: &Ident
         "files" => files::restore(artifact, decoder, &target()?, &options)?,
         "sqlite" => sqlite::restore(artifact, decoder, &target()?, &options)?,
         "mysql" => mysql::restore(artifact, decoder, &options)?,
+        "postgres" => postgres::restore(artifact, decoder, &options)?,
         other => {
             return Err(Error::usage(format!(
                 "{}: this bk-restore cannot restore {other} backups",

@@ -1,0 +1,620 @@
+//! The `postgres` engine: the system's pg_dump (custom format by default, uncompressed:
+//! bk compresses), one artifact per database. bk's own connection opens a REPEATABLE READ
+//! transaction, exports its snapshot to pg_dump and counts every table inside that same
+//! snapshot, so the counts are exactly what the dump holds. Restored with pg_restore (or
+//! psql for plain dumps) into the same or another database.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use postgres::error::SqlState;
+use postgres::{Client, NoTls};
+
+use bk_core::codec::Decoder;
+use bk_core::error::{from_io, Error, Kind, Result};
+use bk_core::name::sanitize;
+use bk_core::private::check_private_file;
+use bk_core::record::{Artifact, Source, ToolInfo};
+
+use crate::conn::ConnArgs;
+use crate::process::{find_program, stream_from, stream_into, version_line};
+use crate::{DumpJob, Dumped, RestoreOptions, RestoredInfo};
+
+const MAINTENANCE_DB: &str = "postgres";
+const PLAIN_END: &[u8] = b"-- PostgreSQL database dump complete";
+const CUSTOM_MAGIC: &[u8] = b"PGDMP";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PgFormat {
+    /// pg_dump's custom format, for pg_restore (selective and parallel restores)
+    Custom,
+    /// Plain SQL, for psql
+    Plain,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DumpArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Back up this database (repeatable) [default: every database that accepts connections,
+    /// but the templates]
+    #[arg(long = "dbname", alias = "database", value_name = "DB")]
+    pub databases: Vec<String>,
+    /// Leave out this database (repeatable)
+    #[arg(long, value_name = "DB")]
+    pub exclude_database: Vec<String>,
+    /// Also back up roles and tablespaces (pg_dumpall --globals-only --no-role-passwords),
+    /// as the artifact postgres-globals
+    #[arg(long)]
+    pub globals: bool,
+    /// pg_dump's output format
+    #[arg(long, value_enum, default_value_t = PgFormat::Custom)]
+    pub format: PgFormat,
+}
+
+/// Where and as whom to connect, resolved as libpq does: options, then PG* variables, then
+/// defaults; the password from the password file (PGPASSFILE or ~/.pgpass), which must be
+/// private.
+struct PgConn {
+    host: String,
+    port: u16,
+    user: String,
+    passfile: Option<PathBuf>,
+}
+
+impl PgConn {
+    fn new(args: &ConnArgs) -> Result<Self> {
+        let env = |v: &str| std::env::var(v).ok().filter(|s| !s.is_empty());
+        let host = args.host.clone().or_else(|| env("PGHOST")).unwrap_or_else(|| {
+            if Path::new("/var/run/postgresql").is_dir() {
+                "/var/run/postgresql".into()
+            } else {
+                "localhost".into()
+            }
+        });
+        let port = match (args.port, env("PGPORT")) {
+            (Some(p), _) => p,
+            (None, Some(p)) => p
+                .parse()
+                .map_err(|_| Error::config(format!("PGPORT={p} is not a port")))?,
+            (None, None) => 5432,
+        };
+        let user = args
+            .user
+            .clone()
+            .or_else(|| env("PGUSER"))
+            .or_else(|| env("USER"))
+            .unwrap_or_else(|| "postgres".into());
+        let passfile = env("PGPASSFILE")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pgpass")))
+            .filter(|p| p.exists());
+        if let Some(f) = &passfile {
+            check_private_file(f, "password file")?;
+        }
+        Ok(PgConn {
+            host,
+            port,
+            user,
+            passfile,
+        })
+    }
+
+    /// The password file's entry for a database, as libpq matches it.
+    fn password(&self, database: &str) -> Result<Option<String>> {
+        let Some(file) = &self.passfile else { return Ok(None) };
+        let text = fs::read_to_string(file).map_err(|e| Error::io(format!("reading {}", file.display()), e))?;
+        let host = if self.host.starts_with('/') {
+            "localhost"
+        } else {
+            &self.host
+        };
+        let wanted = [
+            host.to_string(),
+            self.port.to_string(),
+            database.to_string(),
+            self.user.clone(),
+        ];
+        Ok(text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .find_map(|line| {
+                let fields = split_pgpass(line);
+                (fields.len() == 5 && fields[..4].iter().zip(&wanted).all(|(f, w)| f == "*" || f == w))
+                    .then(|| fields[4].clone())
+            }))
+    }
+
+    fn connect(&self, database: &str) -> Result<Client> {
+        let mut config = postgres::Config::new();
+        config
+            .user(&self.user)
+            .dbname(database)
+            .port(self.port)
+            .connect_timeout(Duration::from_secs(30));
+        if self.host.starts_with('/') {
+            config.host_path(&self.host);
+        } else {
+            config.host(&self.host);
+        }
+        if let Some(pw) = self.password(database)? {
+            config.password(pw);
+        }
+        config
+            .connect(NoTls)
+            .map_err(|e| pg_error(&format!("connecting to {database} on {}:{}", self.host, self.port), e))
+    }
+
+    /// Arguments for pg_dump, pg_restore and psql; the password file goes by environment.
+    fn command(&self, program: &Path) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.arg(format!("--host={}", self.host))
+            .arg(format!("--port={}", self.port))
+            .arg(format!("--username={}", self.user));
+        cmd.arg("--no-password");
+        if let Some(f) = &self.passfile {
+            cmd.env("PGPASSFILE", f);
+        }
+        cmd
+    }
+
+    fn host_name(&self) -> String {
+        if self.host.starts_with('/') || self.host == "localhost" || self.host == "127.0.0.1" {
+            crate::hostname()
+        } else {
+            self.host.clone()
+        }
+    }
+}
+
+/// One line of a password file: five fields split at unescaped ':', `\:` and `\\` unescaped.
+fn split_pgpass(line: &str) -> Vec<String> {
+    let mut fields = vec![String::new()];
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => fields.last_mut().expect("one field").push(chars.next().unwrap_or('\\')),
+            ':' => fields.push(String::new()),
+            c => fields.last_mut().expect("one field").push(c),
+        }
+    }
+    fields
+}
+
+fn pg_error(doing: &str, e: postgres::Error) -> Error {
+    let kind = match e.code() {
+        Some(c) if *c == SqlState::INVALID_PASSWORD || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
+            Kind::Config
+        }
+        Some(c) if *c == SqlState::INVALID_CATALOG_NAME || *c == SqlState::UNDEFINED_TABLE => Kind::NoInput,
+        Some(c) if *c == SqlState::INSUFFICIENT_PRIVILEGE => Kind::NoPerm,
+        Some(_) => Kind::Io,
+        None => Kind::Unavailable,
+    };
+    let detail = e
+        .as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_else(|| e.to_string());
+    Error::new(kind, format!("{doing}: {detail}"))
+}
+
+/// What a failed PostgreSQL program's stderr means.
+fn classify(stderr: &str) -> Kind {
+    if stderr.contains("password authentication failed")
+        || stderr.contains("no password supplied")
+        || stderr.contains("role \"") && stderr.contains("does not exist")
+    {
+        Kind::Config
+    } else if stderr.contains("database \"") && stderr.contains("does not exist") {
+        Kind::NoInput
+    } else if [
+        "Connection refused",
+        "could not connect",
+        "server closed the connection",
+        "terminating connection",
+        "connection to server",
+    ]
+    .iter()
+    .any(|s| stderr.contains(s))
+    {
+        Kind::Unavailable
+    } else if stderr.contains("permission denied") {
+        Kind::NoPerm
+    } else {
+        Kind::Io
+    }
+}
+
+fn ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Rows of every table whose data pg_dump dumps (ordinary tables and leaf partitions, not
+/// those of extensions), keyed `<schema>.<table>`.
+fn count_rows(client: &mut Client, doing: &str) -> Result<BTreeMap<String, u64>> {
+    let tables = client
+        .query(
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+               AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
+               AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+             ORDER BY 1, 2",
+            &[],
+        )
+        .map_err(|e| pg_error(doing, e))?;
+    let mut counts = BTreeMap::new();
+    for row in tables {
+        let (schema, table): (String, String) = (row.get(0), row.get(1));
+        let n: i64 = client
+            .query_one(
+                &format!("SELECT count(*) FROM {}.{}", ident(&schema), ident(&table)),
+                &[],
+            )
+            .map_err(|e| pg_error(doing, e))?
+            .get(0);
+        counts.insert(format!("{schema}.{table}"), n as u64);
+    }
+    Ok(counts)
+}
+
+pub fn jobs(args: &DumpArgs) -> Result<Vec<Box<dyn DumpJob>>> {
+    let conn = PgConn::new(&args.conn)?;
+    let pg_dump = find_program(&["pg_dump"], "postgresql-client")?;
+    let databases: Vec<String> = if args.databases.is_empty() {
+        let mut client = conn.connect(MAINTENANCE_DB)?;
+        let rows = client
+            .query(
+                "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1",
+                &[],
+            )
+            .map_err(|e| pg_error("listing databases", e))?;
+        rows.iter()
+            .map(|r| r.get::<_, String>(0))
+            .filter(|d| !args.exclude_database.contains(d))
+            .collect()
+    } else {
+        args.databases
+            .iter()
+            .filter(|d| !args.exclude_database.contains(d))
+            .cloned()
+            .collect()
+    };
+    let version = version_line(&pg_dump)
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let tool = ToolInfo {
+        program: "pg_dump".into(),
+        version,
+    };
+    let mut jobs: Vec<Box<dyn DumpJob>> = Vec::new();
+    if args.globals {
+        let program = find_program(&["pg_dumpall"], "postgresql-client")?;
+        let tool = ToolInfo {
+            program: "pg_dumpall".into(),
+            version: tool.version.clone(),
+        };
+        jobs.push(Box::new(GlobalsJob {
+            conn: PgConn::new(&args.conn)?,
+            program,
+            tool,
+            port: args.conn.port,
+        }));
+    }
+    for database in databases {
+        jobs.push(Box::new(PgJob {
+            conn: PgConn::new(&args.conn)?,
+            pg_dump: pg_dump.clone(),
+            tool: tool.clone(),
+            format: args.format,
+            port: args.conn.port,
+            database,
+        }));
+    }
+    if jobs.is_empty() {
+        return Err(Error::no_input("no database to back up"));
+    }
+    Ok(jobs)
+}
+
+pub struct PgJob {
+    conn: PgConn,
+    pg_dump: PathBuf,
+    tool: ToolInfo,
+    format: PgFormat,
+    port: Option<u16>,
+    database: String,
+}
+
+impl DumpJob for PgJob {
+    fn engine(&self) -> &'static str {
+        "postgres"
+    }
+    fn format(&self) -> &'static str {
+        match self.format {
+            PgFormat::Custom => "pgdump",
+            PgFormat::Plain => "pgsql",
+        }
+    }
+    fn default_name(&self) -> String {
+        format!("postgres-{}", sanitize(&self.database))
+    }
+    fn database(&self) -> Option<&str> {
+        Some(&self.database)
+    }
+    fn source(&self) -> Source {
+        Source {
+            host: self.conn.host_name(),
+            port: self.port,
+            database: Some(self.database.clone()),
+            ..Source::default()
+        }
+    }
+
+    fn dump(&self, out: &mut dyn Write) -> Result<Dumped> {
+        let doing = format!("reading {}", self.database);
+        let mut client = self.conn.connect(&self.database)?;
+        client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .map_err(|e| pg_error(&doing, e))?;
+        let snapshot: String = client
+            .query_one("SELECT pg_export_snapshot()", &[])
+            .map_err(|e| pg_error(&doing, e))?
+            .get(0);
+        // Count on a thread while pg_dump runs: both read the same snapshot.
+        let counter = std::thread::spawn(move || {
+            let counts = count_rows(&mut client, "counting rows");
+            (client, counts)
+        });
+        let mut cmd = self.conn.command(&self.pg_dump);
+        let format = match self.format {
+            PgFormat::Custom => "--format=custom",
+            PgFormat::Plain => "--format=plain",
+        };
+        cmd.arg(format)
+            .arg("--compress=0")
+            .arg(format!("--snapshot={snapshot}"))
+            .arg(format!("--dbname={}", self.database));
+        let mut start = Vec::new();
+        let mut tail = Vec::new();
+        let dumped = stream_from(cmd, out, |b| remember_ends(&mut start, &mut tail, b), classify);
+        let (mut client, counts) = counter
+            .join()
+            .map_err(|_| Error::new(Kind::Io, "the row counter panicked"))?;
+        let _ = client.batch_execute("COMMIT");
+        dumped?;
+        let counts = counts?;
+        let complete = match self.format {
+            PgFormat::Custom => start.starts_with(CUSTOM_MAGIC),
+            PgFormat::Plain => String::from_utf8_lossy(&tail).contains(std::str::from_utf8(PLAIN_END).expect("ascii")),
+        };
+        if !complete {
+            return Err(Error::new(Kind::Io, "pg_dump's output is not a complete dump"));
+        }
+        Ok(Dumped {
+            counts,
+            tool: self.tool.clone(),
+        })
+    }
+}
+
+/// Keeps the first and the last bytes of a stream, to check its format's markers.
+fn remember_ends(start: &mut Vec<u8>, tail: &mut Vec<u8>, bytes: &[u8]) {
+    const KEEP: usize = 256;
+    if start.len() < KEEP {
+        start.extend_from_slice(&bytes[..bytes.len().min(KEEP - start.len())]);
+    }
+    tail.extend_from_slice(&bytes[bytes.len().saturating_sub(KEEP)..]);
+    if tail.len() > KEEP {
+        tail.drain(..tail.len() - KEEP);
+    }
+}
+
+/// Roles and tablespaces, without passwords.
+pub struct GlobalsJob {
+    conn: PgConn,
+    program: PathBuf,
+    tool: ToolInfo,
+    port: Option<u16>,
+}
+
+impl DumpJob for GlobalsJob {
+    fn engine(&self) -> &'static str {
+        "postgres"
+    }
+    fn format(&self) -> &'static str {
+        "pgsql"
+    }
+    fn default_name(&self) -> String {
+        "postgres-globals".into()
+    }
+    fn database(&self) -> Option<&str> {
+        Some("globals")
+    }
+    fn source(&self) -> Source {
+        Source {
+            host: self.conn.host_name(),
+            port: self.port,
+            ..Source::default()
+        }
+    }
+    fn dump(&self, out: &mut dyn Write) -> Result<Dumped> {
+        let mut cmd = self.conn.command(&self.program);
+        cmd.args(["--globals-only", "--no-role-passwords"]);
+        let (mut start, mut tail) = (Vec::new(), Vec::new());
+        stream_from(cmd, out, |b| remember_ends(&mut start, &mut tail, b), classify)?;
+        if !String::from_utf8_lossy(&tail).contains("PostgreSQL database cluster dump complete") {
+            return Err(Error::new(Kind::Io, "pg_dumpall's output is not a complete dump"));
+        }
+        Ok(Dumped {
+            counts: BTreeMap::new(),
+            tool: self.tool.clone(),
+        })
+    }
+}
+
+/// Restores into `--database NEW` (default: the source's name), created from template0.
+/// The stored bytes were checked before (restore.rs).
+pub fn restore(artifact: &Artifact, mut decoder: Decoder, opts: &RestoreOptions) -> Result<RestoredInfo> {
+    let conn = PgConn::new(&opts.conn)?;
+    let target_of = |db: String| {
+        let mut t = serde_json::Map::new();
+        t.insert("host".into(), conn.host_name().into());
+        t.insert("port".into(), conn.port.into());
+        t.insert("database".into(), db.into());
+        t
+    };
+    if artifact.source.database.is_none() {
+        // Roles and tablespaces: replayed into the maintenance database; existing roles
+        // are reported by psql and kept.
+        let mut cmd = conn.command(&find_program(&["psql"], "postgresql-client")?);
+        cmd.args(["--quiet", "--dbname", MAINTENANCE_DB]);
+        stream_into(cmd, &mut decoder, classify)?;
+        decoder.finish(artifact)?;
+        return Ok(RestoredInfo {
+            target: target_of(MAINTENANCE_DB.into()),
+            counts: BTreeMap::new(),
+            complete: true,
+        });
+    }
+    let target = opts
+        .database
+        .clone()
+        .or_else(|| artifact.source.database.clone())
+        .expect("checked above");
+    if artifact.format == "pgsql" && !opts.tables.is_empty() {
+        return Err(Error::usage(
+            "--table needs a custom-format backup (pg_restore); this one is plain SQL",
+        ));
+    }
+    prepare_database(&conn, &target, opts.replace)?;
+    let loaded = load(artifact, decoder, &conn, &target, opts);
+    if let Err(e) = loaded {
+        let _ = conn.connect(MAINTENANCE_DB).and_then(|mut c| {
+            c.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&target)))
+                .map_err(|e| pg_error("dropping", e))
+        });
+        return Err(e.context(format!("restoring into {target} failed, the database was dropped")));
+    }
+    let mut client = conn.connect(&target)?;
+    let counts = count_rows(&mut client, "counting the restored rows")?;
+    Ok(RestoredInfo {
+        target: target_of(target),
+        counts,
+        complete: opts.tables.is_empty(),
+    })
+}
+
+/// Makes `target` an empty database: created if missing, refused if it holds anything,
+/// unless `replace`, which drops it first.
+fn prepare_database(conn: &PgConn, target: &str, replace: bool) -> Result<()> {
+    let mut admin = conn.connect(MAINTENANCE_DB)?;
+    let exists = !admin
+        .query("SELECT 1 FROM pg_database WHERE datname = $1", &[&target])
+        .map_err(|e| pg_error("looking up the target", e))?
+        .is_empty();
+    if exists {
+        let holds = count_rows(&mut conn.connect(target)?, "looking at the target")?;
+        if !holds.is_empty() && !replace {
+            return Err(Error::cant_create(format!(
+                "database {target} is not empty; pass --replace to drop and recreate it"
+            )));
+        }
+        admin
+            .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", ident(target)))
+            .map_err(|e| pg_error(&format!("dropping {target}"), e))?;
+    }
+    admin
+        .batch_execute(&format!("CREATE DATABASE {} TEMPLATE template0", ident(target)))
+        .map_err(|e| pg_error(&format!("creating {target}"), e))
+}
+
+fn load(artifact: &Artifact, mut decoder: Decoder, conn: &PgConn, target: &str, opts: &RestoreOptions) -> Result<()> {
+    if artifact.format == "pgsql" {
+        let mut cmd = conn.command(&find_program(&["psql"], "postgresql-client")?);
+        cmd.args(["--quiet", "--set", "ON_ERROR_STOP=1", "--dbname", target]);
+        stream_into(cmd, &mut decoder, classify)?;
+        return decoder.finish(artifact).map(drop);
+    }
+    let mut cmd = conn.command(&find_program(&["pg_restore"], "postgresql-client")?);
+    cmd.arg("--exit-on-error").arg(format!("--dbname={target}"));
+    if opts.no_owner {
+        cmd.args(["--no-owner", "--no-privileges"]);
+    }
+    for t in &opts.tables {
+        cmd.arg(format!("--table={t}"));
+    }
+    match opts.jobs {
+        Some(jobs) if jobs > 1 => {
+            // Parallel restore needs a seekable file: the one temporary copy bk makes.
+            let temp = TempFile::create(artifact)?;
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .open(&temp.0)
+                .map_err(|e| Error::create(&temp.0, e))?;
+            io::copy(&mut decoder, &mut file).map_err(|e| from_io(format!("decoding {}", artifact.file), e))?;
+            decoder.finish(artifact)?;
+            cmd.arg(format!("--jobs={jobs}")).arg(&temp.0);
+            crate::process::output_of(cmd, classify).map(drop)
+        }
+        _ => {
+            stream_into(cmd, &mut decoder, classify)?;
+            decoder.finish(artifact).map(drop)
+        }
+    }
+}
+
+/// A private temporary file, removed when dropped.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn create(artifact: &Artifact) -> Result<Self> {
+        let path = std::env::temp_dir().join(format!(
+            ".bk-restore-{}-{:08x}.pgdump",
+            artifact.id,
+            rand::random::<u32>()
+        ));
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| Error::create(&path, e))?;
+        f.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::create(&path, e))?;
+        Ok(TempFile(path))
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pgpass_lines_split_like_libpq() {
+        assert_eq!(split_pgpass(r"h:5432:*:u:p\:w\\x"), ["h", "5432", "*", "u", r"p:w\x"]);
+    }
+
+    #[test]
+    fn plain_dump_end_is_seen_across_chunks() {
+        let (mut start, mut tail) = (Vec::new(), Vec::new());
+        let text = b"PGDMP....\n-- PostgreSQL database dump complete\n\n";
+        for chunk in text.chunks(5) {
+            remember_ends(&mut start, &mut tail, chunk);
+        }
+        assert!(start.starts_with(CUSTOM_MAGIC));
+        assert!(String::from_utf8_lossy(&tail).contains("dump complete"));
+    }
+}
