@@ -72,3 +72,32 @@ pub fn hostname() -> String {
 pub fn path_target(path: &std::path::Path) -> serde_json::Map<String, serde_json::Value> {
     serde_json::Map::from_iter([("path".to_string(), path.display().to_string().into())])
 }
+
+/// Rows per table, restored against the manifest's, compared by table name (a restored
+/// database may have another name than the source's); `None` when they agree.
+pub fn count_mismatch(expected: &BTreeMap<String, u64>, found: &BTreeMap<String, u64>, only: &[String]) -> Option<String> {
+    let by_table = |counts: &BTreeMap<String, u64>| -> BTreeMap<String, u64> {
+        counts
+            .iter()
+            .map(|(k, v)| (k.split_once('.').map_or(k.as_str(), |(_, t)| t).to_string(), *v))
+            .filter(|(t, _)| only.is_empty() || only.contains(t))
+            .collect()
+    };
+    let (expected, found) = (by_table(expected), by_table(found));
+    let differences: Vec<String> = expected
+        .keys()
+        .chain(found.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .filter(|t| expected.get(*t) != found.get(*t))
+        .map(|t| {
+            let show = |n: Option<&u64>| n.map_or("none".to_string(), u64::to_string);
+            format!(
+                "{t}: {} rows expected, {} found",
+                show(expected.get(t)),
+                show(found.get(t))
+            )
+        })
+        .collect();
+    (!differences.is_empty()).then(|| differences.join("; "))
+}

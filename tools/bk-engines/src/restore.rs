@@ -1,6 +1,5 @@
 //! bk-restore: puts a backup back, into the same or another place.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::Parser;
@@ -14,7 +13,7 @@ use bk_core::record::{Artifact, Output, Record, Restored};
 use bk_core::store::{self, Store};
 
 use crate::conn::ConnArgs;
-use crate::{files, mysql, postgres, sqlite, RestoreOptions};
+use crate::{count_mismatch, files, mysql, postgres, sqlite, RestoreOptions};
 
 /// Restore a backup.
 ///
@@ -200,7 +199,7 @@ fn restore(store: &dyn Store, artifact: &Artifact, cli: &Cli, identities: &Ident
         }
     };
     let mismatch = is_database
-        .then(|| count_mismatch(artifact, &restored.counts, &options.tables))
+        .then(|| count_mismatch(&artifact.counts, &restored.counts, &options.tables))
         .flatten();
     out.emit(&Record::Restored(Restored {
         id: artifact.id.clone(),
@@ -236,35 +235,6 @@ fn check_stored(mut raw: Box<dyn std::io::Read>, artifact: &Artifact) -> Result<
         bytes += n as u64;
     }
     check_digest(artifact, bytes, &hex::encode(sha.finalize()))
-}
-
-/// Rows per table, restored against the manifest's, compared by table name (the restored
-/// database may have another name); `None` when they agree.
-fn count_mismatch(artifact: &Artifact, found: &BTreeMap<String, u64>, only: &[String]) -> Option<String> {
-    let by_table = |counts: &BTreeMap<String, u64>| -> BTreeMap<String, u64> {
-        counts
-            .iter()
-            .map(|(k, v)| (k.split_once('.').map_or(k.as_str(), |(_, t)| t).to_string(), *v))
-            .filter(|(t, _)| only.is_empty() || only.contains(t))
-            .collect()
-    };
-    let (expected, found) = (by_table(&artifact.counts), by_table(found));
-    let differences: Vec<String> = expected
-        .keys()
-        .chain(found.keys())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .filter(|t| expected.get(*t) != found.get(*t))
-        .map(|t| {
-            let show = |n: Option<&u64>| n.map_or("none".to_string(), u64::to_string);
-            format!(
-                "{t}: {} rows expected, {} found",
-                show(expected.get(t)),
-                show(found.get(t))
-            )
-        })
-        .collect();
-    (!differences.is_empty()).then(|| differences.join("; "))
 }
 
 /// The bk-restore program.

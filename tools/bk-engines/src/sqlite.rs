@@ -17,7 +17,7 @@ use bk_core::error::{from_io, Error, Kind, Result};
 use bk_core::name::sanitize;
 use bk_core::record::{Artifact, Source, ToolInfo};
 
-use crate::{hostname, path_target, DumpJob, Dumped, RestoreOptions, RestoredInfo};
+use crate::{count_mismatch, hostname, path_target, DumpJob, Dumped, RestoreOptions, RestoredInfo};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DumpArgs {
@@ -184,7 +184,9 @@ pub fn restore(
         .and_then(|()| decoder.finish(artifact))
         .and_then(|_| {
             let counts = check_database(&temp)?;
-            compare_counts(artifact, &counts)?;
+            if let Some(m) = count_mismatch(&artifact.counts, &counts, &[]) {
+            return Err(Error::data(format!("{}: the restored database differs from the backup: {m}", artifact.file)));
+        }
             for suffix in ["-wal", "-shm", "-journal"] {
                 let mut stale = target.as_os_str().to_owned();
                 stale.push(suffix);
@@ -235,16 +237,4 @@ pub fn check_database(path: &Path) -> Result<BTreeMap<String, u64>> {
     let counts = count_rows(&conn, path)?;
     conn.close().map_err(|(_, e)| failed(e))?;
     Ok(counts)
-}
-
-fn compare_counts(artifact: &Artifact, found: &BTreeMap<String, u64>) -> Result<()> {
-    if *found != artifact.counts {
-        return Err(Error::data(format!(
-            "{}: the restored tables hold {}, the manifest says {}",
-            artifact.file,
-            serde_json::to_string(found).expect("counts serialize"),
-            serde_json::to_string(&artifact.counts).expect("counts serialize")
-        )));
-    }
-    Ok(())
 }
