@@ -32,7 +32,7 @@ bench_mysql() {
   printf '[client]\nuser=test\npassword=testpw\nhost=127.0.0.1\nport=13306\n' > "$cnf"; chmod 600 "$cnf"
   if [ "$(mariadb -S "$sock" -uroot -N -e "SELECT COUNT(*) FROM bk_bench.t" 2>/dev/null)" != "$rows" ]; then
     echo "generating bk_bench ($rows rows)..."
-    mariadb -S "$sock" -uroot -e "DROP DATABASE IF EXISTS bk_bench; CREATE DATABASE bk_bench;
+    mariadb -S "$sock" -uroot -e "DROP DATABASE IF EXISTS bk_bench; CREATE DATABASE bk_bench; USE bk_bench;
       CREATE TABLE bk_bench.t (id INT PRIMARY KEY, name VARCHAR(64), note TEXT, n DOUBLE, at DATETIME) ENGINE=InnoDB;
       INSERT INTO bk_bench.t SELECT seq, CONCAT('name-', seq), REPEAT(MD5(seq), 4), seq / 7, NOW() - INTERVAL seq SECOND FROM seq_1_to_$rows;"
   fi
