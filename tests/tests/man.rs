@@ -34,7 +34,7 @@ fn section(render: impl FnOnce(&mut Vec<u8>) -> std::io::Result<()>) -> String {
 
 /// One page: clap_mangen's sections, with four changes. The title line is written by hand
 /// (below); the synopsis is clap's own usage line (clap_mangen lists every option without
-/// its value); the `Exit status:` text of after_help gets an EXIT STATUS section instead of
+/// its value); the `Exit status:` list of after_help gets an EXIT STATUS section instead of
 /// EXTRA; and SEE ALSO names bk(7) and the other pages.
 fn page(mut cmd: clap::Command, see_also: &[&str]) -> (String, String) {
     cmd.build();
@@ -62,11 +62,22 @@ fn page(mut cmd: clap::Command, see_also: &[&str]) -> (String, String) {
     }
     if let Some(after) = cmd.get_after_help() {
         let after = after.to_string();
-        match after.strip_prefix("Exit status: ") {
+        match after.strip_prefix("Exit status:\n") {
             Some(codes) => {
+                // "  NN  meaning" lines become a tagged list; other lines a closing paragraph.
                 let mut roff = clap_mangen::roff::Roff::new();
-                roff.control("SH", ["EXIT STATUS"])
-                    .text([clap_mangen::roff::roman(codes)]);
+                roff.control("SH", ["EXIT STATUS"]);
+                for line in codes.lines().map(str::trim) {
+                    match line.split_once("  ") {
+                        Some((code, meaning)) if code.parse::<u8>().is_ok() => {
+                            roff.control("TP", []).text([clap_mangen::roff::bold(code)]);
+                            roff.text([clap_mangen::roff::roman(meaning.trim())]);
+                        }
+                        _ => {
+                            roff.control("PP", []).text([clap_mangen::roff::roman(line)]);
+                        }
+                    }
+                }
                 page += &section(|w| roff.to_writer(w));
             }
             None => page += &section(|w| man.render_extra_section(w)),

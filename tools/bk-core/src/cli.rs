@@ -16,18 +16,27 @@ use crate::record::{read_all, Input, Output};
 /// stderr, once; a closed stdout ends the run quietly with 0.
 pub fn main<C: clap::Parser>(run: fn(C, &mut Output) -> Result<()>) -> ExitCode {
     let tool = C::command().get_name().to_string();
+    let mut out = Output::stdout(&tool);
     let cli = match C::try_parse() {
         Ok(cli) => cli,
-        Err(e) => {
-            let code = match e.kind() {
-                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
-                _ => Kind::Usage.exit_code(),
-            };
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
             let _ = e.print();
-            return ExitCode::from(code);
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // Like any failure: an error record, one line on stderr, then where to look.
+            let text = e.render().to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim_start_matches("error: ")
+                .to_string();
+            let _ = out.error(&Error::usage(first));
+            eprintln!("{tool}: try '{tool} --help'");
+            return ExitCode::from(out.exit_code());
         }
     };
-    let mut out = Output::stdout(&tool);
     match run(cli, &mut out) {
         Err(e) if e.kind == Kind::Closed => return ExitCode::SUCCESS,
         Err(e) => {
@@ -40,6 +49,18 @@ pub fn main<C: clap::Parser>(run: fn(C, &mut Output) -> Result<()>) -> ExitCode 
         Ok(()) => {}
     }
     ExitCode::from(out.exit_code())
+}
+
+/// The exit status section of every tool's help and man page.
+pub fn exit_status_help() -> String {
+    let lines: Vec<String> = Kind::ALL
+        .iter()
+        .map(|k| format!("  {:>2}  {}", k.exit_code(), k.meaning()))
+        .collect();
+    format!(
+        "Exit status:\n   0  success\n{}\n  Other non-zero codes mean failure too. See bk(7).",
+        lines.join("\n")
+    )
 }
 
 /// Options of every tool that takes a per-name lock.

@@ -47,7 +47,8 @@ impl Compression {
             None => Ok(default),
             Some(l) if range.contains(&l) => Ok(l),
             Some(l) => Err(Error::usage(format!(
-                "--level {l} is out of range for {self:?} ({}..={})",
+                "--level {l} is out of range for {} ({}..={})",
+                format!("{self:?}").to_lowercase(),
                 range.start(),
                 range.end()
             ))),

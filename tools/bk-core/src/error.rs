@@ -47,6 +47,23 @@ impl Kind {
         }
     }
 
+    /// What the exit code means, for help texts.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            Kind::Upstream => "an upstream tool failed: its error record came through",
+            Kind::Usage => "usage error",
+            Kind::Data => "bad input data: malformed records, checksum or count mismatch, corrupt artifact",
+            Kind::NoInput => "no such backup, source or input",
+            Kind::Unavailable => "a server, store or program is unavailable",
+            Kind::CantCreate => "cannot create the output (target not empty, store not writable)",
+            Kind::Io => "I/O error (disk full, read error, incomplete dump)",
+            Kind::TempFail => "temporary failure, e.g. another run holds the lock: retry later",
+            Kind::NoPerm => "permission denied",
+            Kind::Config => "configuration error: wrong credentials, a secrets file readable by others",
+            Kind::Closed => "stdout was closed",
+        }
+    }
+
     /// Every failing kind, for documentation and its staleness test.
     pub const ALL: [Kind; 10] = [
         Kind::Upstream,

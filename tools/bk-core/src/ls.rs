@@ -25,7 +25,7 @@ pub enum Format {
 #[command(
     name = "bk-ls",
     version,
-    after_help = "Exit status: 0 ok, 64 usage, 66 no such store or backup, 74 I/O error (see bk(7))."
+    after_help = crate::cli::exit_status_help()
 )]
 pub struct Cli {
     /// The store: a directory or file:// URL

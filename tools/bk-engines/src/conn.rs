@@ -10,22 +10,34 @@ use bk_core::private::check_private_file;
 
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ConnArgs {
+    /// Server host name or address (PostgreSQL: or a socket directory) [default: the local
+    /// socket]
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Server port [default: the server's usual one, 3306 or 5432]
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// User name [default: MySQL: from the option file; PostgreSQL: PGUSER or the login name]
+    #[arg(long)]
+    pub user: Option<String>,
+}
+
+/// What only MySQL's client programs take.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct MysqlOpts {
     /// MySQL: option file with the credentials ([client] user=, password=); must be mode 0600
     /// [default: ~/.my.cnf]
     #[arg(long, value_name = "FILE")]
     pub defaults_file: Option<PathBuf>,
-    /// Server host name or address [default: the local socket]
-    #[arg(long)]
-    pub host: Option<String>,
-    /// Server port [default: 3306 for MySQL, 5432 for PostgreSQL]
-    #[arg(long)]
-    pub port: Option<u16>,
     /// MySQL: the server's Unix socket
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// User name [default: from the option file, or the login name]
-    #[arg(long)]
-    pub user: Option<String>,
+}
+
+/// A MySQL server as its client programs reach it.
+pub struct Mysql<'a> {
+    pub conn: &'a ConnArgs,
+    pub opts: &'a MysqlOpts,
 }
 
 fn home_file(name: &str) -> Option<PathBuf> {
@@ -34,47 +46,92 @@ fn home_file(name: &str) -> Option<PathBuf> {
         .filter(|p| p.exists())
 }
 
-impl ConnArgs {
-    /// The option file the MySQL tools will read, checked to be private.
-    pub fn check_mysql(&self) -> Result<()> {
-        if let Some(f) = &self.defaults_file {
-            check_private_file(f, "option file")?;
-        } else if let Some(f) = home_file(".my.cnf") {
-            check_private_file(&f, "option file")?;
-        }
-        Ok(())
+impl Mysql<'_> {
+    /// The option file the client programs will read, if any.
+    fn option_file(&self) -> Option<PathBuf> {
+        self.opts.defaults_file.clone().or_else(|| home_file(".my.cnf"))
     }
 
-    /// Arguments for the MySQL client programs; `--defaults-file` must come first.
-    pub fn mysql_args(&self) -> Vec<OsString> {
+    /// The option file must be private (exit 78 otherwise).
+    pub fn check(&self) -> Result<()> {
+        match self.option_file() {
+            Some(f) => check_private_file(&f, "option file"),
+            None => Ok(()),
+        }
+    }
+
+    /// Arguments for the client programs; `--defaults-file` must come first.
+    pub fn args(&self) -> Vec<OsString> {
         let mut args: Vec<OsString> = Vec::new();
-        if let Some(f) = &self.defaults_file {
-            let mut a = OsString::from("--defaults-file=");
-            a.push(f);
+        let mut path_arg = |flag: &str, p: &Path| {
+            let mut a = OsString::from(flag);
+            a.push(p);
             args.push(a);
+        };
+        if let Some(f) = &self.opts.defaults_file {
+            path_arg("--defaults-file=", f);
         }
-        if let Some(h) = &self.host {
-            args.push(format!("--host={h}").into());
+        if let Some(s) = &self.opts.socket {
+            path_arg("--socket=", s);
         }
-        if let Some(p) = self.port {
-            args.push(format!("--port={p}").into());
-        }
-        if let Some(s) = &self.socket {
-            let mut a = OsString::from("--socket=");
-            a.push(s);
-            args.push(a);
-        }
-        if let Some(u) = &self.user {
-            args.push(format!("--user={u}").into());
-        }
+        args.extend(self.conn.host.iter().map(|h| format!("--host={h}").into()));
+        args.extend(self.conn.port.iter().map(|p| format!("--port={p}").into()));
+        args.extend(self.conn.user.iter().map(|u| format!("--user={u}").into()));
         args
     }
 
-    /// The host recorded in an artifact's source.
-    pub fn host_name(&self) -> String {
-        match &self.host {
-            Some(h) if h != "localhost" && h != "127.0.0.1" && h != "::1" => h.clone(),
-            _ => crate::hostname(),
+    /// Host and port as recorded in artifacts: the options, else the option file's
+    /// [client] section, else this machine.
+    pub fn server(&self) -> (String, Option<u16>) {
+        let from_file = |key: &str| self.option_file().and_then(|f| option_file_value(&f, key));
+        let host = self.conn.host.clone().or_else(|| from_file("host"));
+        let port = self
+            .conn
+            .port
+            .or_else(|| from_file("port").and_then(|p| p.parse().ok()));
+        (local_or(host), port)
+    }
+}
+
+/// A host as recorded in artifacts: this machine's name stands for the local ones.
+pub fn local_or(host: Option<String>) -> String {
+    match host {
+        Some(h) if !["localhost", "127.0.0.1", "::1"].contains(&h.as_str()) && !h.starts_with('/') => h,
+        _ => crate::hostname(),
+    }
+}
+
+/// `key = value` of the [client] section of a MySQL option file.
+fn option_file_value(path: &Path, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut in_client = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_client = line == "[client]";
+        } else if let (true, Some((k, v))) = (in_client, line.split_once('=')) {
+            if k.trim() == key {
+                return Some(v.trim().trim_matches(|c| c == '"' || c == '\'').to_string());
+            }
         }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn option_file_host_is_read_from_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("my.cnf");
+        std::fs::write(
+            &f,
+            "[mysqldump]\nhost=other\n[client]\nuser = backup\nhost = \"db3\"\nport=3307\n",
+        )
+        .unwrap();
+        assert_eq!(option_file_value(&f, "host").as_deref(), Some("db3"));
+        assert_eq!(option_file_value(&f, "port").as_deref(), Some("3307"));
+        assert_eq!(option_file_value(&f, "password"), None);
     }
 }

@@ -27,7 +27,7 @@ use crate::{files, mysql, postgres, sqlite, DumpJob};
     name = "bk-dump",
     version,
     subcommand_required = true,
-    after_help = "Exit status: 0 ok, 64 usage, 65 corrupt source, 66 no such source, 69 unreachable, 73 cannot create output, 74 I/O error, 75 locked, 77 permission denied (see bk(7))."
+    after_help = bk_core::cli::exit_status_help()
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -100,7 +100,12 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     }
     let store = store::open(to)?;
     let options = encode_options(&cli)?;
-    let jobs = cli.engine.jobs(store.as_ref())?;
+    // A failure before the jobs are known still names the job when --name does.
+    let literal_name = cli.name.as_deref().filter(|n| !n.contains('{'));
+    let jobs = cli.engine.jobs(store.as_ref()).map_err(|e| match literal_name {
+        Some(n) => e.named(n),
+        None => e,
+    })?;
     let names = job_names(&jobs, cli.name.as_deref())?;
     for (job, name) in jobs.iter().zip(names) {
         match dump_one(job.as_ref(), &name, store.as_ref(), &options, &cli) {

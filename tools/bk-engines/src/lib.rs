@@ -48,6 +48,7 @@ pub struct RestoreOptions {
     /// Database backups: the database to restore into [default: the source's].
     pub database: Option<String>,
     pub conn: conn::ConnArgs,
+    pub mysql: conn::MysqlOpts,
     /// PostgreSQL: restore neither owners nor privileges (for another server's roles).
     pub no_owner: bool,
     /// PostgreSQL custom format: pg_restore jobs in parallel.
@@ -75,7 +76,11 @@ pub fn path_target(path: &std::path::Path) -> serde_json::Map<String, serde_json
 
 /// Rows per table, restored against the manifest's, compared by table name (a restored
 /// database may have another name than the source's); `None` when they agree.
-pub fn count_mismatch(expected: &BTreeMap<String, u64>, found: &BTreeMap<String, u64>, only: &[String]) -> Option<String> {
+pub fn count_mismatch(
+    expected: &BTreeMap<String, u64>,
+    found: &BTreeMap<String, u64>,
+    only: &[String],
+) -> Option<String> {
     let by_table = |counts: &BTreeMap<String, u64>| -> BTreeMap<String, u64> {
         counts
             .iter()

@@ -12,7 +12,7 @@ use bk_core::error::{Error, Kind, Result};
 use bk_core::name::sanitize;
 use bk_core::record::{Artifact, Source, ToolInfo};
 
-use crate::conn::ConnArgs;
+use crate::conn::{ConnArgs, Mysql, MysqlOpts};
 use crate::process::{find_program, output_of, stream_from, stream_into, version_line};
 use crate::sqlscan::SqlScanner;
 use crate::{DumpJob, Dumped, RestoreOptions, RestoredInfo};
@@ -37,6 +37,8 @@ const REFUSED_OPTIONS: [&str; 9] = [
 pub struct DumpArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
+    #[command(flatten)]
+    pub mysql: MysqlOpts,
     /// Back up this database (repeatable) [default: every database but the system ones]
     #[arg(long = "database", value_name = "DB")]
     pub databases: Vec<String>,
@@ -94,9 +96,9 @@ impl Programs {
 }
 
 /// Runs one statement through the client in batch mode; returns the rows, tab-separated.
-fn query(client: &PathBuf, conn: &ConnArgs, database: Option<&str>, sql: &str) -> Result<Vec<Vec<String>>> {
+fn query(client: &PathBuf, server: &Mysql, database: Option<&str>, sql: &str) -> Result<Vec<Vec<String>>> {
     let mut cmd = Command::new(client);
-    cmd.args(conn.mysql_args())
+    cmd.args(server.args())
         .args(["--batch", "--skip-column-names", "--raw", "-e", sql]);
     if let Some(db) = database {
         cmd.arg(db);
@@ -120,7 +122,11 @@ fn ident(s: &str) -> String {
 
 /// The databases to dump: those named, else all the user can see but the system ones.
 pub fn jobs(args: &DumpArgs) -> Result<Vec<Box<dyn DumpJob>>> {
-    args.conn.check_mysql()?;
+    let server = Mysql {
+        conn: &args.conn,
+        opts: &args.mysql,
+    };
+    server.check()?;
     for extra in &args.extra_arg {
         let flag = extra.split('=').next().unwrap_or_default();
         if REFUSED_OPTIONS.contains(&flag) || (flag.starts_with("-p") && !flag.starts_with("--")) {
@@ -128,7 +134,7 @@ pub fn jobs(args: &DumpArgs) -> Result<Vec<Box<dyn DumpJob>>> {
         }
     }
     let programs = Programs::find(true)?;
-    let visible: Vec<String> = query(&programs.client, &args.conn, None, "SHOW DATABASES")?
+    let visible: Vec<String> = query(&programs.client, &server, None, "SHOW DATABASES")?
         .into_iter()
         .filter_map(|r| r.into_iter().next())
         .collect();
@@ -205,9 +211,14 @@ impl DumpJob for MysqlJob {
         Some(&self.database)
     }
     fn source(&self) -> Source {
+        let (host, port) = Mysql {
+            conn: &self.args.conn,
+            opts: &self.args.mysql,
+        }
+        .server();
         Source {
-            host: self.args.conn.host_name(),
-            port: self.args.conn.port,
+            host,
+            port,
             database: Some(self.database.clone()),
             ..Source::default()
         }
@@ -215,7 +226,13 @@ impl DumpJob for MysqlJob {
 
     fn dump(&self, out: &mut dyn Write) -> Result<Dumped> {
         let mut cmd = Command::new(&self.dump_program);
-        cmd.args(self.args.conn.mysql_args());
+        cmd.args(
+            Mysql {
+                conn: &self.args.conn,
+                opts: &self.args.mysql,
+            }
+            .args(),
+        );
         if !self.args.no_single_transaction {
             cmd.arg("--single-transaction");
         }
@@ -238,17 +255,20 @@ impl DumpJob for MysqlJob {
 /// Restores a dump into `--database NEW` (default: the source's name) on the server the
 /// connection options name. The stored bytes were checked before (restore.rs).
 pub fn restore(artifact: &Artifact, decoder: Decoder, opts: &RestoreOptions) -> Result<RestoredInfo> {
-    opts.conn.check_mysql()?;
+    let server = Mysql {
+        conn: &opts.conn,
+        opts: &opts.mysql,
+    };
+    server.check()?;
     let programs = Programs::find(false)?;
     let target = opts
         .database
         .clone()
         .or_else(|| artifact.source.database.clone())
         .ok_or_else(|| Error::usage("give --database NAME: the artifact names no source database"))?;
-    let conn = &opts.conn;
     let exists = !query(
         &programs.client,
-        conn,
+        &server,
         None,
         &format!(
             "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = {}",
@@ -259,7 +279,7 @@ pub fn restore(artifact: &Artifact, decoder: Decoder, opts: &RestoreOptions) -> 
     if exists {
         let objects = query(
             &programs.client,
-            conn,
+            &server,
             None,
             &format!(
                 "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = {}",
@@ -274,31 +294,32 @@ pub fn restore(artifact: &Artifact, decoder: Decoder, opts: &RestoreOptions) -> 
         }
         query(
             &programs.client,
-            conn,
+            &server,
             None,
             &format!("DROP DATABASE {}", ident(&target)),
         )?;
     }
     query(
         &programs.client,
-        conn,
+        &server,
         None,
         &format!("CREATE DATABASE {}", ident(&target)),
     )?;
-    let loaded = load(artifact, decoder, &programs.client, conn, &target, &opts.tables);
+    let loaded = load(artifact, decoder, &programs.client, &server, &target, &opts.tables);
     if let Err(e) = loaded {
         let _ = query(
             &programs.client,
-            conn,
+            &server,
             None,
             &format!("DROP DATABASE {}", ident(&target)),
         );
         return Err(e.context(format!("restoring into {target} failed, the database was dropped")));
     }
-    let counts = count_rows(&programs.client, conn, &target)?;
+    let counts = count_rows(&programs.client, &server, &target)?;
+    let (host, port) = server.server();
     let mut target_info = serde_json::Map::new();
-    target_info.insert("host".into(), conn.host_name().into());
-    if let Some(p) = conn.port {
+    target_info.insert("host".into(), host.into());
+    if let Some(p) = port {
         target_info.insert("port".into(), p.into());
     }
     target_info.insert("database".into(), target.clone().into());
@@ -313,12 +334,12 @@ fn load(
     artifact: &Artifact,
     mut decoder: Decoder,
     client: &PathBuf,
-    conn: &ConnArgs,
+    server: &Mysql,
     target: &str,
     tables: &[String],
 ) -> Result<()> {
     let mut cmd = Command::new(client);
-    cmd.args(conn.mysql_args()).arg("--binary-mode").arg(target);
+    cmd.args(server.args()).arg("--binary-mode").arg(target);
     if tables.is_empty() {
         stream_into(cmd, &mut decoder, classify)?;
     } else {
@@ -337,8 +358,8 @@ fn load(
 }
 
 /// Exact rows of every base table of a database, keyed `<database>.<table>`.
-fn count_rows(client: &PathBuf, conn: &ConnArgs, database: &str) -> Result<BTreeMap<String, u64>> {
-    let tables = query(client, conn, None, &format!(
+fn count_rows(client: &PathBuf, server: &Mysql, database: &str) -> Result<BTreeMap<String, u64>> {
+    let tables = query(client, server, None, &format!(
         "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = {} AND TABLE_TYPE = 'BASE TABLE' ORDER BY TABLE_NAME",
         literal(database)
     ))?;
@@ -356,7 +377,7 @@ fn count_rows(client: &PathBuf, conn: &ConnArgs, database: &str) -> Result<BTree
             })
             .collect::<Vec<_>>()
             .join(" UNION ALL ");
-        for row in query(client, conn, None, &sql)? {
+        for row in query(client, server, None, &sql)? {
             let n = row
                 .get(1)
                 .and_then(|n| n.parse().ok())

@@ -43,7 +43,7 @@ pub struct DumpArgs {
     pub conn: ConnArgs,
     /// Back up this database (repeatable) [default: every database that accepts connections,
     /// but the templates]
-    #[arg(long = "dbname", alias = "database", value_name = "DB")]
+    #[arg(long = "database", visible_alias = "dbname", value_name = "DB")]
     pub databases: Vec<String>,
     /// Leave out this database (repeatable)
     #[arg(long, value_name = "DB")]
@@ -164,11 +164,7 @@ impl PgConn {
     }
 
     fn host_name(&self) -> String {
-        if self.host.starts_with('/') || self.host == "localhost" || self.host == "127.0.0.1" {
-            crate::hostname()
-        } else {
-            self.host.clone()
-        }
+        crate::conn::local_or(Some(self.host.clone()))
     }
 }
 

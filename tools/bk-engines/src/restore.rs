@@ -12,7 +12,7 @@ use bk_core::progress::Progress;
 use bk_core::record::{Artifact, Output, Record, Restored};
 use bk_core::store::{self, Store};
 
-use crate::conn::ConnArgs;
+use crate::conn::{ConnArgs, MysqlOpts};
 use crate::{count_mismatch, files, mysql, postgres, sqlite, RestoreOptions};
 
 /// Restore a backup.
@@ -24,7 +24,7 @@ use crate::{count_mismatch, files, mysql, postgres, sqlite, RestoreOptions};
 #[command(
     name = "bk-restore",
     version,
-    after_help = "Exit status: 0 ok, 1 an upstream error came in, 64 usage, 65 corrupt artifact or wrong key, 66 no such backup, 73 target not empty or not writable, 74 I/O error (see bk(7))."
+    after_help = bk_core::cli::exit_status_help()
 )]
 pub struct Cli {
     /// Pick the backup from this store instead of reading a record on stdin
@@ -65,6 +65,8 @@ pub struct Cli {
     pub jobs: Option<u32>,
     #[command(flatten)]
     pub conn: ConnArgs,
+    #[command(flatten)]
+    pub mysql: MysqlOpts,
     /// Restore only the files matching GLOB (repeatable; as bk-dump files --include)
     #[arg(long, value_name = "GLOB")]
     pub include: Vec<String>,
@@ -167,6 +169,7 @@ fn restore(store: &dyn Store, artifact: &Artifact, cli: &Cli, identities: &Ident
         tables: cli.table.clone(),
         database: cli.database.clone(),
         conn: cli.conn.clone(),
+        mysql: cli.mysql.clone(),
         no_owner: cli.no_owner,
         jobs: cli.jobs,
     };

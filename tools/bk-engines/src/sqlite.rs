@@ -185,8 +185,11 @@ pub fn restore(
         .and_then(|_| {
             let counts = check_database(&temp)?;
             if let Some(m) = count_mismatch(&artifact.counts, &counts, &[]) {
-            return Err(Error::data(format!("{}: the restored database differs from the backup: {m}", artifact.file)));
-        }
+                return Err(Error::data(format!(
+                    "{}: the restored database differs from the backup: {m}",
+                    artifact.file
+                )));
+            }
             for suffix in ["-wal", "-shm", "-journal"] {
                 let mut stale = target.as_os_str().to_owned();
                 stale.push(suffix);
