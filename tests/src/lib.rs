@@ -294,3 +294,390 @@ impl Sandbox {
 
 /// The wrapper that runs a tool as nobody (uid and gid 65534, no supplementary groups).
 pub const AS_NOBODY: [&str; 4] = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"];
+
+/// The PostgreSQL test server (TEST_PG_URL, written by tests/services.sh), or a private
+/// cluster a test starts itself: where it listens and the superuser to reach it as.
+#[derive(Debug, Clone)]
+pub struct PgServer {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+}
+
+/// The PostgreSQL test server from TEST_PG_URL (`postgres://user:password@host:port/db`).
+/// Without the variable: a failure when the full suite runs (BK_TEST_SERVICES=1), else a
+/// SKIPPED note and `None`.
+pub fn pg_server(test: &str) -> Option<PgServer> {
+    let Some(url) = std::env::var("TEST_PG_URL").ok().filter(|u| !u.is_empty()) else {
+        assert!(
+            !services_required(),
+            "{test}: TEST_PG_URL is not set, and BK_TEST_SERVICES=1 says the servers are up: source $(tests/services.sh env)"
+        );
+        eprintln!("SKIPPED {test}: TEST_PG_URL is not set (source $(tests/services.sh env))");
+        return None;
+    };
+    let rest = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))
+        .unwrap_or_else(|| panic!("TEST_PG_URL={url} is not a postgres:// URL"));
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let (userinfo, hostport) = authority.rsplit_once('@').unwrap_or(("postgres", authority));
+    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "5432"));
+    Some(PgServer {
+        host: host.to_string(),
+        port: port.parse().unwrap_or_else(|_| panic!("TEST_PG_URL={url}: bad port")),
+        user: user.to_string(),
+        password: password.to_string(),
+    })
+}
+
+impl PgServer {
+    /// A libpq password file for this server in the sandbox (`<sandbox>/<file>`, mode 0600).
+    pub fn write_pgpass(&self, sb: &Sandbox, file: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let esc = |s: &str| s.replace('\\', "\\\\").replace(':', "\\:");
+        let path = sb.path(file);
+        fs::write(
+            &path,
+            format!("*:{}:*:{}:{}\n", self.port, esc(&self.user), esc(&self.password)),
+        )
+        .expect("writing the password file");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod 600");
+        path
+    }
+
+    /// `--host H --port P --user U`, as bk-dump postgres and bk-restore take them.
+    pub fn conn_args(&self) -> Vec<String> {
+        vec![
+            "--host".into(),
+            self.host.clone(),
+            "--port".into(),
+            self.port.to_string(),
+            "--user".into(),
+            self.user.clone(),
+        ]
+    }
+
+    /// A bk tool run against this server: the connection options after `args`, the
+    /// password from `pgpass` by PGPASSFILE (never on a command line).
+    pub fn cmd(&self, sb: &Sandbox, pgpass: &Path, tool: &str, args: &[&str]) -> Command {
+        let mut cmd = sb.cmd(tool, args);
+        cmd.args(self.conn_args()).env("PGPASSFILE", pgpass);
+        cmd
+    }
+
+    /// A connection with the `postgres` crate to a database of this server.
+    pub fn client(&self, database: &str) -> postgres::Client {
+        let mut config = postgres::Config::new();
+        config
+            .user(&self.user)
+            .password(&self.password)
+            .dbname(database)
+            .port(self.port)
+            .connect_timeout(std::time::Duration::from_secs(10));
+        if self.host.starts_with('/') {
+            config.host_path(&self.host);
+        } else {
+            config.host(&self.host);
+        }
+        config
+            .connect(postgres::NoTls)
+            .unwrap_or_else(|e| panic!("connecting to {database} on {}:{}: {e}", self.host, self.port))
+    }
+
+    /// Runs SQL statements (no results) in a database.
+    pub fn execute(&self, database: &str, sql: &str) {
+        self.client(database)
+            .batch_execute(sql)
+            .unwrap_or_else(|e| panic!("in {database}: {e}\n{sql}"));
+    }
+
+    /// The first column of every row of a query, as text.
+    pub fn strings(&self, database: &str, sql: &str) -> Vec<String> {
+        self.client(database)
+            .simple_query(sql)
+            .unwrap_or_else(|e| panic!("in {database}: {e}\n{sql}"))
+            .into_iter()
+            .filter_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("NULL").to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A new empty database, dropped (WITH (FORCE)) when the guard goes.
+    pub fn create_database(&self, name: &str) -> PgDatabase {
+        self.execute("postgres", &format!("CREATE DATABASE {}", pg_ident(name)));
+        self.database(name)
+    }
+
+    /// A guard that drops the database (if it exists) when it goes, e.g. a restore's target.
+    pub fn database(&self, name: &str) -> PgDatabase {
+        PgDatabase {
+            server: self.clone(),
+            name: name.to_string(),
+        }
+    }
+}
+
+/// A database of a test, dropped at the end whatever happens.
+pub struct PgDatabase {
+    pub server: PgServer,
+    pub name: String,
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", pg_ident(&self.name));
+        let mut config = postgres::Config::new();
+        config
+            .user(&self.server.user)
+            .password(&self.server.password)
+            .dbname("postgres")
+            .port(self.server.port)
+            .connect_timeout(std::time::Duration::from_secs(10));
+        if self.server.host.starts_with('/') {
+            config.host_path(&self.server.host);
+        } else {
+            config.host(&self.server.host);
+        }
+        // The server may be gone (a test that stops it): nothing left to drop then.
+        if let Ok(mut c) = config.connect(postgres::NoTls) {
+            if let Err(e) = c.batch_execute(&sql) {
+                eprintln!("warning: {sql}: {e}");
+            }
+        }
+    }
+}
+
+/// A name quoted as a PostgreSQL identifier.
+pub fn pg_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A name no other test (or earlier run) uses: `<prefix><pid>_<random>`, lower case.
+pub fn pg_unique_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!(
+        "{prefix}{}_{}_{:x}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        nanos
+    )
+}
+
+/// The MariaDB/MySQL test server (TEST_MYSQL_URL, written by tests/services.sh): where it
+/// listens, and an admin user that may create databases and users (ALL ... WITH GRANT OPTION).
+#[derive(Debug, Clone)]
+pub struct MysqlServer {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+}
+
+/// The MariaDB test server from TEST_MYSQL_URL (`mysql://user:password@host:port`). When the
+/// variable is missing or the server does not answer: a failure when the full suite runs
+/// (BK_TEST_SERVICES=1), else a SKIPPED note and `None`.
+pub fn mysql_server(test: &str) -> Option<MysqlServer> {
+    let skip = |why: String| -> Option<MysqlServer> {
+        assert!(
+            !services_required(),
+            "{test}: {why}, and BK_TEST_SERVICES=1 says the servers are up: source $(tests/services.sh env)"
+        );
+        eprintln!("SKIPPED {test}: {why} (source $(tests/services.sh env))");
+        None
+    };
+    let Some(url) = std::env::var("TEST_MYSQL_URL").ok().filter(|u| !u.is_empty()) else {
+        return skip("TEST_MYSQL_URL is not set".into());
+    };
+    let server = MysqlServer::from_url(&url)
+        .unwrap_or_else(|| panic!("TEST_MYSQL_URL={url}: expected mysql://user:password@host:port"));
+    let reachable = std::net::ToSocketAddrs::to_socket_addrs(&(server.host.as_str(), server.port))
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(5)).is_ok());
+    if !reachable {
+        return skip(format!("no MariaDB server answers at {}:{}", server.host, server.port));
+    }
+    Some(server)
+}
+
+/// `%XX` escapes of a URL's user or password.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl MysqlServer {
+    /// Parses `mysql://user:password@host:port` (port 3306 when absent).
+    pub fn from_url(url: &str) -> Option<MysqlServer> {
+        let rest = url.strip_prefix("mysql://").or_else(|| url.strip_prefix("mariadb://"))?;
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        let (userinfo, hostport) = authority.rsplit_once('@').unwrap_or(("root", authority));
+        let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+        let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "3306"));
+        Some(MysqlServer {
+            host: host.to_string(),
+            port: port.parse().ok()?,
+            user: percent_decode(user),
+            password: percent_decode(password),
+        })
+    }
+
+    /// Writes an option file for the admin user at `<sandbox>/<file>`, mode 0600.
+    pub fn option_file(&self, sb: &Sandbox, file: &str) -> PathBuf {
+        self.option_file_for(sb, file, &self.user, &self.password, "")
+    }
+
+    /// Writes an option file at `<sandbox>/<file>`, mode 0600: `[client]` with user,
+    /// password, host and port, then `extra` as it is (e.g. "[mysqldump]\nno_tablespaces\n").
+    pub fn option_file_for(&self, sb: &Sandbox, file: &str, user: &str, password: &str, extra: &str) -> PathBuf {
+        let path = sb.path(file);
+        self.write_option_file(&path, user, password, extra);
+        path
+    }
+
+    /// The option file's text, written 0600 whatever the umask.
+    fn write_option_file(&self, path: &Path, user: &str, password: &str, extra: &str) {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let quote = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
+        let text = format!(
+            "[client]\nuser={}\npassword={}\nhost={}\nport={}\n{extra}",
+            quote(user),
+            quote(password),
+            self.host,
+            self.port
+        );
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        f.write_all(text.as_bytes()).expect("writing the option file");
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).expect("chmod 600");
+    }
+
+    /// `mariadb --defaults-file=F --batch --skip-column-names`: add `-e SQL` or feed stdin.
+    pub fn client(&self, option_file: &Path) -> Command {
+        let mut cmd = Command::new("mariadb");
+        let mut arg = std::ffi::OsString::from("--defaults-file=");
+        arg.push(option_file);
+        cmd.arg(arg).args(["--batch", "--skip-column-names"]);
+        cmd
+    }
+
+    /// Runs SQL (read from stdin, so DELIMITER and long statements work) as the user of
+    /// `option_file`; what the client did.
+    pub fn try_sql(&self, option_file: &Path, sql: &str) -> Run {
+        run_cmd(self.client(option_file), sql)
+    }
+
+    /// Runs SQL as the user of `option_file` and returns the output rows (tab-separated
+    /// lines, batch escapes); panics with the client's message if it fails.
+    pub fn sql(&self, option_file: &Path, sql: &str) -> String {
+        let run = self.try_sql(option_file, sql);
+        assert_eq!(
+            run.code,
+            0,
+            "mariadb failed: {}\nSQL: {}",
+            run.stderr,
+            sql.chars().take(2000).collect::<String>()
+        );
+        run.stdout
+    }
+
+    /// As [`MysqlServer::sql`] with an admin option file of its own, for guards that may
+    /// outlive a test's sandbox.
+    fn admin_sql(&self, sql: &str) -> Run {
+        let file = tempfile::Builder::new()
+            .prefix("bk-test-my-")
+            .suffix(".cnf")
+            .tempfile()
+            .expect("a temp file");
+        self.write_option_file(file.path(), &self.user, &self.password, "");
+        self.try_sql(file.path(), sql)
+    }
+
+    /// A guard that drops database `name` (if it exists) when it goes.
+    pub fn database(&self, name: &str) -> MysqlGuard {
+        MysqlGuard {
+            server: self.clone(),
+            drop_sql: format!("DROP DATABASE IF EXISTS {}", mysql_ident(name)),
+        }
+    }
+
+    /// A guard that drops the account `'user'@'host'` (if it exists) when it goes.
+    pub fn account(&self, user: &str, host: &str) -> MysqlGuard {
+        MysqlGuard {
+            server: self.clone(),
+            drop_sql: format!("DROP USER IF EXISTS {}@{}", mysql_string(user), mysql_string(host)),
+        }
+    }
+}
+
+/// A database or account of a test, dropped at the end whatever happens.
+pub struct MysqlGuard {
+    pub server: MysqlServer,
+    pub drop_sql: String,
+}
+
+impl Drop for MysqlGuard {
+    fn drop(&mut self) {
+        let run = self.server.admin_sql(&self.drop_sql);
+        if run.code != 0 {
+            eprintln!("warning: {}: {}", self.drop_sql, run.stderr.trim());
+        }
+    }
+}
+
+/// A name quoted as a MySQL identifier.
+pub fn mysql_ident(name: &str) -> String {
+    format!("`{}`", name.replace('`', "``"))
+}
+
+/// A MySQL string literal.
+pub fn mysql_string(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// A name no other test (or concurrent run) uses: `<prefix><pid>_<n>_<random>`; database
+/// and user names stay well under MySQL's limits (64 and 80 characters) for short prefixes.
+pub fn mysql_unique_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!(
+        "{prefix}{}_{}_{:x}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        nanos
+    )
+}

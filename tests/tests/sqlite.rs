@@ -283,6 +283,10 @@ fn a_manifest_count_that_lies_fails_the_restore_and_writes_nothing() {
     let run = sb
         .run_with_stdin("bk-restore", &["--to", target.to_str().unwrap()], &line)
         .code(65);
-    assert!(run.error().message.contains("people: 5004 rows expected, 5003 found"), "{}", run.stderr);
+    assert!(
+        run.error().message.contains("people: 5004 rows expected, 5003 found"),
+        "{}",
+        run.stderr
+    );
     assert!(files_below(&sb.path("out")).is_empty(), "nothing left at the target");
 }

@@ -2,11 +2,11 @@
 //! empty directories and special files; restored through a staging directory so a bad
 //! artifact leaves the target untouched.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, Metadata};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use globset::{GlobSet, GlobSetBuilder};
 use tar::{EntryType, Header, HeaderMode};
@@ -322,9 +322,9 @@ pub fn restore(artifact: &Artifact, decoder: Decoder, target: &Path, opts: &Rest
     let staging = target.join(format!(".bk-restore-{:08x}", rand::random::<u32>()));
     create_private_dir(&staging)?;
     let unpacked = unpack(artifact, decoder, &staging, &include);
-    let result = unpacked.and_then(|entries| {
+    let result = unpacked.and_then(|(entries, archived_dirs)| {
         check_entries(artifact, entries, include.empty)?;
-        merge_into(&staging, target)?;
+        merge_into(&staging, target, &archived_dirs)?;
         Ok(entries)
     });
     let _ = remove_tree(&staging);
@@ -357,13 +357,20 @@ fn check_entries(artifact: &Artifact, found: u64, complete: bool) -> Result<()> 
 
 /// Unpacks every entry (or those `include` matches), directories last so their modes and
 /// mtimes are not disturbed by what is written inside them; then checks the stored bytes.
-fn unpack(artifact: &Artifact, decoder: Decoder, staging: &Path, include: &PathGlobs) -> Result<u64> {
+/// Returns the number of entries and the staged paths of the directories the archive holds.
+fn unpack(
+    artifact: &Artifact,
+    decoder: Decoder,
+    staging: &Path,
+    include: &PathGlobs,
+) -> Result<(u64, HashSet<PathBuf>)> {
     let mut archive = tar::Archive::new(decoder);
     archive.set_preserve_permissions(true);
     archive.set_preserve_mtime(true);
     archive.set_preserve_ownerships(nix::unistd::geteuid().is_root());
     archive.set_overwrite(true);
     let mut count = 0;
+    let mut archived_dirs = HashSet::new();
     {
         let mut dirs = Vec::new();
         let reading = |e| from_io(format!("reading {}", artifact.file), e);
@@ -375,8 +382,15 @@ fn unpack(artifact: &Artifact, decoder: Decoder, staging: &Path, include: &PathG
                 continue;
             }
             count += 1;
+            let kind = entry.header().entry_type();
             if is_dir {
                 dirs.push(entry);
+            } else if kind.is_fifo() || kind.is_character_special() || kind.is_block_special() {
+                // tar-rs would make these regular files.
+                if let Some(dst) = staged_path(staging, &path) {
+                    unpack_special(entry.header(), staging, &dst)
+                        .map_err(|e| from_io(format!("restoring {}", path.display()), e))?;
+                }
             } else {
                 entry
                     .unpack_in(staging)
@@ -384,16 +398,75 @@ fn unpack(artifact: &Artifact, decoder: Decoder, staging: &Path, include: &PathG
             }
         }
         for mut dir in dirs.into_iter().rev() {
-            dir.unpack_in(staging)
-                .map_err(|e| from_io("restoring a directory", e))?;
+            let path = dir.path().map_err(reading)?.into_owned();
+            let restoring = |e| from_io(format!("restoring {}", path.display()), e);
+            if dir.unpack_in(staging).map_err(restoring)? {
+                // tar-rs sets a directory's mode and owner, not its mtime.
+                if let Some(dst) = staged_path(staging, &path) {
+                    set_mtime(&dst, dir.header()).map_err(restoring)?;
+                    archived_dirs.insert(dst);
+                }
+            }
         }
     }
     archive.into_inner().finish(artifact)?;
-    Ok(count)
+    Ok((count, archived_dirs))
 }
 
-/// Moves what `from` holds into `to`, replacing files and merging directories.
-fn merge_into(from: &Path, to: &Path) -> Result<()> {
+/// Where an entry lands below `staging`, as tar-rs places it: leading '/' and '.' dropped;
+/// None for a path with '..' (tar-rs skips those).
+fn staged_path(staging: &Path, path: &Path) -> Option<PathBuf> {
+    let mut dst = staging.to_path_buf();
+    for part in path.components() {
+        match part {
+            Component::Normal(p) => dst.push(p),
+            Component::ParentDir => return None,
+            _ => {}
+        }
+    }
+    (dst != staging).then_some(dst)
+}
+
+fn set_mtime(dst: &Path, header: &Header) -> io::Result<()> {
+    let mtime = filetime::FileTime::from_unix_time(header.mtime()? as i64, 0);
+    // By path, not by opening: opening a FIFO would block.
+    filetime::set_symlink_file_times(dst, mtime, mtime)
+}
+
+/// A FIFO or device node, with its mode, owner (as root) and mtime.
+fn unpack_special(header: &Header, staging: &Path, dst: &Path) -> io::Result<()> {
+    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+    use std::os::unix::fs::PermissionsExt;
+    let parent = dst.parent().expect("below staging");
+    fs::create_dir_all(parent)?;
+    // As tar-rs does for files: never follow a symlink out of the staging directory.
+    if !parent.canonicalize()?.starts_with(staging.canonicalize()?) {
+        return Err(io::Error::other(format!("{} is outside the target", dst.display())));
+    }
+    if fs::symlink_metadata(dst).is_ok() {
+        fs::remove_file(dst)?;
+    }
+    let kind = match header.entry_type() {
+        EntryType::Fifo => SFlag::S_IFIFO,
+        EntryType::Char => SFlag::S_IFCHR,
+        _ => SFlag::S_IFBLK,
+    };
+    let number = |n: io::Result<Option<u32>>| n.map(|n| u64::from(n.unwrap_or(0)));
+    let dev = makedev(number(header.device_major())?, number(header.device_minor())?);
+    let mode = header.mode()?;
+    mknod(dst, kind, Mode::from_bits_truncate(mode & 0o777), dev).map_err(io::Error::from)?;
+    if nix::unistd::geteuid().is_root() {
+        let id = |n: u64| u32::try_from(n).map_err(io::Error::other);
+        std::os::unix::fs::lchown(dst, Some(id(header.uid()?)?), Some(id(header.gid()?)?))?;
+    }
+    fs::set_permissions(dst, fs::Permissions::from_mode(mode & 0o7777))?;
+    set_mtime(dst, header)
+}
+
+/// Moves what `from` holds into `to`, replacing files and merging directories. A merged
+/// directory takes the archived attributes only if the archive holds it (not, say, the
+/// `srv` above a backup of /srv/www).
+fn merge_into(from: &Path, to: &Path, archived_dirs: &HashSet<PathBuf>) -> Result<()> {
     let moving = |p: &Path, e| Error::io(format!("moving {} into place", p.display()), e);
     for entry in fs::read_dir(from).map_err(|e| moving(from, e))? {
         let entry = entry.map_err(|e| moving(from, e))?;
@@ -401,8 +474,12 @@ fn merge_into(from: &Path, to: &Path) -> Result<()> {
         let src_is_dir = entry.file_type().map_err(|e| moving(&src, e))?.is_dir();
         match fs::symlink_metadata(&dst) {
             Ok(m) if m.is_dir() && src_is_dir => {
-                merge_into(&src, &dst)?;
-                copy_dir_attributes(&src, &dst)?;
+                // Read first: moving the children out changes the staged directory's mtime.
+                let archived = fs::metadata(&src).map_err(|e| Error::io(src.display(), e))?;
+                merge_into(&src, &dst, archived_dirs)?;
+                if archived_dirs.contains(&src) {
+                    copy_dir_attributes(&archived, &dst)?;
+                }
                 continue;
             }
             Ok(m) if m.is_dir() => remove_tree(&dst).map_err(|e| moving(&dst, e))?,
@@ -415,14 +492,13 @@ fn merge_into(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// A directory merged into an existing one takes the archived mode, owner and mtime.
-fn copy_dir_attributes(src: &Path, dst: &Path) -> Result<()> {
-    let meta = fs::metadata(src).map_err(|e| Error::io(src.display(), e))?;
+fn copy_dir_attributes(meta: &Metadata, dst: &Path) -> Result<()> {
     let set = |e| Error::io(format!("setting attributes of {}", dst.display()), e);
     if nix::unistd::geteuid().is_root() {
         std::os::unix::fs::chown(dst, Some(meta.uid()), Some(meta.gid())).map_err(set)?;
     }
     fs::set_permissions(dst, meta.permissions()).map_err(set)?;
-    filetime::set_file_mtime(dst, filetime::FileTime::from_last_modification_time(&meta)).map_err(set)
+    filetime::set_file_mtime(dst, filetime::FileTime::from_last_modification_time(meta)).map_err(set)
 }
 
 /// Removes a tree even where a restored directory is read-only (0555 and the like).
