@@ -70,6 +70,16 @@ pub struct EncodeOptions {
 }
 
 impl EncodeOptions {
+    /// Checks the level against the compression before any work is done.
+    pub fn new(compression: Compression, level: Option<i32>, recipients: Vec<age::x25519::Recipient>) -> Result<Self> {
+        compression.level(level)?;
+        Ok(EncodeOptions {
+            compression,
+            level,
+            recipients,
+        })
+    }
+
     pub fn encryption(&self) -> Option<Encryption> {
         (!self.recipients.is_empty()).then(|| Encryption {
             scheme: "age".into(),

@@ -98,8 +98,8 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
                 .replace("{database}", "d"),
         )?;
     }
-    let store = store::open(to)?;
     let options = encode_options(&cli)?;
+    let store = store::open(to)?;
     // A failure before the jobs are known still names the job when --name does.
     let literal_name = cli.name.as_deref().filter(|n| !n.contains('{'));
     let jobs = cli.engine.jobs(store.as_ref()).map_err(|e| match literal_name {
@@ -149,11 +149,7 @@ fn encode_options(cli: &Cli) -> Result<EncodeOptions> {
     for file in &cli.recipients_file {
         recipients.extend(read_recipients_file(file)?);
     }
-    Ok(EncodeOptions {
-        compression: cli.compress,
-        level: cli.level,
-        recipients,
-    })
+    EncodeOptions::new(cli.compress, cli.level, recipients)
 }
 
 fn dump_one(job: &dyn DumpJob, name: &str, store: &dyn Store, options: &EncodeOptions, cli: &Cli) -> Result<Artifact> {

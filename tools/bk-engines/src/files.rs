@@ -167,6 +167,11 @@ impl Archiver<'_> {
         let name = path.strip_prefix("/").unwrap_or(path).to_path_buf();
         let kind = meta.file_type();
         let mut header = Header::new_gnu();
+        // --include keeps directories (the tree stays whole) and filters everything else,
+        // as bk-restore --include does.
+        if !kind.is_dir() && !self.include.empty && !self.include.matches(path) {
+            return Ok(());
+        }
         header.set_metadata_in_mode(meta, HeaderMode::Complete);
         if !kind.is_file() {
             header.set_size(0);
@@ -181,9 +186,6 @@ impl Archiver<'_> {
             let target = fs::read_link(path).map_err(|e| vanished_or(path, e))?;
             self.builder.append_link(&mut header, &name, target)
         } else if kind.is_file() {
-            if !self.include.empty && !self.include.matches(path) {
-                return Ok(());
-            }
             if meta.nlink() > 1 {
                 if let Some(first) = self.hard_links.get(&(meta.dev(), meta.ino())) {
                     header.set_entry_type(EntryType::Link);
@@ -202,6 +204,7 @@ impl Archiver<'_> {
                 inner: file,
                 remaining: meta.len(),
                 path,
+                grew_checked: false,
             };
             self.builder.append_data(&mut header, &name, data)
         } else if kind.is_socket() {
@@ -267,16 +270,26 @@ fn vanished_or(path: &Path, e: io::Error) -> Error {
 }
 
 /// Yields exactly the size the tar header announced: a file that grew is cut at that size,
-/// one that shrank is padded with zeros (as GNU tar does) and reported.
+/// one that shrank is padded with zeros (as GNU tar does); both are reported.
 struct ExactSize<'a> {
     inner: File,
     remaining: u64,
     path: &'a Path,
+    grew_checked: bool,
 }
 
 impl Read for ExactSize<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.remaining == 0 {
+            if !self.grew_checked {
+                self.grew_checked = true;
+                if self.inner.read(&mut [0u8])? > 0 {
+                    eprintln!(
+                        "bk-dump: warning: {} grew while being read; backed up as it was when the dump reached it",
+                        self.path.display()
+                    );
+                }
+            }
             return Ok(0);
         }
         let want = buf.len().min(self.remaining.try_into().unwrap_or(usize::MAX));

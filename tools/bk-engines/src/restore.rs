@@ -87,6 +87,9 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
         .into_iter()
         .flatten()
         .collect();
+    if let Some(at) = &cli.at {
+        parse_time(at)?; // a usage error before any store is opened
+    }
     let (store, artifact) = match &cli.from {
         Some(url) => {
             let store = store::open(url)?;
@@ -125,7 +128,11 @@ fn from_stdin(out: &mut Output) -> Result<Option<(Box<dyn Store>, Artifact)>> {
             _ => {}
         }
     }
-    for input in inputs.iter().filter(|i| !matches!(i.record, Record::Artifact(_))) {
+    // What is not restored is passed on: everything, when an upstream tool failed.
+    for input in inputs
+        .iter()
+        .filter(|i| upstream_failed || !matches!(i.record, Record::Artifact(_)))
+    {
         out.pass(input)?;
     }
     if upstream_failed {
@@ -148,7 +155,7 @@ fn pick(store: &dyn Store, cli: &Cli) -> Result<Artifact> {
         artifacts.into_iter().find(|a| &a.id == id)
     } else if let Some(at) = &cli.at {
         let at = rfc3339(parse_time(at)?);
-        artifacts.into_iter().filter(|a| a.started <= at).next_back()
+        artifacts.into_iter().rfind(|a| a.started <= at)
     } else {
         artifacts.into_iter().next_back()
     };
