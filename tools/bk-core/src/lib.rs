@@ -1,6 +1,7 @@
 //! The core of bk, shared by every tool: records, errors and exit codes, the streaming
 //! codec, stores, locking and progress. It links no database driver.
 
+pub mod cleanup;
 pub mod cli;
 pub mod codec;
 pub mod error;

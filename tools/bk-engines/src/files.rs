@@ -535,3 +535,50 @@ fn remove_tree(path: &Path) -> io::Result<()> {
     }
     fs::remove_dir_all(path)
 }
+
+/// Re-derives the entry count of a tar from its bytes, which must end as tar ends: whole
+/// 512-byte blocks, the last two of them zero.
+pub fn derive_counts(artifact: &Artifact, decoder: &mut Decoder) -> Result<BTreeMap<String, u64>> {
+    let mut tail = TailReader {
+        inner: decoder,
+        total: 0,
+        tail: Vec::new(),
+    };
+    let mut entries = 0;
+    {
+        let mut archive = tar::Archive::new(&mut tail);
+        let reading = |e| from_io(format!("reading {}", artifact.file), e);
+        for entry in archive.entries().map_err(reading)? {
+            let mut entry = entry.map_err(reading)?;
+            io::copy(&mut entry, &mut io::sink()).map_err(reading)?;
+            entries += 1;
+        }
+    }
+    io::copy(&mut tail, &mut io::sink()).map_err(|e| from_io(format!("reading {}", artifact.file), e))?;
+    if tail.total % 512 != 0 || tail.tail.len() < 1024 || tail.tail.iter().any(|b| *b != 0) {
+        return Err(Error::data(format!(
+            "{}: the tar does not end with its two zero blocks: it is truncated",
+            artifact.file
+        )));
+    }
+    Ok(BTreeMap::from([(ENTRIES.to_string(), entries)]))
+}
+
+/// Passes bytes through, keeping the count and the last 1024 of them.
+struct TailReader<'a> {
+    inner: &'a mut Decoder,
+    total: u64,
+    tail: Vec<u8>,
+}
+
+impl Read for TailReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.total += n as u64;
+        self.tail.extend_from_slice(&buf[n.saturating_sub(1024)..n]);
+        if self.tail.len() > 1024 {
+            self.tail.drain(..self.tail.len() - 1024);
+        }
+        Ok(n)
+    }
+}

@@ -5,12 +5,14 @@ pub mod conn;
 pub mod dump;
 pub mod files;
 pub mod mysql;
+pub mod pgscan;
 pub mod postgres;
 pub mod process;
 pub mod restore;
 pub mod sqlfilter;
 pub mod sqlite;
 pub mod sqlscan;
+pub mod verify;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -39,6 +41,7 @@ pub trait DumpJob {
     fn dump(&self, out: &mut dyn Write) -> Result<Dumped>;
 }
 
+#[derive(Clone)]
 pub struct RestoreOptions {
     pub replace: bool,
     /// Files backups: restore only what these globs match.
@@ -85,7 +88,13 @@ pub fn count_mismatch(
         counts
             .iter()
             .map(|(k, v)| (k.split_once('.').map_or(k.as_str(), |(_, t)| t).to_string(), *v))
-            .filter(|(t, _)| only.is_empty() || only.contains(t))
+            .filter(|(t, _)| {
+                // --table may name the table alone or qualified (PostgreSQL's SCHEMA.TABLE).
+                only.is_empty()
+                    || only
+                        .iter()
+                        .any(|o| o == t || o.split_once('.').is_some_and(|(_, n)| n == t))
+            })
             .collect()
     };
     let (expected, found) = (by_table(expected), by_table(found));
@@ -105,4 +114,17 @@ pub fn count_mismatch(
         })
         .collect();
     (!differences.is_empty()).then(|| differences.join("; "))
+}
+
+/// Reads `input` to its end in large chunks, giving each to `each`.
+pub fn for_each_chunk(input: &mut dyn std::io::Read, mut each: impl FnMut(&[u8])) -> Result<()> {
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match input.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => each(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(bk_core::error::from_io("decoding", e)),
+        }
+    }
 }

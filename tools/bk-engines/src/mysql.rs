@@ -134,10 +134,14 @@ pub fn jobs(args: &DumpArgs) -> Result<Vec<Box<dyn DumpJob>>> {
         }
     }
     let programs = Programs::find(true)?;
-    let visible: Vec<String> = query(&programs.client, &server, None, "SHOW DATABASES")?
-        .into_iter()
-        .filter_map(|r| r.into_iter().next())
-        .collect();
+    // Every database this user sees (as SHOW DATABASES), with its defaults: see MysqlJob::dump.
+    let schemata = query(
+        &programs.client,
+        &server,
+        None,
+        "SELECT SCHEMA_NAME, DEFAULT_CHARACTER_SET_NAME, DEFAULT_COLLATION_NAME FROM information_schema.SCHEMATA",
+    )?;
+    let visible: Vec<String> = schemata.iter().filter_map(|r| r.first().cloned()).collect();
     let databases: Vec<String> = if args.databases.is_empty() {
         visible
             .into_iter()
@@ -184,6 +188,10 @@ pub fn jobs(args: &DumpArgs) -> Result<Vec<Box<dyn DumpJob>>> {
                     program: program.clone(),
                     version: version.clone(),
                 },
+                defaults: schemata
+                    .iter()
+                    .find(|r| r.first() == Some(&database))
+                    .and_then(|r| database_defaults(r.get(1)?, r.get(2)?)),
                 database,
             }) as Box<dyn DumpJob>
         })
@@ -195,6 +203,21 @@ pub struct MysqlJob {
     dump_program: PathBuf,
     tool: ToolInfo,
     database: String,
+    /// The statement that gives the restored database the source's default character set
+    /// and collation.
+    defaults: Option<String>,
+}
+
+/// Dumping one database, mysqldump writes no CREATE DATABASE (so that the dump can be
+/// restored under another name), and with it would go the database's default character set
+/// and collation, which tables, columns and routines created later inherit. An ALTER
+/// DATABASE with no name, at the top of the dump, sets them on whichever database the dump
+/// is loaded into, by bk-restore or by `mysql NEWDB < dump`.
+fn database_defaults(charset: &str, collation: &str) -> Option<String> {
+    let plain = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    (plain(charset) && plain(collation)).then(|| {
+        format!("-- bk: the database's defaults\n/*!40101 ALTER DATABASE CHARACTER SET {charset} COLLATE {collation} */;\n\n")
+    })
 }
 
 impl DumpJob for MysqlJob {
@@ -237,6 +260,10 @@ impl DumpJob for MysqlJob {
             cmd.arg("--single-transaction");
         }
         cmd.args(DEFAULT_OPTIONS).args(&self.args.extra_arg).arg(&self.database);
+        if let Some(header) = &self.defaults {
+            out.write_all(header.as_bytes())
+                .map_err(|e| bk_core::error::from_io("writing the artifact", e))?;
+        }
         let mut scanner = SqlScanner::new(&self.database);
         stream_from(cmd, out, |bytes| scanner.feed(bytes), classify)?;
         if !scanner.completed() {
@@ -281,9 +308,10 @@ pub fn restore(artifact: &Artifact, decoder: Decoder, opts: &RestoreOptions) -> 
             &programs.client,
             &server,
             None,
+            // Tables and views, and routines and events, which DROP DATABASE takes too.
             &format!(
-                "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = {}",
-                literal(&target)
+                "SELECT (SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = {t}) + (SELECT COUNT(*) FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA = {t}) + (SELECT COUNT(*) FROM information_schema.EVENTS WHERE EVENT_SCHEMA = {t})",
+                t = literal(&target)
             ),
         )?;
         let non_empty = objects.first().and_then(|r| r.first()).is_some_and(|n| n != "0");
@@ -386,4 +414,47 @@ fn count_rows(client: &PathBuf, server: &Mysql, database: &str) -> Result<BTreeM
         }
     }
     Ok(counts)
+}
+
+/// Databases whose names start with `prefix` (bk-verify's scratch databases).
+pub fn databases_like(opts: &RestoreOptions, prefix: &str) -> Result<Vec<String>> {
+    let server = Mysql {
+        conn: &opts.conn,
+        opts: &opts.mysql,
+    };
+    let client = Programs::find(false)?.client;
+    let rows = query(&client, &server, None, "SHOW DATABASES")?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| r.into_iter().next())
+        .filter(|d| d.starts_with(prefix))
+        .collect())
+}
+
+pub fn drop_database(opts: &RestoreOptions, name: &str) -> Result<()> {
+    let server = Mysql {
+        conn: &opts.conn,
+        opts: &opts.mysql,
+    };
+    let client = Programs::find(false)?.client;
+    query(
+        &client,
+        &server,
+        None,
+        &format!("DROP DATABASE IF EXISTS {}", ident(name)),
+    )
+    .map(drop)
+}
+
+/// Re-derives the counts of a dump from its bytes; it must end with the completion line.
+pub fn derive_counts(artifact: &Artifact, decoder: &mut Decoder) -> Result<BTreeMap<String, u64>> {
+    let mut scanner = SqlScanner::new(artifact.source.database.as_deref().unwrap_or_default());
+    crate::for_each_chunk(decoder, |b| scanner.feed(b))?;
+    if !scanner.completed() {
+        return Err(Error::data(format!(
+            "{}: the dump does not end with '-- Dump completed': it is truncated",
+            artifact.file
+        )));
+    }
+    Ok(scanner.counts().clone())
 }

@@ -22,7 +22,7 @@ use bk_core::private::check_private_file;
 use bk_core::record::{Artifact, Source, ToolInfo};
 
 use crate::conn::ConnArgs;
-use crate::process::{find_program, stream_from, stream_into, version_line};
+use crate::process::{find_program, stream_from, stream_into, stream_into_may_stop, version_line};
 use crate::{DumpJob, Dumped, RestoreOptions, RestoredInfo};
 
 const MAINTENANCE_DB: &str = "postgres";
@@ -489,8 +489,9 @@ pub fn restore(artifact: &Artifact, mut decoder: Decoder, opts: &RestoreOptions)
             "--table needs a custom-format backup (pg_restore); this one is plain SQL",
         ));
     }
+    let schema = table_schema(&opts.tables)?;
     prepare_database(&conn, &target, opts.replace)?;
-    let loaded = load(artifact, decoder, &conn, &target, opts);
+    let loaded = load(artifact, decoder, &conn, &target, opts, schema.as_deref());
     if let Err(e) = loaded {
         let _ = conn.connect(MAINTENANCE_DB).and_then(|mut c| {
             c.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&target)))
@@ -531,7 +532,29 @@ fn prepare_database(conn: &PgConn, target: &str, replace: bool) -> Result<()> {
         .map_err(|e| pg_error(&format!("creating {target}"), e))
 }
 
-fn load(artifact: &Artifact, mut decoder: Decoder, conn: &PgConn, target: &str, opts: &RestoreOptions) -> Result<()> {
+/// The schema `--table SCHEMA.TABLE` names. pg_restore takes no schema in --table, and
+/// does not create the table's schema: bk creates it and adds --schema. One schema at a time,
+/// or none (tables of any schema, found by name, whose schema must exist: public).
+fn table_schema(tables: &[String]) -> Result<Option<String>> {
+    let schemas: std::collections::BTreeSet<Option<&str>> =
+        tables.iter().map(|t| t.split_once('.').map(|(s, _)| s)).collect();
+    match schemas.len() {
+        0 => Ok(None),
+        1 => Ok(schemas.into_iter().next().flatten().map(str::to_string)),
+        _ => Err(Error::usage(
+            "--table: name tables of one schema at a time (SCHEMA.TABLE), or only unqualified names",
+        )),
+    }
+}
+
+fn load(
+    artifact: &Artifact,
+    mut decoder: Decoder,
+    conn: &PgConn,
+    target: &str,
+    opts: &RestoreOptions,
+    schema: Option<&str>,
+) -> Result<()> {
     if artifact.format == "pgsql" {
         let mut cmd = conn.command(&find_program(&["psql"], "postgresql-client")?);
         cmd.args(["--quiet", "--set", "ON_ERROR_STOP=1", "--dbname", target]);
@@ -543,8 +566,15 @@ fn load(artifact: &Artifact, mut decoder: Decoder, conn: &PgConn, target: &str, 
     if opts.no_owner {
         cmd.args(["--no-owner", "--no-privileges"]);
     }
+    if let Some(schema) = schema {
+        conn.connect(target)?
+            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", ident(schema)))
+            .map_err(|e| pg_error(&format!("creating schema {schema}"), e))?;
+        cmd.arg(format!("--schema={schema}"));
+    }
     for t in &opts.tables {
-        cmd.arg(format!("--table={t}"));
+        let name = t.split_once('.').map_or(t.as_str(), |(_, name)| name);
+        cmd.arg(format!("--table={name}"));
     }
     match opts.jobs {
         Some(jobs) if jobs > 1 => {
@@ -560,7 +590,8 @@ fn load(artifact: &Artifact, mut decoder: Decoder, conn: &PgConn, target: &str, 
             crate::process::output_of(cmd, classify).map(drop)
         }
         _ => {
-            stream_into(cmd, &mut decoder, classify)?;
+            // pg_restore --table stops reading after its tables: finish() reads the rest.
+            stream_into_may_stop(cmd, &mut decoder, classify)?;
             decoder.finish(artifact).map(drop)
         }
     }
@@ -613,4 +644,52 @@ mod tests {
         assert!(start.starts_with(CUSTOM_MAGIC));
         assert!(String::from_utf8_lossy(&tail).contains("dump complete"));
     }
+}
+
+/// Databases whose names start with `prefix` (bk-verify's scratch databases).
+pub fn databases_like(opts: &RestoreOptions, prefix: &str) -> Result<Vec<String>> {
+    let mut admin = PgConn::new(&opts.conn)?.connect(MAINTENANCE_DB)?;
+    let rows = admin
+        .query("SELECT datname FROM pg_database ORDER BY 1", &[])
+        .map_err(|e| pg_error("listing databases", e))?;
+    Ok(rows
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .filter(|d| d.starts_with(prefix))
+        .collect())
+}
+
+pub fn drop_database(opts: &RestoreOptions, name: &str) -> Result<()> {
+    let mut admin = PgConn::new(&opts.conn)?.connect(MAINTENANCE_DB)?;
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(name)))
+        .map_err(|e| pg_error(&format!("dropping {name}"), e))
+}
+
+/// Re-derives the counts of a dump from its bytes: plain SQL is scanned as it comes; a
+/// custom archive is turned into SQL by `pg_restore -f -`, which also proves its TOC and
+/// data readable. Either must end with pg_dump's completion comment.
+pub fn derive_counts(artifact: &Artifact, decoder: &mut Decoder) -> Result<BTreeMap<String, u64>> {
+    let marker = if artifact.source.database.is_none() {
+        "-- PostgreSQL database cluster dump complete"
+    } else {
+        "-- PostgreSQL database dump complete"
+    };
+    let scanner = crate::pgscan::CopyScanner::new(marker);
+    let scanner = if artifact.format == "pgdump" {
+        let mut cmd = Command::new(find_program(&["pg_restore"], "postgresql-client")?);
+        cmd.args(["--file", "-"]);
+        crate::process::scan_through(cmd, decoder, scanner, crate::pgscan::CopyScanner::feed, |_| Kind::Data)?
+    } else {
+        let mut scanner = scanner;
+        crate::for_each_chunk(decoder, |b| scanner.feed(b))?;
+        scanner
+    };
+    if !scanner.complete() {
+        return Err(Error::data(format!(
+            "{}: the dump does not end with {marker:?}: it is truncated",
+            artifact.file
+        )));
+    }
+    Ok(scanner.counts().clone())
 }

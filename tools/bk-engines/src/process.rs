@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStderr, Command, Stdio};
 use std::thread::JoinHandle;
 
+use bk_core::cleanup;
 use bk_core::error::{from_io, Error, Kind, Result};
 
 /// The last bytes of a program's stderr kept for its error message.
@@ -118,6 +119,7 @@ pub fn stream_from(
 ) -> Result<u64> {
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = spawn(&mut cmd)?;
+    let _tracked = cleanup::track_child(child.id());
     let stderr = collect_stderr(child.stderr.take().expect("piped"));
     let mut stdout = child.stdout.take().expect("piped");
     let mut buf = vec![0u8; 256 * 1024];
@@ -152,9 +154,21 @@ pub fn stream_from(
 
 /// Runs a restore program, feeding it `input` on stdin. Fails if the program exits
 /// non-zero.
-pub fn stream_into(mut cmd: Command, input: &mut dyn Read, classify: Classify) -> Result<()> {
+pub fn stream_into(cmd: Command, input: &mut dyn Read, classify: Classify) -> Result<()> {
+    feed(cmd, input, classify, false)
+}
+
+/// As [`stream_into`], for a program that rightly stops reading once it has what it wants
+/// (pg_restore --table): a broken pipe after it succeeded is no error. The caller reads
+/// the rest of `input` to check it.
+pub fn stream_into_may_stop(cmd: Command, input: &mut dyn Read, classify: Classify) -> Result<()> {
+    feed(cmd, input, classify, true)
+}
+
+fn feed(mut cmd: Command, input: &mut dyn Read, classify: Classify, may_stop: bool) -> Result<()> {
     cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
     let mut child = spawn(&mut cmd)?;
+    let _tracked = cleanup::track_child(child.id());
     let stderr = collect_stderr(child.stderr.take().expect("piped"));
     let mut stdin = child.stdin.take().expect("piped");
     let fed = io::copy(input, &mut stdin);
@@ -167,7 +181,12 @@ pub fn stream_into(mut cmd: Command, input: &mut dyn Read, classify: Classify) -
         return Err(failure(&cmd, status, &stderr, classify));
     }
     // A broken pipe means the program stopped reading: its own failure was reported above.
-    fed.map_err(|e| from_io(format!("feeding {}", program_name(&cmd)), e))?;
+    match fed {
+        Err(e) if may_stop && e.kind() == io::ErrorKind::BrokenPipe => {}
+        fed => {
+            fed.map_err(|e| from_io(format!("feeding {}", program_name(&cmd)), e))?;
+        }
+    }
     Ok(())
 }
 
@@ -187,4 +206,48 @@ pub fn output_of(mut cmd: Command, classify: Classify) -> Result<String> {
         ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a converting program with `input` on its stdin, its stdout fed to `scanner` on a
+/// thread; returns the scanner. A failure of the input (corrupt data, say) comes first:
+/// the program's own failure is then only its consequence.
+pub fn scan_through<S: Send + 'static>(
+    mut cmd: Command,
+    input: &mut dyn Read,
+    mut scanner: S,
+    feed: fn(&mut S, &[u8]),
+    classify: Classify,
+) -> Result<S> {
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = spawn(&mut cmd)?;
+    let _tracked = cleanup::track_child(child.id());
+    let stderr = collect_stderr(child.stderr.take().expect("piped"));
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 256 * 1024];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            feed(&mut scanner, &buf[..n]);
+        }
+        scanner
+    });
+    let mut stdin = child.stdin.take().expect("piped");
+    let fed = io::copy(input, &mut stdin);
+    drop(stdin);
+    let status = child
+        .wait()
+        .map_err(|e| Error::io(format!("waiting for {}", program_name(&cmd)), e))?;
+    let scanner = reader
+        .join()
+        .map_err(|_| Error::new(Kind::Io, "the output reader panicked"))?;
+    let stderr = stderr.join().unwrap_or_default();
+    match fed {
+        Err(e) if e.get_ref().is_some_and(|inner| inner.is::<Error>()) => return Err(from_io("decoding", e)),
+        _ if !status.success() => return Err(failure(&cmd, status, &stderr, classify)),
+        Err(e) => return Err(from_io(format!("feeding {}", program_name(&cmd)), e)),
+        Ok(_) => {}
+    }
+    Ok(scanner)
 }

@@ -241,3 +241,20 @@ pub fn check_database(path: &Path) -> Result<BTreeMap<String, u64>> {
     conn.close().map_err(|(_, e)| failed(e))?;
     Ok(counts)
 }
+
+/// Re-derives the counts of a SQLite backup: the database is decoded into a private
+/// temporary file in `dir` (SQLite checks a file, not a stream), passes integrity_check,
+/// and is removed, whatever happens.
+pub fn derive_counts(artifact: &Artifact, decoder: &mut Decoder, dir: &Path) -> Result<BTreeMap<String, u64>> {
+    let temp = dir.join(format!(".bk-verify-{}-{:08x}.db", artifact.id, rand::random::<u32>()));
+    let removed = temp.clone();
+    let _remove = bk_core::cleanup::on_exit(move || {
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let mut p = removed.as_os_str().to_owned();
+            p.push(suffix);
+            let _ = fs::remove_file(PathBuf::from(p));
+        }
+    });
+    write_checked(artifact, decoder, &temp)?;
+    check_database(&temp)
+}
