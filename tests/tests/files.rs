@@ -1046,3 +1046,33 @@ fn two_dumps_within_a_second_get_distinct_ids() {
         .collect();
     assert_eq!(listed, vec![a.id, b.id]);
 }
+
+#[test]
+fn sigterm_mid_dump_removes_the_temporary_file() {
+    let sb = Sandbox::new();
+    fs::create_dir(sb.path("src")).unwrap();
+    // Incompressible and large enough that the dump is still writing when the signal comes.
+    fs::write(sb.path("src/big"), random_bytes(256 << 20)).unwrap();
+    let store = sb.store();
+    let mut child = sb.spawn(
+        "bk-dump",
+        &["files", "src", "--name", "big", "--to", &store, "--compress", "none"],
+    );
+    let name_dir = sb.path("store/big");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while files_below(&name_dir).is_empty() {
+        assert!(Instant::now() < deadline, "no temporary file appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143), "128 + SIGTERM");
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(stderr.contains("interrupted by signal 15"), "{stderr}");
+    assert_eq!(
+        files_below(&name_dir),
+        Vec::<PathBuf>::new(),
+        "the temporary file is gone"
+    );
+}

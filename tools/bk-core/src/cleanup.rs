@@ -27,7 +27,8 @@ fn with_pending<T>(f: impl FnOnce(&mut Pending) -> T) -> T {
 }
 
 /// Starts watching for SIGINT and SIGTERM (once per process).
-pub fn install(tool: &'static str) {
+pub fn install(tool: &str) {
+    let tool = tool.to_string();
     INSTALL.call_once(|| {
         let Ok(mut signals) = Signals::new([SIGINT, SIGTERM]) else {
             return;

@@ -16,6 +16,8 @@ use crate::record::{read_all, Input, Output};
 /// stderr, once; a closed stdout ends the run quietly with 0.
 pub fn main<C: clap::Parser>(run: fn(C, &mut Output) -> Result<()>) -> ExitCode {
     let tool = C::command().get_name().to_string();
+    // SIGINT and SIGTERM undo unfinished work (temporary files, scratch databases) first.
+    crate::cleanup::install(&tool);
     let mut out = Output::stdout(&tool);
     let cli = match C::try_parse() {
         Ok(cli) => cli,

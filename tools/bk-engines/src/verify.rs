@@ -75,7 +75,6 @@ pub struct Cli {
 }
 
 pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
-    bk_core::cleanup::install("bk-verify");
     let identities: Identities = cli
         .identity
         .iter()

@@ -4,6 +4,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use super::{manifest_file, Listing, Store, Upload};
 use crate::error::{Error, Result};
@@ -66,6 +67,8 @@ struct LocalUpload {
     file: Option<File>,
     temp: PathBuf,
     target: PathBuf,
+    /// Removes the temporary file if a signal ends the run first.
+    _on_signal: crate::cleanup::Guard,
 }
 
 impl LocalUpload {
@@ -81,10 +84,15 @@ impl LocalUpload {
         handle
             .set_permissions(fs::Permissions::from_mode(0o600))
             .map_err(|e| Error::create(&temp, e))?;
+        let removed = temp.clone();
+        let on_signal = crate::cleanup::on_exit(move || {
+            let _ = fs::remove_file(&removed);
+        });
         Ok(LocalUpload {
             file: Some(handle),
             temp,
             target: dir.join(file),
+            _on_signal: on_signal,
         })
     }
 
@@ -131,6 +139,12 @@ fn sync_dir(dir: &Path) -> Result<()> {
 
 fn remove_if_present(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
+        Err(e) if e.kind() == io::ErrorKind::ReadOnlyFilesystem => {
+            // A store that cannot be written: 73, as for a dump into it.
+            let mut err = Error::io(format!("deleting {}", path.display()), e);
+            err.kind = crate::error::Kind::CantCreate;
+            Err(err)
+        }
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::io(format!("deleting {}", path.display()), e)),
         _ => Ok(()),
     }
@@ -208,6 +222,41 @@ impl Store for LocalStore {
         remove_if_present(&dir.join(manifest_file(&artifact.id)))?;
         remove_if_present(&dir.join(&artifact.file))?;
         sync_dir(&dir)
+    }
+
+    fn remove_leftovers(&self, name: &str, older_than: SystemTime, dry_run: bool) -> Result<Vec<String>> {
+        let dir = self.name_dir(name);
+        let entries = match fs::read_dir(&dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            other => other.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?,
+        };
+        let mut removed = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+            if !is_temp(&entry.file_name().to_string_lossy()) {
+                continue;
+            }
+            let path = entry.path();
+            let meta = match fs::symlink_metadata(&path) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                other => other.map_err(|e| Error::io(format!("reading {}", path.display()), e))?,
+            };
+            let modified = meta
+                .modified()
+                .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+            if !meta.is_file() || modified >= older_than {
+                continue;
+            }
+            if !dry_run {
+                remove_if_present(&path)?;
+            }
+            removed.push(path.display().to_string());
+        }
+        if !dry_run && !removed.is_empty() {
+            sync_dir(&dir)?;
+        }
+        removed.sort();
+        Ok(removed)
     }
 }
 
@@ -345,6 +394,35 @@ mod tests {
         assert_eq!(listing.leftovers.len(), 2, "{:?}", listing.leftovers);
         assert!(listing.leftovers[0].ends_with("job.2.tar: no manifest"));
         assert!(listing.leftovers[1].contains("unreadable manifest"));
+    }
+
+    #[test]
+    fn only_old_temporary_files_are_removed_as_leftovers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(tmp.path().to_str().unwrap()).unwrap();
+        assert!(store
+            .remove_leftovers("job", SystemTime::now(), false)
+            .unwrap()
+            .is_empty());
+        let dir = tmp.path().join("job");
+        fs::create_dir_all(&dir).unwrap();
+        let old = dir.join(".job.1.tar.tmp.123.0badf00d");
+        let young = dir.join(".job.2.tar.tmp.124.0badf00d");
+        for p in [&old, &young, &dir.join("job.1.tar"), &dir.join(".hidden")] {
+            fs::write(p, "x").unwrap();
+        }
+        let day_ago = SystemTime::now() - std::time::Duration::from_secs(86_400);
+        File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(day_ago - std::time::Duration::from_secs(60))
+            .unwrap();
+        let found = store.remove_leftovers("job", day_ago, true).unwrap();
+        assert_eq!(found, [old.display().to_string()]);
+        assert!(old.exists(), "a dry run removes nothing");
+        assert_eq!(store.remove_leftovers("job", day_ago, false).unwrap(), found);
+        assert!(!old.exists() && young.exists() && dir.join("job.1.tar").exists() && dir.join(".hidden").exists());
     }
 
     #[test]
