@@ -3,6 +3,7 @@
 mod local;
 
 use std::io::{Read, Write};
+use std::time::SystemTime;
 
 pub use local::LocalStore;
 
@@ -45,6 +46,14 @@ pub trait Store {
     /// Deletes the manifest first, then the artifact, so that an interrupted delete never
     /// leaves a manifest pointing at nothing.
     fn delete(&self, artifact: &Artifact) -> Result<()>;
+    /// Removes the temporary files that unfinished runs left in a name's directory (hidden
+    /// `.<file>.tmp.<pid>.<random>` files) last modified before `older_than`, and returns
+    /// where they were, sorted; with `dry_run` it only returns them. A store whose uploads
+    /// leave no such files has none to remove.
+    fn remove_leftovers(&self, name: &str, older_than: SystemTime, dry_run: bool) -> Result<Vec<String>> {
+        let _ = (name, older_than, dry_run);
+        Ok(Vec::new())
+    }
 }
 
 /// Opens a store from its URL: a path or `file://` URL. Remote schemes are refused with
