@@ -391,14 +391,14 @@ impl PgServer {
     pub fn execute(&self, database: &str, sql: &str) {
         self.client(database)
             .batch_execute(sql)
-            .unwrap_or_else(|e| panic!("in {database}: {e}\n{sql}"));
+            .unwrap_or_else(|e| panic!("in {database}: {}\n{sql}", pg_error_text(&e)));
     }
 
     /// The first column of every row of a query, as text.
     pub fn strings(&self, database: &str, sql: &str) -> Vec<String> {
         self.client(database)
             .simple_query(sql)
-            .unwrap_or_else(|e| panic!("in {database}: {e}\n{sql}"))
+            .unwrap_or_else(|e| panic!("in {database}: {}\n{sql}", pg_error_text(&e)))
             .into_iter()
             .filter_map(|m| match m {
                 postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("NULL").to_string()),
@@ -449,6 +449,14 @@ impl Drop for PgDatabase {
                 eprintln!("warning: {sql}: {e}");
             }
         }
+    }
+}
+
+/// The server's own message for a failed statement ("db error" says nothing).
+fn pg_error_text(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{}: {}", d.severity(), d.message()),
+        None => e.to_string(),
     }
 }
 
@@ -516,7 +524,9 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let hex = bytes.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
         match (bytes[i], hex) {
             (b'%', Some(b)) => {
                 out.push(b);
@@ -534,7 +544,9 @@ fn percent_decode(s: &str) -> String {
 impl MysqlServer {
     /// Parses `mysql://user:password@host:port` (port 3306 when absent).
     pub fn from_url(url: &str) -> Option<MysqlServer> {
-        let rest = url.strip_prefix("mysql://").or_else(|| url.strip_prefix("mariadb://"))?;
+        let rest = url
+            .strip_prefix("mysql://")
+            .or_else(|| url.strip_prefix("mariadb://"))?;
         let authority = rest.split(['/', '?']).next().unwrap_or_default();
         let (userinfo, hostport) = authority.rsplit_once('@').unwrap_or(("root", authority));
         let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
@@ -582,12 +594,14 @@ impl MysqlServer {
         fs::set_permissions(path, fs::Permissions::from_mode(0o600)).expect("chmod 600");
     }
 
-    /// `mariadb --defaults-file=F --batch --skip-column-names`: add `-e SQL` or feed stdin.
+    /// `mariadb --defaults-file=F --batch --skip-column-names`, in utf8mb4 (the client's own
+    /// default, utf8mb3, cannot carry 4-byte characters): add `-e SQL` or feed stdin.
     pub fn client(&self, option_file: &Path) -> Command {
         let mut cmd = Command::new("mariadb");
         let mut arg = std::ffi::OsString::from("--defaults-file=");
         arg.push(option_file);
-        cmd.arg(arg).args(["--batch", "--skip-column-names"]);
+        cmd.arg(arg)
+            .args(["--batch", "--skip-column-names", "--default-character-set=utf8mb4"]);
         cmd
     }
 
