@@ -96,7 +96,11 @@ fn page(mut cmd: clap::Command, see_also: &[&str]) -> (String, String) {
 
 /// The tools' commands, each with its page's file name (e.g. `bk-dump-files.1`).
 fn commands() -> Vec<(String, clap::Command)> {
-    let mut commands = vec![bk_core::ls::Cli::command(), bk_engines::restore::Cli::command(), bk_engines::verify::Cli::command()];
+    let mut commands = vec![
+        bk_core::ls::Cli::command(),
+        bk_engines::restore::Cli::command(),
+        bk_engines::verify::Cli::command(),
+    ];
     // As clap_mangen::generate_to does: no `help` subcommand, and a built command, so that
     // the global options (--to, --name, ...) appear on each engine's page, and clap names
     // each engine's page bk-dump-<engine>.

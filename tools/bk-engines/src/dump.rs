@@ -61,12 +61,41 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Engine {
     /// Files and directories, as a tar (modes, owners, mtimes, links kept)
+    ///
+    /// One artifact, a tar with GNU headers, of every PATH: regular files, directories
+    /// (empty ones too), symlinks (kept as links; a symlink named as a PATH is followed), hard
+    /// links (stored once), FIFOs and device nodes, with their modes, owners and mtimes.
+    /// Extended attributes and ACLs are not kept; sockets are skipped. Entries are named by
+    /// their absolute path without the leading '/', as GNU tar does. The store is never
+    /// archived into itself. A file that vanishes while the dump runs fails it; one that
+    /// shrinks is padded with zeros and one that grows is cut at its size when read, both
+    /// with a warning. counts: {"entries": N}.
     Files(files::DumpArgs),
     /// A SQLite database, consistent while other processes write to it
+    ///
+    /// Reads every page of the database through the sqlite_dbpage virtual table inside one
+    /// read transaction: a consistent snapshot while others write (WAL or rollback journal),
+    /// streamed without an uncompressed temporary copy. The artifact is the database file
+    /// itself. A writer holding the database locked for longer than --busy-timeout makes the
+    /// dump exit 75. counts: rows per table.
     Sqlite(sqlite::DumpArgs),
     /// MySQL or MariaDB databases, one artifact each, with mariadb-dump or mysqldump
+    ///
+    /// Runs the system's mariadb-dump (or mysqldump) with --single-transaction --quick
+    /// --routines --triggers --events --hex-blob, credentials from --defaults-file or
+    /// ~/.my.cnf (mode 0600). The dump must end with its '-- Dump completed' line. counts:
+    /// rows per `database.table`, counted in the dump's bytes as they pass (0 for empty
+    /// tables). A backup user needs SELECT, LOCK TABLES, SHOW VIEW, TRIGGER and EVENT, and on
+    /// MariaDB before 11.3 SELECT on mysql.proc for other definers' routines (bk-dump warns
+    /// when it is missing); put no_tablespaces in the [mysqldump] section of its option file.
     Mysql(mysql::DumpArgs),
     /// PostgreSQL databases, one artifact each, with pg_dump (counts from the same snapshot)
+    ///
+    /// Runs the system's pg_dump (custom format, or --format plain) on a snapshot exported by
+    /// bk's own REPEATABLE READ transaction, and counts every table in that same snapshot, so
+    /// counts (rows per `schema.table`) are exactly what the dump holds. The password comes
+    /// from ~/.pgpass or $PGPASSFILE (mode 0600). A backup role needs pg_read_all_data (or
+    /// superuser); --globals needs a superuser.
     Postgres(postgres::DumpArgs),
 }
 
