@@ -695,3 +695,46 @@ pub fn mysql_unique_name(prefix: &str) -> String {
         nanos
     )
 }
+
+/// A small complete backup of `name` made at `stamp` (`20250101T001500Z`), written straight
+/// into `store` the way bk-dump leaves one (the artifact, then its manifest): for tests
+/// that need backups of given dates, which bk-dump, on the real clock, cannot make.
+pub fn write_backup(store: &str, name: &str, stamp: &str) -> Artifact {
+    use bk_core::store::Store;
+    let local = bk_core::store::LocalStore::new(store).expect("a store path");
+    let id = format!("{name}.{stamp}");
+    let file = format!("{id}.tar");
+    let content = format!("the backup {id}\n");
+    let mut upload = local.create(name, &file).expect("creating the artifact");
+    upload.write_all(content.as_bytes()).expect("writing the artifact");
+    upload.commit().expect("publishing the artifact");
+    let started = bk_core::name::rfc3339(bk_core::name::parse_time(stamp).expect("a stamp"));
+    let artifact = Artifact {
+        id,
+        name: name.to_string(),
+        engine: "files".to_string(),
+        source: bk_core::record::Source {
+            host: "test".to_string(),
+            paths: vec!["/srv".to_string()],
+            ..Default::default()
+        },
+        started: started.clone(),
+        finished: started,
+        location: local.location(name, &file),
+        file,
+        format: "tar".to_string(),
+        compression: bk_core::codec::Compression::None,
+        encryption: None,
+        bytes: content.len() as u64,
+        sha256: hex::encode(Sha256::digest(content.as_bytes())),
+        content_bytes: content.len() as u64,
+        counts: BTreeMap::from([("entries".to_string(), 1)]),
+        tool: bk_core::record::ToolInfo {
+            program: "bk-tests".to_string(),
+            version: bk_core::BK_VERSION.to_string(),
+        },
+        bk_version: bk_core::BK_VERSION.to_string(),
+    };
+    local.put_manifest(&artifact).expect("writing the manifest");
+    artifact
+}

@@ -635,6 +635,19 @@ mod tests {
     }
 
     #[test]
+    fn table_names_of_one_schema_at_a_time() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(table_schema(&[]).unwrap(), None);
+        assert_eq!(table_schema(&names(&["a", "b"])).unwrap(), None);
+        assert_eq!(
+            table_schema(&names(&["app.a", "app.b"])).unwrap().as_deref(),
+            Some("app")
+        );
+        assert!(table_schema(&names(&["app.a", "b"])).is_err());
+        assert!(table_schema(&names(&["app.a", "x.b"])).is_err());
+    }
+
+    #[test]
     fn plain_dump_end_is_seen_across_chunks() {
         let (mut start, mut tail) = (Vec::new(), Vec::new());
         let text = b"PGDMP....\n-- PostgreSQL database dump complete\n\n";

@@ -1,0 +1,1027 @@
+//! The postgres engine through the real binaries against a real PostgreSQL 15 (the server
+//! tests/services.sh starts, and private throwaway clusters where a test must stop one):
+//! exact round trips in both formats, counts consistent with the dump while another
+//! connection writes, no password on any command line, every failure leaving nothing in
+//! the store, and bk-restore's refusals and partial restores.
+//!
+//! Every test works in databases of its own, named uniquely, dropped at the end.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bk_core::name::sanitize;
+use bk_core::record::{Artifact, Record};
+use bk_tests::{
+    files_below, pg_ident, pg_server, pg_unique_name, run_cmd, services_required, PgDatabase, PgServer, Run, Sandbox,
+};
+
+/// A test's server, sandbox and password file.
+struct Pg {
+    pg: PgServer,
+    sb: Sandbox,
+    pgpass: PathBuf,
+}
+
+fn setup(test: &str) -> Option<Pg> {
+    let pg = pg_server(test)?;
+    let sb = Sandbox::new();
+    let pgpass = pg.write_pgpass(&sb, "pgpass");
+    Some(Pg { pg, sb, pgpass })
+}
+
+impl Pg {
+    fn with_server(pg: PgServer) -> Pg {
+        let sb = Sandbox::new();
+        let pgpass = pg.write_pgpass(&sb, "pgpass");
+        Pg { pg, sb, pgpass }
+    }
+
+    /// `bk-dump postgres ARGS --to STORE` with the connection options and PGPASSFILE.
+    fn dump_cmd(&self, args: &[&str]) -> Command {
+        let store = self.sb.store();
+        let mut all = vec!["postgres"];
+        all.extend(args);
+        all.extend(["--to", &store]);
+        self.pg.cmd(&self.sb, &self.pgpass, "bk-dump", &all)
+    }
+
+    fn dump(&self, args: &[&str]) -> Run {
+        run_cmd(self.dump_cmd(args), "")
+    }
+
+    /// bk-restore with the artifact record on stdin.
+    fn restore(&self, artifact: &Artifact, args: &[&str]) -> Run {
+        run_cmd(self.pg.cmd(&self.sb, &self.pgpass, "bk-restore", args), &line(artifact))
+    }
+
+    fn store_files(&self) -> Vec<PathBuf> {
+        files_below(&self.sb.path("store"))
+    }
+}
+
+fn line(artifact: &Artifact) -> String {
+    Record::Artifact(artifact.clone()).to_line()
+}
+
+/// A database name with spaces, upper case and a dash: it needs quoting everywhere.
+fn odd_name() -> String {
+    format!("bk Test-db {}", pg_unique_name(""))
+}
+
+/// The sample: several schemas, NULLs, empty strings, bytea with every byte value, 4-byte
+/// UTF-8, a row of several MB, zero-row tables, a view, a materialized view, a trigger and
+/// its function, a sequence that has been used, a partitioned table.
+const SAMPLE: &str = r#"
+CREATE SCHEMA app;
+CREATE SCHEMA "Other Schema";
+CREATE TABLE app.people(
+    id serial PRIMARY KEY, name text, note text, photo bytea, score numeric,
+    tags text[], meta jsonb, born timestamptz);
+CREATE INDEX people_name ON app.people(name);
+CREATE TABLE app.audit(id bigint GENERATED ALWAYS AS IDENTITY, person int, what text);
+CREATE FUNCTION app.log_person() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO app.audit(person, what) VALUES (NEW.id, 'insert of ' || coalesce(NEW.name, 'NULL'));
+    RETURN NEW;
+END $$;
+CREATE TRIGGER people_log AFTER INSERT ON app.people FOR EACH ROW EXECUTE FUNCTION app.log_person();
+INSERT INTO app.people(name, note, photo, score, tags, meta, born) VALUES
+    (NULL, '', (SELECT decode(string_agg(lpad(to_hex(g), 2, '0'), '' ORDER BY g), 'hex')
+                FROM generate_series(0, 255) g), NULL, NULL, NULL, NULL),
+    ('🦀 𝄞 Ünïcødé 漢字 😀', E'tab\there\nnew line \\ backslash '' quote "double"', ''::bytea,
+     'NaN', '{"a b", NULL, "🦀"}', '{"k": [1, null, "𝄞"]}', '2026-11-22 00:15:00+00'),
+    ('long', (SELECT string_agg(md5(g::text), '' ORDER BY g) FROM generate_series(1, 100000) g),
+     NULL, 1e-30, '{}', 'null', 'infinity'),
+    ('', NULL, '\x00'::bytea, 123456789012345678901234567890.123456789, NULL, '{}', NULL);
+INSERT INTO app.people(name, note, score)
+    SELECT 'p' || g, repeat('n', g % 50), g / 3.0 FROM generate_series(1, 2000) g;
+CREATE TABLE app.empty(x int, y text);
+CREATE TABLE "Other Schema"."Mixed Case"("Key" int, "välue" text);
+INSERT INTO "Other Schema"."Mixed Case" VALUES (1, 'one'), (2, NULL), (NULL, ''), (4, '🦀');
+CREATE TABLE "Other Schema".nothing(z int);
+CREATE TABLE public.plain_t(v text);
+INSERT INTO public.plain_t SELECT 'v' || g FROM generate_series(1, 10) g;
+CREATE VIEW app.named AS SELECT id, name FROM app.people WHERE name IS NOT NULL;
+CREATE MATERIALIZED VIEW app.stats AS SELECT count(*) AS n, sum(length(note)) AS chars FROM app.people;
+CREATE SEQUENCE app.counter START 100;
+SELECT nextval('app.counter') FROM generate_series(1, 5);
+CREATE TABLE app.events(id int, at date NOT NULL, what text) PARTITION BY RANGE (at);
+CREATE TABLE app.events_2025 PARTITION OF app.events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+CREATE TABLE app.events_2026 PARTITION OF app.events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+CREATE TABLE app.events_other PARTITION OF app.events DEFAULT;
+INSERT INTO app.events SELECT g, date '2025-06-01' + g, 'e' || g FROM generate_series(1, 400) g;
+"#;
+
+/// The tables with data in the sample, as the manifest names them, and their rows.
+fn sample_counts() -> BTreeMap<String, u64> {
+    [
+        ("app.people", 2004),
+        ("app.audit", 2004),
+        ("app.empty", 0),
+        ("Other Schema.Mixed Case", 4),
+        ("Other Schema.nothing", 0),
+        ("public.plain_t", 10),
+        ("app.events_2025", 213),
+        ("app.events_2026", 187),
+        ("app.events_other", 0),
+    ]
+    .into_iter()
+    .map(|(t, n)| (t.to_string(), n))
+    .collect()
+}
+
+fn create_sample(pg: &PgServer, name: &str) -> PgDatabase {
+    let db = pg.create_database(name);
+    pg.execute(name, SAMPLE);
+    db
+}
+
+const USER_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'";
+
+/// Everything a restore must bring back: every row of every table and materialized view
+/// (a checksum over their text forms), and the definitions of relations, views,
+/// functions, triggers, constraints, and every sequence's position.
+fn fingerprint(pg: &PgServer, db: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let relations = pg.strings(
+        db,
+        &format!(
+            "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) FROM pg_class c
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind IN ('r', 'm') AND {USER_SCHEMAS} ORDER BY 1"
+        ),
+    );
+    for rel in relations {
+        let sum = pg.strings(
+            db,
+            &format!(
+                "SELECT count(*) || ' ' || md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), '')) FROM {rel} t"
+            ),
+        );
+        out.insert(format!("rows {rel}"), sum.join(""));
+    }
+    let catalog = [
+        (
+            "relation",
+            format!(
+                "SELECT n.nspname || '.' || c.relname || ' ' || c.relkind::text || ' ' || c.relpersistence::text FROM pg_class c
+                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {USER_SCHEMAS}"
+            ),
+        ),
+        (
+            "partition",
+            format!(
+                "SELECT c.oid::regclass || ' ' || pg_get_expr(c.relpartbound, c.oid) FROM pg_class c
+                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relispartition AND {USER_SCHEMAS}"
+            ),
+        ),
+        (
+            "function",
+            format!(
+                "SELECT p.oid::regprocedure || ' ' || pg_get_functiondef(p.oid) FROM pg_proc p
+                 JOIN pg_namespace n ON n.oid = p.pronamespace WHERE {USER_SCHEMAS}"
+            ),
+        ),
+        (
+            "view",
+            "SELECT schemaname || '.' || viewname || ' ' || definition FROM pg_views
+             WHERE schemaname NOT IN ('pg_catalog', 'information_schema')"
+                .to_string(),
+        ),
+        (
+            "matview",
+            "SELECT schemaname || '.' || matviewname || ' ' || ispopulated || ' ' || definition FROM pg_matviews"
+                .to_string(),
+        ),
+        (
+            "trigger",
+            "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE NOT tgisinternal".to_string(),
+        ),
+        (
+            "constraint",
+            format!(
+                "SELECT c.conrelid::regclass || ' ' || c.conname || ' ' || pg_get_constraintdef(c.oid)
+                 FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace WHERE {USER_SCHEMAS}"
+            ),
+        ),
+        (
+            "index",
+            "SELECT indexdef FROM pg_indexes WHERE schemaname NOT IN ('pg_catalog', 'information_schema')"
+                .to_string(),
+        ),
+        (
+            "sequence",
+            "SELECT schemaname || '.' || sequencename || ' last_value=' || coalesce(last_value::text, 'NULL')
+             FROM pg_sequences"
+                .to_string(),
+        ),
+    ];
+    for (what, sql) in catalog {
+        let mut items = pg.strings(db, &sql);
+        items.sort();
+        out.insert(what.to_string(), items.join("\n"));
+    }
+    out
+}
+
+/// Asserts the catalog and data of two databases are the same, naming what differs.
+fn assert_same(pg: &PgServer, source: &str, restored: &str) {
+    let (a, b) = (fingerprint(pg, source), fingerprint(pg, restored));
+    for key in a.keys().chain(b.keys()) {
+        assert_eq!(a.get(key), b.get(key), "{key} differs between {source} and {restored}");
+    }
+}
+
+fn check_artifact(artifact: &Artifact, pg: &PgServer, db: &str, format: &str) {
+    assert_eq!(artifact.engine, "postgres");
+    assert_eq!(artifact.format, format);
+    assert_eq!(artifact.name, format!("postgres-{}", sanitize(db)));
+    assert!(artifact.file.ends_with(&format!(".{format}.zst")), "{}", artifact.file);
+    assert_eq!(artifact.source.database.as_deref(), Some(db));
+    assert_eq!(artifact.source.port, Some(pg.port));
+    assert_eq!(artifact.tool.program, "pg_dump");
+    assert!(artifact.tool.version.starts_with("15"), "{:?}", artifact.tool);
+    assert_eq!(
+        artifact.counts,
+        sample_counts(),
+        "rows per schema.table, zeros and leaf partitions included"
+    );
+    assert!(
+        !artifact.counts.contains_key("app.events"),
+        "a partitioned table holds no rows itself"
+    );
+    assert!(
+        artifact.content_bytes > 3_200_000,
+        "the long row is in: {}",
+        artifact.content_bytes
+    );
+}
+
+/// Restores into a new database and checks it against the source, row by row.
+fn restore_and_compare(t: &Pg, artifact: &Artifact, source: &str, extra: &[&str]) -> PgDatabase {
+    let target = t.pg.database(&odd_name());
+    let mut args = vec!["--database", &target.name];
+    args.extend(extra);
+    let run = t.restore(artifact, &args).ok();
+    let restored = run.restored();
+    assert_eq!(
+        restored.counts, artifact.counts,
+        "the restored record's counts are the manifest's"
+    );
+    assert!(restored.complete);
+    assert_eq!(restored.id, artifact.id);
+    assert_eq!(restored.target["database"], target.name.as_str());
+    assert_same(&t.pg, source, &target.name);
+    target
+}
+
+/// The sequence, trigger and function came back working, not only as definitions.
+fn check_restored_objects_work(pg: &PgServer, db: &str) {
+    assert_eq!(pg.strings(db, "SELECT last_value FROM app.counter"), ["104"]);
+    assert_eq!(pg.strings(db, "SELECT nextval('app.counter')"), ["105"]);
+    pg.execute(db, "INSERT INTO app.people(name) VALUES ('after restore')");
+    assert_eq!(
+        pg.strings(
+            db,
+            "SELECT count(*) FROM app.audit WHERE what = 'insert of after restore'"
+        ),
+        ["1"],
+        "the trigger fires in the restored database"
+    );
+    assert_eq!(
+        pg.strings(db, "SELECT id FROM app.people WHERE name = 'after restore'"),
+        ["2005"],
+        "the serial's sequence went on from where it was"
+    );
+}
+
+#[test]
+fn custom_format_round_trip_is_exact() {
+    let Some(t) = setup("custom_format_round_trip_is_exact") else {
+        return;
+    };
+    let name = odd_name();
+    let _source = create_sample(&t.pg, &name);
+    let artifact = t.dump(&["--dbname", &name]).ok().artifact();
+    check_artifact(&artifact, &t.pg, &name, "pgdump");
+    let stored = std::fs::read(&artifact.location).unwrap();
+    assert_eq!(stored.len() as u64, artifact.bytes);
+
+    let restored = restore_and_compare(&t, &artifact, &name, &[]);
+    check_restored_objects_work(&t.pg, &restored.name);
+    // Parallel pg_restore, from the temporary copy it needs.
+    restore_and_compare(&t, &artifact, &name, &["--jobs", "2"]);
+    assert!(
+        !std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().contains(&artifact.id)),
+        "the temporary copy for --jobs is gone"
+    );
+}
+
+#[test]
+fn plain_format_round_trip_is_exact() {
+    let Some(t) = setup("plain_format_round_trip_is_exact") else {
+        return;
+    };
+    let name = odd_name();
+    let _source = create_sample(&t.pg, &name);
+    let artifact = t.dump(&["--dbname", &name, "--format", "plain"]).ok().artifact();
+    check_artifact(&artifact, &t.pg, &name, "pgsql");
+    let restored = restore_and_compare(&t, &artifact, &name, &[]);
+    check_restored_objects_work(&t.pg, &restored.name);
+}
+
+/// Decompresses an artifact with the system's zstd.
+fn zstd_dc(path: &str) -> Vec<u8> {
+    let out = Command::new("zstd").args(["-dc", path]).output().expect("zstd");
+    assert!(
+        out.status.success(),
+        "zstd -dc {path}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+#[test]
+fn globals_hold_roles_without_passwords() {
+    let Some(t) = setup("globals_hold_roles_without_passwords") else {
+        return;
+    };
+    let role = pg_unique_name("bk_role_");
+    t.pg.execute(
+        "postgres",
+        &format!("CREATE ROLE {role} LOGIN PASSWORD 'Pw-{role}' CONNECTION LIMIT 3"),
+    );
+    struct DropRole<'a>(&'a PgServer, String);
+    impl Drop for DropRole<'_> {
+        fn drop(&mut self) {
+            self.0.execute("postgres", &format!("DROP ROLE IF EXISTS {}", self.1));
+        }
+    }
+    let _role = DropRole(&t.pg, role.clone());
+    let name = pg_unique_name("bk_globals_");
+    let _db = t.pg.create_database(&name);
+    let run = t.dump(&["--globals", "--dbname", &name]).ok();
+    let artifacts = run.artifacts();
+    assert_eq!(artifacts.len(), 2, "{}", run.stdout);
+    let globals = artifacts
+        .iter()
+        .find(|a| a.name == "postgres-globals")
+        .expect("a postgres-globals artifact");
+    assert_eq!(globals.engine, "postgres");
+    assert_eq!(globals.format, "pgsql");
+    assert!(globals.file.ends_with(".pgsql.zst"));
+    assert_eq!(globals.tool.program, "pg_dumpall");
+    assert!(globals.counts.is_empty());
+    assert!(artifacts.iter().any(|a| a.name == format!("postgres-{name}")));
+
+    let content = String::from_utf8(zstd_dc(&globals.location)).unwrap();
+    assert!(content.contains(&format!("CREATE ROLE {role};")), "{content}");
+    assert!(content.contains("CONNECTION LIMIT 3"), "the role's attributes are kept");
+    assert!(!content.contains("SCRAM-SHA-256$"), "no password hash: {content}");
+    assert!(!content.contains("PASSWORD 'md5"), "no password hash");
+    assert!(!content.contains(&format!("Pw-{role}")));
+    assert!(!content.contains("PASSWORD '"), "no password at all");
+}
+
+#[test]
+fn standard_tools_alone_restore_the_custom_format() {
+    let Some(t) = setup("standard_tools_alone_restore_the_custom_format") else {
+        return;
+    };
+    let name = odd_name();
+    let _source = create_sample(&t.pg, &name);
+    let artifact = t.dump(&["--dbname", &name]).ok().artifact();
+    let target = t.pg.create_database(&odd_name());
+    let file = t.sb.path("f.pgdump");
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        r#"zstd -dc "$1" > "$2" && pg_restore -h "$3" -p "$4" -U "$5" --exit-on-error -d "$6" "$2""#,
+        "sh",
+        &artifact.location,
+        file.to_str().unwrap(),
+        &t.pg.host,
+        &t.pg.port.to_string(),
+        &t.pg.user,
+        &target.name,
+    ])
+    .env("PGPASSFILE", &t.pgpass);
+    run_cmd(cmd, "").ok();
+    assert_same(&t.pg, &name, &target.name);
+    check_restored_objects_work(&t.pg, &target.name);
+}
+
+#[test]
+fn counts_are_the_dumps_own_snapshot_while_another_connection_writes() {
+    let Some(t) = setup("counts_are_the_dumps_own_snapshot_while_another_connection_writes") else {
+        return;
+    };
+    let name = pg_unique_name("bk_busy_");
+    let _db = t.pg.create_database(&name);
+    t.pg.execute(
+        &name,
+        "CREATE TABLE a(id bigserial PRIMARY KEY, v text); CREATE TABLE b(id bigserial PRIMARY KEY, v text);",
+    );
+    // Every transaction adds two rows to a and one to b: in any snapshot, a = 2 b.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, pg, name) = (stop.clone(), t.pg.clone(), name.clone());
+        std::thread::spawn(move || {
+            let mut client = pg.client(&name);
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let mut tx = client.transaction().unwrap();
+                tx.batch_execute(
+                    "INSERT INTO a(v) VALUES (repeat(md5(random()::text), 10)), ('x');
+                     INSERT INTO b(v) VALUES (repeat(md5(random()::text), 20));",
+                )
+                .unwrap();
+                tx.commit().unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while t.pg.strings(&name, "SELECT count(*) FROM b")[0].parse::<u64>().unwrap() < 500 {
+        assert!(Instant::now() < deadline, "the writer does not write");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut artifacts = Vec::new();
+    for format in ["custom", "plain", "custom"] {
+        artifacts.push(t.dump(&["--dbname", &name, "--format", format]).ok().artifact());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let transactions = writer.join().unwrap();
+    assert!(transactions > 0);
+    let mut seen = Vec::new();
+    for artifact in &artifacts {
+        let (a, b) = (artifact.counts["public.a"], artifact.counts["public.b"]);
+        assert!(b >= 500);
+        assert_eq!(a, 2 * b, "the manifest's counts are one snapshot");
+        seen.push(b);
+        let target = t.pg.database(&pg_unique_name("bk_busy_r_"));
+        let run = t.restore(artifact, &["--database", &target.name]);
+        assert_eq!(
+            run.restored().counts,
+            artifact.counts,
+            "pg_dump dumped the very snapshot bk counted in"
+        );
+        run.ok();
+    }
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "the writer went on during the dumps: {seen:?}"
+    );
+}
+
+/// The command lines of every process, NUL-separated arguments joined by spaces.
+fn all_cmdlines() -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
+        .collect()
+}
+
+#[test]
+fn no_password_on_any_command_line_while_a_dump_runs() {
+    let Some(admin) = setup("no_password_on_any_command_line_while_a_dump_runs") else {
+        return;
+    };
+    // A backup user of its own, with a password nothing else uses, and only read rights.
+    let user = pg_unique_name("bk_backup_");
+    let password = format!("Secret-{}-pw", pg_unique_name(""));
+    admin.pg.execute(
+        "postgres",
+        &format!("CREATE ROLE {user} LOGIN PASSWORD '{password}'; GRANT pg_read_all_data TO {user};"),
+    );
+    struct DropRole<'a>(&'a PgServer, String);
+    impl Drop for DropRole<'_> {
+        fn drop(&mut self) {
+            self.0.execute("postgres", &format!("DROP ROLE IF EXISTS {}", self.1));
+        }
+    }
+    let name = pg_unique_name("bk_cmdline_");
+    let db = admin.pg.create_database(&name);
+    let _role = DropRole(&admin.pg, user.clone());
+    admin.pg.execute(
+        &name,
+        "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS v
+         FROM generate_series(1, 100000) g;",
+    );
+    let t = Pg::with_server(PgServer {
+        user: user.clone(),
+        password: password.clone(),
+        ..admin.pg.clone()
+    });
+    // A slow compression level keeps pg_dump running for seconds (its output waits for bk).
+    let mut cmd = t.dump_cmd(&["--dbname", &name, "--level", "12"]);
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let pid = child.id();
+    let mut saw_pg_dump = 0;
+    let mut scans = 0;
+    loop {
+        let done = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit_once(") ").is_none_or(|(_, r)| r.starts_with('Z')))
+            .unwrap_or(true);
+        for cmdline in all_cmdlines() {
+            assert!(
+                !cmdline.contains(&password),
+                "the password is on a command line: {cmdline}"
+            );
+            if cmdline.contains("pg_dump") && cmdline.contains("--snapshot=") {
+                saw_pg_dump += 1;
+            }
+        }
+        scans += 1;
+        if done {
+            break;
+        }
+    }
+    let run = Run::from(child.wait_with_output().unwrap());
+    let artifact = run.ok().artifact();
+    assert_eq!(artifact.counts["public.big"], 100000);
+    assert!(saw_pg_dump > 0, "pg_dump was never seen running ({scans} scans)");
+    assert!(
+        !std::fs::read_to_string(artifact.location.replace(".pgdump.zst", ".json"))
+            .unwrap()
+            .contains(&password)
+    );
+    drop(db);
+}
+
+/// Runs a dump that must fail: its error record, its exit code, nothing in the store, no
+/// password in the output.
+fn assert_dump_fails(t: &Pg, cmd: Command, code: i32, says: &str) -> Run {
+    let run = run_cmd(cmd, "").code(code);
+    let e = run.error();
+    assert_eq!(e.tool, "bk-dump");
+    assert!(
+        e.message.contains(says),
+        "the message should say {says:?}: {}",
+        e.message
+    );
+    assert!(!run.stdout.contains(&t.pg.password) && !run.stderr.contains(&t.pg.password));
+    assert_eq!(t.store_files(), Vec::<PathBuf>::new(), "nothing is left in the store");
+    assert!(run.artifacts().is_empty());
+    run
+}
+
+#[test]
+fn a_wrong_password_is_a_configuration_error() {
+    let Some(t) = setup("a_wrong_password_is_a_configuration_error") else {
+        return;
+    };
+    let name = pg_unique_name("bk_pw_");
+    let _db = t.pg.create_database(&name);
+    let wrong = PgServer {
+        password: "not-the-password".into(),
+        ..t.pg.clone()
+    };
+    wrong.write_pgpass(&t.sb, "pgpass");
+    let run = assert_dump_fails(
+        &t,
+        t.dump_cmd(&["--dbname", &name]),
+        78,
+        "password authentication failed",
+    );
+    assert_eq!(run.error().name, Some(format!("postgres-{name}")));
+    assert!(!run.stderr.contains("not-the-password"));
+    // The same for bk-restore, before it touches anything.
+    t.pg.write_pgpass(&t.sb, "pgpass");
+    let artifact = t.dump(&["--dbname", &name]).ok().artifact();
+    wrong.write_pgpass(&t.sb, "pgpass");
+    let target = t.pg.database(&pg_unique_name("bk_pw_r_"));
+    let run = t.restore(&artifact, &["--database", &target.name]).code(78);
+    run.error();
+    assert_eq!(
+        t.pg.strings(
+            "postgres",
+            &format!("SELECT count(*) FROM pg_database WHERE datname = '{}'", target.name)
+        ),
+        ["0"],
+        "nothing was created"
+    );
+}
+
+#[test]
+fn an_unknown_database_is_no_input() {
+    let Some(t) = setup("an_unknown_database_is_no_input") else {
+        return;
+    };
+    let nope = pg_unique_name("nope_");
+    let run = assert_dump_fails(&t, t.dump_cmd(&["--dbname", &nope]), 66, &nope);
+    assert!(run.error().message.contains("does not exist"), "{}", run.stderr);
+}
+
+#[test]
+fn a_password_file_readable_by_others_is_refused() {
+    let Some(t) = setup("a_password_file_readable_by_others_is_refused") else {
+        return;
+    };
+    let name = pg_unique_name("bk_loose_");
+    let _db = t.pg.create_database(&name);
+    std::fs::set_permissions(&t.pgpass, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert_dump_fails(&t, t.dump_cmd(&["--dbname", &name]), 78, "chmod 600");
+}
+
+#[test]
+fn pg_dump_missing_from_path_is_unavailable() {
+    let Some(t) = setup("pg_dump_missing_from_path_is_unavailable") else {
+        return;
+    };
+    let name = pg_unique_name("bk_nopath_");
+    let _db = t.pg.create_database(&name);
+    let empty = t.sb.path("empty-bin");
+    std::fs::create_dir(&empty).unwrap();
+    let mut cmd = t.dump_cmd(&["--dbname", &name]);
+    cmd.env("PATH", &empty);
+    assert_dump_fails(&t, cmd, 69, "pg_dump");
+}
+
+/// A port on loopback nothing listens on.
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn an_unreachable_server_is_unavailable() {
+    let Some(t) = setup("an_unreachable_server_is_unavailable") else {
+        return;
+    };
+    let t = Pg {
+        pg: PgServer {
+            port: closed_port(),
+            ..t.pg.clone()
+        },
+        ..t
+    };
+    let run = assert_dump_fails(&t, t.dump_cmd(&["--dbname", "postgres"]), 69, "connecting to postgres");
+    assert_eq!(run.error().name.as_deref(), Some("postgres-postgres"));
+    // Listing the databases fails the same way.
+    assert_dump_fails(&t, t.dump_cmd(&[]), 69, "connecting");
+}
+
+/// A throwaway PostgreSQL cluster of one test's own, which it may stop at will.
+struct Cluster {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    server: PgServer,
+}
+
+impl Cluster {
+    /// initdb and start on a free port (as user postgres when we are root: initdb refuses
+    /// root); None (skipped) when PostgreSQL is not installed and the full suite is not running.
+    fn start(test: &str) -> Option<Cluster> {
+        let bin = PathBuf::from(std::env::var("PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()));
+        if !bin.join("initdb").exists() {
+            assert!(!services_required(), "{test}: no {}/initdb", bin.display());
+            eprintln!("SKIPPED {test}: no {}/initdb", bin.display());
+            return None;
+        }
+        let dir = tempfile::Builder::new().prefix("bk-pg-cluster-").tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let password = pg_unique_name("pw");
+        let pwfile = dir.path().join("pw");
+        std::fs::write(&pwfile, format!("{password}\n")).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            let pg = nix::unistd::User::from_name("postgres")
+                .unwrap()
+                .expect("a postgres user");
+            for p in [dir.path(), &pwfile] {
+                nix::unistd::chown(p, Some(pg.uid), Some(pg.gid)).unwrap();
+            }
+        }
+        let mut cluster = Cluster {
+            server: PgServer {
+                host: "127.0.0.1".into(),
+                port: 0,
+                user: "postgres".into(),
+                password,
+            },
+            bin,
+            dir,
+        };
+        let data = cluster.dir.path().join("data");
+        cluster.run(&[
+            "initdb",
+            "-D",
+            data.to_str().unwrap(),
+            "-U",
+            "postgres",
+            &format!("--pwfile={}", pwfile.display()),
+            "--auth=scram-sha-256",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "--no-sync",
+        ]);
+        for attempt in 0.. {
+            cluster.server.port = closed_port();
+            let options = format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+                cluster.server.port,
+                cluster.dir.path().display()
+            );
+            let log = cluster.dir.path().join("log");
+            let started = cluster.try_run(&[
+                "pg_ctl",
+                "-D",
+                data.to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                &options,
+                "start",
+            ]);
+            match started {
+                Ok(()) => break,
+                Err(e) if attempt >= 3 => panic!(
+                    "{test}: the private cluster did not start: {e}\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                ),
+                Err(_) => continue,
+            }
+        }
+        Some(cluster)
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let program = self.bin.join(args[0]);
+        let mut cmd = if nix::unistd::geteuid().is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        };
+        cmd.args(&args[1..]).current_dir(self.dir.path()).stdin(Stdio::null());
+        cmd
+    }
+
+    fn try_run(&self, args: &[&str]) -> Result<(), String> {
+        let out = self.command(args).output().map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{args:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    fn run(&self, args: &[&str]) {
+        self.try_run(args).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// `pg_ctl stop -m immediate`: the server dies as in a crash.
+    fn stop_immediately(&self) {
+        let data = self.dir.path().join("data");
+        self.run(&["pg_ctl", "-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"]);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = self.try_run(&["pg_ctl", "-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"]);
+    }
+}
+
+#[test]
+fn the_server_dying_mid_dump_leaves_nothing() {
+    let Some(cluster) = Cluster::start("the_server_dying_mid_dump_leaves_nothing") else {
+        return;
+    };
+    let t = Pg::with_server(cluster.server.clone());
+    let name = "big one";
+    t.pg.execute("postgres", &format!("CREATE DATABASE {}", pg_ident(name)));
+    t.pg.execute(
+        name,
+        "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS v
+         FROM generate_series(1, 500000) g;",
+    );
+    // The slowest compression holds pg_dump back in the middle of the table's COPY.
+    let mut cmd = t.dump_cmd(&["--dbname", name, "--level", "19"]);
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let dir = t.sb.path("store/postgres-big-one");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the dump ended before the server could be stopped"
+        );
+        let written: u64 = files_below(&dir)
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
+        if written > 256 * 1024 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the dump does not progress");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cluster.stop_immediately();
+    let run = Run::from(child.wait_with_output().unwrap()).code(69);
+    let e = run.error();
+    assert_eq!(e.name.as_deref(), Some("postgres-big-one"));
+    assert!(e.message.contains("pg_dump"), "{}", e.message);
+    assert_eq!(
+        t.store_files(),
+        Vec::<PathBuf>::new(),
+        "no artifact, manifest or temporary file"
+    );
+}
+
+#[test]
+fn restore_refuses_a_database_that_is_not_empty_unless_replace() {
+    let Some(t) = setup("restore_refuses_a_database_that_is_not_empty_unless_replace") else {
+        return;
+    };
+    let name = odd_name();
+    let _source = create_sample(&t.pg, &name);
+    let artifact = t.dump(&["--dbname", &name]).ok().artifact();
+    let target = t.pg.create_database(&odd_name());
+    t.pg.execute(
+        &target.name,
+        "CREATE TABLE precious(v text); INSERT INTO precious VALUES ('keep me');",
+    );
+    let run = t.restore(&artifact, &["--database", &target.name]).code(73);
+    assert!(run.error().message.contains("--replace"), "{}", run.stderr);
+    assert_eq!(t.pg.strings(&target.name, "SELECT v FROM precious"), ["keep me"]);
+
+    let restored = t
+        .restore(&artifact, &["--database", &target.name, "--replace"])
+        .ok()
+        .restored();
+    assert_eq!(restored.counts, artifact.counts);
+    assert_eq!(
+        t.pg.strings(
+            &target.name,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'precious'"
+        ),
+        ["0"],
+        "the old database was dropped"
+    );
+    assert_same(&t.pg, &name, &target.name);
+
+    // An empty database that exists is fine without --replace.
+    let empty = t.pg.create_database(&odd_name());
+    t.restore(&artifact, &["--database", &empty.name]).ok();
+    assert_same(&t.pg, &name, &empty.name);
+}
+
+#[test]
+fn restore_of_one_table() {
+    let Some(t) = setup("restore_of_one_table") else { return };
+    let name = odd_name();
+    let _source = create_sample(&t.pg, &name);
+    let artifact = t.dump(&["--dbname", &name]).ok().artifact();
+
+    let target = t.pg.database(&odd_name());
+    let run = t
+        .restore(&artifact, &["--database", &target.name, "--table", "plain_t"])
+        .ok();
+    let restored = run.restored();
+    assert!(!restored.complete, "a partial restore says so");
+    assert_eq!(restored.counts, BTreeMap::from([("public.plain_t".to_string(), 10)]));
+    let table_sum = "SELECT md5(string_agg(t::text, ',' ORDER BY t::text)) FROM public.plain_t t";
+    assert_eq!(t.pg.strings(&target.name, table_sum), t.pg.strings(&name, table_sum));
+
+    // A table in another schema than public.
+    let target = t.pg.database(&odd_name());
+    let run = t
+        .restore(&artifact, &["--database", &target.name, "--table", "app.people"])
+        .ok();
+    let restored = run.restored();
+    assert!(!restored.complete);
+    assert_eq!(restored.counts, BTreeMap::from([("app.people".to_string(), 2004)]));
+    let people_sum = "SELECT md5(string_agg(t::text, ',' ORDER BY t::text)) FROM app.people t";
+    assert_eq!(t.pg.strings(&target.name, people_sum), t.pg.strings(&name, people_sum));
+
+    // pg_restore selects by schema and by name apart: tables of two schemas at once could
+    // bring back others of the same names, so that is refused before anything is created.
+    let target = t.pg.database(&odd_name());
+    let run = t
+        .restore(
+            &artifact,
+            &[
+                "--database",
+                &target.name,
+                "--table",
+                "app.people",
+                "--table",
+                "plain_t",
+            ],
+        )
+        .code(64);
+    assert!(run.error().message.contains("one schema"), "{}", run.stderr);
+    assert_eq!(
+        t.pg.strings(
+            "postgres",
+            &format!("SELECT count(*) FROM pg_database WHERE datname = '{}'", target.name)
+        ),
+        ["0"]
+    );
+}
+
+#[test]
+fn table_restore_of_a_plain_backup_is_a_usage_error() {
+    let Some(t) = setup("table_restore_of_a_plain_backup_is_a_usage_error") else {
+        return;
+    };
+    let name = pg_unique_name("bk_plain_");
+    let _source = t.pg.create_database(&name);
+    t.pg.execute(&name, "CREATE TABLE x(v int); INSERT INTO x VALUES (1);");
+    let artifact = t.dump(&["--dbname", &name, "--format", "plain"]).ok().artifact();
+    let target = t.pg.database(&pg_unique_name("bk_plain_r_"));
+    let run = t
+        .restore(&artifact, &["--database", &target.name, "--table", "x"])
+        .code(64);
+    assert!(run.error().message.contains("custom"), "{}", run.stderr);
+    assert_eq!(
+        t.pg.strings(
+            "postgres",
+            &format!("SELECT count(*) FROM pg_database WHERE datname = '{}'", target.name)
+        ),
+        ["0"],
+        "nothing was created"
+    );
+}
+
+#[test]
+fn a_manifest_count_that_lies_is_reported_after_the_restore() {
+    let Some(t) = setup("a_manifest_count_that_lies_is_reported_after_the_restore") else {
+        return;
+    };
+    let name = odd_name();
+    let _source = create_sample(&t.pg, &name);
+    let mut artifact = t.dump(&["--dbname", &name]).ok().artifact();
+    let real = artifact.counts.clone();
+    *artifact.counts.get_mut("app.people").unwrap() += 1;
+    let target = t.pg.database(&odd_name());
+    let run = t.restore(&artifact, &["--database", &target.name]).code(65);
+    let e = run.error();
+    assert!(
+        e.message.contains("people: 2005 rows expected, 2004 found"),
+        "{}",
+        e.message
+    );
+    assert_eq!(e.name.as_deref(), Some(artifact.name.as_str()));
+    let restored = run.restored();
+    assert_eq!(
+        restored.counts, real,
+        "the restored record tells what the database holds"
+    );
+    assert_same(&t.pg, &name, &target.name);
+}
+
+#[test]
+fn without_dbname_every_database_but_the_templates() {
+    let Some(cluster) = Cluster::start("without_dbname_every_database_but_the_templates") else {
+        return;
+    };
+    let t = Pg::with_server(cluster.server.clone());
+    for db in ["bk Test-db", "Second_DB", "third"] {
+        t.pg.execute("postgres", &format!("CREATE DATABASE {}", pg_ident(db)));
+        t.pg.execute(db, "CREATE TABLE t(v int); INSERT INTO t VALUES (1), (2);");
+    }
+    let run = t.dump(&["--exclude-database", "third"]).ok();
+    let mut names: Vec<String> = run.artifacts().iter().map(|a| a.name.clone()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["postgres-bk-test-db", "postgres-postgres", "postgres-second_db"]
+    );
+    for a in run.artifacts() {
+        let db = a.source.database.clone().unwrap();
+        let expected: BTreeMap<String, u64> = if db == "postgres" {
+            BTreeMap::new()
+        } else {
+            BTreeMap::from([("public.t".to_string(), 2)])
+        };
+        assert_eq!(a.counts, expected, "{db}");
+        assert!(Path::new(&a.location).exists());
+    }
+}
