@@ -261,9 +261,13 @@ impl<W: Write> Encoder<W> {
             )
         };
         let inner = match options.compression {
-            Compression::Zstd => Compressor::Zstd(
-                zstd::stream::write::Encoder::new(sealed, level).map_err(|e| Error::io("starting zstd", e))?,
-            ),
+            Compression::Zstd => {
+                let mut zstd = zstd::stream::write::Encoder::new(sealed, level).map_err(|e| Error::io("starting zstd", e))?;
+                // One worker thread compresses while this one reads the source, as
+                // `dump | zstd` runs both at once; memory stays bounded by zstd's job size.
+                zstd.multithread(1).map_err(|e| Error::io("starting zstd's worker", e))?;
+                Compressor::Zstd(zstd)
+            }
             Compression::Gzip => Compressor::Gzip(flate2::write::GzEncoder::new(
                 sealed,
                 flate2::Compression::new(level as u32),
