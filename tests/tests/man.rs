@@ -98,6 +98,7 @@ fn page(mut cmd: clap::Command, see_also: &[&str]) -> (String, String) {
 fn commands() -> Vec<(String, clap::Command)> {
     let mut commands = vec![
         bk_core::ls::Cli::command(),
+        bk_core::prune::Cli::command(),
         bk_engines::restore::Cli::command(),
         bk_engines::verify::Cli::command(),
     ];
@@ -151,6 +152,7 @@ fn man_pages_are_current() {
         "bk-dump-files.1",
         "bk-dump-sqlite.1",
         "bk-ls.1",
+        "bk-prune.1",
         "bk-restore.1",
     ] {
         assert!(names.contains(&expected), "{expected} is not generated: {names:?}");

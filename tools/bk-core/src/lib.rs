@@ -10,6 +10,7 @@ pub mod ls;
 pub mod name;
 pub mod private;
 pub mod progress;
+pub mod prune;
 pub mod record;
 pub mod store;
 

@@ -77,6 +77,29 @@ pub struct Restored {
     pub complete: bool,
 }
 
+/// A backup that bk-prune's policy keeps, with every rule that keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Kept {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    pub location: String,
+    /// e.g. `["daily 2026-11-21", "weekly 2026-W47"]`.
+    pub reasons: Vec<String>,
+}
+
+/// A backup that bk-prune deleted (or, with `dry_run`, would delete), with why no rule
+/// keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pruned {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    pub location: String,
+    pub reasons: Vec<String>,
+    pub dry_run: bool,
+}
+
 /// Every record type. Types whose producer is not built yet are carried as plain objects,
 /// so a pipeline through this version passes them on intact.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,8 +109,8 @@ pub enum Record {
     Artifact(Artifact),
     Error(ErrorRecord),
     Restored(Restored),
-    Kept(Map<String, Value>),
-    Pruned(Map<String, Value>),
+    Kept(Kept),
+    Pruned(Pruned),
     Verified(Map<String, Value>),
     Notified(Map<String, Value>),
 }
@@ -207,6 +230,12 @@ impl Output {
         self.emit(&record)
     }
 
+    /// Records that an upstream error came in without passing its line on (as a table
+    /// for people does): the run will exit 1 unless it fails itself.
+    pub fn upstream_failed(&mut self) {
+        self.fail(Kind::Upstream.exit_code());
+    }
+
     /// Human text on stdout, e.g. a table.
     pub fn text(&mut self, line: &str) -> Result<()> {
         self.write_line(line)
@@ -256,6 +285,33 @@ mod tests {
         let again = parse_line(&record.to_line(), "t").unwrap();
         assert_eq!(again, record);
         assert!(record.to_line().starts_with(r#"{"bk":1,"type":"artifact","#));
+    }
+
+    #[test]
+    fn kept_and_pruned_are_typed_and_tolerate_unknown_fields() {
+        let kept = r#"{"bk":1,"type":"kept","id":"db.20261121T001500Z","name":"db","location":"/b/db/x","reasons":["daily 2026-11-21","weekly 2026-W47"],"future":1}"#;
+        let Record::Kept(k) = parse_line(kept, "t").unwrap() else {
+            panic!("not kept")
+        };
+        assert_eq!(k.reasons, ["daily 2026-11-21", "weekly 2026-W47"]);
+        assert_eq!(k.name, "db");
+        let pruned = Record::Pruned(Pruned {
+            id: "db.20261101T001500Z".into(),
+            name: "db".into(),
+            location: "/b/db/y".into(),
+            reasons: vec!["daily: 7 days kept already".into()],
+            dry_run: true,
+        });
+        let line = pruned.to_line();
+        assert!(
+            line.starts_with(r#"{"bk":1,"type":"pruned","id":"db.20261101T001500Z","#),
+            "{line}"
+        );
+        assert!(line.ends_with(r#""dry_run":true}"#), "{line}");
+        assert_eq!(parse_line(&line, "t").unwrap(), pruned);
+        // A pruned record must say whether anything was deleted.
+        let e = parse_line(r#"{"bk":1,"type":"pruned","id":"x","location":"y","reasons":[]}"#, "t").unwrap_err();
+        assert!(e.message.contains("dry_run"), "{}", e.message);
     }
 
     #[test]

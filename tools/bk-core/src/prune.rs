@@ -1,0 +1,906 @@
+//! bk-prune: deletes old backups by a retention policy with restic's `forget` semantics,
+//! and says for every backup why it was kept or deleted.
+//!
+//! The policy engine ([`decide`]) is pure: backups in, one [`Decision`] per backup out. The
+//! command around it finds the backups (a store, or the artifact records on stdin), takes
+//! each name's lock, deletes, and prints `kept` and `pruned` records.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::IsTerminal;
+use std::str::FromStr;
+
+use chrono::{DateTime, Datelike, LocalResult, NaiveDate, NaiveDateTime, Offset, TimeDelta, TimeZone, Utc};
+use clap::Parser;
+
+use crate::cli::LockOpts;
+use crate::error::{Error, Result};
+use crate::name::{parse_time, validate_name, STAMP_FORMAT};
+use crate::record::{read_all, Artifact, Input, Kept, Output, Pruned, Record};
+use crate::store::{self, Store};
+
+/// The reason of every backup kept under an empty policy.
+pub const EMPTY_POLICY: &str = "empty policy: nothing is deleted";
+/// The reason of a backup dated after the current time.
+pub const IN_THE_FUTURE: &str = "in the future";
+/// The reason of the newest backup when no rule keeps it (a safety net: every non-empty
+/// policy keeps it anyway).
+pub const NEWEST: &str = "newest backup";
+
+/// How long a temporary file of a killed run stays before bk-prune removes it.
+pub const LEFTOVER_AGE: TimeDelta = TimeDelta::days(1);
+
+// ---------------------------------------------------------------------------------------
+// Durations
+
+/// A duration of `--keep-within`: calendar years, months and days, then hours, as restic
+/// counts them (`1y6m`, `30d`, `2w` = `14d`, `36h`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Span {
+    pub years: i64,
+    pub months: i64,
+    pub days: i64,
+    pub hours: i64,
+    /// As the user wrote it, for reasons.
+    text: String,
+}
+
+impl Span {
+    /// Reads `<number><unit>...` with units y, m (months), w, d, h; e.g. `1y6m`, `2w3d`.
+    pub fn parse(text: &str) -> std::result::Result<Span, String> {
+        let bad = || {
+            format!(
+                "invalid duration {text:?}: use numbers with units y (years), m (months), w (weeks), d (days), h (hours), e.g. 30d, 2w, 1y6m, 12h"
+            )
+        };
+        let mut span = Span {
+            years: 0,
+            months: 0,
+            days: 0,
+            hours: 0,
+            text: text.trim().to_string(),
+        };
+        let mut digits = String::new();
+        let mut parts = 0;
+        for c in text.trim().chars() {
+            if c.is_ascii_digit() {
+                digits.push(c);
+                continue;
+            }
+            let n: i64 = digits.parse().map_err(|_| bad())?;
+            digits.clear();
+            // Far beyond any retention, and small enough for calendar arithmetic.
+            if n > 100_000 {
+                return Err(format!("duration {text:?} is too long"));
+            }
+            let (field, factor) = match c {
+                'y' => (&mut span.years, 1),
+                'm' => (&mut span.months, 1),
+                'w' => (&mut span.days, 7),
+                'd' => (&mut span.days, 1),
+                'h' => (&mut span.hours, 1),
+                _ => return Err(bad()),
+            };
+            *field += n * factor;
+            parts += 1;
+        }
+        if !digits.is_empty() || parts == 0 {
+            return Err(bad());
+        }
+        if [span.years, span.months / 12, span.days / 366, span.hours / 8784]
+            .iter()
+            .sum::<i64>()
+            > 100_000
+        {
+            return Err(format!("duration {text:?} is too long"));
+        }
+        Ok(span)
+    }
+
+    /// A span of nothing is no rule, as a count of 0 is none.
+    pub fn is_zero(&self) -> bool {
+        self.years == 0 && self.months == 0 && self.days == 0 && self.hours == 0
+    }
+
+    /// The time this span before `t`, on the calendar of `zone`, as restic (Go's AddDate)
+    /// counts: years and months first, then days, and a day past the end of a month rolls
+    /// over (one month before March 31 is March 3, or 2 in a leap year); then hours.
+    pub fn before(&self, t: DateTime<Utc>, zone: &Zone) -> DateTime<Utc> {
+        let wall = zone.civil(t);
+        let months = i64::from(wall.year()) * 12 + i64::from(wall.month0()) - self.years * 12 - self.months;
+        let date = i32::try_from(months.div_euclid(12))
+            .ok()
+            .and_then(|y| NaiveDate::from_ymd_opt(y, months.rem_euclid(12) as u32 + 1, 1))
+            .and_then(|first| first.checked_add_signed(TimeDelta::days(i64::from(wall.day()) - 1 - self.days)));
+        match date {
+            Some(d) => zone.resolve(d.and_time(wall.time())) - TimeDelta::hours(self.hours),
+            None => DateTime::<Utc>::MIN_UTC,
+        }
+    }
+}
+
+impl std::fmt::Display for Span {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Time zones
+
+/// The zone whose calendar the periods are counted in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Zone {
+    /// The machine's zone: `TZ`, else /etc/localtime.
+    Local,
+    Named(chrono_tz::Tz),
+}
+
+impl Zone {
+    /// An IANA zone name (`Europe/Berlin`, `UTC`), or `local`.
+    pub fn parse(name: &str) -> std::result::Result<Zone, String> {
+        if name == "local" {
+            return Ok(Zone::Local);
+        }
+        chrono_tz::Tz::from_str(name)
+            .map(Zone::Named)
+            .map_err(|_| format!("unknown time zone {name:?}: use an IANA name such as Europe/Berlin or UTC"))
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Zone::Local => "local time".to_string(),
+            Zone::Named(tz) => tz.name().to_string(),
+        }
+    }
+
+    /// The wall-clock time in this zone.
+    pub fn civil(&self, t: DateTime<Utc>) -> NaiveDateTime {
+        match self {
+            Zone::Local => t.with_timezone(&chrono::Local).naive_local(),
+            Zone::Named(tz) => t.with_timezone(tz).naive_local(),
+        }
+    }
+
+    /// The instant of a wall-clock time: the earlier of two when clocks go back; in the gap
+    /// when they go forward, the wall time read with the offset in force before it.
+    pub fn resolve(&self, wall: NaiveDateTime) -> DateTime<Utc> {
+        match self {
+            Zone::Local => resolve_in(&chrono::Local, wall),
+            Zone::Named(tz) => resolve_in(tz, wall),
+        }
+    }
+}
+
+fn resolve_in<Z: TimeZone>(zone: &Z, wall: NaiveDateTime) -> DateTime<Utc> {
+    match zone.from_local_datetime(&wall) {
+        LocalResult::Single(t) => t.with_timezone(&Utc),
+        LocalResult::Ambiguous(a, b) => a.with_timezone(&Utc).min(b.with_timezone(&Utc)),
+        LocalResult::None => {
+            let before = zone.offset_from_utc_datetime(&(wall - TimeDelta::days(2))).fix();
+            Utc.from_utc_datetime(&(wall - TimeDelta::seconds(i64::from(before.local_minus_utc()))))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The policy
+
+/// A calendar period of the `--keep-hourly` ... `--keep-yearly` rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    Hour,
+    Day,
+    /// ISO 8601 weeks: Monday to Sunday, numbered within the ISO year (2020-W53 ends on
+    /// 2021-01-03).
+    Week,
+    Month,
+    Year,
+}
+
+impl Period {
+    pub const ALL: [Period; 5] = [Period::Hour, Period::Day, Period::Week, Period::Month, Period::Year];
+
+    /// The rule's adjective, as in reasons: `daily 2026-11-21`.
+    pub fn adjective(self) -> &'static str {
+        match self {
+            Period::Hour => "hourly",
+            Period::Day => "daily",
+            Period::Week => "weekly",
+            Period::Month => "monthly",
+            Period::Year => "yearly",
+        }
+    }
+
+    fn unit(self, n: i64) -> String {
+        let unit = match self {
+            Period::Hour => "hour",
+            Period::Day => "day",
+            Period::Week => "week",
+            Period::Month => "month",
+            Period::Year => "year",
+        };
+        format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
+    }
+
+    /// The period a wall-clock time falls in: a key that differs between periods, and its
+    /// name (`2026-11-21T13`, `2026-11-21`, `2026-W47`, `2026-11`, `2026`).
+    pub fn bucket(self, wall: NaiveDateTime) -> (i64, String) {
+        let (y, m, d) = (i64::from(wall.year()), i64::from(wall.month()), i64::from(wall.day()));
+        match self {
+            Period::Hour => {
+                let h = i64::from(chrono::Timelike::hour(&wall));
+                (
+                    ((y * 100 + m) * 100 + d) * 100 + h,
+                    format!("{y:04}-{m:02}-{d:02}T{h:02}"),
+                )
+            }
+            Period::Day => ((y * 100 + m) * 100 + d, format!("{y:04}-{m:02}-{d:02}")),
+            Period::Week => {
+                let w = wall.date().iso_week();
+                (
+                    i64::from(w.year()) * 100 + i64::from(w.week()),
+                    format!("{:04}-W{:02}", w.year(), w.week()),
+                )
+            }
+            Period::Month => (y * 100 + m, format!("{y:04}-{m:02}")),
+            Period::Year => (y, format!("{y:04}")),
+        }
+    }
+}
+
+/// A retention policy. Counts: 0 is no rule, -1 unlimited. A zero or absent span is no
+/// rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub last: i64,
+    pub hourly: i64,
+    pub daily: i64,
+    pub weekly: i64,
+    pub monthly: i64,
+    pub yearly: i64,
+    pub within: Option<Span>,
+    pub within_hourly: Option<Span>,
+    pub within_daily: Option<Span>,
+    pub within_weekly: Option<Span>,
+    pub within_monthly: Option<Span>,
+    pub within_yearly: Option<Span>,
+}
+
+impl Policy {
+    /// `--rolling`: what backup-container's users know, as calendar rules.
+    pub fn rolling() -> Policy {
+        Policy {
+            daily: 6,
+            weekly: 4,
+            monthly: 1,
+            ..Policy::default()
+        }
+    }
+
+    fn counted(&self) -> [(Option<Period>, i64); 6] {
+        [
+            (None, self.last),
+            (Some(Period::Hour), self.hourly),
+            (Some(Period::Day), self.daily),
+            (Some(Period::Week), self.weekly),
+            (Some(Period::Month), self.monthly),
+            (Some(Period::Year), self.yearly),
+        ]
+    }
+
+    fn windows(&self) -> [(Period, Option<&Span>); 5] {
+        [
+            (Period::Hour, self.within_hourly.as_ref()),
+            (Period::Day, self.within_daily.as_ref()),
+            (Period::Week, self.within_weekly.as_ref()),
+            (Period::Month, self.within_monthly.as_ref()),
+            (Period::Year, self.within_yearly.as_ref()),
+        ]
+    }
+
+    /// No rule at all: then nothing is deleted.
+    pub fn is_empty(&self) -> bool {
+        self.counted().iter().all(|(_, n)| *n == 0)
+            && std::iter::once(self.within.as_ref())
+                .chain(self.windows().map(|(_, s)| s))
+                .all(|s| s.is_none_or(Span::is_zero))
+    }
+}
+
+/// What the policy decided for one backup, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub keep: bool,
+    /// Every rule that keeps it, or, for a backup to delete, why each rule does not.
+    pub reasons: Vec<String>,
+}
+
+/// A `--keep-last` or `--keep-<period>` rule while the backups are walked.
+struct Counter {
+    period: Option<Period>,
+    count: i64,
+    left: i64,
+    last: Option<i64>,
+}
+
+impl Counter {
+    fn name(&self) -> &'static str {
+        self.period.map_or("last", Period::adjective)
+    }
+
+    fn used_up(&self) -> String {
+        match self.period {
+            None => format!("last: the {} newest are kept", self.count),
+            Some(p) => format!("{}: {} kept already", p.adjective(), p.unit(self.count)),
+        }
+    }
+}
+
+/// A `--keep-within-<period>` rule while the backups are walked.
+struct Window<'a> {
+    period: Period,
+    span: &'a Span,
+    cutoff: DateTime<Utc>,
+    last: Option<i64>,
+}
+
+/// Applies a policy to the backups of one name, given as (id, UTC time); one decision per
+/// backup, in the order given. The order given does not matter: backups are walked newest
+/// first (by time, then id), as restic does:
+///
+/// - a counted rule keeps a backup when its period differs from that of the last backup the
+///   rule kept, and the rule has count left; `--keep-last` counts backups, not periods;
+/// - each rule counts on its own, also backups that another rule keeps already;
+/// - a rule with count left when it reaches the oldest backup keeps that one too;
+/// - `within` rules are measured back from the newest backup, not from `now`;
+/// - a backup after `now` is kept (reason "in the future") and takes no part in the rules;
+/// - an empty policy keeps everything, and the newest backup is always kept.
+pub fn decide(policy: &Policy, zone: &Zone, now: DateTime<Utc>, backups: &[(&str, DateTime<Utc>)]) -> Vec<Decision> {
+    let mut decisions = vec![
+        Decision {
+            keep: false,
+            reasons: Vec::new(),
+        };
+        backups.len()
+    ];
+    let kept = |reason: &str| Decision {
+        keep: true,
+        reasons: vec![reason.to_string()],
+    };
+    let mut order: Vec<usize> = (0..backups.len()).collect();
+    order.sort_by(|&a, &b| (backups[b].1, backups[b].0).cmp(&(backups[a].1, backups[a].0)));
+    let (future, past): (Vec<usize>, Vec<usize>) = order.into_iter().partition(|&i| backups[i].1 > now);
+    for &i in &future {
+        decisions[i] = kept(IN_THE_FUTURE);
+    }
+    if policy.is_empty() {
+        for &i in &past {
+            decisions[i] = kept(EMPTY_POLICY);
+        }
+        return decisions;
+    }
+    let Some(&newest) = past.first() else {
+        return decisions;
+    };
+    let latest = backups[newest].1;
+    let within = policy
+        .within
+        .as_ref()
+        .filter(|s| !s.is_zero())
+        .map(|s| (s, s.before(latest, zone)));
+    let mut counters: Vec<Counter> = policy
+        .counted()
+        .into_iter()
+        .filter(|(_, n)| *n != 0)
+        .map(|(period, count)| Counter {
+            period,
+            count,
+            left: count,
+            last: None,
+        })
+        .collect();
+    let mut windows: Vec<Window> = policy
+        .windows()
+        .into_iter()
+        .filter_map(|(period, span)| {
+            let span = span.filter(|s| !s.is_zero())?;
+            Some(Window {
+                period,
+                span,
+                cutoff: span.before(latest, zone),
+                last: None,
+            })
+        })
+        .collect();
+    let oldest = past.len() - 1;
+    for (pos, &i) in past.iter().enumerate() {
+        let t = backups[i].1;
+        let wall = zone.civil(t);
+        let mut keep = Vec::new();
+        let mut not = Vec::new();
+        if let Some((span, cutoff)) = within {
+            if t > cutoff {
+                keep.push(format!("within {span}"));
+            } else {
+                not.push(format!("not within {span} of the newest"));
+            }
+        }
+        for c in &mut counters {
+            if c.left == 0 {
+                not.push(c.used_up());
+                continue;
+            }
+            let (key, label) = match c.period {
+                None => (pos as i64, "last".to_string()),
+                Some(p) => {
+                    let (key, name) = p.bucket(wall);
+                    (key, format!("{} {name}", p.adjective()))
+                }
+            };
+            let new_period = c.last != Some(key);
+            if new_period || pos == oldest {
+                c.last = Some(key);
+                if c.left > 0 {
+                    c.left -= 1;
+                }
+                keep.push(if new_period {
+                    label
+                } else {
+                    format!("oldest ({})", c.name())
+                });
+            } else {
+                not.push(format!("{label} has a newer backup"));
+            }
+        }
+        for w in &mut windows {
+            let adjective = w.period.adjective();
+            if t <= w.cutoff {
+                not.push(format!("{adjective} within {}: too old", w.span));
+                continue;
+            }
+            let (key, name) = w.period.bucket(wall);
+            if w.last != Some(key) {
+                w.last = Some(key);
+                keep.push(format!("{adjective} {name} within {}", w.span));
+            } else {
+                not.push(format!("{adjective} {name} within {} has a newer backup", w.span));
+            }
+        }
+        decisions[i] = if keep.is_empty() {
+            Decision {
+                keep: false,
+                reasons: not,
+            }
+        } else {
+            Decision {
+                keep: true,
+                reasons: keep,
+            }
+        };
+    }
+    if !decisions[newest].keep {
+        decisions[newest] = kept(NEWEST);
+    }
+    decisions
+}
+
+// ---------------------------------------------------------------------------------------
+// The command
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// One kept or pruned record per backup, after the records passed on (JSON Lines)
+    Json,
+    /// Aligned columns for people
+    Table,
+}
+
+/// Delete old backups by a retention policy, saying why for each.
+///
+/// The rules are restic's forget: the backups of each name are taken newest first.
+/// --keep-last N keeps the N newest. --keep-hourly, --keep-daily, --keep-weekly (ISO weeks),
+/// --keep-monthly and --keep-yearly N keep the newest backup of each of the N most recent
+/// hours, days, weeks, months or years that have a backup: periods without one do not
+/// count. Each rule counts on its own, also backups another rule keeps, and a rule that
+/// still has count left when it reaches the oldest backup keeps that one too. -1 means
+/// unlimited. --keep-within DURATION keeps every backup made less than DURATION before the
+/// newest backup (not before now); --keep-within-daily DURATION (and -hourly, -weekly,
+/// -monthly, -yearly) keeps the newest backup of each day within DURATION. Periods are
+/// those of --tz ZONE, the machine's zone by default; stamps stay UTC.
+///
+/// Prints a kept or pruned record for each backup, with reasons: every rule that keeps it
+/// (["daily 2026-11-21","weekly 2026-W47"]), or why no rule does. The newest backup of a
+/// name is never deleted; an empty policy deletes nothing; a backup dated in the future is
+/// kept, with a warning. A backup is deleted manifest first, then artifact. Temporary files
+/// of killed runs older than a day are removed and reported on stderr.
+///
+/// With artifact records on stdin (bk-dump ... | bk-prune --keep-daily 7) only their names
+/// are pruned, in the stores the records came from (in STORE if one is given), and every
+/// record read is passed on. An error record for a name means nothing is pruned for that
+/// name, and exit 1; an error record without a name stops all pruning. Without artifact
+/// records, bk-prune prunes the whole of STORE, or its --name. stdin is not read when it is
+/// a terminal and STORE is given.
+#[derive(Debug, Parser)]
+#[command(
+    name = "bk-prune",
+    version,
+    after_help = crate::cli::exit_status_help()
+)]
+pub struct Cli {
+    /// The store to prune: a directory or file:// URL [default: the stores of the artifact
+    /// records on stdin]
+    pub store: Option<String>,
+    /// Only the backups of this job name
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Keep the N newest backups
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = parse_count)]
+    pub keep_last: Option<i64>,
+    /// Keep the newest backup of each of the last N hours that have one
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = parse_count)]
+    pub keep_hourly: Option<i64>,
+    /// Keep the newest backup of each of the last N days that have one
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = parse_count)]
+    pub keep_daily: Option<i64>,
+    /// Keep the newest backup of each of the last N ISO weeks (Monday to Sunday) that have one
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = parse_count)]
+    pub keep_weekly: Option<i64>,
+    /// Keep the newest backup of each of the last N months that have one
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = parse_count)]
+    pub keep_monthly: Option<i64>,
+    /// Keep the newest backup of each of the last N years that have one
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = parse_count)]
+    pub keep_yearly: Option<i64>,
+    /// Keep every backup made less than DURATION before the newest: numbers with units y, m
+    /// (months), w, d, h, e.g. 30d, 2w, 1y6m, 36h
+    #[arg(long, value_name = "DURATION", value_parser = Span::parse)]
+    pub keep_within: Option<Span>,
+    /// Keep the newest backup of each hour within DURATION of the newest backup
+    #[arg(long, value_name = "DURATION", value_parser = Span::parse)]
+    pub keep_within_hourly: Option<Span>,
+    /// Keep the newest backup of each day within DURATION of the newest backup
+    #[arg(long, value_name = "DURATION", value_parser = Span::parse)]
+    pub keep_within_daily: Option<Span>,
+    /// Keep the newest backup of each ISO week within DURATION of the newest backup
+    #[arg(long, value_name = "DURATION", value_parser = Span::parse)]
+    pub keep_within_weekly: Option<Span>,
+    /// Keep the newest backup of each month within DURATION of the newest backup
+    #[arg(long, value_name = "DURATION", value_parser = Span::parse)]
+    pub keep_within_monthly: Option<Span>,
+    /// Keep the newest backup of each year within DURATION of the newest backup
+    #[arg(long, value_name = "DURATION", value_parser = Span::parse)]
+    pub keep_within_yearly: Option<Span>,
+    /// The preset --keep-daily 6 --keep-weekly 4 --keep-monthly 1 (backup-container's
+    /// rotation, counted in calendar periods); --keep-* options given too override it
+    #[arg(long)]
+    pub rolling: bool,
+    /// Delete nothing: print the same records, with "dry_run":true
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+    /// The time zone whose days, weeks, months and years the rules count, e.g.
+    /// Europe/Berlin or UTC [default: the machine's zone, from TZ or /etc/localtime]
+    #[arg(long, value_name = "ZONE", value_parser = Zone::parse)]
+    pub tz: Option<Zone>,
+    /// Take TIME as the current time, for tests and teaching: it decides which backups are
+    /// in the future and how old temporary files are (RFC 3339 or a stamp) [default: the
+    /// clock]
+    #[arg(long, value_name = "TIME", env = "BK_NOW", value_parser = parse_now)]
+    pub now: Option<DateTime<Utc>>,
+    /// Output format
+    #[arg(long, value_enum, default_value_t = Format::Json)]
+    pub format: Format,
+    #[command(flatten)]
+    pub lock: LockOpts,
+}
+
+fn parse_count(text: &str) -> std::result::Result<i64, String> {
+    match text.trim().parse::<i64>() {
+        Ok(n) if n >= -1 => Ok(n),
+        _ => Err(format!(
+            "invalid count {text:?}: a number of backups or periods, or -1 for unlimited"
+        )),
+    }
+}
+
+fn parse_now(text: &str) -> std::result::Result<DateTime<Utc>, String> {
+    parse_time(text).map_err(|e| e.message)
+}
+
+impl Cli {
+    /// The policy of the options: `--rolling`'s values, overridden by any --keep-* given.
+    pub fn policy(&self) -> Policy {
+        let preset = if self.rolling {
+            Policy::rolling()
+        } else {
+            Policy::default()
+        };
+        let span = |s: &Option<Span>, p: &Option<Span>| s.clone().or_else(|| p.clone());
+        Policy {
+            last: self.keep_last.unwrap_or(preset.last),
+            hourly: self.keep_hourly.unwrap_or(preset.hourly),
+            daily: self.keep_daily.unwrap_or(preset.daily),
+            weekly: self.keep_weekly.unwrap_or(preset.weekly),
+            monthly: self.keep_monthly.unwrap_or(preset.monthly),
+            yearly: self.keep_yearly.unwrap_or(preset.yearly),
+            within: span(&self.keep_within, &preset.within),
+            within_hourly: span(&self.keep_within_hourly, &preset.within_hourly),
+            within_daily: span(&self.keep_within_daily, &preset.within_daily),
+            within_weekly: span(&self.keep_within_weekly, &preset.within_weekly),
+            within_monthly: span(&self.keep_within_monthly, &preset.within_monthly),
+            within_yearly: span(&self.keep_within_yearly, &preset.within_yearly),
+        }
+    }
+}
+
+/// One line of `--format table`.
+struct Row {
+    id: String,
+    time: String,
+    decision: &'static str,
+    reasons: String,
+}
+
+/// What one run does, shared by every name it prunes.
+struct Pruner {
+    policy: Policy,
+    zone: Zone,
+    now: DateTime<Utc>,
+    /// Nothing is deleted: --dry-run, or an empty policy.
+    dry_run: bool,
+    format: Format,
+    rows: Vec<Row>,
+}
+
+impl Pruner {
+    /// Prunes one name in one store; the caller holds the name's lock.
+    fn prune(&mut self, store: &dyn Store, name: &str, out: &mut Output) -> Result<()> {
+        let tool = out.tool().to_string();
+        let older_than: std::time::SystemTime = (self.now - LEFTOVER_AGE).into();
+        for path in store.remove_leftovers(name, older_than, self.dry_run)? {
+            let done = if self.dry_run { "would remove" } else { "removed" };
+            eprintln!(
+                "{tool}: warning: {name}: {done} {path}: the temporary file of an unfinished run, older than a day"
+            );
+        }
+        let listing = store.list(Some(name))?;
+        for leftover in &listing.leftovers {
+            eprintln!("{tool}: warning: {leftover}");
+        }
+        let artifacts: Vec<Artifact> = listing.artifacts.into_iter().filter(|a| a.name == name).collect();
+        let mut dated = Vec::with_capacity(artifacts.len());
+        for a in &artifacts {
+            dated.push((a.id.as_str(), backup_time(a)?));
+        }
+        let decisions = decide(&self.policy, &self.zone, self.now, &dated);
+        for ((a, (_, time)), d) in artifacts.iter().zip(&dated).zip(decisions) {
+            if d.reasons.iter().any(|r| r == IN_THE_FUTURE) {
+                eprintln!(
+                    "{tool}: warning: {name}: {} is dated in the future ({} is after {}): kept; check the clocks",
+                    a.id,
+                    crate::name::rfc3339(*time),
+                    crate::name::rfc3339(self.now)
+                );
+            }
+            if !d.keep && !self.dry_run {
+                if let Err(e) = store.delete(a) {
+                    out.error(&e.named(name))?;
+                    continue;
+                }
+            }
+            let record = if d.keep {
+                Record::Kept(Kept {
+                    id: a.id.clone(),
+                    name: name.to_string(),
+                    location: a.location.clone(),
+                    reasons: d.reasons,
+                })
+            } else {
+                Record::Pruned(Pruned {
+                    id: a.id.clone(),
+                    name: name.to_string(),
+                    location: a.location.clone(),
+                    reasons: d.reasons,
+                    dry_run: self.dry_run,
+                })
+            };
+            match self.format {
+                Format::Json => out.emit(&record)?,
+                Format::Table => self.rows.push(row(&record, self.zone.civil(*time))),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// When a backup was made: its `started` time, else the stamp of its id.
+fn backup_time(a: &Artifact) -> Result<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(&a.started) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    a.id.rsplit_once('.')
+        .and_then(|(_, stamp)| NaiveDateTime::parse_from_str(stamp, STAMP_FORMAT).ok())
+        .map(|n| Utc.from_utc_datetime(&n))
+        .ok_or_else(|| {
+            Error::data(format!(
+                "{}: cannot tell when it was made: started {:?} is not an RFC 3339 time",
+                a.id, a.started
+            ))
+        })
+}
+
+fn row(record: &Record, wall: NaiveDateTime) -> Row {
+    let (id, decision, reasons) = match record {
+        Record::Kept(k) => (&k.id, "kept", &k.reasons),
+        Record::Pruned(p) => (&p.id, if p.dry_run { "would prune" } else { "pruned" }, &p.reasons),
+        _ => unreachable!("only decisions become rows"),
+    };
+    Row {
+        id: id.clone(),
+        time: wall.format("%a %Y-%m-%d %H:%M").to_string(),
+        decision,
+        reasons: reasons.join(", "),
+    }
+}
+
+fn print_table(rows: &[Row], zone: &Zone, out: &mut Output) -> Result<()> {
+    let header = [
+        "ID".to_string(),
+        format!("TIME ({})", zone.name()),
+        "DECISION".to_string(),
+        "REASONS".to_string(),
+    ];
+    let cells: Vec<[String; 4]> = rows
+        .iter()
+        .map(|r| [r.id.clone(), r.time.clone(), r.decision.to_string(), r.reasons.clone()])
+        .collect();
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &cells {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    for row in std::iter::once(&header).chain(&cells) {
+        let line: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.text(line.join("  ").trim_end())?;
+    }
+    Ok(())
+}
+
+pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
+    let tool = out.tool().to_string();
+    if let Some(n) = &cli.name {
+        validate_name(n)?;
+    }
+    let named_store = cli.store.as_deref().map(store::open).transpose()?;
+    // Everything on stdin is read before anything is done: a malformed line stops the run.
+    let inputs: Vec<Input> = if named_store.is_some() {
+        let stdin = std::io::stdin();
+        if stdin.is_terminal() {
+            Vec::new()
+        } else {
+            read_all(stdin.lock(), "stdin")?
+        }
+    } else {
+        crate::cli::read_stdin_records(
+            "give a STORE, or pipe in artifact records (bk-dump ... | bk-prune --keep-daily 7)",
+        )?
+    };
+    let mut failed_names = BTreeSet::new();
+    let mut failed_all = false;
+    for input in &inputs {
+        if let Record::Error(e) = &input.record {
+            match &e.name {
+                Some(n) => {
+                    failed_names.insert(n.clone());
+                }
+                None => failed_all = true,
+            }
+        }
+        match cli.format {
+            Format::Json => out.pass(input)?,
+            Format::Table if matches!(input.record, Record::Error(_)) => out.upstream_failed(),
+            Format::Table => {}
+        }
+    }
+    for input in &inputs {
+        if let (Record::Error(e), Format::Table) = (&input.record, cli.format) {
+            let name = e.name.as_deref().map(|n| format!("{n}: ")).unwrap_or_default();
+            eprintln!("{tool}: upstream error from {}: {name}{}", e.tool, e.message);
+        }
+    }
+
+    // Which names to prune, and in which stores (by URL, each opened once).
+    let wanted = |n: &str| cli.name.as_deref().is_none_or(|w| w == n);
+    let incoming: Vec<&Artifact> = inputs
+        .iter()
+        .filter_map(|i| match &i.record {
+            Record::Artifact(a) if wanted(&a.name) => Some(a),
+            _ => None,
+        })
+        .collect();
+    let mut stores: BTreeMap<String, Box<dyn Store>> = BTreeMap::new();
+    let mut plan: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    if let Some(s) = named_store {
+        let names: BTreeSet<String> = if !incoming.is_empty() {
+            incoming.iter().map(|a| a.name.clone()).collect()
+        } else {
+            let listing = s.list(cli.name.as_deref())?;
+            let names: BTreeSet<String> = listing.artifacts.into_iter().map(|a| a.name).collect();
+            if let (Some(n), true) = (&cli.name, names.is_empty()) {
+                return Err(Error::no_input(format!("no backup of {n} in {}", s.url())).named(n));
+            }
+            names
+        };
+        for n in names {
+            plan.entry(n).or_default().insert(s.url());
+        }
+        stores.insert(s.url(), s);
+    } else {
+        for a in &incoming {
+            let s = match store::open_location(a) {
+                Ok(s) => s,
+                Err(e) => {
+                    out.error(&e.named(&a.name))?;
+                    continue;
+                }
+            };
+            plan.entry(a.name.clone()).or_default().insert(s.url());
+            stores.entry(s.url()).or_insert(s);
+        }
+        if incoming.is_empty() {
+            eprintln!("{tool}: no artifact records on stdin: nothing to prune");
+        }
+    }
+
+    let policy = cli.policy();
+    if policy.is_empty() {
+        eprintln!("{tool}: warning: no --keep-* option: the policy is empty, nothing is deleted");
+    }
+    if failed_all {
+        eprintln!("{tool}: nothing pruned: an upstream error record names no job, so any backup may have failed");
+        plan.clear();
+    }
+    let mut pruner = Pruner {
+        dry_run: cli.dry_run || policy.is_empty(),
+        policy,
+        zone: cli.tz.unwrap_or(Zone::Local),
+        now: cli.now.unwrap_or_else(Utc::now),
+        format: cli.format,
+        rows: Vec::new(),
+    };
+    for (name, urls) in &plan {
+        if failed_names.contains(name) {
+            eprintln!("{tool}: {name}: nothing pruned: its backup failed upstream (error record passed on)");
+            continue;
+        }
+        // A dry run deletes nothing, so it need not wait for a dump of the name.
+        let _lock = if pruner.dry_run {
+            None
+        } else {
+            match cli.lock.acquire(name) {
+                Ok(lock) => Some(lock),
+                Err(e) => {
+                    out.error(&e)?;
+                    continue;
+                }
+            }
+        };
+        for url in urls {
+            if let Err(e) = pruner.prune(stores[url].as_ref(), name, out) {
+                out.error(&e.named(name))?;
+            }
+        }
+    }
+    if cli.format == Format::Table {
+        print_table(&pruner.rows, &pruner.zone, out)?;
+    }
+    Ok(())
+}
+
+/// The bk-prune program.
+pub fn main() -> std::process::ExitCode {
+    crate::cli::main(run)
+}
+
+#[cfg(test)]
+mod tests;
