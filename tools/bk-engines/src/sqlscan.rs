@@ -6,6 +6,17 @@ use std::collections::BTreeMap;
 
 /// What may follow a `-- ` comment at the start of the dump's last line.
 const COMPLETION_MARKER: &[u8] = b"-- Dump completed";
+/// Bytes that matter inside a row, outside strings: everything else is skipped in bulk.
+static IN_ROW_STOPS: [bool; 256] = {
+    let mut stops = [false; 256];
+    let special = b"()'\"`-/#\n";
+    let mut i = 0;
+    while i < special.len() {
+        stops[special[i] as usize] = true;
+        i += 1;
+    }
+    stops
+};
 /// The start of a statement kept to classify it (`INSERT INTO `name` VALUES`).
 const HEAD_LIMIT: usize = 512;
 
@@ -63,9 +74,35 @@ impl SqlScanner {
     }
 
     pub fn feed(&mut self, data: &[u8]) {
-        for &b in data {
-            self.track_line(b);
-            self.step(b);
+        let mut i = 0;
+        while i < data.len() {
+            i += self.skippable(&data[i..]);
+            if let Some(&b) = data.get(i) {
+                self.track_line(b);
+                self.step(b);
+                i += 1;
+            }
+        }
+    }
+
+    /// How many of the next bytes change nothing but could be stepped one by one: the inside
+    /// of a string, or of a row between its punctuation. Most of a dump is such bytes, so
+    /// skipping them in bulk keeps the scanner well ahead of the dump program.
+    fn skippable(&self, data: &[u8]) -> usize {
+        // Only where the line's start is already known (the completion marker check).
+        if self.line.len() < COMPLETION_MARKER.len() {
+            return 0;
+        }
+        match self.state {
+            State::Quoted(q) if !(q == b'`' && self.inserting.is_none()) => {
+                memchr::memchr3(q, b'\\', b'\n', data).unwrap_or(data.len())
+            }
+            State::Code if self.inserting.is_some() && self.depth > 0 && self.dashes == 0 && !self.pending_slash => {
+                data.iter()
+                    .position(|&b| IN_ROW_STOPS[b as usize])
+                    .unwrap_or(data.len())
+            }
+            _ => 0,
         }
     }
 
