@@ -207,6 +207,30 @@ fn cron_files_are_what_cron_accepts() {
     }
 }
 
+/// Options whose value is a path that a job run in the sandbox must not use as it is: the
+/// store to read (bk-verify --from), a scratch directory, an option file.
+const PATH_OPTIONS: [&str; 3] = ["--from", "--scratch-dir", "--defaults-file"];
+
+/// The sandbox's stand-in for the path an option of [`PATH_OPTIONS`] names.
+fn sandbox_path(option: &str, sandbox: &Sandbox, store: &Path) -> String {
+    match option {
+        "--from" => store.display().to_string(),
+        "--scratch-dir" => {
+            let dir = sandbox.path("scratch");
+            fs::create_dir_all(&dir).unwrap();
+            dir.display().to_string()
+        }
+        _ => {
+            // Private, as bk requires; read only for MySQL backups, which the store lacks.
+            use std::os::unix::fs::PermissionsExt;
+            let file = sandbox.path("my.cnf");
+            fs::write(&file, "[client]\n").unwrap();
+            fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
+            file.display().to_string()
+        }
+    }
+}
+
 /// The job, with its tools, store and sources moved into the sandbox; and the store.
 fn sandboxed(job: &Job, sandbox: &Sandbox, at: &str) -> (String, PathBuf) {
     let store = sandbox.path("store");
@@ -214,10 +238,13 @@ fn sandboxed(job: &Job, sandbox: &Sandbox, at: &str) -> (String, PathBuf) {
     let mut out = Vec::new();
     let mut engine: Option<String> = None;
     let mut expect_value = false;
+    let mut expect_path: Option<String> = None;
     let mut next_is_engine = false;
     for word in words(&job.command) {
         let mut word = word.replace("\\%", "%");
-        if let Some(tool) = word.strip_prefix(INSTALL_DIR) {
+        if let Some(option) = expect_path.take() {
+            word = sandbox_path(&option, sandbox, &store);
+        } else if let Some(tool) = word.strip_prefix(INSTALL_DIR) {
             next_is_engine = tool == "bk-dump";
             engine = None;
             word = format!("{bin}{tool}");
@@ -232,6 +259,9 @@ fn sandboxed(job: &Job, sandbox: &Sandbox, at: &str) -> (String, PathBuf) {
             word = format!("--to={}", store.display());
         } else if word.starts_with('-') {
             expect_value = VALUE_OPTIONS.contains(&word.as_str());
+            if PATH_OPTIONS.contains(&word.as_str()) {
+                expect_path = Some(word.clone());
+            }
         } else if next_is_engine {
             next_is_engine = false;
             engine = Some(word.clone());
@@ -287,6 +317,14 @@ fn cron_jobs_back_up_when_run_as_cron_runs_them() {
             let at = format!("cron.d/{name}:{}", job.line);
             let sandbox = Sandbox::new();
             let (command, store) = sandboxed(job, &sandbox, &at);
+            // A job that reads backups (bk-verify --from) gets one to read.
+            if !words(&job.command)
+                .iter()
+                .any(|w| w == &format!("{INSTALL_DIR}bk-dump"))
+            {
+                let db = source("sqlite", "", &sandbox, &at);
+                sandbox.dump(&["sqlite", &db, "--name", "seeded"]);
+            }
             // cron's environment: the file's variables, HOME, LOGNAME and nothing else.
             let mut cmd = Command::new("/bin/sh");
             cmd.arg("-c").arg(&command).env_clear().current_dir(sandbox.root());
@@ -331,6 +369,12 @@ fn cron_jobs_back_up_when_run_as_cron_runs_them() {
                 assert_eq!(a.name, n, "{at}");
             }
             assert!(Path::new(&a.location).is_file(), "{at}: {} missing", a.location);
+            let scratch = sandbox.path("scratch");
+            assert!(
+                !scratch.exists() || bk_tests::files_below(&scratch).is_empty(),
+                "{at}: left in the scratch directory: {:?}",
+                bk_tests::files_below(&scratch)
+            );
             assert!(
                 a.counts.values().sum::<u64>() > 0,
                 "{at}: an empty backup: {:?}",

@@ -2,8 +2,13 @@
 //! scratch directory to remove, child programs to stop. Work registers an action and gets a
 //! guard; dropping the guard runs the action (the normal path). A signal runs every pending
 //! action instead, stops the tracked children first, and exits 128 + the signal's number.
+//! Meanwhile the interrupted work, which sees its children die, must not finish the run
+//! its own way (an error record, another exit status): the first guard it drops after the
+//! signal holds it until the process exits.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, Once};
 
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -20,6 +25,21 @@ struct Pending {
 
 static PENDING: Mutex<Option<Pending>> = Mutex::new(None);
 static INSTALL: Once = Once::new();
+/// Set when a signal arrived: the process is undoing its work and about to exit.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    static SIGNAL_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Once a signal arrived, any thread but the signal's own waits here for the exit.
+fn hold_if_interrupted() {
+    if INTERRUPTED.load(Ordering::SeqCst) && !SIGNAL_THREAD.with(Cell::get) {
+        loop {
+            std::thread::park();
+        }
+    }
+}
 
 fn with_pending<T>(f: impl FnOnce(&mut Pending) -> T) -> T {
     let mut guard = PENDING.lock().unwrap_or_else(|p| p.into_inner());
@@ -34,9 +54,13 @@ pub fn install(tool: &str) {
             return;
         };
         std::thread::spawn(move || {
+            SIGNAL_THREAD.with(|t| t.set(true));
             if let Some(signal) = signals.forever().next() {
-                let (children, actions) =
-                    with_pending(|p| (std::mem::take(&mut p.children), std::mem::take(&mut p.actions)));
+                let (children, actions) = with_pending(|p| {
+                    // Under the lock: whatever registers later sees the flag instead.
+                    INTERRUPTED.store(true, Ordering::SeqCst);
+                    (std::mem::take(&mut p.children), std::mem::take(&mut p.actions))
+                });
                 for pid in children.values() {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::SIGTERM);
                 }
@@ -56,15 +80,29 @@ pub struct Guard(u64);
 
 /// Registers `action` to run when the guard is dropped, or on SIGINT/SIGTERM.
 pub fn on_exit(action: impl FnOnce() + Send + 'static) -> Guard {
-    Guard(with_pending(|p| {
+    let action: Action = Box::new(action);
+    let registered = with_pending(|p| {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            return Err(action);
+        }
         p.next += 1;
-        p.actions.insert(p.next, Box::new(action));
-        p.next
-    }))
+        p.actions.insert(p.next, action);
+        Ok(p.next)
+    });
+    match registered {
+        Ok(id) => Guard(id),
+        Err(action) => {
+            // Too late: the signal's cleanup already ran.
+            action();
+            hold_if_interrupted();
+            Guard(0)
+        }
+    }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        hold_if_interrupted();
         if let Some(action) = with_pending(|p| p.actions.remove(&self.0)) {
             action();
         }
@@ -75,15 +113,29 @@ impl Drop for Guard {
 pub struct ChildGuard(u64);
 
 pub fn track_child(pid: u32) -> ChildGuard {
-    ChildGuard(with_pending(|p| {
+    let tracked = with_pending(|p| {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            return None;
+        }
         p.next += 1;
         p.children.insert(p.next, pid);
-        p.next
-    }))
+        Some(p.next)
+    });
+    match tracked {
+        Some(id) => ChildGuard(id),
+        None => {
+            // Started as the signal came: stopped like the others.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGTERM);
+            hold_if_interrupted();
+            ChildGuard(0)
+        }
+    }
 }
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
+        // The child was stopped by the signal: its failure is no news to report.
+        hold_if_interrupted();
         with_pending(|p| p.children.remove(&self.0));
     }
 }

@@ -262,10 +262,12 @@ impl<W: Write> Encoder<W> {
         };
         let inner = match options.compression {
             Compression::Zstd => {
-                let mut zstd = zstd::stream::write::Encoder::new(sealed, level).map_err(|e| Error::io("starting zstd", e))?;
+                let mut zstd =
+                    zstd::stream::write::Encoder::new(sealed, level).map_err(|e| Error::io("starting zstd", e))?;
                 // One worker thread compresses while this one reads the source, as
                 // `dump | zstd` runs both at once; memory stays bounded by zstd's job size.
-                zstd.multithread(1).map_err(|e| Error::io("starting zstd's worker", e))?;
+                zstd.multithread(1)
+                    .map_err(|e| Error::io("starting zstd's worker", e))?;
                 Compressor::Zstd(zstd)
             }
             Compression::Gzip => Compressor::Gzip(flate2::write::GzEncoder::new(

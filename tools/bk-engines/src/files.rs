@@ -515,7 +515,7 @@ fn copy_dir_attributes(meta: &Metadata, dst: &Path) -> Result<()> {
 }
 
 /// Removes a tree even where a restored directory is read-only (0555 and the like).
-fn remove_tree(path: &Path) -> io::Result<()> {
+pub(crate) fn remove_tree(path: &Path) -> io::Result<()> {
     if fs::remove_dir_all(path).is_ok() {
         return Ok(());
     }
@@ -547,7 +547,20 @@ pub fn derive_counts(artifact: &Artifact, decoder: &mut Decoder) -> Result<BTree
     let mut entries = 0;
     {
         let mut archive = tar::Archive::new(&mut tail);
-        let reading = |e| from_io(format!("reading {}", artifact.file), e);
+        // The decoder's and the store's failures arrive as bk errors; any other is tar's
+        // own complaint about the content: bad data (65), not an I/O error.
+        let reading = |e: io::Error| {
+            if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+                from_io(format!("reading {}", artifact.file), e)
+            } else if e.kind() == io::ErrorKind::UnexpectedEof || e.to_string().contains("unexpected EOF") {
+                Error::data(format!(
+                    "{}: the tar ends in the middle of an entry: it is truncated",
+                    artifact.file
+                ))
+            } else {
+                Error::data(format!("{}: not a valid tar archive: {e}", artifact.file))
+            }
+        };
         for entry in archive.entries().map_err(reading)? {
             let mut entry = entry.map_err(reading)?;
             io::copy(&mut entry, &mut io::sink()).map_err(reading)?;

@@ -219,7 +219,16 @@ fn classify(stderr: &str) -> Kind {
     .any(|s| stderr.contains(s))
     {
         Kind::Unavailable
-    } else if stderr.contains("permission denied") {
+    } else if [
+        "permission denied",
+        "must be member of role",
+        "must be owner of",
+        "must be superuser",
+    ]
+    .iter()
+    .any(|s| stderr.contains(s))
+    {
+        // The server's insufficient-privilege messages (ALTER ... OWNER TO another role).
         Kind::NoPerm
     } else {
         Kind::Io
@@ -692,7 +701,14 @@ pub fn derive_counts(artifact: &Artifact, decoder: &mut Decoder) -> Result<BTree
     let scanner = if artifact.format == "pgdump" {
         let mut cmd = Command::new(find_program(&["pg_restore"], "postgresql-client")?);
         cmd.args(["--file", "-"]);
-        crate::process::scan_through(cmd, decoder, scanner, crate::pgscan::CopyScanner::feed, |_| Kind::Data)?
+        crate::process::scan_through(cmd, decoder, scanner, crate::pgscan::CopyScanner::feed, |_| Kind::Data).map_err(
+            |e| match e.kind {
+                Kind::Data if e.message.starts_with("pg_restore") => {
+                    e.context(format!("{}: not a readable pg_dump archive", artifact.file))
+                }
+                _ => e,
+            },
+        )?
     } else {
         let mut scanner = scanner;
         crate::for_each_chunk(decoder, |b| scanner.feed(b))?;

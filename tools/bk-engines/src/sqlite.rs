@@ -256,5 +256,8 @@ pub fn derive_counts(artifact: &Artifact, decoder: &mut Decoder, dir: &Path) -> 
         }
     });
     write_checked(artifact, decoder, &temp)?;
-    check_database(&temp)
+    check_database(&temp).map_err(|e| match e.kind {
+        Kind::Data => e.context(format!("{}: not a sound SQLite database", artifact.file)),
+        _ => e,
+    })
 }

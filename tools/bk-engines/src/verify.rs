@@ -12,7 +12,7 @@ use clap::Parser;
 use serde_json::{json, Map, Value};
 
 use bk_core::cli::read_stdin_records;
-use bk_core::codec::{load_identities, Decoder, Identities};
+use bk_core::codec::{check_digest, load_identities, Decoder, Identities};
 use bk_core::error::{Error, Kind, Result};
 use bk_core::ls::newest_per_name;
 use bk_core::name::validate_name;
@@ -21,7 +21,7 @@ use bk_core::record::{Artifact, Output, Record};
 use bk_core::store::{self, Store};
 
 use crate::conn::{ConnArgs, MysqlOpts};
-use crate::{count_mismatch, files, mysql, postgres, sqlite, RestoreOptions};
+use crate::{files, mysql, postgres, sqlite, RestoreOptions};
 
 const SCRATCH_PREFIX: &str = "bk_verify_";
 /// Scratch targets older than this were left by a killed run.
@@ -33,9 +33,11 @@ const LEFTOVER_AGE: Duration = Duration::from_secs(24 * 3600);
 /// with --from. Every artifact is read whole: its sha256, a full decode (and decryption),
 /// its format's end marker, and the rows (entries) counted in the stream against the
 /// manifest. With --scratch each is also restored into a throwaway target, its tables
-/// compared with the manifest, and the target dropped whatever happens. Prints one verified
-/// record per artifact; any mismatch or corruption also prints an error record and makes
-/// the exit status 65.
+/// compared with the manifest, and the target dropped whatever happens (SIGINT and SIGTERM
+/// included); scratch targets older than a day, left by a killed run, are removed first,
+/// with a line on stderr. Prints one verified record per artifact and passes other records
+/// on; any mismatch or corruption also prints an error record and makes the exit status 65.
+/// A scratch server that cannot be reached ends the run with 69.
 #[derive(Debug, Parser)]
 #[command(name = "bk-verify", version, after_help = bk_core::cli::exit_status_help())]
 pub struct Cli {
@@ -45,21 +47,26 @@ pub struct Cli {
     /// With --from: only this job name
     #[arg(long, requires = "from")]
     pub name: Option<String>,
+    /// With --from: the newest backup of each name (the default)
+    #[arg(long, requires = "from", conflicts_with_all = ["id", "all", "sample"])]
+    pub latest: bool,
     /// With --from: the backup with this id
     #[arg(long, requires = "from", conflicts_with_all = ["all", "sample"])]
     pub id: Option<String>,
     /// With --from: every backup (default: the newest of each name)
     #[arg(long, requires = "from", conflicts_with = "sample")]
     pub all: bool,
-    /// With --from: the N newest backups of each name and N older ones picked at random
-    #[arg(long, value_name = "N", requires = "from")]
-    pub sample: Option<usize>,
+    /// With --from: per name, the N newest backups and N of the older ones picked at random
+    /// (run nightly, every backup gets read in time)
+    #[arg(long, value_name = "N", requires = "from", value_parser = clap::value_parser!(u32).range(1..))]
+    pub sample: Option<u32>,
     /// Also restore each backup into a throwaway target named bk_verify_<time>_<random>: a
     /// database on the server the connection options name (MySQL, PostgreSQL), or a file or
     /// directory in --scratch-dir (files, SQLite)
     #[arg(long)]
     pub scratch: bool,
-    /// Where throwaway files and directories go [default: the temporary directory]
+    /// Where throwaway files and directories go, SQLite's decoded copies too [default: $TMPDIR
+    /// or /tmp]
     #[arg(long, value_name = "DIR")]
     pub scratch_dir: Option<PathBuf>,
     #[command(flatten)]
@@ -119,7 +126,7 @@ fn pick(store: &dyn Store, cli: &Cli) -> Result<Vec<Artifact>> {
     } else if cli.all {
         all
     } else if let Some(n) = cli.sample {
-        sample(all, n)
+        sample(all, n as usize)
     } else {
         newest_per_name(all)
     };
@@ -189,15 +196,14 @@ impl<'a> Verifier<'a> {
         let mut mismatches = Vec::new();
         let level = if self.cli.scratch { "restore" } else { "integrity" };
         let outcome = self.check(store, artifact, &mut checks, &mut mismatches);
-        let failure = match outcome {
-            Ok(()) if mismatches.is_empty() => None,
-            Ok(()) => Some(Error::data(format!(
-                "{}: {} count(s) differ from the manifest",
-                artifact.id,
-                mismatches.len()
-            ))),
-            Err(e) if e.kind == Kind::Data => Some(e),
-            Err(e) => return Err(e.named(&artifact.name)),
+        // A failure that says nothing about the backup (the scratch server is down, say)
+        // still gets its verified record, ok false, but ends the run with its own code.
+        let (failure, fatal) = match outcome {
+            Ok(()) => (None, false),
+            Err(e) => {
+                let fatal = e.kind != Kind::Data;
+                (Some(e), fatal)
+            }
         };
         let mut record = Map::new();
         record.insert("id".into(), artifact.id.clone().into());
@@ -209,6 +215,7 @@ impl<'a> Verifier<'a> {
         record.insert("mismatches".into(), Value::Array(mismatches));
         out.emit(&Record::Verified(record))?;
         match failure {
+            Some(e) if fatal => Err(e.named(&artifact.name)),
             Some(e) => out.error(&e.named(&artifact.name)),
             None => Ok(()),
         }
@@ -226,11 +233,17 @@ impl<'a> Verifier<'a> {
         let seconds = started.elapsed().as_secs_f64();
         match derived {
             Ok(counts) => {
-                checks.insert("integrity".into(), json!({"ok": true, "seconds": round(seconds)}));
-                mismatches.extend(differences(&artifact.counts, &counts));
-                if !mismatches.is_empty() {
-                    return Ok(());
+                let found = differences(artifact, &counts, None);
+                if !found.is_empty() {
+                    let e = mismatch_error(artifact, "the counts in the stream differ from the manifest", &found);
+                    checks.insert(
+                        "integrity".into(),
+                        json!({"ok": false, "seconds": round(seconds), "error": e.message}),
+                    );
+                    mismatches.extend(found);
+                    return Err(e);
                 }
+                checks.insert("integrity".into(), json!({"ok": true, "seconds": round(seconds)}));
             }
             Err(e) => {
                 checks.insert(
@@ -256,16 +269,31 @@ impl<'a> Verifier<'a> {
         let restored = self.restore(store, artifact);
         let seconds = started.elapsed().as_secs_f64();
         match restored {
-            Ok(counts) => {
-                let found = differences(&artifact.counts, &counts);
+            Ok((scratch, counts)) => {
+                let found = differences(artifact, &counts, Some(&scratch));
+                if found.is_empty() {
+                    checks.insert(
+                        "restore".into(),
+                        json!({"ok": true, "seconds": round(seconds), "compared": counts.len()}),
+                    );
+                    return Ok(());
+                }
+                let e = mismatch_error(artifact, "the restored copy differs from the manifest", &found);
                 checks.insert(
                     "restore".into(),
-                    json!({"ok": found.is_empty(), "seconds": round(seconds), "compared": counts.len()}),
+                    json!({"ok": false, "seconds": round(seconds), "compared": counts.len(), "error": e.message}),
                 );
                 mismatches.extend(found);
-                Ok(())
+                Err(e)
             }
             Err(e) => {
+                // The server rejected what the dump holds (bad SQL, a broken archive): the
+                // backup does not restore, which is what this run is here to find.
+                let e = if e.kind == Kind::Io && matches!(artifact.engine.as_str(), "mysql" | "postgres") {
+                    Error::data(format!("{}: the backup does not restore: {}", artifact.id, e.message))
+                } else {
+                    e
+                };
                 checks.insert(
                     "restore".into(),
                     json!({"ok": false, "seconds": round(seconds), "error": e.message}),
@@ -284,8 +312,22 @@ impl<'a> Verifier<'a> {
         )
     }
 
-    /// Reads the whole artifact; returns the counts derived from its content.
+    /// Reads the whole artifact; returns the counts derived from its content. When the
+    /// content is bad, the stored bytes are read again: if they no longer hash to the
+    /// manifest's sha256, that is the problem to name (they changed after the backup).
     fn integrity(&self, store: &dyn Store, artifact: &Artifact) -> Result<BTreeMap<String, u64>> {
+        self.decode(store, artifact).map_err(|e| {
+            if e.kind != Kind::Data {
+                return e;
+            }
+            match stored_digest(store, artifact) {
+                Err(changed) if changed.kind == Kind::Data => changed,
+                _ => e,
+            }
+        })
+    }
+
+    fn decode(&self, store: &dyn Store, artifact: &Artifact) -> Result<BTreeMap<String, u64>> {
         let mut decoder = self.decoder(store, artifact)?;
         let counts = match artifact.engine.as_str() {
             "files" => files::derive_counts(artifact, &mut decoder)?,
@@ -303,8 +345,9 @@ impl<'a> Verifier<'a> {
         Ok(counts)
     }
 
-    /// Restores into a scratch target, dropped whatever happens; returns its counts.
-    fn restore(&mut self, store: &dyn Store, artifact: &Artifact) -> Result<BTreeMap<String, u64>> {
+    /// Restores into a scratch target, dropped whatever happens; returns the target's name
+    /// and its counts.
+    fn restore(&mut self, store: &dyn Store, artifact: &Artifact) -> Result<(String, BTreeMap<String, u64>)> {
         let engine = artifact.engine.clone();
         self.sweep(&engine)?;
         let scratch = scratch_name();
@@ -320,12 +363,14 @@ impl<'a> Verifier<'a> {
                 } else {
                     sqlite::restore(artifact, decoder, &target, &options)?
                 };
-                Ok(restored.counts)
+                Ok((scratch, restored.counts))
             }
             "mysql" | "postgres" => {
                 options.database = Some(scratch.clone());
                 let dropper = options.clone();
+                let dropped_name = scratch.clone();
                 let _drop = bk_core::cleanup::on_exit(move || {
+                    let scratch = dropped_name;
                     let dropped = if engine == "mysql" {
                         mysql::drop_database(&dropper, &scratch)
                     } else {
@@ -343,7 +388,7 @@ impl<'a> Verifier<'a> {
                 } else {
                     postgres::restore(artifact, decoder, &options)?
                 };
-                Ok(restored.counts)
+                Ok((scratch, restored.counts))
             }
             other => Err(Error::usage(format!(
                 "{}: this bk-verify cannot restore {other} backups",
@@ -395,6 +440,20 @@ impl<'a> Verifier<'a> {
     }
 }
 
+/// Reads the stored bytes as they are and checks their size and sha256 against the manifest.
+fn stored_digest(store: &dyn Store, artifact: &Artifact) -> Result<()> {
+    use sha2::Digest;
+    let mut raw = store.open(artifact)?;
+    let mut sha = sha2::Sha256::new();
+    let mut bytes = 0u64;
+    crate::for_each_chunk(&mut raw, |chunk| {
+        sha.update(chunk);
+        bytes += chunk.len() as u64;
+    })
+    .map_err(|e| Error::new(Kind::Io, e.message))?;
+    check_digest(artifact, bytes, &hex::encode(sha.finalize()))
+}
+
 /// `bk_verify_<unix seconds>_<random>`: its age can be read from its name.
 fn scratch_name() -> String {
     let now = SystemTime::now()
@@ -416,32 +475,67 @@ fn scratch_age(name: &str) -> Option<Duration> {
 }
 
 fn remove_path(path: &Path) {
-    if path.is_dir() {
-        let _ = std::fs::remove_dir_all(path);
-    } else {
-        let _ = std::fs::remove_file(path);
+    let removed = match std::fs::symlink_metadata(path) {
+        // A restored tree may hold read-only directories (0555): made writable first.
+        Ok(m) if m.is_dir() => files::remove_tree(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(_) => return,
+    };
+    if let Err(e) = removed {
+        eprintln!("bk-verify: warning: could not remove {}: {e}", path.display());
     }
 }
 
-/// The tables whose counts differ, as `{"table", "expected", "found"}` objects.
-fn differences(expected: &BTreeMap<String, u64>, found: &BTreeMap<String, u64>) -> Vec<Value> {
-    if count_mismatch(expected, found, &[]).is_none() {
-        return Vec::new();
-    }
-    let strip = |m: &BTreeMap<String, u64>| -> BTreeMap<String, u64> {
-        m.iter()
-            .map(|(k, v)| (k.split_once('.').map_or(k.as_str(), |(_, t)| t).to_string(), *v))
-            .collect()
+/// The tables whose counts differ, as `{"table", "expected", "found"}` objects (`null` for
+/// a table on one side only). Keys are compared whole: PostgreSQL's are `schema.table` on
+/// both sides. A MySQL restore's are `<scratch>.table`, read as `<source database>.table`;
+/// MySQL tables are shown without the database.
+fn differences(artifact: &Artifact, found: &BTreeMap<String, u64>, scratch: Option<&str>) -> Vec<Value> {
+    let database = artifact
+        .source
+        .database
+        .as_deref()
+        .filter(|_| artifact.engine == "mysql");
+    let found: BTreeMap<String, u64> = match (database, scratch) {
+        (Some(db), Some(scratch)) => found
+            .iter()
+            .map(
+                |(k, v)| match k.strip_prefix(scratch).and_then(|t| t.strip_prefix('.')) {
+                    Some(table) => (format!("{db}.{table}"), *v),
+                    None => (k.clone(), *v),
+                },
+            )
+            .collect(),
+        _ => found.clone(),
     };
-    let (expected, found) = (strip(expected), strip(found));
-    let mut tables: Vec<&String> = expected.keys().chain(found.keys()).collect();
-    tables.sort();
-    tables.dedup();
-    tables
-        .into_iter()
-        .filter(|t| expected.get(*t) != found.get(*t))
-        .map(|t| json!({"table": t, "expected": expected.get(t), "found": found.get(t)}))
+    let expected = &artifact.counts;
+    let keys: std::collections::BTreeSet<&String> = expected.keys().chain(found.keys()).collect();
+    keys.into_iter()
+        .filter(|k| expected.get(*k) != found.get(*k))
+        .map(|k| {
+            let table = database
+                .and_then(|db| k.strip_prefix(db)?.strip_prefix('.'))
+                .unwrap_or(k);
+            json!({"table": table, "expected": expected.get(k), "found": found.get(k)})
+        })
         .collect()
+}
+
+/// The error of a count mismatch, naming every table that differs.
+fn mismatch_error(artifact: &Artifact, what: &str, mismatches: &[Value]) -> Error {
+    let show = |v: &Value| v.as_u64().map_or("none".to_string(), |n| n.to_string());
+    let tables: Vec<String> = mismatches
+        .iter()
+        .map(|m| {
+            format!(
+                "{}: {} expected, {} found",
+                m["table"].as_str().unwrap_or_default(),
+                show(&m["expected"]),
+                show(&m["found"])
+            )
+        })
+        .collect();
+    Error::data(format!("{}: {what}: {}", artifact.id, tables.join("; ")))
 }
 
 fn round(seconds: f64) -> f64 {
@@ -465,5 +559,48 @@ mod tests {
         assert!(scratch_age("bk_verify_1000_abc").unwrap() > LEFTOVER_AGE);
         assert!(scratch_age("bk_verify_x").is_none());
         assert!(scratch_age("bk_verify_1000_abc.db").is_some());
+    }
+
+    fn artifact(engine: &str, database: &str, counts: &[(&str, u64)]) -> Artifact {
+        let counts: BTreeMap<&str, u64> = counts.iter().copied().collect();
+        serde_json::from_value(json!({
+            "id": "x.20260101T000000Z", "name": "x", "engine": engine,
+            "source": {"host": "h", "database": database},
+            "started": "", "finished": "", "file": "f", "format": "sql", "compression": "zstd",
+            "encryption": null, "bytes": 0, "sha256": "", "content_bytes": 0, "counts": counts,
+            "tool": {"program": "p", "version": "1"}, "bk_version": "0", "location": "l"
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn postgres_tables_are_compared_with_their_schema() {
+        // Same table name in two schemas: each is compared on its own.
+        let a = artifact("postgres", "shop", &[("a.t", 301), ("b.t", 5)]);
+        let found = BTreeMap::from([("a.t".to_string(), 300), ("b.t".to_string(), 5)]);
+        assert_eq!(
+            differences(&a, &found, Some("bk_verify_1_x")),
+            [json!({"table": "a.t", "expected": 301, "found": 300})]
+        );
+    }
+
+    #[test]
+    fn mysql_tables_of_the_scratch_database_stand_for_the_source_database() {
+        let a = artifact("mysql", "my.db", &[("my.db.t", 2), ("my.db.u.v", 1), ("my.db.gone", 4)]);
+        let found = BTreeMap::from([
+            ("bk_verify_1_x.t".to_string(), 2),
+            ("bk_verify_1_x.u.v".to_string(), 1),
+            ("bk_verify_1_x.new".to_string(), 0),
+        ]);
+        assert_eq!(
+            differences(&a, &found, Some("bk_verify_1_x")),
+            [
+                json!({"table": "gone", "expected": 4, "found": null}),
+                json!({"table": "new", "expected": null, "found": 0}),
+            ]
+        );
+        // The integrity level: keys as the stream has them.
+        let same: BTreeMap<String, u64> = a.counts.clone();
+        assert!(differences(&a, &same, None).is_empty());
     }
 }
