@@ -101,6 +101,7 @@ fn commands() -> Vec<(String, clap::Command)> {
         bk_core::prune::Cli::command(),
         bk_engines::restore::Cli::command(),
         bk_engines::verify::Cli::command(),
+        bk_ship::Cli::command(),
     ];
     // As clap_mangen::generate_to does: no `help` subcommand, and a built command, so that
     // the global options (--to, --name, ...) appear on each engine's page, and clap names

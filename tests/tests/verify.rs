@@ -1381,3 +1381,25 @@ fn postgres_unreachable_scratch_server_is_69() {
     assert_eq!(v["checks"]["integrity"]["ok"], json!(true));
     assert_eq!(v["checks"]["restore"]["ok"], json!(false));
 }
+
+#[test]
+fn every_copy_a_pipeline_made_is_verified() {
+    let sb = Sandbox::new();
+    let src = sb.path("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("a"), "one").unwrap();
+    let a = sb.dump(&["files", s(&src), "--name", "copies"]);
+    let offsite = sb.path("offsite").display().to_string();
+    let shipped = sb.run_with_stdin("bk-ship", &["--to", &offsite], &line(&a)).ok();
+    let copies = shipped.artifacts();
+    assert_eq!(copies.len(), 2, "the original and its copy: {}", shipped.stdout);
+    let run = sb.run_with_stdin("bk-verify", &[], &shipped.stdout).ok();
+    let mut locations: Vec<String> = verified_all(&run)
+        .iter()
+        .map(|v| v["location"].as_str().unwrap().to_string())
+        .collect();
+    locations.sort();
+    let mut expected: Vec<String> = copies.iter().map(|c| c.location.clone()).collect();
+    expected.sort();
+    assert_eq!(locations, expected);
+}

@@ -268,6 +268,10 @@ impl<W: Write> Encoder<W> {
                 // `dump | zstd` runs both at once; memory stays bounded by zstd's job size.
                 zstd.multithread(1)
                     .map_err(|e| Error::io("starting zstd's worker", e))?;
+                // Small jobs bound the memory whatever the level (level 19 would buffer
+                // 64 MiB), and keep the source program paced by the compressor.
+                zstd.set_parameter(zstd::stream::raw::CParameter::JobSize(4 << 20))
+                    .map_err(|e| Error::io("setting zstd's job size", e))?;
                 Compressor::Zstd(zstd)
             }
             Compression::Gzip => Compressor::Gzip(flate2::write::GzEncoder::new(

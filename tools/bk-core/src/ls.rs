@@ -28,7 +28,7 @@ pub enum Format {
     after_help = crate::cli::exit_status_help()
 )]
 pub struct Cli {
-    /// The store: a directory or file:// URL
+    /// The store: a directory, file:// URL, s3://bucket/prefix or ssh://user@host[:port]/path
     pub store: String,
     /// Only the backups of this job name
     #[arg(long)]

@@ -105,9 +105,7 @@ fn identifier(text: &str) -> Option<(String, &str)> {
         }
         None
     } else {
-        let end = text
-            .find(|c: char| c == '.' || c == ' ' || c == '(')
-            .unwrap_or(text.len());
+        let end = text.find(['.', ' ', '(']).unwrap_or(text.len());
         (end > 0).then(|| (text[..end].to_string(), &text[end..]))
     }
 }

@@ -634,40 +634,6 @@ impl Drop for TempFile {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pgpass_lines_split_like_libpq() {
-        assert_eq!(split_pgpass(r"h:5432:*:u:p\:w\\x"), ["h", "5432", "*", "u", r"p:w\x"]);
-    }
-
-    #[test]
-    fn table_names_of_one_schema_at_a_time() {
-        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(table_schema(&[]).unwrap(), None);
-        assert_eq!(table_schema(&names(&["a", "b"])).unwrap(), None);
-        assert_eq!(
-            table_schema(&names(&["app.a", "app.b"])).unwrap().as_deref(),
-            Some("app")
-        );
-        assert!(table_schema(&names(&["app.a", "b"])).is_err());
-        assert!(table_schema(&names(&["app.a", "x.b"])).is_err());
-    }
-
-    #[test]
-    fn plain_dump_end_is_seen_across_chunks() {
-        let (mut start, mut tail) = (Vec::new(), Vec::new());
-        let text = b"PGDMP....\n-- PostgreSQL database dump complete\n\n";
-        for chunk in text.chunks(5) {
-            remember_ends(&mut start, &mut tail, chunk);
-        }
-        assert!(start.starts_with(CUSTOM_MAGIC));
-        assert!(String::from_utf8_lossy(&tail).contains("dump complete"));
-    }
-}
-
 /// Databases whose names start with `prefix` (bk-verify's scratch databases).
 pub fn databases_like(opts: &RestoreOptions, prefix: &str) -> Result<Vec<String>> {
     let mut admin = PgConn::new(&opts.conn)?.connect(MAINTENANCE_DB)?;
@@ -721,4 +687,38 @@ pub fn derive_counts(artifact: &Artifact, decoder: &mut Decoder) -> Result<BTree
         )));
     }
     Ok(scanner.counts().clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pgpass_lines_split_like_libpq() {
+        assert_eq!(split_pgpass(r"h:5432:*:u:p\:w\\x"), ["h", "5432", "*", "u", r"p:w\x"]);
+    }
+
+    #[test]
+    fn table_names_of_one_schema_at_a_time() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(table_schema(&[]).unwrap(), None);
+        assert_eq!(table_schema(&names(&["a", "b"])).unwrap(), None);
+        assert_eq!(
+            table_schema(&names(&["app.a", "app.b"])).unwrap().as_deref(),
+            Some("app")
+        );
+        assert!(table_schema(&names(&["app.a", "b"])).is_err());
+        assert!(table_schema(&names(&["app.a", "x.b"])).is_err());
+    }
+
+    #[test]
+    fn plain_dump_end_is_seen_across_chunks() {
+        let (mut start, mut tail) = (Vec::new(), Vec::new());
+        let text = b"PGDMP....\n-- PostgreSQL database dump complete\n\n";
+        for chunk in text.chunks(5) {
+            remember_ends(&mut start, &mut tail, chunk);
+        }
+        assert!(start.starts_with(CUSTOM_MAGIC));
+        assert!(String::from_utf8_lossy(&tail).contains("dump complete"));
+    }
 }

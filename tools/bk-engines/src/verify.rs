@@ -100,11 +100,12 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
         }
         None => {
             let inputs = read_stdin_records("pipe artifact records in (bk-dump ... | bk-verify) or use --from")?;
+            // Every copy is verified: bk-ship adds a record per store a backup went to.
             let mut seen = Vec::new();
             for input in &inputs {
                 match &input.record {
-                    Record::Artifact(a) if !seen.contains(&a.id) => {
-                        seen.push(a.id.clone());
+                    Record::Artifact(a) if !seen.contains(&a.location) => {
+                        seen.push(a.location.clone());
                         let store = store::open_location(a)?;
                         verifier.verify(store.as_ref(), a, out)?;
                     }
@@ -406,10 +407,7 @@ impl<'a> Verifier<'a> {
         let stale = |name: &str| scratch_age(name).is_some_and(|age| age > LEFTOVER_AGE);
         match engine {
             "mysql" | "postgres" => {
-                let (list, drop): (
-                    fn(&RestoreOptions, &str) -> Result<Vec<String>>,
-                    fn(&RestoreOptions, &str) -> Result<()>,
-                ) = if engine == "mysql" {
+                let (list, drop): ScratchDatabases = if engine == "mysql" {
                     (mysql::databases_like, mysql::drop_database)
                 } else {
                     (postgres::databases_like, postgres::drop_database)
@@ -453,6 +451,12 @@ fn stored_digest(store: &dyn Store, artifact: &Artifact) -> Result<()> {
     .map_err(|e| Error::new(Kind::Io, e.message))?;
     check_digest(artifact, bytes, &hex::encode(sha.finalize()))
 }
+
+/// How an engine lists and drops databases by name.
+type ScratchDatabases = (
+    fn(&RestoreOptions, &str) -> Result<Vec<String>>,
+    fn(&RestoreOptions, &str) -> Result<()>,
+);
 
 /// `bk_verify_<unix seconds>_<random>`: its age can be read from its name.
 fn scratch_name() -> String {

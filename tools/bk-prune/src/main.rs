@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    bk_core::prune::main()
+    bk_stores::main(bk_core::prune::run)
 }

@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    bk_engines::restore::main()
+    bk_stores::main(bk_engines::restore::run)
 }

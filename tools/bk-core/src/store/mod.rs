@@ -56,9 +56,26 @@ pub trait Store {
     }
 }
 
-/// Opens a store from its URL: a path or `file://` URL. Remote schemes are refused with
-/// exit 64 until their store exists.
+/// Opens the stores this crate does not know (s3://, ssh://): `Ok(None)` for a URL it does
+/// not handle either. Installed once per process by the crate that links them (bk-stores),
+/// so that bk-core stays free of their dependencies.
+pub type RemoteOpener = fn(&str) -> Result<Option<Box<dyn Store>>>;
+
+static REMOTE_OPENER: std::sync::OnceLock<RemoteOpener> = std::sync::OnceLock::new();
+
+/// Makes `open` (and so every tool) handle the remote schemes of `opener`.
+pub fn set_remote_opener(opener: RemoteOpener) {
+    let _ = REMOTE_OPENER.set(opener);
+}
+
+/// Opens a store from its URL: a path or `file://` URL, or a remote URL if a remote opener
+/// is installed. Remote schemes nobody handles are refused with exit 64.
 pub fn open(url: &str) -> Result<Box<dyn Store>> {
+    if let Some(opener) = REMOTE_OPENER.get() {
+        if let Some(store) = opener(url)? {
+            return Ok(store);
+        }
+    }
     if let Some(path) = url.strip_prefix("file://") {
         return Ok(Box::new(LocalStore::new(path)?));
     }

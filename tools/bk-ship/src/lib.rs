@@ -1,0 +1,334 @@
+//! bk-ship: copies artifacts to other stores. Push mode ships the artifacts whose records
+//! come in on stdin (a pipeline after bk-dump); pull/sync mode (`--from STORE`) copies what
+//! the destinations lack (a backup server that pulls from production hosts).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{self, Read, Write};
+use std::time::Duration;
+
+use bk_core::error::{from_io, Error, Kind, Result};
+use bk_core::ls::newest_per_name;
+use bk_core::name::validate_name;
+use bk_core::record::{Artifact, Output, Record};
+use bk_core::store::{self, Store};
+use chrono::{DateTime, NaiveDate, Utc};
+use clap::Parser;
+use sha2::{Digest, Sha256};
+
+/// Copy backups to other stores, checked.
+///
+/// Push mode (no --from): reads artifact records on stdin (from bk-dump, say), copies each
+/// artifact and then its manifest to every --to store, and checks the copy's sha256. Every
+/// input record is passed on, followed by one artifact record per new copy (with the copy's
+/// location), so a bk-prune downstream sees every location. A copy already present with the
+/// same sha256 is skipped. An upstream error record is passed on, nothing of its name is
+/// shipped, and the run exits 1.
+///
+/// Pull/sync mode (--from STORE): copies the backups of STORE (all, or --latest, or
+/// --since TIME; of one --name or of all) that a destination lacks, and prints a record per
+/// new copy. A second run copies nothing. A destination that holds a backup of the same id
+/// with a different sha256 is an error (65): it is neither kept silently nor overwritten.
+///
+/// Stores: a directory or file:// URL, s3://bucket/prefix (credentials and region from the
+/// AWS variables and ~/.aws files; --s3-endpoint for other S3 servers), or
+/// ssh://user@host[:port]/absolute/path (the system's ssh and ~/.ssh/config; BK_SSH_COMMAND
+/// replaces `ssh`, e.g. `ssh -i KEY`). Transient failures (unreachable store, I/O errors) are
+/// retried with backoff.
+#[derive(Debug, Parser)]
+#[command(name = "bk-ship", version, after_help = bk_core::cli::exit_status_help())]
+pub struct Cli {
+    /// A destination store (repeatable)
+    #[arg(long = "to", value_name = "STORE", required = true)]
+    pub to: Vec<String>,
+    /// Pull/sync mode: copy the backups of this store instead of the records on stdin
+    #[arg(long, value_name = "STORE")]
+    pub from: Option<String>,
+    /// With --from: only the backups of this job name
+    #[arg(long, requires = "from")]
+    pub name: Option<String>,
+    /// With --from: only the newest backup of each name
+    #[arg(long, requires = "from", conflicts_with_all = ["since", "all"])]
+    pub latest: bool,
+    /// With --from: only backups started at or after TIME (RFC 3339, or YYYY-MM-DD in UTC)
+    #[arg(long, value_name = "TIME", requires = "from", conflicts_with = "all")]
+    pub since: Option<String>,
+    /// With --from: every backup (the default)
+    #[arg(long, requires = "from")]
+    pub all: bool,
+    /// Delete each backup from its source once every destination holds a checked copy
+    #[arg(long)]
+    pub delete_source: bool,
+    /// Attempts after the first for a copy that fails transiently
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub retries: u32,
+    /// S3 endpoint URL for s3:// stores (e.g. http://127.0.0.1:9000 for MinIO or Garage)
+    #[arg(long, value_name = "URL", env = "BK_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region for s3:// stores [default: AWS_REGION, ~/.aws/config, else us-east-1]
+    #[arg(long, value_name = "REGION", env = "BK_S3_REGION")]
+    pub s3_region: Option<String>,
+}
+
+/// What a destination holds, per name, listed once per run.
+struct Destination {
+    store: Box<dyn Store>,
+    held: BTreeMap<String, Vec<Artifact>>,
+}
+
+impl Destination {
+    fn held(&mut self, name: &str) -> Result<&mut Vec<Artifact>> {
+        if !self.held.contains_key(name) {
+            let artifacts = match self.store.list(Some(name)) {
+                Ok(listing) => listing.artifacts,
+                Err(e) if e.kind == Kind::NoInput => Vec::new(),
+                Err(e) => return Err(e),
+            };
+            self.held.insert(name.to_string(), artifacts);
+        }
+        Ok(self.held.get_mut(name).expect("inserted above"))
+    }
+}
+
+pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
+    // The S3 options travel to the stores as their variables.
+    if let Some(endpoint) = &cli.s3_endpoint {
+        std::env::set_var("BK_S3_ENDPOINT", endpoint);
+    }
+    if let Some(region) = &cli.s3_region {
+        std::env::set_var("BK_S3_REGION", region);
+    }
+    if let Some(n) = &cli.name {
+        validate_name(n)?;
+    }
+    let since = cli.since.as_deref().map(parse_time).transpose()?;
+    let mut dests = Vec::new();
+    for url in &cli.to {
+        dests.push(Destination {
+            store: store::open(url)?,
+            held: BTreeMap::new(),
+        });
+    }
+    let shipper = Shipper {
+        retries: cli.retries,
+        delete_source: cli.delete_source,
+    };
+    match &cli.from {
+        None => {
+            let inputs = bk_core::cli::read_stdin_records("pipe bk-dump's output in, or pull with --from STORE")?;
+            let failed: BTreeSet<String> = inputs
+                .iter()
+                .filter_map(|i| match &i.record {
+                    Record::Error(e) => e.name.clone(),
+                    _ => None,
+                })
+                .collect();
+            for input in &inputs {
+                out.pass(input)?;
+                let Record::Artifact(a) = &input.record else { continue };
+                if failed.contains(&a.name) {
+                    eprintln!("{}: {}: not shipped: its run failed upstream", out.tool(), a.id);
+                    continue;
+                }
+                match store::open_location(a) {
+                    Ok(source) => shipper.ship(source.as_ref(), a, &mut dests, out)?,
+                    Err(e) => out.error(&e.named(&a.name))?,
+                }
+            }
+        }
+        Some(from) => {
+            let source = store::open(from)?;
+            let listing = source.list(cli.name.as_deref())?;
+            let mut artifacts = listing.artifacts;
+            if cli.latest {
+                artifacts = newest_per_name(artifacts);
+            }
+            if let Some(since) = since {
+                artifacts.retain(|a| parse_time(&a.started).is_ok_and(|t| t >= since));
+            }
+            if let (Some(n), true) = (&cli.name, artifacts.is_empty()) {
+                return Err(Error::no_input(format!("no backup of {n} in {}", source.url())).named(n));
+            }
+            for a in &artifacts {
+                shipper.ship(source.as_ref(), a, &mut dests, out)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// RFC 3339, or a date (midnight UTC), or a bk stamp (YYYYMMDDTHHMMSSZ).
+fn parse_time(s: &str) -> Result<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).expect("midnight").and_utc());
+    }
+    if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, "%Y%m%dT%H%M%SZ") {
+        return Ok(t.and_utc());
+    }
+    Err(Error::usage(format!(
+        "bad time {s:?}: use RFC 3339 (2026-11-22T00:15:00Z) or a date (2026-11-22)"
+    )))
+}
+
+struct Shipper {
+    retries: u32,
+    delete_source: bool,
+}
+
+/// How a destination came to hold a backup.
+enum Copied {
+    /// Copied now, checked: its record.
+    New(Artifact),
+    /// Already there with the same sha256 (its record); not re-read.
+    Present(Artifact),
+    /// The destination is the source itself.
+    Same,
+}
+
+impl Shipper {
+    /// Copies one backup to every destination; failures become error records.
+    fn ship(&self, source: &dyn Store, a: &Artifact, dests: &mut [Destination], out: &mut Output) -> Result<()> {
+        let mut all_held = true;
+        let mut present = Vec::new();
+        for (i, dest) in dests.iter_mut().enumerate() {
+            match self.copy_with_retries(source, a, dest) {
+                Ok(Copied::New(copy)) => {
+                    eprintln!("{}: {}: copied to {}", out.tool(), a.id, copy.location);
+                    out.emit(&Record::Artifact(copy))?;
+                }
+                Ok(Copied::Present(copy)) => {
+                    eprintln!("{}: {}: already in {}", out.tool(), a.id, dest.store.url());
+                    present.push((i, copy));
+                }
+                Ok(Copied::Same) => all_held = false,
+                Err(e) => {
+                    all_held = false;
+                    out.error(&e.named(&a.name))?;
+                }
+            }
+        }
+        if self.delete_source && all_held {
+            // A copy found already there is re-read before the source goes.
+            for (i, copy) in &present {
+                if let Err(e) = check_copy(dests[*i].store.as_ref(), &copy_of(a, copy)) {
+                    out.error(&e.context("source kept").named(&a.name))?;
+                    return Ok(());
+                }
+            }
+            match source.delete(a) {
+                Ok(()) => eprintln!("{}: {}: deleted from {}", out.tool(), a.id, source.url()),
+                Err(e) => out.error(&e.context(format!("deleting {} from the source", a.id)).named(&a.name))?,
+            }
+        }
+        Ok(())
+    }
+
+    fn copy_with_retries(&self, source: &dyn Store, a: &Artifact, dest: &mut Destination) -> Result<Copied> {
+        let mut attempt = 0;
+        loop {
+            match copy(source, a, dest) {
+                Err(e) if attempt < self.retries && matches!(e.kind, Kind::Unavailable | Kind::Io | Kind::TempFail) => {
+                    attempt += 1;
+                    let wait = Duration::from_secs(1 << attempt.min(6));
+                    eprintln!(
+                        "bk-ship: {}: {} (attempt {attempt} of {} in {}s)",
+                        a.id,
+                        e.message,
+                        self.retries + 1,
+                        wait.as_secs()
+                    );
+                    std::thread::sleep(wait);
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// The destination's record of a copy, for checking: the source's sha256 and file.
+fn copy_of(a: &Artifact, copy: &Artifact) -> Artifact {
+    let mut c = a.clone();
+    c.location = copy.location.clone();
+    c
+}
+
+/// Copies one artifact, then its manifest, unless the destination holds it already.
+fn copy(source: &dyn Store, a: &Artifact, dest: &mut Destination) -> Result<Copied> {
+    let location = dest.store.location(&a.name, &a.file);
+    if location == a.location {
+        return Ok(Copied::Same);
+    }
+    if let Some(held) = dest.held(&a.name)?.iter().find(|h| h.id == a.id).cloned() {
+        if held.sha256 == a.sha256 && held.bytes == a.bytes && held.file == a.file {
+            return Ok(Copied::Present(held));
+        }
+        return Err(Error::data(format!(
+            "{} already holds a backup {} whose sha256 {} differs from the source's {} ({}): refusing to keep or overwrite it; check both copies",
+            dest.store.url(),
+            a.id,
+            held.sha256,
+            a.sha256,
+            a.location
+        )));
+    }
+    let mut reader = source.open(a)?;
+    let mut upload = dest.store.create(&a.name, &a.file)?;
+    let (sha, bytes) = copy_hashing(&mut reader, &mut upload, &a.location, &location)?;
+    if sha != a.sha256 || bytes != a.bytes {
+        // Dropping the upload removes (or aborts) it.
+        return Err(Error::data(format!(
+            "{}: the source file differs from its manifest (sha256 {sha}, {bytes} bytes; manifest {}, {} bytes): not shipped",
+            a.location, a.sha256, a.bytes
+        )));
+    }
+    // Remote stores check the stored bytes against what was sent when they publish.
+    upload.commit()?;
+    let mut copy = a.clone();
+    copy.location = location;
+    if dest.store.local_root().is_some() {
+        check_copy(dest.store.as_ref(), &copy)?;
+    }
+    dest.store.put_manifest(&copy)?;
+    dest.held(&a.name)?.push(copy.clone());
+    Ok(Copied::New(copy))
+}
+
+/// Streams `from` into `to`, hashing on the way.
+fn copy_hashing(from: &mut dyn Read, to: &mut dyn Write, src: &str, dst: &str) -> Result<(String, u64)> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(from_io(format!("reading {src}"), e)),
+        };
+        hasher.update(&buf[..n]);
+        to.write_all(&buf[..n])
+            .map_err(|e| from_io(format!("writing {dst}"), e))?;
+        total += n as u64;
+    }
+    Ok((hex::encode(hasher.finalize()), total))
+}
+
+/// Reads a copy back and compares its sha256 with the manifest's: 65 if it differs.
+fn check_copy(store: &dyn Store, copy: &Artifact) -> Result<()> {
+    let mut reader = store.open(copy)?;
+    let (sha, bytes) = copy_hashing(&mut reader, &mut io::sink(), &copy.location, "nowhere")?;
+    if sha != copy.sha256 || bytes != copy.bytes {
+        return Err(Error::data(format!(
+            "{}: the copy's sha256 is {sha} ({bytes} bytes), not {} ({} bytes)",
+            copy.location, copy.sha256, copy.bytes
+        )));
+    }
+    Ok(())
+}
+
+/// The bk-ship program.
+pub fn main() -> std::process::ExitCode {
+    bk_stores::main(run)
+}

@@ -1,0 +1,109 @@
+//! bk's remote stores behind bk-core's `Store` trait: `s3://bucket/prefix` and
+//! `ssh://user@host[:port]/abs/path` (SPEC §3). Local paths and `file://` stay bk-core's
+//! `LocalStore`. The heavy S3 and async dependencies live here only.
+//!
+//! Every tool that takes stores starts through [`main`], which installs [`open`] as bk-core's
+//! remote opener, so `bk_core::store::open` and `open_location` handle every scheme.
+
+pub mod s3;
+pub mod ssh;
+
+use bk_core::record::Output;
+use bk_core::store::Store;
+use bk_core::Result;
+
+/// Opens a store from its URL: a path, `file://`, `s3://` or `ssh://`.
+pub fn open(url: &str) -> Result<Box<dyn Store>> {
+    install();
+    bk_core::store::open(url)
+}
+
+/// The remote opener installed into bk-core: `None` for the URLs bk-core handles itself.
+fn open_remote(url: &str) -> Result<Option<Box<dyn Store>>> {
+    if url.starts_with("s3://") {
+        return Ok(Some(Box::new(s3::S3Store::open(url)?)));
+    }
+    if url.starts_with("ssh://") {
+        return Ok(Some(Box::new(ssh::SshStore::open(url)?)));
+    }
+    Ok(None)
+}
+
+/// Makes `bk_core::store::open` handle the remote schemes (once per process).
+pub fn install() {
+    bk_core::store::set_remote_opener(open_remote);
+}
+
+/// Runs a tool (as `bk_core::cli::main`) with every kind of store available.
+pub fn main<C: clap::Parser>(run: fn(C, &mut Output) -> Result<()>) -> std::process::ExitCode {
+    install();
+    bk_core::cli::main(run)
+}
+
+/// The artifact files and manifests of a listing of `<name>/<file>` entries, shared by the
+/// remote stores: which manifests parse, which files are claimed by none.
+pub(crate) fn sort_listing(listing: &mut bk_core::store::Listing) {
+    listing
+        .artifacts
+        .sort_by(|a, b| (&a.name, &a.started, &a.id).cmp(&(&b.name, &b.started, &b.id)));
+    listing.leftovers.sort();
+}
+
+/// A hidden temporary name no listing mistakes for an artifact, as the local store's:
+/// `.<file>.tmp.<pid>.<random>`.
+pub(crate) fn temp_name(file: &str) -> String {
+    format!(".{file}.tmp.{}.{:08x}", std::process::id(), rand::random::<u32>())
+}
+
+pub(crate) fn is_temp(file_name: &str) -> bool {
+    file_name.starts_with('.') && file_name.contains(".tmp.")
+}
+
+/// Refuses a file name that would leave the name's directory.
+pub(crate) fn check_file_name(file: &str) -> Result<()> {
+    if file.is_empty() || file.contains('/') || file.starts_with('.') {
+        return Err(bk_core::Error::data(format!("invalid artifact file name {file:?}")));
+    }
+    Ok(())
+}
+
+/// Builds a listing from the files of each name's directory and a way to read a manifest.
+pub(crate) fn build_listing(
+    files: std::collections::BTreeMap<String, Vec<String>>,
+    mut manifest: impl FnMut(&str, &str) -> Result<String>,
+    location: impl Fn(&str, &str) -> String,
+) -> bk_core::store::Listing {
+    use bk_core::record::{parse_line, Record};
+    use bk_core::store::manifest_file;
+    let mut listing = bk_core::store::Listing::default();
+    for (name, names) in files {
+        let mut claimed: Vec<&str> = Vec::new();
+        for f in names.iter().filter(|f| f.ends_with(".json") && !is_temp(f)) {
+            claimed.push(f);
+            let parsed = manifest(&name, f).and_then(|text| parse_line(text.trim(), "unreadable manifest"));
+            match parsed {
+                Ok(Record::Artifact(mut a)) if a.name == name && manifest_file(&a.id) == *f => {
+                    a.location = location(&name, &a.file);
+                    if let Some(file) = names.iter().find(|n| **n == a.file) {
+                        claimed.push(file);
+                    }
+                    listing.artifacts.push(a);
+                }
+                Ok(_) => listing
+                    .leftovers
+                    .push(format!("{}: not a manifest of {name}", location(&name, f))),
+                Err(e) => listing.leftovers.push(format!("{}: {}", location(&name, f), e.message)),
+            }
+        }
+        for f in names.iter().filter(|f| !claimed.contains(&f.as_str())) {
+            let why = if is_temp(f) {
+                "temporary file of an unfinished run"
+            } else {
+                "no manifest"
+            };
+            listing.leftovers.push(format!("{}: {why}", location(&name, f)));
+        }
+    }
+    sort_listing(&mut listing);
+    listing
+}

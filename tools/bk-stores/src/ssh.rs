@@ -1,0 +1,531 @@
+//! `ssh://[user@]host[:port]/abs/path`: a store on another machine through the system's
+//! `ssh`, so `~/.ssh/config`, agents and known_hosts work as users expect. `BK_SSH_COMMAND`
+//! (words separated by spaces, as git's `GIT_SSH_COMMAND`) replaces `ssh`, e.g. to add
+//! `-i KEY`. ssh runs in batch mode: it never asks for a password or a host key.
+//!
+//! The remote side needs only a POSIX shell and coreutils: uploads go to a hidden temporary
+//! name (umask 077: files 0600, directories 0700), are checked with `sha256sum` (or
+//! `shasum -a 256`) against what was sent, synced, then renamed into place.
+//!
+//! Exit codes: host unreachable or connection refused 69; host key unknown or changed 78;
+//! authentication refused 77; a remote directory that cannot be created 73.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::SystemTime;
+
+use bk_core::error::{Error, Kind, Result};
+use bk_core::record::{Artifact, Record};
+use bk_core::store::{manifest_file, Listing, Store, Upload};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Clone)]
+pub struct SshStore {
+    /// The URL without a trailing slash.
+    url: String,
+    /// `[user@]host`.
+    destination: String,
+    port: Option<u16>,
+    /// The absolute root directory on the remote host.
+    root: String,
+}
+
+/// Single-quotes a word for a POSIX shell.
+pub fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Exit codes the remote scripts use to say what failed.
+const REMOTE_NO_INPUT: i32 = 66;
+const REMOTE_CANT_CREATE: i32 = 73;
+const REMOTE_MISMATCH: i32 = 65;
+const REMOTE_NO_PERM: i32 = 77;
+
+impl SshStore {
+    pub fn open(url: &str) -> Result<Self> {
+        let bad = |why: &str| Error::usage(format!("store {url}: {why} (ssh://user@host[:port]/absolute/path)"));
+        let rest = url.strip_prefix("ssh://").expect("an ssh:// URL");
+        let slash = rest.find('/').ok_or_else(|| bad("no path"))?;
+        let (authority, path) = rest.split_at(slash);
+        let (userhost, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
+                let port = p.parse::<u16>().map_err(|_| bad("bad port"))?;
+                (h, Some(port))
+            }
+            _ => (authority, None),
+        };
+        let host = userhost.rsplit('@').next().unwrap_or_default();
+        let destination = userhost.replace(['[', ']'], "");
+        if host.is_empty() || destination.starts_with('-') || destination.contains(char::is_whitespace) {
+            return Err(bad("bad host"));
+        }
+        let root = path.trim_end_matches('/');
+        let root = if root.is_empty() { "/" } else { root };
+        Ok(SshStore {
+            url: format!("ssh://{authority}{}", if root == "/" { "" } else { root }),
+            destination,
+            port,
+            root: root.to_string(),
+        })
+    }
+
+    fn dir(&self, name: &str) -> String {
+        if self.root == "/" {
+            format!("/{name}")
+        } else {
+            format!("{}/{name}", self.root)
+        }
+    }
+
+    /// `ssh [opts] destination sh -c SCRIPT`.
+    fn command(&self, script: &str) -> Command {
+        let ssh = std::env::var("BK_SSH_COMMAND").unwrap_or_else(|_| "ssh".into());
+        let mut words = ssh.split_whitespace();
+        let mut cmd = Command::new(words.next().unwrap_or("ssh"));
+        cmd.args(words);
+        cmd.args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=20",
+            "-o",
+            "ServerAliveInterval=15",
+        ]);
+        if let Some(port) = self.port {
+            cmd.arg("-p").arg(port.to_string());
+        }
+        cmd.arg(&self.destination);
+        cmd.arg(format!("sh -c {}", sh_quote(script)));
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd
+    }
+
+    /// Runs a script remotely; its stdout, or the failure classified.
+    fn run(&self, script: &str, doing: &str, default: Kind) -> Result<Vec<u8>> {
+        let out = self
+            .command(script)
+            .output()
+            .map_err(|e| Error::new(Kind::Unavailable, format!("{doing}: cannot run ssh: {e}")))?;
+        if out.status.success() {
+            return Ok(out.stdout);
+        }
+        Err(self.classify(out.status.code(), &out.stderr, doing, default))
+    }
+
+    /// What a failed ssh run means: ssh's own failures (exit 255) by their message, the
+    /// remote scripts' by their exit code.
+    fn classify(&self, code: Option<i32>, stderr: &[u8], doing: &str, default: Kind) -> Error {
+        let text = String::from_utf8_lossy(stderr);
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("Warning: Permanently added"))
+            .collect();
+        let last = lines.last().copied().unwrap_or("");
+        let has = |p: &str| text.contains(p);
+        let host = self
+            .port
+            .map_or(self.destination.clone(), |p| format!("{}:{p}", self.destination));
+        let (kind, why) = if has("REMOTE HOST IDENTIFICATION HAS CHANGED") {
+            (
+                Kind::Config,
+                format!("the host key of {host} has CHANGED since it was recorded in known_hosts (a reinstalled host, or an attack): check it, then fix ~/.ssh/known_hosts"),
+            )
+        } else if has("Host key verification failed") || has("No ED25519 host key is known") || has("host key is known")
+        {
+            (
+                Kind::Config,
+                format!("host key verification failed for {host}: its key is not in ~/.ssh/known_hosts (add it with ssh-keyscan, after checking it)"),
+            )
+        } else if has("Permission denied (") || has("Too many authentication failures") {
+            (Kind::NoPerm, format!("ssh authentication to {host} refused: {last}"))
+        } else if code == Some(255) {
+            (Kind::Unavailable, format!("cannot reach {host} over ssh: {last}"))
+        } else {
+            let kind = match code {
+                Some(REMOTE_NO_INPUT) => Kind::NoInput,
+                Some(REMOTE_CANT_CREATE) => Kind::CantCreate,
+                Some(REMOTE_MISMATCH) => Kind::Data,
+                Some(REMOTE_NO_PERM) => Kind::NoPerm,
+                _ if has("Permission denied") && default == Kind::CantCreate => Kind::CantCreate,
+                _ if has("Permission denied") => Kind::NoPerm,
+                _ if has("No such file") => Kind::NoInput,
+                _ if has("No space left") => Kind::Io,
+                _ => default,
+            };
+            let why = if last.is_empty() {
+                format!("remote command failed (exit {})", code.unwrap_or(-1))
+            } else {
+                last.to_string()
+            };
+            (kind, why)
+        };
+        Error::new(kind, format!("{doing}: {why}"))
+    }
+
+    /// Starts `cat > tmp` on the remote host; the upload is published by `commit`.
+    fn upload(&self, name: &str, file: &str) -> Result<SshUpload> {
+        bk_core::name::validate_name(name)?;
+        crate::check_file_name(file)?;
+        let dir = self.dir(name);
+        let temp = format!("{dir}/{}", crate::temp_name(file));
+        let script = format!(
+            "umask 077; mkdir -p {d} || exit {c}; cat > {t} || {{ rm -f {t}; exit {c}; }}",
+            d = sh_quote(&dir),
+            t = sh_quote(&temp),
+            c = REMOTE_CANT_CREATE,
+        );
+        let location = self.location(name, file);
+        let mut cmd = self.command(&script);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::null());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Error::new(Kind::Unavailable, format!("writing {location}: cannot run ssh: {e}")))?;
+        let stdin = child.stdin.take();
+        let stderr = collect_stderr(&mut child);
+        Ok(SshUpload {
+            store: self.clone(),
+            child: Some(child),
+            stdin,
+            stderr: Some(stderr),
+            temp,
+            target: format!("{dir}/{file}"),
+            location,
+            hasher: Sha256::new(),
+        })
+    }
+}
+
+fn collect_stderr(child: &mut Child) -> JoinHandle<Vec<u8>> {
+    let mut stderr = child.stderr.take().expect("stderr piped");
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        buf
+    })
+}
+
+struct SshUpload {
+    store: SshStore,
+    child: Option<Child>,
+    stdin: Option<ChildStdin>,
+    stderr: Option<JoinHandle<Vec<u8>>>,
+    temp: String,
+    target: String,
+    location: String,
+    hasher: Sha256,
+}
+
+impl SshUpload {
+    /// Waits for the remote `cat` and reports how it ended.
+    fn finish_transfer(&mut self) -> Result<()> {
+        drop(self.stdin.take());
+        let mut child = self.child.take().expect("finished once");
+        let status = child
+            .wait()
+            .map_err(|e| Error::io(format!("writing {}", self.location), e))?;
+        let stderr = self
+            .stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
+        if status.success() {
+            return Ok(());
+        }
+        Err(self
+            .store
+            .classify(status.code(), &stderr, &format!("writing {}", self.location), Kind::Io))
+    }
+}
+
+impl Write for SshUpload {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let stdin = self.stdin.as_mut().expect("written only before commit");
+        match stdin.write_all(buf) {
+            Ok(()) => {
+                self.hasher.update(buf);
+                Ok(buf.len())
+            }
+            // The remote side went away: say why, from ssh's own words.
+            Err(_) => Err(match self.finish_transfer() {
+                Err(e) => e.into(),
+                Ok(()) => io::Error::other(format!("writing {}: the remote side stopped reading", self.location)),
+            }),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.stdin.as_mut().map_or(Ok(()), |s| s.flush())
+    }
+}
+
+impl Upload for SshUpload {
+    fn commit(mut self: Box<Self>) -> Result<()> {
+        self.finish_transfer()?;
+        let sent = hex::encode(std::mem::take(&mut self.hasher).finalize());
+        let script = format!(
+            r#"t={t}
+if command -v sha256sum >/dev/null 2>&1; then h=$(sha256sum < "$t") || exit 74
+elif command -v shasum >/dev/null 2>&1; then h=$(shasum -a 256 < "$t") || exit 74
+else echo "neither sha256sum nor shasum on the remote host" >&2; exit 69; fi
+h=${{h%% *}}
+if [ "$h" != {sent} ]; then rm -f "$t"; echo "the copy's sha256 is $h, not {sent} as sent" >&2; exit {m}; fi
+sync "$t" 2>/dev/null || sync
+mv -f "$t" {f} || exit {c}
+sync {d} 2>/dev/null || true"#,
+            t = sh_quote(&self.temp),
+            f = sh_quote(&self.target),
+            d = sh_quote(self.target.rsplit_once('/').map_or("/", |(d, _)| d)),
+            m = REMOTE_MISMATCH,
+            c = REMOTE_CANT_CREATE,
+        );
+        let published = self
+            .store
+            .run(&script, &format!("publishing {}", self.location), Kind::Io)
+            .map(drop);
+        // Published or not, the temporary file is gone or removed below.
+        if published.is_err() {
+            let _ = self
+                .store
+                .run(&format!("rm -f {}", sh_quote(&self.temp)), "cleaning up", Kind::Io);
+        }
+        self.temp.clear();
+        published
+    }
+}
+
+impl Drop for SshUpload {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if !self.temp.is_empty() {
+            let _ = self
+                .store
+                .run(&format!("rm -f {}", sh_quote(&self.temp)), "cleaning up", Kind::Io);
+        }
+    }
+}
+
+/// A remote `cat` of a file; its exit status is checked at the end of the stream.
+struct SshReader {
+    store: SshStore,
+    child: Child,
+    stdout: ChildStdout,
+    stderr: Option<JoinHandle<Vec<u8>>>,
+    doing: String,
+    done: bool,
+}
+
+impl Read for SshReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.done {
+            return Ok(0);
+        }
+        let n = self.stdout.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.done = true;
+            let status = self.child.wait()?;
+            let stderr = self
+                .stderr
+                .take()
+                .map(|h| h.join().unwrap_or_default())
+                .unwrap_or_default();
+            if !status.success() {
+                return Err(self
+                    .store
+                    .classify(status.code(), &stderr, &self.doing, Kind::Io)
+                    .into());
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for SshReader {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Store for SshStore {
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    fn location(&self, name: &str, file: &str) -> String {
+        format!("{}/{name}/{file}", self.url)
+    }
+
+    fn create(&self, name: &str, file: &str) -> Result<Box<dyn Upload>> {
+        Ok(Box::new(self.upload(name, file)?))
+    }
+
+    fn put_manifest(&self, artifact: &Artifact) -> Result<()> {
+        let mut upload = self.upload(&artifact.name, &manifest_file(&artifact.id))?;
+        let line = format!("{}\n", Record::Artifact(artifact.clone()).to_line());
+        upload
+            .write_all(line.as_bytes())
+            .map_err(|e| bk_core::error::from_io(format!("writing {}", upload.location), e))?;
+        Box::new(upload).commit()
+    }
+
+    fn has_manifest(&self, name: &str, id: &str) -> Result<bool> {
+        let path = format!("{}/{}", self.dir(name), manifest_file(id));
+        let out = self.run(
+            &format!("if [ -f {} ]; then echo yes; else echo no; fi", sh_quote(&path)),
+            &format!("looking for {}", self.location(name, &manifest_file(id))),
+            Kind::Io,
+        )?;
+        Ok(out.starts_with(b"yes"))
+    }
+
+    fn list(&self, name: Option<&str>) -> Result<Listing> {
+        if let Some(n) = name {
+            bk_core::name::validate_name(n)?;
+        }
+        let dirs = name.map_or("*".to_string(), sh_quote);
+        let script = format!(
+            r#"cd {root} 2>/dev/null || {{ if [ -e {root} ]; then echo "cannot enter {root}: permission denied" >&2; exit {p}; fi; echo "no store at {root}" >&2; exit {n}; }}
+for d in {dirs}; do
+  [ -d "$d" ] || continue
+  for f in "$d"/* "$d"/.[!.]*; do
+    [ -f "$f" ] || continue
+    case "$f" in
+      *.json) printf 'M %s\t' "$f"; tr -d '\n' < "$f"; echo ;;
+      *) printf 'F %s\n' "$f" ;;
+    esac
+  done
+done"#,
+            root = sh_quote(&self.root),
+            p = REMOTE_NO_PERM,
+            n = REMOTE_NO_INPUT,
+        );
+        let out = self.run(&script, &format!("listing store {}", self.url), Kind::Io)?;
+        let text = String::from_utf8_lossy(&out);
+        let mut files: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut manifests: BTreeMap<(String, String), String> = BTreeMap::new();
+        for line in text.lines() {
+            let (path, content) = match line.strip_prefix("M ") {
+                Some(rest) => match rest.split_once('\t') {
+                    Some((p, c)) => (p, Some(c)),
+                    None => (rest, Some("")),
+                },
+                None => match line.strip_prefix("F ") {
+                    Some(p) => (p, None),
+                    None => continue,
+                },
+            };
+            let Some((n, f)) = path.split_once('/') else { continue };
+            if bk_core::name::validate_name(n).is_err() {
+                continue;
+            }
+            files.entry(n.to_string()).or_default().push(f.to_string());
+            if let Some(c) = content {
+                manifests.insert((n.to_string(), f.to_string()), c.to_string());
+            }
+        }
+        Ok(crate::build_listing(
+            files,
+            |n, f| {
+                Ok(manifests
+                    .get(&(n.to_string(), f.to_string()))
+                    .cloned()
+                    .unwrap_or_default())
+            },
+            |n, f| self.location(n, f),
+        ))
+    }
+
+    fn open(&self, artifact: &Artifact) -> Result<Box<dyn Read>> {
+        crate::check_file_name(&artifact.file)?;
+        let path = format!("{}/{}", self.dir(&artifact.name), artifact.file);
+        let doing = format!("reading {}", self.location(&artifact.name, &artifact.file));
+        let mut child = self
+            .command(&format!("exec cat {}", sh_quote(&path)))
+            .spawn()
+            .map_err(|e| Error::new(Kind::Unavailable, format!("{doing}: cannot run ssh: {e}")))?;
+        let stdout = child.stdout.take().expect("stdout piped");
+        let stderr = collect_stderr(&mut child);
+        Ok(Box::new(io::BufReader::with_capacity(
+            256 * 1024,
+            SshReader {
+                store: self.clone(),
+                child,
+                stdout,
+                stderr: Some(stderr),
+                doing,
+                done: false,
+            },
+        )))
+    }
+
+    fn delete(&self, artifact: &Artifact) -> Result<()> {
+        crate::check_file_name(&artifact.file)?;
+        let dir = self.dir(&artifact.name);
+        let script = format!(
+            "cd {d} 2>/dev/null || exit 0; rm -f {m} && rm -f {f} && {{ sync . 2>/dev/null || true; }}",
+            d = sh_quote(&dir),
+            m = sh_quote(&manifest_file(&artifact.id)),
+            f = sh_quote(&artifact.file),
+        );
+        self.run(
+            &script,
+            &format!("deleting {}", self.location(&artifact.name, &artifact.file)),
+            Kind::Io,
+        )
+        .map(drop)
+    }
+
+    fn remove_leftovers(&self, name: &str, older_than: SystemTime, dry_run: bool) -> Result<Vec<String>> {
+        bk_core::name::validate_name(name)?;
+        let age = SystemTime::now().duration_since(older_than).unwrap_or_default();
+        let minutes = age.as_secs().div_ceil(60);
+        let action = if dry_run { "-print" } else { "-print -exec rm -f {} +" };
+        let script = format!(
+            "cd {d} 2>/dev/null || exit 0; find . -maxdepth 1 -type f -name '.*.tmp.*' -mmin +{minutes} {action}",
+            d = sh_quote(&self.dir(name)),
+        );
+        let out = self.run(
+            &script,
+            &format!("removing leftovers of {name} in {}", self.url),
+            Kind::Io,
+        )?;
+        let mut removed: Vec<String> = String::from_utf8_lossy(&out)
+            .lines()
+            .filter_map(|l| l.strip_prefix("./"))
+            .map(|f| self.location(name, f))
+            .collect();
+        removed.sort();
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse() {
+        let s = SshStore::open("ssh://bk@backup.example:2222/srv/bk/").unwrap();
+        assert_eq!(
+            (s.destination.as_str(), s.port, s.root.as_str()),
+            ("bk@backup.example", Some(2222), "/srv/bk")
+        );
+        assert_eq!(
+            s.location("db", "db.1.sql"),
+            "ssh://bk@backup.example:2222/srv/bk/db/db.1.sql"
+        );
+        let s = SshStore::open("ssh://host/b").unwrap();
+        assert_eq!((s.destination.as_str(), s.port), ("host", None));
+        assert!(SshStore::open("ssh://host").is_err());
+        assert!(SshStore::open("ssh://-oProxyCommand=x/b").is_err());
+        assert_eq!(sh_quote("a'b"), r"'a'\''b'");
+    }
+}
