@@ -65,6 +65,15 @@ pub fn exit_status_help() -> String {
     )
 }
 
+/// How a tool that can print a table prints its results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Records, one per line (JSON Lines)
+    Json,
+    /// Aligned columns for people
+    Table,
+}
+
 /// Options of every tool that takes a per-name lock.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LockOpts {

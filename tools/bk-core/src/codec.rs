@@ -130,6 +130,15 @@ pub fn load_identities(path: &Path) -> Result<Identities> {
         .map_err(|e| Error::usage(format!("identity file {}: {e}", path.display())))
 }
 
+/// Loads every identity of every file given with --identity.
+pub fn load_identity_files(paths: &[std::path::PathBuf]) -> Result<Identities> {
+    let mut all = Identities::new();
+    for path in paths {
+        all.extend(load_identities(path)?);
+    }
+    Ok(all)
+}
+
 /// Counts and hashes the bytes that pass, shared between a reader and whoever checks it.
 #[derive(Default)]
 struct Tally {

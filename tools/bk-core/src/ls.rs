@@ -2,19 +2,12 @@
 
 use clap::Parser;
 
+pub use crate::cli::Format;
 use crate::error::{Error, Result};
 use crate::name::validate_name;
 use crate::progress::human_bytes;
 use crate::record::{Artifact, Output, Record};
 use crate::store;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    /// One artifact record per line (JSON Lines)
-    Json,
-    /// Aligned columns for people
-    Table,
-}
 
 /// List the backups in a store.
 ///

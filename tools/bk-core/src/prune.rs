@@ -12,6 +12,7 @@ use std::str::FromStr;
 use chrono::{DateTime, Datelike, LocalResult, NaiveDate, NaiveDateTime, Offset, TimeDelta, TimeZone, Utc};
 use clap::Parser;
 
+pub use crate::cli::Format;
 use crate::cli::LockOpts;
 use crate::error::{Error, Result};
 use crate::name::{parse_time, validate_name, STAMP_FORMAT};
@@ -486,14 +487,6 @@ pub fn decide(policy: &Policy, zone: &Zone, now: DateTime<Utc>, backups: &[(&str
 
 // ---------------------------------------------------------------------------------------
 // The command
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    /// One kept or pruned record per backup, after the records passed on (JSON Lines)
-    Json,
-    /// Aligned columns for people
-    Table,
-}
 
 /// Delete old backups by a retention policy, saying why for each.
 ///

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use bk_core::cli::read_stdin_records;
-use bk_core::codec::{check_digest, load_identities, Decoder, Identities};
+use bk_core::codec::{check_digest, load_identity_files, Decoder, Identities};
 use bk_core::error::{from_io, Error, Result};
 use bk_core::name::{parse_time, rfc3339, validate_name};
 use bk_core::progress::Progress;
@@ -79,14 +79,7 @@ pub struct Cli {
 }
 
 pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
-    let identities: Identities = cli
-        .identity
-        .iter()
-        .map(|p| load_identities(p))
-        .collect::<Result<Vec<_>>>()?
-        .into_iter()
-        .flatten()
-        .collect();
+    let identities = load_identity_files(&cli.identity)?;
     if let Some(at) = &cli.at {
         parse_time(at)?; // a usage error before any store is opened
     }

@@ -12,7 +12,7 @@ use clap::Parser;
 use serde_json::{json, Map, Value};
 
 use bk_core::cli::read_stdin_records;
-use bk_core::codec::{check_digest, load_identities, Decoder, Identities};
+use bk_core::codec::{check_digest, load_identity_files, Decoder, Identities};
 use bk_core::error::{Error, Kind, Result};
 use bk_core::ls::newest_per_name;
 use bk_core::name::validate_name;
@@ -82,14 +82,7 @@ pub struct Cli {
 }
 
 pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
-    let identities: Identities = cli
-        .identity
-        .iter()
-        .map(|p| load_identities(p))
-        .collect::<Result<Vec<_>>>()?
-        .into_iter()
-        .flatten()
-        .collect();
+    let identities = load_identity_files(&cli.identity)?;
     let mut verifier = Verifier::new(&cli, identities);
     match &cli.from {
         Some(url) => {
