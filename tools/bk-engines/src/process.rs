@@ -86,6 +86,36 @@ fn spawn(cmd: &mut Command) -> Result<Child> {
     })
 }
 
+/// A running program: stopped with bk on SIGINT/SIGTERM, its stderr collected.
+struct Running {
+    child: Child,
+    _tracked: cleanup::ChildGuard,
+    stderr: JoinHandle<String>,
+}
+
+/// Starts `cmd`, whose stderr must be piped.
+fn start(cmd: &mut Command) -> Result<Running> {
+    let mut child = spawn(cmd)?;
+    let tracked = cleanup::track_child(child.id());
+    let stderr = collect_stderr(child.stderr.take().expect("stderr piped"));
+    Ok(Running {
+        child,
+        _tracked: tracked,
+        stderr,
+    })
+}
+
+impl Running {
+    /// Waits for the end: the exit status and the tail of stderr.
+    fn wait(mut self, cmd: &Command) -> Result<(std::process::ExitStatus, String)> {
+        let status = self
+            .child
+            .wait()
+            .map_err(|e| Error::io(format!("waiting for {}", program_name(cmd)), e))?;
+        Ok((status, self.stderr.join().unwrap_or_default()))
+    }
+}
+
 /// The error of a program that exited non-zero: its last stderr lines, classified.
 fn failure(cmd: &Command, status: std::process::ExitStatus, stderr: &str, classify: Classify) -> Error {
     let lines: Vec<&str> = stderr.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
@@ -118,10 +148,8 @@ pub fn stream_from(
     classify: Classify,
 ) -> Result<u64> {
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = spawn(&mut cmd)?;
-    let _tracked = cleanup::track_child(child.id());
-    let stderr = collect_stderr(child.stderr.take().expect("piped"));
-    let mut stdout = child.stdout.take().expect("piped");
+    let mut running = start(&mut cmd)?;
+    let mut stdout = running.child.stdout.take().expect("piped");
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = 0u64;
     let pumped: Result<()> = loop {
@@ -138,13 +166,10 @@ pub fn stream_from(
         total += n as u64;
     };
     if pumped.is_err() {
-        let _ = child.kill();
+        let _ = running.child.kill();
     }
     drop(stdout);
-    let status = child
-        .wait()
-        .map_err(|e| Error::io(format!("waiting for {}", program_name(&cmd)), e))?;
-    let stderr = stderr.join().unwrap_or_default();
+    let (status, stderr) = running.wait(&cmd)?;
     pumped?;
     if !status.success() {
         return Err(failure(&cmd, status, &stderr, classify));
@@ -167,16 +192,11 @@ pub fn stream_into_may_stop(cmd: Command, input: &mut dyn Read, classify: Classi
 
 fn feed(mut cmd: Command, input: &mut dyn Read, classify: Classify, may_stop: bool) -> Result<()> {
     cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
-    let mut child = spawn(&mut cmd)?;
-    let _tracked = cleanup::track_child(child.id());
-    let stderr = collect_stderr(child.stderr.take().expect("piped"));
-    let mut stdin = child.stdin.take().expect("piped");
+    let mut running = start(&mut cmd)?;
+    let mut stdin = running.child.stdin.take().expect("piped");
     let fed = io::copy(input, &mut stdin);
     drop(stdin);
-    let status = child
-        .wait()
-        .map_err(|e| Error::io(format!("waiting for {}", program_name(&cmd)), e))?;
-    let stderr = stderr.join().unwrap_or_default();
+    let (status, stderr) = running.wait(&cmd)?;
     if !status.success() {
         return Err(failure(&cmd, status, &stderr, classify));
     }
@@ -219,10 +239,8 @@ pub fn scan_through<S: Send + 'static>(
     classify: Classify,
 ) -> Result<S> {
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = spawn(&mut cmd)?;
-    let _tracked = cleanup::track_child(child.id());
-    let stderr = collect_stderr(child.stderr.take().expect("piped"));
-    let mut stdout = child.stdout.take().expect("piped");
+    let mut running = start(&mut cmd)?;
+    let mut stdout = running.child.stdout.take().expect("piped");
     let reader = std::thread::spawn(move || {
         let mut buf = vec![0u8; 256 * 1024];
         while let Ok(n) = stdout.read(&mut buf) {
@@ -233,16 +251,13 @@ pub fn scan_through<S: Send + 'static>(
         }
         scanner
     });
-    let mut stdin = child.stdin.take().expect("piped");
+    let mut stdin = running.child.stdin.take().expect("piped");
     let fed = io::copy(input, &mut stdin);
     drop(stdin);
-    let status = child
-        .wait()
-        .map_err(|e| Error::io(format!("waiting for {}", program_name(&cmd)), e))?;
+    let (status, stderr) = running.wait(&cmd)?;
     let scanner = reader
         .join()
         .map_err(|_| Error::new(Kind::Io, "the output reader panicked"))?;
-    let stderr = stderr.join().unwrap_or_default();
     match fed {
         Err(e) if e.get_ref().is_some_and(|inner| inner.is::<Error>()) => return Err(from_io("decoding", e)),
         _ if !status.success() => return Err(failure(&cmd, status, &stderr, classify)),
