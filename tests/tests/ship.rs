@@ -325,6 +325,134 @@ fn unreachable_stores_and_refused_hosts_have_clear_exit_codes() {
         .code(73);
 }
 
+/// An rclone config in the sandbox with `bktest`, an sftp remote on the test sshd, and
+/// `bkdown`, the same on a port nobody listens on; its path, for RCLONE_CONFIG.
+fn rclone_config(r: &Remote, sb: &Sandbox) -> String {
+    let path = sb.path("rclone.conf");
+    let remote = |name: &str, port: &str| {
+        format!(
+            "[{name}]\ntype = sftp\nhost = 127.0.0.1\nport = {port}\nuser = {}\nkey_file = {}\nknown_hosts_file =\n\n",
+            r.ssh_user, r.ssh_key
+        )
+    };
+    std::fs::write(&path, remote("bktest", &r.ssh_port) + &remote("bkdown", "1")).unwrap();
+    path.display().to_string()
+}
+
+fn rclone_cmd(r: &Remote, sb: &Sandbox, config: &str, tool: &str, args: &[&str]) -> Command {
+    let mut cmd = r.cmd(sb, tool, args);
+    cmd.env("RCLONE_CONFIG", config);
+    cmd
+}
+
+fn rclone_installed(test: &str) -> bool {
+    let found = Command::new("rclone")
+        .arg("version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            !services_required(),
+            "{test}: rclone is not installed, and BK_TEST_SERVICES=1 says the test services are set up"
+        );
+        eprintln!("SKIPPED {test}: rclone is not installed (tests/services.sh installs it)");
+    }
+    found
+}
+
+#[test]
+fn push_to_rclone_sftp_then_every_tool_works_on_it() {
+    let test = "push_to_rclone_sftp_then_every_tool_works_on_it";
+    let Some(r) = remote(test) else { return };
+    if !rclone_installed(test) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let config = rclone_config(&r, &sb);
+    let run =
+        |tool: &str, args: &[&str], stdin: &str| bk_tests::run_cmd(rclone_cmd(&r, &sb, &config, tool, args), stdin);
+    let dumped = dump(&sb);
+    let store = format!("rclone:bktest:/home/{}/{}", r.ssh_user, unique("bk-rclone"));
+    let shipped = run("bk-ship", &["--to", &store], &dumped).ok();
+    let records = artifacts(&shipped);
+    assert_eq!(records.len(), 2, "{}", shipped.stdout);
+    let copy = &records[1];
+    assert!(copy.location.starts_with(&format!("{store}/web/")), "{}", copy.location);
+    assert_eq!((&copy.id, &copy.sha256), (&records[0].id, &records[0].sha256));
+    // No temporary file is left behind, and shipping again copies nothing.
+    let listed = run("bk-ls", &[&store], "").ok();
+    assert_eq!(artifacts(&listed), vec![copy.clone()], "{}", listed.stdout);
+    assert!(!listed.stdout.contains(".tmp."), "{}", listed.stdout);
+    let again = run("bk-ship", &["--to", &store], &dumped).ok();
+    assert_eq!(artifacts(&again).len(), 1, "{}", again.stdout);
+
+    sb.run(
+        "bk-restore",
+        &["--from", &sb.store(), "--name", "web", "--latest", "--to", "r-local"],
+    )
+    .ok();
+    let expected = tree_digest(&sb.path("r-local"));
+    assert!(!expected.is_empty());
+    let verified = run("bk-verify", &["--from", &store, "--name", "web", "--latest"], "").ok();
+    assert!(verified.stdout.contains(r#""ok":true"#), "{}", verified.stdout);
+    run(
+        "bk-restore",
+        &["--from", &store, "--name", "web", "--latest", "--to", "r-rclone"],
+        "",
+    )
+    .ok();
+    assert_eq!(tree_digest(&sb.path("r-rclone")), expected);
+    // A record whose location is the rclone store: bk-restore and bk-verify open it.
+    let line = Record::Artifact(copy.clone()).to_line();
+    run("bk-restore", &["--to", "s-rclone"], &line).ok();
+    assert_eq!(tree_digest(&sb.path("s-rclone")), expected);
+    run("bk-verify", &[], &line).ok();
+    // The same files are there through the ssh store: bk's layout, nothing rclone-specific.
+    let over_ssh = store.replace(
+        "rclone:bktest:",
+        &format!("ssh://{}@127.0.0.1:{}", r.ssh_user, r.ssh_port),
+    );
+    assert_eq!(artifacts(&r.run(&sb, "bk-ls", &[&over_ssh], "").ok()).len(), 1);
+
+    // Pull from it into a local mirror; bk-prune keeps the one artifact.
+    let mirror = sb.path("mirror").display().to_string();
+    let pulled = run("bk-ship", &["--from", &store, "--all", "--to", &mirror], "").ok();
+    assert_eq!(artifacts(&pulled).len(), 1, "{}", pulled.stdout);
+    let pruned = run("bk-prune", &[&store, "--keep-last", "1"], "").ok();
+    assert!(pruned.stdout.contains(r#""type":"kept""#), "{}", pruned.stdout);
+    run("bk-ls", &[&store, "--name", "nothing-here"], "").code(66);
+}
+
+#[test]
+fn rclone_unreachable_or_missing_has_clear_exit_codes() {
+    let test = "rclone_unreachable_or_missing_has_clear_exit_codes";
+    let Some(r) = remote(test) else { return };
+    if !rclone_installed(test) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let config = rclone_config(&r, &sb);
+    let dumped = dump(&sb);
+    let down = "rclone:bkdown:/home/citest/bk-down";
+    let run = bk_tests::run_cmd(
+        rclone_cmd(&r, &sb, &config, "bk-ship", &["--to", down, "--retries", "0"]),
+        &dumped,
+    )
+    .code(69);
+    assert!(run.stdout.starts_with(dumped.trim_end()), "{}", run.stdout);
+    bk_tests::run_cmd(rclone_cmd(&r, &sb, &config, "bk-ls", &[down]), "").code(69);
+    // No store there yet: 66.
+    let missing = format!("rclone:bktest:/home/{}/{}", r.ssh_user, unique("bk-rclone-missing"));
+    bk_tests::run_cmd(rclone_cmd(&r, &sb, &config, "bk-ls", &[&missing]), "").code(66);
+    // rclone not installed: 69, saying so.
+    let mut cmd = rclone_cmd(&r, &sb, &config, "bk-ls", &[&missing]);
+    cmd.env("BK_RCLONE", "/nonexistent/rclone");
+    let run = bk_tests::run_cmd(cmd, "").code(69);
+    assert!(run.error().message.contains("not installed"), "{}", run.error().message);
+}
+
 /// A private s3s-fs, killed in the middle of a multipart upload.
 #[test]
 fn s3_server_killed_mid_upload_leaves_no_manifest_and_a_rerun_completes() {

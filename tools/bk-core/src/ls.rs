@@ -21,7 +21,8 @@ use crate::store;
     after_help = crate::cli::exit_status_help()
 )]
 pub struct Cli {
-    /// The store: a directory, file:// URL, s3://bucket/prefix or ssh://user@host[:port]/path
+    /// The store: a directory, file:// URL, s3://bucket/prefix, ssh://user@host[:port]/path or
+    /// rclone:remote:path
     pub store: String,
     /// Only the backups of this job name
     #[arg(long)]

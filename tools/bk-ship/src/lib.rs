@@ -32,7 +32,8 @@ use sha2::{Digest, Sha256};
 /// Stores: a directory or file:// URL, s3://bucket/prefix (credentials and region from the
 /// AWS variables and ~/.aws files; --s3-endpoint for other S3 servers), or
 /// ssh://user@host[:port]/absolute/path (the system's ssh and ~/.ssh/config; BK_SSH_COMMAND
-/// replaces `ssh`, e.g. `ssh -i KEY`). Transient failures (unreachable store, I/O errors) are
+/// replaces `ssh`, e.g. `ssh -i KEY`), or rclone:REMOTE:path (the system's rclone and its
+/// config, which keeps the credentials: every rclone backend). Transient failures (unreachable store, I/O errors) are
 /// retried with backoff.
 #[derive(Debug, Parser)]
 #[command(name = "bk-ship", version, after_help = bk_core::cli::exit_status_help())]

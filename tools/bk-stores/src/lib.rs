@@ -1,10 +1,11 @@
-//! bk's remote stores behind bk-core's `Store` trait: `s3://bucket/prefix` and
-//! `ssh://user@host[:port]/abs/path` (SPEC §3). Local paths and `file://` stay bk-core's
+//! bk's remote stores behind bk-core's `Store` trait: `s3://bucket/prefix`,
+//! `ssh://user@host[:port]/abs/path` and `rclone:remote:path` (SPEC §3). Local paths and `file://` stay bk-core's
 //! `LocalStore`. The heavy S3 and async dependencies live here only.
 //!
 //! Every tool that takes stores starts through [`main`], which installs [`open`] as bk-core's
 //! remote opener, so `bk_core::store::open` and `open_location` handle every scheme.
 
+pub mod rclone;
 pub mod s3;
 pub mod ssh;
 
@@ -12,7 +13,7 @@ use bk_core::record::Output;
 use bk_core::store::Store;
 use bk_core::Result;
 
-/// Opens a store from its URL: a path, `file://`, `s3://` or `ssh://`.
+/// Opens a store from its URL: a path, `file://`, `s3://`, `ssh://` or `rclone:`.
 pub fn open(url: &str) -> Result<Box<dyn Store>> {
     install();
     bk_core::store::open(url)
@@ -25,6 +26,9 @@ fn open_remote(url: &str) -> Result<Option<Box<dyn Store>>> {
     }
     if url.starts_with("ssh://") {
         return Ok(Some(Box::new(ssh::SshStore::open(url)?)));
+    }
+    if url.starts_with("rclone:") {
+        return Ok(Some(Box::new(rclone::RcloneStore::open(url)?)));
     }
     Ok(None)
 }

@@ -1,0 +1,559 @@
+//! `rclone:REMOTE:path`: a store on any rclone backend (Box, Google Drive, B2, sftp, ...)
+//! through the system's `rclone` and its config (`~/.config/rclone/rclone.conf` or
+//! `RCLONE_CONFIG`), so credentials stay in rclone's config and never reach a command line.
+//! `BK_RCLONE` names another rclone program.
+//!
+//! Uploads stream into `rclone rcat` under a hidden temporary name, are checked against the
+//! sha256 of what was sent (`rclone hashsum sha256` where the backend has it, else read back
+//! with `rclone cat`), then published with `rclone moveto`; the manifest is written last the
+//! same way. Listing is `rclone lsjson --recursive` plus `rclone cat` of each manifest;
+//! deleting is `rclone deletefile`, manifest first.
+//!
+//! Exit codes: rclone not installed, or the remote unreachable, 69; no such store or file 66;
+//! a remote missing from rclone's config 78.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::SystemTime;
+
+use bk_core::error::{Error, Kind, Result};
+use bk_core::record::{Artifact, Record};
+use bk_core::store::{manifest_file, Listing, Store, Upload};
+use sha2::{Digest, Sha256};
+
+/// rclone's exit codes for a directory or a file that is not there.
+const RCLONE_DIR_NOT_FOUND: i32 = 3;
+const RCLONE_FILE_NOT_FOUND: i32 = 4;
+/// rclone's exit code for a temporary error.
+const RCLONE_TEMPORARY: i32 = 5;
+
+#[derive(Debug, Clone)]
+pub struct RcloneStore {
+    /// `rclone:REMOTE:path`, without a trailing slash.
+    url: String,
+    /// `REMOTE:path`, as rclone takes it.
+    root: String,
+}
+
+impl RcloneStore {
+    pub fn open(url: &str) -> Result<Self> {
+        let rest = url.strip_prefix("rclone:").expect("an rclone: URL");
+        let Some((remote, _)) = rest.split_once(':') else {
+            return Err(Error::usage(format!(
+                "store {url}: no remote (rclone:REMOTE:path, REMOTE as in `rclone listremotes`)"
+            )));
+        };
+        if remote.starts_with('-') || rest.contains(char::is_control) {
+            return Err(Error::usage(format!("store {url}: bad remote (rclone:REMOTE:path)")));
+        }
+        // `remote:/` is the backend's absolute root; other trailing slashes go.
+        let trimmed = rest.trim_end_matches('/');
+        let root = if trimmed.ends_with(':') && rest.len() > trimmed.len() {
+            format!("{trimmed}/")
+        } else {
+            trimmed.to_string()
+        };
+        Ok(RcloneStore {
+            url: format!("rclone:{root}"),
+            root,
+        })
+    }
+
+    /// `REMOTE:path/<parts>`.
+    fn path(&self, parts: &[&str]) -> String {
+        let mut p = self.root.clone();
+        for part in parts {
+            if !(p.ends_with(':') || p.ends_with('/')) {
+                p.push('/');
+            }
+            p.push_str(part);
+        }
+        p
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let program = std::env::var("BK_RCLONE")
+            .ok()
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| "rclone".into());
+        let mut cmd = Command::new(program);
+        // Never ask for a config password on a terminal; fail instead.
+        cmd.arg("--ask-password=false");
+        cmd.args(args);
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd
+    }
+
+    fn spawn(&self, mut cmd: Command, doing: &str) -> Result<Child> {
+        cmd.spawn().map_err(|e| spawn_error(doing, e))
+    }
+
+    /// Runs rclone; its stdout, or the failure classified.
+    fn run(&self, args: &[&str], doing: &str) -> Result<Vec<u8>> {
+        let child = self.spawn(self.command(args), doing)?;
+        let out = child.wait_with_output().map_err(|e| Error::io(doing.to_string(), e))?;
+        if out.status.success() {
+            return Ok(out.stdout);
+        }
+        Err(classify(out.status.code(), &out.stderr, doing))
+    }
+
+    /// Deletes a file; one that is not there is no error.
+    fn delete_file(&self, path: &str, doing: &str) -> Result<()> {
+        match self.run(&["--retries", "1", "deletefile", path], doing) {
+            Err(e) if e.kind == Kind::NoInput => Ok(()),
+            r => r.map(drop),
+        }
+    }
+
+    /// The sha256 of a remote file: from the backend if it has it, else read back.
+    fn sha256(&self, path: &str, doing: &str) -> Result<String> {
+        if let Ok(out) = self.run(&["hashsum", "sha256", path], doing) {
+            let text = String::from_utf8_lossy(&out);
+            if let Some(h) = text.split_whitespace().next().filter(|h| h.len() == 64) {
+                return Ok(h.to_ascii_lowercase());
+            }
+        }
+        let mut reader = self.reader(path, doing.to_string())?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = reader
+                .read(&mut buf)
+                .map_err(|e| bk_core::error::from_io(doing.to_string(), e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        Ok(hex::encode(hasher.finalize()))
+    }
+
+    fn reader(&self, path: &str, doing: String) -> Result<RcloneReader> {
+        let mut child = self.spawn(self.command(&["cat", path]), &doing)?;
+        let stdout = child.stdout.take().expect("stdout piped");
+        let stderr = collect_stderr(&mut child);
+        Ok(RcloneReader {
+            child,
+            stdout,
+            stderr: Some(stderr),
+            doing,
+            done: false,
+        })
+    }
+
+    /// Starts `rclone rcat` of a temporary name; the upload is published by `commit`.
+    fn upload(&self, name: &str, file: &str) -> Result<RcloneUpload> {
+        bk_core::name::validate_name(name)?;
+        crate::check_file_name(file)?;
+        let temp = self.path(&[name, &crate::temp_name(file)]);
+        let location = self.location(name, file);
+        let doing = format!("writing {location}");
+        let mut cmd = self.command(&["rcat", &temp]);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::null());
+        let mut child = self.spawn(cmd, &doing)?;
+        let stdin = child.stdin.take();
+        let stderr = collect_stderr(&mut child);
+        Ok(RcloneUpload {
+            store: self.clone(),
+            child: Some(child),
+            stdin,
+            stderr: Some(stderr),
+            temp,
+            target: self.path(&[name, file]),
+            location,
+            hasher: Sha256::new(),
+        })
+    }
+
+    /// The files under the root (or one name's directory), as `name -> files`.
+    fn files(&self, name: Option<&str>, min_age: Option<u64>) -> Result<BTreeMap<String, Vec<String>>> {
+        let dir = match name {
+            Some(n) => self.path(&[n]),
+            None => self.root.clone(),
+        };
+        let min_age = min_age.map(|s| format!("{s}s"));
+        let mut args = vec!["lsjson", "--recursive", "--files-only", "--no-mimetype", "--no-modtime"];
+        if let Some(age) = &min_age {
+            args.retain(|a| *a != "--no-modtime");
+            args.extend(["--min-age", age]);
+        }
+        if name.is_some() {
+            args.extend(["--max-depth", "1"]);
+        } else {
+            args.extend(["--max-depth", "2"]);
+        }
+        args.push(&dir);
+        let out = match self.run(&args, &format!("listing store {}", self.url)) {
+            Ok(out) => out,
+            // A name's directory that is not there holds nothing.
+            Err(e) if e.kind == Kind::NoInput && name.is_some() => return Ok(BTreeMap::new()),
+            Err(e) if e.kind == Kind::NoInput => {
+                return Err(Error::new(Kind::NoInput, format!("no store at {}", self.url)))
+            }
+            Err(e) => return Err(e),
+        };
+        let entries: Vec<serde_json::Value> = serde_json::from_slice(&out).map_err(|e| {
+            Error::data(format!(
+                "listing store {}: unreadable rclone lsjson output: {e}",
+                self.url
+            ))
+        })?;
+        let mut files: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for entry in entries {
+            let Some(path) = entry.get("Path").and_then(|p| p.as_str()) else {
+                continue;
+            };
+            let (n, f) = match name {
+                Some(n) if !path.contains('/') => (n, path),
+                Some(_) => continue,
+                None => match path.split_once('/') {
+                    Some((n, f)) if !f.contains('/') => (n, f),
+                    _ => continue,
+                },
+            };
+            if bk_core::name::validate_name(n).is_err() {
+                continue;
+            }
+            files.entry(n.to_string()).or_default().push(f.to_string());
+        }
+        for list in files.values_mut() {
+            list.sort();
+        }
+        Ok(files)
+    }
+}
+
+fn spawn_error(doing: &str, e: io::Error) -> Error {
+    if e.kind() == io::ErrorKind::NotFound {
+        Error::new(
+            Kind::Unavailable,
+            format!("{doing}: rclone is not installed (apt-get install rclone, or see rclone.org): {e}"),
+        )
+    } else {
+        Error::new(Kind::Unavailable, format!("{doing}: cannot run rclone: {e}"))
+    }
+}
+
+/// What a failed rclone run means, from its exit code and its last words.
+fn classify(code: Option<i32>, stderr: &[u8], doing: &str) -> Error {
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let last = lines.last().copied().unwrap_or("");
+    // rclone prefixes its log lines with a date and time.
+    let last = strip_log_stamp(last);
+    let has = |p: &str| text.contains(p);
+    let kind = if has("didn't find section in config file") {
+        Kind::Config
+    } else if has("couldn't connect")
+        || has("connection refused")
+        || has("dial tcp")
+        || has("no such host")
+        || has("i/o timeout")
+        || has("network is unreachable")
+        || has("connection reset")
+    {
+        Kind::Unavailable
+    } else if has("ermission denied") || (has("403") && has("orbidden")) {
+        Kind::NoPerm
+    } else {
+        match code {
+            Some(RCLONE_DIR_NOT_FOUND | RCLONE_FILE_NOT_FOUND) => Kind::NoInput,
+            _ if has("doesn't exist") || has("not found") || has("object not found") => Kind::NoInput,
+            Some(RCLONE_TEMPORARY) => Kind::Unavailable,
+            _ => Kind::Io,
+        }
+    };
+    let why = if last.is_empty() {
+        format!("rclone failed (exit {})", code.unwrap_or(-1))
+    } else {
+        last.to_string()
+    };
+    Error::new(kind, format!("{doing}: {why}"))
+}
+
+fn strip_log_stamp(line: &str) -> &str {
+    // `2026/11/22 07:14:24 ERROR : ...`
+    let b = line.as_bytes();
+    if b.len() > 20 && b[4] == b'/' && b[7] == b'/' && b[13] == b':' && b[19] == b' ' {
+        &line[20..]
+    } else {
+        line
+    }
+}
+
+fn collect_stderr(child: &mut Child) -> JoinHandle<Vec<u8>> {
+    let mut stderr = child.stderr.take().expect("stderr piped");
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        buf
+    })
+}
+
+struct RcloneUpload {
+    store: RcloneStore,
+    child: Option<Child>,
+    stdin: Option<ChildStdin>,
+    stderr: Option<JoinHandle<Vec<u8>>>,
+    temp: String,
+    target: String,
+    location: String,
+    hasher: Sha256,
+}
+
+impl RcloneUpload {
+    /// Waits for `rclone rcat` and reports how it ended.
+    fn finish_transfer(&mut self) -> Result<()> {
+        drop(self.stdin.take());
+        let mut child = self.child.take().expect("finished once");
+        let doing = format!("writing {}", self.location);
+        let status = child.wait().map_err(|e| Error::io(doing.clone(), e))?;
+        let stderr = self
+            .stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
+        if status.success() {
+            return Ok(());
+        }
+        Err(classify(status.code(), &stderr, &doing))
+    }
+
+    fn publish(&mut self) -> Result<()> {
+        self.finish_transfer()?;
+        let sent = hex::encode(std::mem::take(&mut self.hasher).finalize());
+        let doing = format!("checking {}", self.location);
+        let copy = self.store.sha256(&self.temp, &doing)?;
+        if copy != sent {
+            return Err(Error::data(format!(
+                "{doing}: the copy's sha256 is {copy}, not {sent} as sent"
+            )));
+        }
+        self.store
+            .run(
+                &["moveto", &self.temp, &self.target],
+                &format!("publishing {}", self.location),
+            )
+            .map(drop)
+    }
+}
+
+impl Write for RcloneUpload {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let stdin = self.stdin.as_mut().expect("written only before commit");
+        match stdin.write_all(buf) {
+            Ok(()) => {
+                self.hasher.update(buf);
+                Ok(buf.len())
+            }
+            // rclone went away: say why, from its own words.
+            Err(_) => Err(match self.finish_transfer() {
+                Err(e) => e.into(),
+                Ok(()) => io::Error::other(format!("writing {}: rclone stopped reading", self.location)),
+            }),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.stdin.as_mut().map_or(Ok(()), |s| s.flush())
+    }
+}
+
+impl Upload for RcloneUpload {
+    fn commit(mut self: Box<Self>) -> Result<()> {
+        let published = self.publish();
+        if published.is_ok() {
+            self.temp.clear();
+        }
+        // Drop removes the temporary file if it was not published.
+        published
+    }
+}
+
+impl Drop for RcloneUpload {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if !self.temp.is_empty() {
+            let _ = self.store.delete_file(&self.temp, "cleaning up");
+        }
+    }
+}
+
+/// `rclone cat` of a file; its exit status is checked at the end of the stream.
+struct RcloneReader {
+    child: Child,
+    stdout: ChildStdout,
+    stderr: Option<JoinHandle<Vec<u8>>>,
+    doing: String,
+    done: bool,
+}
+
+impl Read for RcloneReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.done {
+            return Ok(0);
+        }
+        let n = self.stdout.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.done = true;
+            let status = self.child.wait()?;
+            let stderr = self
+                .stderr
+                .take()
+                .map(|h| h.join().unwrap_or_default())
+                .unwrap_or_default();
+            if !status.success() {
+                return Err(classify(status.code(), &stderr, &self.doing).into());
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for RcloneReader {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Store for RcloneStore {
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    fn location(&self, name: &str, file: &str) -> String {
+        format!("rclone:{}", self.path(&[name, file]))
+    }
+
+    fn create(&self, name: &str, file: &str) -> Result<Box<dyn Upload>> {
+        Ok(Box::new(self.upload(name, file)?))
+    }
+
+    fn put_manifest(&self, artifact: &Artifact) -> Result<()> {
+        let mut upload = self.upload(&artifact.name, &manifest_file(&artifact.id))?;
+        let line = format!("{}\n", Record::Artifact(artifact.clone()).to_line());
+        upload
+            .write_all(line.as_bytes())
+            .map_err(|e| bk_core::error::from_io(format!("writing {}", upload.location), e))?;
+        Box::new(upload).commit()
+    }
+
+    fn has_manifest(&self, name: &str, id: &str) -> Result<bool> {
+        bk_core::name::validate_name(name)?;
+        let file = manifest_file(id);
+        crate::check_file_name(&file)?;
+        let path = self.path(&[name, &file]);
+        match self.run(
+            &["lsjson", "--stat", "--no-mimetype", &path],
+            &format!("looking for {}", self.location(name, &file)),
+        ) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind == Kind::NoInput => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn list(&self, name: Option<&str>) -> Result<Listing> {
+        if let Some(n) = name {
+            bk_core::name::validate_name(n)?;
+        }
+        let files = self.files(name, None)?;
+        Ok(crate::build_listing(
+            files,
+            |n, f| {
+                let doing = format!("reading {}", self.location(n, f));
+                let mut text = String::new();
+                self.reader(&self.path(&[n, f]), doing.clone())?
+                    .read_to_string(&mut text)
+                    .map_err(|e| bk_core::error::from_io(doing, e))?;
+                Ok(text)
+            },
+            |n, f| self.location(n, f),
+        ))
+    }
+
+    fn open(&self, artifact: &Artifact) -> Result<Box<dyn Read>> {
+        bk_core::name::validate_name(&artifact.name)?;
+        crate::check_file_name(&artifact.file)?;
+        let doing = format!("reading {}", self.location(&artifact.name, &artifact.file));
+        let reader = self.reader(&self.path(&[&artifact.name, &artifact.file]), doing)?;
+        Ok(Box::new(io::BufReader::with_capacity(256 * 1024, reader)))
+    }
+
+    fn delete(&self, artifact: &Artifact) -> Result<()> {
+        bk_core::name::validate_name(&artifact.name)?;
+        crate::check_file_name(&artifact.file)?;
+        let manifest = manifest_file(&artifact.id);
+        self.delete_file(
+            &self.path(&[&artifact.name, &manifest]),
+            &format!("deleting {}", self.location(&artifact.name, &manifest)),
+        )?;
+        self.delete_file(
+            &self.path(&[&artifact.name, &artifact.file]),
+            &format!("deleting {}", self.location(&artifact.name, &artifact.file)),
+        )
+    }
+
+    fn remove_leftovers(&self, name: &str, older_than: SystemTime, dry_run: bool) -> Result<Vec<String>> {
+        bk_core::name::validate_name(name)?;
+        let age = SystemTime::now().duration_since(older_than).unwrap_or_default();
+        let files = self.files(Some(name), Some(age.as_secs()))?;
+        let mut removed = Vec::new();
+        for f in files.get(name).into_iter().flatten().filter(|f| crate::is_temp(f)) {
+            let location = self.location(name, f);
+            if !dry_run {
+                self.delete_file(&self.path(&[name, f]), &format!("removing {location}"))?;
+            }
+            removed.push(location);
+        }
+        removed.sort();
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse() {
+        let s = RcloneStore::open("rclone:box:backups/bk/").unwrap();
+        assert_eq!(s.root, "box:backups/bk");
+        assert_eq!(s.url(), "rclone:box:backups/bk");
+        assert_eq!(s.location("db", "db.1.sql"), "rclone:box:backups/bk/db/db.1.sql");
+        let s = RcloneStore::open("rclone:sftp:/srv/bk").unwrap();
+        assert_eq!(s.path(&["db", "f"]), "sftp:/srv/bk/db/f");
+        let s = RcloneStore::open("rclone:b2:").unwrap();
+        assert_eq!(s.path(&["db", "f"]), "b2:db/f");
+        assert!(RcloneStore::open("rclone:nocolon").is_err());
+        assert!(RcloneStore::open("rclone:-x:y").is_err());
+    }
+
+    #[test]
+    fn failures_are_classified() {
+        let e = classify(
+            Some(1),
+            b"2026/11/22 07:14:34 Failed to create file system for \"down:/x\": NewFs: couldn't connect SSH: dial tcp 127.0.0.1:1: connect: connection refused\n",
+            "listing",
+        );
+        assert_eq!(e.kind, Kind::Unavailable);
+        assert!(!e.message.contains("2026/11/22"), "{}", e.message);
+        let e = classify(Some(3), b"ERROR : : error listing: directory not found\n", "x");
+        assert_eq!(e.kind, Kind::NoInput);
+        let e = classify(
+            Some(1),
+            b"Failed to create file system: didn't find section in config file\n",
+            "x",
+        );
+        assert_eq!(e.kind, Kind::Config);
+    }
+}
