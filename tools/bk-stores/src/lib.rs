@@ -46,6 +46,16 @@ pub fn main<C: clap::Parser>(run: fn(C, &mut Output) -> Result<()>) -> std::proc
 
 /// The artifact files and manifests of a listing of `<name>/<file>` entries, shared by the
 /// remote stores: which manifests parse, which files are claimed by none.
+/// Reads a child program's stderr on a thread, so that it never blocks on a full pipe.
+pub(crate) fn collect_stderr(child: &mut std::process::Child) -> std::thread::JoinHandle<Vec<u8>> {
+    let mut stderr = child.stderr.take().expect("stderr piped");
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stderr, &mut buf);
+        buf
+    })
+}
+
 pub(crate) fn sort_listing(listing: &mut bk_core::store::Listing) {
     listing
         .artifacts

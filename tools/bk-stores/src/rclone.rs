@@ -23,6 +23,8 @@ use bk_core::record::{Artifact, Record};
 use bk_core::store::{manifest_file, Listing, Store, Upload};
 use sha2::{Digest, Sha256};
 
+use crate::collect_stderr;
+
 /// rclone's exit codes for a directory or a file that is not there.
 const RCLONE_DIR_NOT_FOUND: i32 = 3;
 const RCLONE_FILE_NOT_FOUND: i32 = 4;
@@ -282,15 +284,6 @@ fn strip_log_stamp(line: &str) -> &str {
     } else {
         line
     }
-}
-
-fn collect_stderr(child: &mut Child) -> JoinHandle<Vec<u8>> {
-    let mut stderr = child.stderr.take().expect("stderr piped");
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf);
-        buf
-    })
 }
 
 struct RcloneUpload {

@@ -21,6 +21,8 @@ use bk_core::record::{Artifact, Record};
 use bk_core::store::{manifest_file, Listing, Store, Upload};
 use sha2::{Digest, Sha256};
 
+use crate::collect_stderr;
+
 #[derive(Debug, Clone)]
 pub struct SshStore {
     /// The URL without a trailing slash.
@@ -196,15 +198,6 @@ impl SshStore {
             hasher: Sha256::new(),
         })
     }
-}
-
-fn collect_stderr(child: &mut Child) -> JoinHandle<Vec<u8>> {
-    let mut stderr = child.stderr.take().expect("stderr piped");
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf);
-        buf
-    })
 }
 
 struct SshUpload {
