@@ -3,6 +3,8 @@
 //! servers must be up (`BK_TEST_SERVICES=1`, set by tests/run.sh): then a test that needs
 //! one fails instead of skipping.
 
+pub mod cron;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;

@@ -68,6 +68,10 @@ pub struct Cli {
     /// S3 region for s3:// stores [default: AWS_REGION, ~/.aws/config, else us-east-1]
     #[arg(long, value_name = "REGION", env = "BK_S3_REGION")]
     pub s3_region: Option<String>,
+    /// Only warnings and errors on stderr, not a line per copy (for cron, which mails any
+    /// output)
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 /// What a destination holds, per name, listed once per run.
@@ -112,6 +116,7 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     let shipper = Shipper {
         retries: cli.retries,
         delete_source: cli.delete_source,
+        quiet: cli.quiet,
     };
     match &cli.from {
         None => {
@@ -127,7 +132,7 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
                 out.pass(input)?;
                 let Record::Artifact(a) = &input.record else { continue };
                 if failed.contains(&a.name) {
-                    eprintln!("{}: {}: not shipped: its run failed upstream", out.tool(), a.id);
+                    shipper.say(out, &format!("{}: not shipped: its run failed upstream", a.id));
                     continue;
                 }
                 match store::open_location(a) {
@@ -176,6 +181,7 @@ fn parse_time(s: &str) -> Result<DateTime<Utc>> {
 struct Shipper {
     retries: u32,
     delete_source: bool,
+    quiet: bool,
 }
 
 /// How a destination came to hold a backup.
@@ -189,6 +195,13 @@ enum Copied {
 }
 
 impl Shipper {
+    /// A line saying what was done, on stderr unless --quiet.
+    fn say(&self, out: &Output, line: &str) {
+        if !self.quiet {
+            eprintln!("{}: {line}", out.tool());
+        }
+    }
+
     /// Copies one backup to every destination; failures become error records.
     fn ship(&self, source: &dyn Store, a: &Artifact, dests: &mut [Destination], out: &mut Output) -> Result<()> {
         let mut all_held = true;
@@ -196,11 +209,11 @@ impl Shipper {
         for (i, dest) in dests.iter_mut().enumerate() {
             match self.copy_with_retries(source, a, dest) {
                 Ok(Copied::New(copy)) => {
-                    eprintln!("{}: {}: copied to {}", out.tool(), a.id, copy.location);
+                    self.say(out, &format!("{}: copied to {}", a.id, copy.location));
                     out.emit(&Record::Artifact(copy))?;
                 }
                 Ok(Copied::Present(copy)) => {
-                    eprintln!("{}: {}: already in {}", out.tool(), a.id, dest.store.url());
+                    self.say(out, &format!("{}: already in {}", a.id, dest.store.url()));
                     present.push((i, copy));
                 }
                 Ok(Copied::Same) => all_held = false,
@@ -219,7 +232,7 @@ impl Shipper {
                 }
             }
             match source.delete(a) {
-                Ok(()) => eprintln!("{}: {}: deleted from {}", out.tool(), a.id, source.url()),
+                Ok(()) => self.say(out, &format!("{}: deleted from {}", a.id, source.url())),
                 Err(e) => out.error(&e.context(format!("deleting {} from the source", a.id)).named(&a.name))?,
             }
         }
