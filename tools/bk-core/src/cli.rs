@@ -93,6 +93,31 @@ impl LockOpts {
     }
 }
 
+/// Where s3:// stores are, for every tool that opens stores. The options only set
+/// BK_S3_ENDPOINT and BK_S3_REGION for the run, which is where the S3 store reads them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct S3Opts {
+    /// S3 endpoint URL for s3:// stores, e.g. http://127.0.0.1:3900 for Garage or MinIO
+    /// [default: AWS_ENDPOINT_URL, endpoint_url in ~/.aws/config, else AWS]
+    #[arg(long, value_name = "URL", env = "BK_S3_ENDPOINT", global = true)]
+    pub s3_endpoint: Option<String>,
+    /// S3 region for s3:// stores [default: AWS_REGION, ~/.aws/config, else us-east-1]
+    #[arg(long, value_name = "REGION", env = "BK_S3_REGION", global = true)]
+    pub s3_region: Option<String>,
+}
+
+impl S3Opts {
+    /// Makes the options the S3 store's settings for this run; call before opening a store.
+    pub fn apply(&self) {
+        if let Some(endpoint) = &self.s3_endpoint {
+            std::env::set_var("BK_S3_ENDPOINT", endpoint);
+        }
+        if let Some(region) = &self.s3_region {
+            std::env::set_var("BK_S3_REGION", region);
+        }
+    }
+}
+
 /// Reads every record on stdin; refuses a terminal, where nobody would type JSON.
 pub fn read_stdin_records(hint: &str) -> Result<Vec<Input>> {
     let stdin = std::io::stdin();

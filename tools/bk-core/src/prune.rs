@@ -13,7 +13,7 @@ use chrono::{DateTime, Datelike, LocalResult, NaiveDate, NaiveDateTime, Offset, 
 use clap::Parser;
 
 pub use crate::cli::Format;
-use crate::cli::LockOpts;
+use crate::cli::{LockOpts, S3Opts};
 use crate::error::{Error, Result};
 use crate::name::{parse_time, validate_name, STAMP_FORMAT};
 use crate::record::{read_all, Artifact, Input, Kept, Output, Pruned, Record};
@@ -584,6 +584,8 @@ pub struct Cli {
     pub format: Format,
     #[command(flatten)]
     pub lock: LockOpts,
+    #[command(flatten)]
+    pub s3: S3Opts,
 }
 
 fn parse_count(text: &str) -> std::result::Result<i64, String> {
@@ -760,6 +762,7 @@ fn print_table(rows: &[Row], zone: &Zone, out: &mut Output) -> Result<()> {
 }
 
 pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
+    cli.s3.apply();
     let tool = out.tool().to_string();
     if let Some(n) = &cli.name {
         validate_name(n)?;

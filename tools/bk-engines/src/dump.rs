@@ -6,7 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, SubsecRound, Utc};
 use clap::{Parser, Subcommand};
 
-use bk_core::cli::LockOpts;
+use bk_core::cli::{LockOpts, S3Opts};
 use bk_core::codec::{parse_recipient, read_recipients_file, Compression, EncodeOptions, Encoder};
 use bk_core::error::{Error, Result};
 use bk_core::name::{artifact_id, rfc3339, sanitize, validate_name};
@@ -53,6 +53,8 @@ pub struct Cli {
     pub recipients_file: Vec<PathBuf>,
     #[command(flatten)]
     pub lock: LockOpts,
+    #[command(flatten)]
+    pub s3: S3Opts,
     /// No progress on stderr
     #[arg(short, long, global = true)]
     pub quiet: bool,
@@ -114,6 +116,7 @@ impl Engine {
 }
 
 pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
+    cli.s3.apply();
     let to = cli
         .to
         .as_deref()

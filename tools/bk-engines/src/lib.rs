@@ -41,6 +41,32 @@ pub trait DumpJob {
     fn dump(&self, out: &mut dyn Write) -> Result<Dumped>;
 }
 
+/// The options of the tools that read backups back (bk-restore, bk-verify): where the
+/// database server and S3 are, and the keys.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReadOpts {
+    #[command(flatten)]
+    pub conn: conn::ConnArgs,
+    #[command(flatten)]
+    pub mysql: conn::MysqlOpts,
+    #[command(flatten)]
+    pub s3: bk_core::cli::S3Opts,
+    /// age identity file to decrypt with (repeatable; must be mode 0600)
+    #[arg(long, value_name = "FILE")]
+    pub identity: Vec<std::path::PathBuf>,
+    /// No progress on stderr
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+impl ReadOpts {
+    /// Applies the S3 options and loads the identities, before any store is opened.
+    pub fn start(&self) -> Result<bk_core::codec::Identities> {
+        self.s3.apply();
+        bk_core::codec::load_identity_files(&self.identity)
+    }
+}
+
 #[derive(Clone)]
 pub struct RestoreOptions {
     pub replace: bool,

@@ -5,15 +5,14 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use bk_core::cli::read_stdin_records;
-use bk_core::codec::{check_digest, load_identity_files, Decoder, Identities};
+use bk_core::codec::{check_digest, Decoder, Identities};
 use bk_core::error::{from_io, Error, Result};
 use bk_core::name::{parse_time, rfc3339, validate_name};
 use bk_core::progress::Progress;
 use bk_core::record::{Artifact, Output, Record, Restored};
 use bk_core::store::{self, Store};
 
-use crate::conn::{ConnArgs, MysqlOpts};
-use crate::{count_mismatch, files, mysql, postgres, sqlite, RestoreOptions};
+use crate::{count_mismatch, files, mysql, postgres, sqlite, ReadOpts, RestoreOptions};
 
 /// Restore a backup.
 ///
@@ -64,22 +63,14 @@ pub struct Cli {
     #[arg(long, value_name = "N")]
     pub jobs: Option<u32>,
     #[command(flatten)]
-    pub conn: ConnArgs,
-    #[command(flatten)]
-    pub mysql: MysqlOpts,
+    pub read: ReadOpts,
     /// Restore only the files matching GLOB (repeatable; as bk-dump files --include)
     #[arg(long, value_name = "GLOB")]
     pub include: Vec<String>,
-    /// age identity file to decrypt with (repeatable; must be mode 0600)
-    #[arg(long, value_name = "FILE")]
-    pub identity: Vec<PathBuf>,
-    /// No progress on stderr
-    #[arg(short, long)]
-    pub quiet: bool,
 }
 
 pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
-    let identities = load_identity_files(&cli.identity)?;
+    let identities = cli.read.start()?;
     if let Some(at) = &cli.at {
         parse_time(at)?; // a usage error before any store is opened
     }
@@ -168,8 +159,8 @@ fn restore(store: &dyn Store, artifact: &Artifact, cli: &Cli, identities: &Ident
         include: cli.include.clone(),
         tables: cli.table.clone(),
         database: cli.database.clone(),
-        conn: cli.conn.clone(),
-        mysql: cli.mysql.clone(),
+        conn: cli.read.conn.clone(),
+        mysql: cli.read.mysql.clone(),
         no_owner: cli.no_owner,
         jobs: cli.jobs,
     };
@@ -179,7 +170,7 @@ fn restore(store: &dyn Store, artifact: &Artifact, cli: &Cli, identities: &Ident
         check_stored(store.open(artifact)?, artifact)?;
     }
     let raw = store.open(artifact)?;
-    let decoder = Decoder::new(raw, artifact, identities, Progress::new(&artifact.name, cli.quiet))?;
+    let decoder = Decoder::new(raw, artifact, identities, Progress::new(&artifact.name, cli.read.quiet))?;
     let target = || -> Result<PathBuf> {
         let to = cli.to.as_ref().ok_or_else(|| {
             Error::usage(format!(

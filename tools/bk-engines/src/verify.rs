@@ -12,7 +12,7 @@ use clap::Parser;
 use serde_json::{json, Map, Value};
 
 use bk_core::cli::read_stdin_records;
-use bk_core::codec::{check_digest, load_identity_files, Decoder, Identities};
+use bk_core::codec::{check_digest, Decoder, Identities};
 use bk_core::error::{Error, Kind, Result};
 use bk_core::ls::newest_per_name;
 use bk_core::name::validate_name;
@@ -20,8 +20,7 @@ use bk_core::progress::Progress;
 use bk_core::record::{Artifact, Output, Record};
 use bk_core::store::{self, Store};
 
-use crate::conn::{ConnArgs, MysqlOpts};
-use crate::{files, mysql, postgres, sqlite, RestoreOptions};
+use crate::{files, mysql, postgres, sqlite, ReadOpts, RestoreOptions};
 
 const SCRATCH_PREFIX: &str = "bk_verify_";
 /// Scratch targets older than this were left by a killed run.
@@ -70,19 +69,11 @@ pub struct Cli {
     #[arg(long, value_name = "DIR")]
     pub scratch_dir: Option<PathBuf>,
     #[command(flatten)]
-    pub conn: ConnArgs,
-    #[command(flatten)]
-    pub mysql: MysqlOpts,
-    /// age identity file to decrypt with (repeatable; must be mode 0600)
-    #[arg(long, value_name = "FILE")]
-    pub identity: Vec<PathBuf>,
-    /// No progress on stderr
-    #[arg(short, long)]
-    pub quiet: bool,
+    pub read: ReadOpts,
 }
 
 pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
-    let identities = load_identity_files(&cli.identity)?;
+    let identities = cli.read.start()?;
     let mut verifier = Verifier::new(&cli, identities);
     match &cli.from {
         Some(url) => {
@@ -167,8 +158,8 @@ impl<'a> Verifier<'a> {
             include: Vec::new(),
             tables: Vec::new(),
             database: None,
-            conn: cli.conn.clone(),
-            mysql: cli.mysql.clone(),
+            conn: cli.read.conn.clone(),
+            mysql: cli.read.mysql.clone(),
             no_owner: true,
             jobs: None,
         };
@@ -302,7 +293,7 @@ impl<'a> Verifier<'a> {
             store.open(artifact)?,
             artifact,
             &self.identities,
-            Progress::new(&artifact.name, self.cli.quiet),
+            Progress::new(&artifact.name, self.cli.read.quiet),
         )
     }
 
