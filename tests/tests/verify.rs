@@ -672,6 +672,147 @@ fn a_restored_read_only_tree_is_removed_when_verifying_as_another_user() {
 }
 
 // ---------------------------------------------------------------------------------------
+// What the MySQL and PostgreSQL tests share: a server to restore into and look at.
+
+trait ScratchServer {
+    /// bk-verify with the server's connection options and `args`.
+    fn verify_cmd(&self, args: &[&str]) -> Command;
+    /// The `bk_verify_*` databases on the server, sorted.
+    fn scratch_dbs(&self) -> Vec<String>;
+    /// Held while the test makes or looks at scratch databases.
+    fn scratch_lock(&self) -> MutexGuard<'static, ()>;
+    /// Makes a database `name` with a table, as a killed run leaves one; dropped with the guard.
+    fn leave_scratch_db(&self, name: &str) -> Box<dyn std::any::Any>;
+
+    /// bk-verify with the records on stdin.
+    fn verify(&self, args: &[&str], stdin: &str) -> Run {
+        run_cmd(self.verify_cmd(args), stdin)
+    }
+
+    /// Waits a little for the scratch databases to be `expected` (a DROP may still run).
+    #[track_caller]
+    fn assert_scratch_dbs(&self, expected: &[String]) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = self.scratch_dbs();
+            if now == expected {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "scratch databases left: {now:?}, expected {expected:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A dump's text with rows deleted after the load (the stream's counts are right, the
+/// restored database's are not: only the restore level can see it), then one with a
+/// statement the server rejects; both fail at the restore level and leave no scratch database.
+struct RestoreLevelCase<'a> {
+    /// The dump's completion line, which the edits go before.
+    marker: &'a str,
+    delete_ten_rows: &'a str,
+    /// (table, rows in the source) of the table the DELETE touches.
+    table: (&'a str, u64),
+    /// What the server says of "THIS IS NOT SQL".
+    syntax_error: &'a str,
+}
+
+fn restore_level_failures_drop_the_scratch_database(server: &dyn ScratchServer, a: &Artifact, case: RestoreLevelCase) {
+    let text = String::from_utf8(unzstd(&a.location)).unwrap();
+    let marker = |l: &str| l.starts_with(case.marker);
+    let _lock = server.scratch_lock();
+    let before = server.scratch_dbs();
+
+    let deleting = with_content(a, &edit_lines(&text, |_| false, marker, case.delete_ten_rows));
+    server.verify(&[], &line(&deleting)).ok();
+    let run = server.verify(&["--scratch"], &line(&deleting));
+    let (table, rows) = case.table;
+    let expected = format!("{table}: {rows} expected, {} found", rows - 10);
+    let v = assert_caught(&run, a, &["restored", &expected]);
+    assert_eq!(v["checks"]["integrity"]["ok"], json!(true));
+    assert_eq!(v["checks"]["restore"]["ok"], json!(false));
+    assert_eq!(mismatches(&v), [(table.to_string(), Some(rows), Some(rows - 10))]);
+    server.assert_scratch_dbs(&before);
+
+    let broken = with_content(a, &edit_lines(&text, |_| false, marker, "THIS IS NOT SQL;\n"));
+    let run = server.verify(&["--scratch"], &line(&broken));
+    let v = assert_caught(&run, a, &["does not restore", case.syntax_error]);
+    assert_eq!(v["checks"]["restore"]["ok"], json!(false));
+    assert!(v["checks"]["restore"]["error"]
+        .as_str()
+        .unwrap()
+        .contains(case.syntax_error));
+    server.assert_scratch_dbs(&before);
+}
+
+/// SIGTERM while a big backup loads into its scratch database: 143, nothing on stdout, and
+/// the scratch database dropped.
+fn sigterm_mid_restore_drops_the_scratch_database(server: &dyn ScratchServer, a: &Artifact) {
+    let _lock = server.scratch_lock();
+    let before = server.scratch_dbs();
+    let mut child = server
+        .verify_cmd(&["--scratch"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(line(a).as_bytes()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !server.scratch_dbs().iter().any(|d| !before.contains(d)) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "bk-verify ended before its scratch database was seen"
+        );
+        assert!(Instant::now() < deadline, "no scratch database appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Let the load get going.
+    std::thread::sleep(Duration::from_millis(600));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM).unwrap();
+    let run = wait_with_timeout(child, Duration::from_secs(60));
+    assert_eq!(
+        run.code, 143,
+        "128 + SIGTERM\nstdout: {}\nstderr: {}",
+        run.stdout, run.stderr
+    );
+    assert!(
+        run.stdout.is_empty(),
+        "an interrupted run reports nothing: {}",
+        run.stdout
+    );
+    assert!(run.stderr.contains("interrupted by signal 15"), "{}", run.stderr);
+    server.assert_scratch_dbs(&before);
+}
+
+/// A scratch database older than a day is dropped, with a line on stderr; a young one (a
+/// run going on) is left alone.
+fn leftover_scratch_databases_are_dropped(server: &dyn ScratchServer, a: &Artifact) {
+    let _lock = server.scratch_lock();
+    let old = "bk_verify_1000_abcdef".to_string();
+    let young = format!("bk_verify_{}_abcdef", now());
+    let _guards = [server.leave_scratch_db(&old), server.leave_scratch_db(&young)];
+    let before = server.scratch_dbs();
+    assert!(before.contains(&old) && before.contains(&young));
+
+    let run = server.verify(&["--scratch"], &line(a)).ok();
+    assert_good(&verified(&run), a, "restore");
+    assert!(
+        run.stderr.contains(&format!(
+            "dropping {old}, a scratch database left by an interrupted run"
+        )),
+        "stderr says so: {}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains(&young), "{}", run.stderr);
+    let after: Vec<String> = before.into_iter().filter(|d| *d != old).collect();
+    server.assert_scratch_dbs(&after);
+}
+
+// ---------------------------------------------------------------------------------------
 // MySQL
 
 struct My {
@@ -733,39 +874,6 @@ impl My {
         self.dump_with(&self.admin, db)
     }
 
-    /// bk-verify with the admin's option file, then `args`, the record(s) on stdin.
-    fn verify(&self, args: &[&str], stdin: &str) -> Run {
-        let mut all = vec!["--defaults-file", s(&self.admin)];
-        all.extend(args);
-        self.sb.run_with_stdin("bk-verify", &all, stdin)
-    }
-
-    fn scratch_dbs(&self) -> Vec<String> {
-        self.sql(
-            "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE 'bk\\_verify\\_%' ORDER BY 1",
-        )
-        .lines()
-        .map(String::from)
-        .collect()
-    }
-
-    /// Waits a little for the scratch databases to be `expected` (a DROP may still run).
-    #[track_caller]
-    fn assert_scratch_dbs(&self, expected: &[String]) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let now = self.scratch_dbs();
-            if now == expected {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "scratch databases left: {now:?}, expected {expected:?}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
     /// Every table's checksum and the definitions of a database.
     fn checksum(&self, db: &str) -> String {
         let tables = self.sql(&format!(
@@ -789,6 +897,37 @@ impl My {
             }
         }
         out
+    }
+}
+
+impl ScratchServer for My {
+    /// bk-verify with the admin's option file, then `args`.
+    fn verify_cmd(&self, args: &[&str]) -> Command {
+        let mut all = vec!["--defaults-file", s(&self.admin)];
+        all.extend(args);
+        self.sb.cmd("bk-verify", &all)
+    }
+
+    fn scratch_dbs(&self) -> Vec<String> {
+        self.sql(
+            "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE 'bk\\_verify\\_%' ORDER BY 1",
+        )
+        .lines()
+        .map(String::from)
+        .collect()
+    }
+
+    fn scratch_lock(&self) -> MutexGuard<'static, ()> {
+        scratch_lock(&MYSQL_SCRATCH)
+    }
+
+    fn leave_scratch_db(&self, name: &str) -> Box<dyn std::any::Any> {
+        let guard = self.server.database(name);
+        self.sql(&format!(
+            "CREATE DATABASE IF NOT EXISTS {d}; CREATE TABLE {d}.t (x INT);",
+            d = mysql_ident(name)
+        ));
+        Box::new(guard)
     }
 }
 
@@ -875,32 +1014,13 @@ fn mysql_restore_level_failures_drop_the_scratch_database() {
     };
     let (db, _source) = my.sample("bk_vfy_rl_");
     let a = my.dump(&db);
-    let text = String::from_utf8(unzstd(&a.location)).unwrap();
-    let marker = |l: &str| l.starts_with("-- Dump completed");
-    let _lock = scratch_lock(&MYSQL_SCRATCH);
-    let before = my.scratch_dbs();
-
-    // Rows deleted after they were inserted: the stream's counts are right, the restored
-    // database's are not. Only the restore level can see it.
-    let deleting = with_content(
-        &a,
-        &edit_lines(&text, |_| false, marker, "DELETE FROM `a` WHERE id <= 10;\n"),
-    );
-    my.verify(&[], &line(&deleting)).ok();
-    let run = my.verify(&["--scratch"], &line(&deleting));
-    let v = assert_caught(&run, &a, &["restored", "a: 1000 expected, 990 found"]);
-    assert_eq!(v["checks"]["integrity"]["ok"], json!(true));
-    assert_eq!(v["checks"]["restore"]["ok"], json!(false));
-    assert_eq!(mismatches(&v), [("a".to_string(), Some(1000), Some(990))]);
-    my.assert_scratch_dbs(&before);
-
-    // A statement the server rejects: the backup does not restore.
-    let broken = with_content(&a, &edit_lines(&text, |_| false, marker, "THIS IS NOT SQL;\n"));
-    let run = my.verify(&["--scratch"], &line(&broken));
-    let v = assert_caught(&run, &a, &["does not restore", "ERROR 1064"]);
-    assert_eq!(v["checks"]["restore"]["ok"], json!(false));
-    assert!(v["checks"]["restore"]["error"].as_str().unwrap().contains("ERROR 1064"));
-    my.assert_scratch_dbs(&before);
+    let case = RestoreLevelCase {
+        marker: "-- Dump completed",
+        delete_ten_rows: "DELETE FROM `a` WHERE id <= 10;\n",
+        table: ("a", 1000),
+        syntax_error: "ERROR 1064",
+    };
+    restore_level_failures_drop_the_scratch_database(&my, &a, case);
 }
 
 #[test]
@@ -916,55 +1036,7 @@ fn mysql_sigterm_mid_restore_drops_the_scratch_database() {
          INSERT INTO t SELECT seq, REPEAT('p', 150) FROM seq_1_to_600000;",
         d = mysql_ident(&db)
     ));
-    let a = my.dump(&db);
-    let _lock = scratch_lock(&MYSQL_SCRATCH);
-    let before = my.scratch_dbs();
-    let mut child = my
-        .sb
-        .cmd("bk-verify", &["--defaults-file", s(&my.admin), "--scratch"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(line(&a).as_bytes()).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let scratch = loop {
-        if let Some(new) = my.scratch_dbs().into_iter().find(|d| !before.contains(d)) {
-            break new;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "bk-verify ended before its scratch database was seen"
-        );
-        assert!(Instant::now() < deadline, "no scratch database appeared");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    // Let the load get going.
-    std::thread::sleep(Duration::from_millis(500));
-    let rows: u64 = my
-        .sql(&format!(
-            "SELECT COALESCE(SUM(TABLE_ROWS), 0) FROM information_schema.TABLES WHERE TABLE_SCHEMA = {}",
-            mysql_string(&scratch)
-        ))
-        .trim()
-        .parse()
-        .unwrap_or(0);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM).unwrap();
-    let run = wait_with_timeout(child, Duration::from_secs(60));
-    assert_eq!(
-        run.code, 143,
-        "128 + SIGTERM\nstdout: {}\nstderr: {}",
-        run.stdout, run.stderr
-    );
-    assert!(
-        run.stdout.is_empty(),
-        "an interrupted run reports nothing: {}",
-        run.stdout
-    );
-    assert!(run.stderr.contains("interrupted by signal 15"), "{}", run.stderr);
-    my.assert_scratch_dbs(&before);
-    eprintln!("killed {scratch} with about {rows} rows loaded");
+    sigterm_mid_restore_drops_the_scratch_database(&my, &my.dump(&db));
 }
 
 #[test]
@@ -973,33 +1045,7 @@ fn mysql_leftover_scratch_databases_are_dropped() {
         return;
     };
     let (db, _source) = my.sample("bk_vfy_lo_");
-    let a = my.dump(&db);
-    let _lock = scratch_lock(&MYSQL_SCRATCH);
-    let old = "bk_verify_1000_abcdef".to_string();
-    let young = format!("bk_verify_{}_abcdef", now());
-    let _old_guard = my.server.database(&old);
-    let _young_guard = my.server.database(&young);
-    for name in [&old, &young] {
-        my.sql(&format!(
-            "CREATE DATABASE IF NOT EXISTS {d}; CREATE TABLE {d}.t (x INT);",
-            d = mysql_ident(name)
-        ));
-    }
-    let before = my.scratch_dbs();
-    assert!(before.contains(&old) && before.contains(&young));
-
-    let run = my.verify(&["--scratch"], &line(&a)).ok();
-    assert_good(&verified(&run), &a, "restore");
-    assert!(
-        run.stderr.contains(&format!(
-            "dropping {old}, a scratch database left by an interrupted run"
-        )),
-        "stderr says so: {}",
-        run.stderr
-    );
-    assert!(!run.stderr.contains(&young), "{}", run.stderr);
-    let after: Vec<String> = before.into_iter().filter(|d| *d != old).collect();
-    my.assert_scratch_dbs(&after);
+    leftover_scratch_databases_are_dropped(&my, &my.dump(&db));
 }
 
 #[test]
@@ -1118,8 +1164,11 @@ impl Pg {
         run_cmd(cmd, "").ok().artifact()
     }
 
-    fn verify(&self, args: &[&str], stdin: &str) -> Run {
-        run_cmd(self.pg.cmd(&self.sb, &self.pgpass, "bk-verify", args), stdin)
+}
+
+impl ScratchServer for Pg {
+    fn verify_cmd(&self, args: &[&str]) -> Command {
+        self.pg.cmd(&self.sb, &self.pgpass, "bk-verify", args)
     }
 
     fn scratch_dbs(&self) -> Vec<String> {
@@ -1129,20 +1178,19 @@ impl Pg {
         )
     }
 
-    #[track_caller]
-    fn assert_scratch_dbs(&self, expected: &[String]) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let now = self.scratch_dbs();
-            if now == expected {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "scratch databases left: {now:?}, expected {expected:?}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    fn scratch_lock(&self) -> MutexGuard<'static, ()> {
+        scratch_lock(&PG_SCRATCH)
+    }
+
+    fn leave_scratch_db(&self, name: &str) -> Box<dyn std::any::Any> {
+        let guard = self.pg.database(name);
+        self.pg.execute(
+            "postgres",
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", pg_ident(name)),
+        );
+        self.pg.execute("postgres", &format!("CREATE DATABASE {}", pg_ident(name)));
+        self.pg.execute(name, "CREATE TABLE t (x int)");
+        Box::new(guard)
     }
 }
 
@@ -1243,33 +1291,19 @@ fn postgres_corruptions_are_caught() {
 }
 
 #[test]
-fn postgres_restore_level_mismatch_drops_the_scratch_database() {
-    let Some(pg) = Pg::new("postgres_restore_level_mismatch_drops_the_scratch_database") else {
+fn postgres_restore_level_failures_drop_the_scratch_database() {
+    let Some(pg) = Pg::new("postgres_restore_level_failures_drop_the_scratch_database") else {
         return;
     };
     let (db, _source) = pg.sample();
     let a = pg.dump(&db, "plain");
-    let text = String::from_utf8(unzstd(&a.location)).unwrap();
-    let marker = |l: &str| l.starts_with("-- PostgreSQL database dump complete");
-    let _lock = scratch_lock(&PG_SCRATCH);
-    let before = pg.scratch_dbs();
-
-    let deleting = with_content(
-        &a,
-        &edit_lines(&text, |_| false, marker, "DELETE FROM public.items WHERE id <= 10;\n"),
-    );
-    pg.verify(&[], &line(&deleting)).ok();
-    let run = pg.verify(&["--scratch"], &line(&deleting));
-    let v = assert_caught(&run, &a, &["restored", "public.items: 1000 expected, 990 found"]);
-    assert_eq!(v["checks"]["integrity"]["ok"], json!(true));
-    assert_eq!(v["checks"]["restore"]["ok"], json!(false));
-    assert_eq!(mismatches(&v), [("public.items".to_string(), Some(1000), Some(990))]);
-    pg.assert_scratch_dbs(&before);
-
-    let broken = with_content(&a, &edit_lines(&text, |_| false, marker, "THIS IS NOT SQL;\n"));
-    let run = pg.verify(&["--scratch"], &line(&broken));
-    assert_caught(&run, &a, &["does not restore", "syntax error"]);
-    pg.assert_scratch_dbs(&before);
+    let case = RestoreLevelCase {
+        marker: "-- PostgreSQL database dump complete",
+        delete_ten_rows: "DELETE FROM public.items WHERE id <= 10;\n",
+        table: ("public.items", 1000),
+        syntax_error: "syntax error",
+    };
+    restore_level_failures_drop_the_scratch_database(&pg, &a, case);
 }
 
 #[test]
@@ -1284,40 +1318,7 @@ fn postgres_sigterm_mid_restore_drops_the_scratch_database() {
         "CREATE TABLE t(id int PRIMARY KEY, pad text);
          INSERT INTO t SELECT g, repeat('p', 150) FROM generate_series(1, 1500000) g;",
     );
-    let a = pg.dump(&name, "custom");
-    let _lock = scratch_lock(&PG_SCRATCH);
-    let before = pg.scratch_dbs();
-    let mut child = pg
-        .pg
-        .cmd(&pg.sb, &pg.pgpass, "bk-verify", &["--scratch"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(line(&a).as_bytes()).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if pg.scratch_dbs().iter().any(|d| !before.contains(d)) {
-            break;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "bk-verify ended before its scratch database was seen"
-        );
-        assert!(Instant::now() < deadline, "no scratch database appeared");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(700));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM).unwrap();
-    let run = wait_with_timeout(child, Duration::from_secs(60));
-    assert_eq!(
-        run.code, 143,
-        "128 + SIGTERM\nstdout: {}\nstderr: {}",
-        run.stdout, run.stderr
-    );
-    assert!(run.stdout.is_empty(), "{}", run.stdout);
-    pg.assert_scratch_dbs(&before);
+    sigterm_mid_restore_drops_the_scratch_database(&pg, &pg.dump(&name, "custom"));
 }
 
 #[test]
@@ -1326,32 +1327,7 @@ fn postgres_leftover_scratch_databases_are_dropped() {
         return;
     };
     let (db, _source) = pg.sample();
-    let a = pg.dump(&db, "custom");
-    let _lock = scratch_lock(&PG_SCRATCH);
-    let old = "bk_verify_1000_abcdef".to_string();
-    let young = format!("bk_verify_{}_abcdef", now());
-    let _old_guard = pg.pg.database(&old);
-    let _young_guard = pg.pg.database(&young);
-    for name in [&old, &young] {
-        pg.pg.execute(
-            "postgres",
-            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", pg_ident(name)),
-        );
-        pg.pg
-            .execute("postgres", &format!("CREATE DATABASE {}", pg_ident(name)));
-    }
-    let before = pg.scratch_dbs();
-    let run = pg.verify(&["--scratch"], &line(&a)).ok();
-    assert_good(&verified(&run), &a, "restore");
-    assert!(
-        run.stderr.contains(&format!(
-            "dropping {old}, a scratch database left by an interrupted run"
-        )),
-        "{}",
-        run.stderr
-    );
-    let after: Vec<String> = before.into_iter().filter(|d| *d != old).collect();
-    pg.assert_scratch_dbs(&after);
+    leftover_scratch_databases_are_dropped(&pg, &pg.dump(&db, "custom"));
 }
 
 #[test]
