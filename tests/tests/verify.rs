@@ -1163,7 +1163,6 @@ impl Pg {
         );
         run_cmd(cmd, "").ok().artifact()
     }
-
 }
 
 impl ScratchServer for Pg {
@@ -1188,7 +1187,8 @@ impl ScratchServer for Pg {
             "postgres",
             &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", pg_ident(name)),
         );
-        self.pg.execute("postgres", &format!("CREATE DATABASE {}", pg_ident(name)));
+        self.pg
+            .execute("postgres", &format!("CREATE DATABASE {}", pg_ident(name)));
         self.pg.execute(name, "CREATE TABLE t (x int)");
         Box::new(guard)
     }
