@@ -25,12 +25,13 @@ export PATH="$PATH:/usr/sbin:/sbin:${HOME:-/root}/.cargo/bin"
 
 APT_PACKAGES=(
   mariadb-server mariadb-client mariadb-backup postgresql openssh-server rsync
-  influxdb influxdb-client sqlite3 zstd age cron time curl ca-certificates groff-base restic rclone
+  influxdb influxdb-client sqlite3 zstd age cron time curl ca-certificates groff-base restic rclone python3-apt vsftpd
 )
 
 # Ports (must match the env file below).
 MYSQL_PORT=13306 PG_PORT=15432 MONGO_PORT=27018 INFLUX_HTTP_PORT=18086 INFLUX_RPC_PORT=18088
 S3_PORT=18014 SSH_PORT=2222 SSH_USER=citest
+FTP_PORT=2121 FTPS_PORT=2990 FTP_USER=bk FTP_READONLY_USER=bkro FTP_PASSWORD=bk-ftp-test-pw VSFTPD_PORT=2992
 S3_AK=testak S3_SK=testsecret S3_BUCKET=test-bucket
 
 t0=$(date +%s)
@@ -130,10 +131,11 @@ install_packages() {
 
 install_python_tools() {
   local v="$TOOLS/venv"
-  [ -x "$v/bin/nx-27017" ] && [ -x "$v/bin/aws" ] && "$v/bin/python" -c 'import pymongo' 2>/dev/null && return 0
-  step "python tools (nx-27017 mongo wire server, pymongo, awscli)"
+  [ -x "$v/bin/nx-27017" ] && [ -x "$v/bin/aws" ] \
+    && "$v/bin/python" -c 'import pymongo, pyftpdlib, OpenSSL' 2>/dev/null && return 0
+  step "python tools (nx-27017 mongo wire server, pymongo, awscli, pyftpdlib with pyOpenSSL for FTPS)"
   [ -x "$v/bin/pip" ] || run_logged "$TOOLS/pip.log" "$PYTHON" -m venv "$v"
-  run_logged "$TOOLS/pip.log" "$v/bin/pip" install -q nx-27017 pymongo awscli
+  run_logged "$TOOLS/pip.log" "$v/bin/pip" install -q nx-27017 pymongo awscli pyftpdlib pyOpenSSL
 }
 
 install_s3_server() {
@@ -145,6 +147,31 @@ install_s3_server() {
   (cd "$TOOLS" && run_logged "$TOOLS/cargo-install.log" \
     cargo install --locked s3s-fs@0.14.1 --features binary --root "$TOOLS")
   [ -x "$TOOLS/bin/s3s-fs" ] || die "s3s-fs not installed; see $TOOLS/cargo-install.log"
+}
+
+# Ansible for tests/tests/ansible.rs: the `ansible` package (ansible-core with the community.mysql,
+# .postgresql, .crypto collections; galaxy.ansible.com is not needed), ansible-lint, and the
+# drivers the database modules import (the playbook runs modules with this venv's python).
+ANSIBLE_PIP=(ansible==10.7.0 ansible-core==2.17.14 ansible-lint==24.12.2 PyMySQL==1.1.1 psycopg2-binary==2.9.10)
+install_ansible() {
+  local v="$TOOLS/ansible-venv"
+  [ -x "$v/bin/ansible-playbook" ] && [ -x "$v/bin/ansible-lint" ] \
+    && "$v/bin/python" -c 'import pymysql, psycopg2' 2>/dev/null && return 0
+  step "ansible venv (${ANSIBLE_PIP[*]})"
+  [ -x "$v/bin/pip" ] || run_logged "$TOOLS/pip.log" "$PYTHON" -m venv "$v"
+  run_logged "$TOOLS/pip.log" "$v/bin/pip" install -q "${ANSIBLE_PIP[@]}"
+}
+
+# Garage, a distributed S3 store: tests/tests/garage.rs runs a private 3-node cluster of it.
+GARAGE_VERSION=2.5.0
+install_garage() {
+  "$TOOLS/bin/garage" --version 2>/dev/null | grep -qF "$GARAGE_VERSION" && return 0
+  step "garage $GARAGE_VERSION build (cargo install, ~8 min on 2 cores)"
+  command -v cargo >/dev/null || die "cargo not found (needed to build garage)"
+  (cd "$TOOLS" && run_logged "$TOOLS/cargo-install.log" \
+    cargo install --locked "garage@$GARAGE_VERSION" --root "$TOOLS")
+  "$TOOLS/bin/garage" --version 2>/dev/null | grep -qF "$GARAGE_VERSION" \
+    || die "garage $GARAGE_VERSION not installed; see $TOOLS/cargo-install.log"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -308,6 +335,106 @@ start_sshd() {
   wait_ready sshd "$d/log" "" tcp_open "$SSH_PORT"
 }
 
+# ftp_cert DIR: a private CA and a server certificate for 127.0.0.1 signed by it (rustls refuses
+# a CA certificate as the server's own, so a lone self-signed certificate will not do).
+ftp_cert() {
+  local d=$1
+  [ -f "$d/server.pem" ] && [ -f "$d/ca.pem" ] && return 0
+  run_logged "$d/openssl.log" openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=bk test CA" \
+    -keyout "$d/ca.key" -out "$d/ca.pem.new"
+  run_logged "$d/openssl.log" openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" \
+    -keyout "$d/server.key" -out "$d/server.csr"
+  printf '%s\n' "subjectAltName=IP:127.0.0.1,DNS:localhost" "basicConstraints=critical,CA:FALSE" \
+    "extendedKeyUsage=serverAuth" >"$d/server.ext"
+  run_logged "$d/openssl.log" openssl x509 -req -in "$d/server.csr" -CA "$d/ca.pem.new" -CAkey "$d/ca.key" \
+    -CAcreateserial -days 3650 -extfile "$d/server.ext" -out "$d/server.pem.new"
+  mv "$d/server.pem.new" "$d/server.pem"
+  mv "$d/ca.pem.new" "$d/ca.pem"
+}
+
+# pyftpdlib in one process: plain FTP on $FTP_PORT and FTPS (explicit AUTH TLS, TLS required on
+# both connections) on $FTPS_PORT; users $FTP_USER (read-write) and $FTP_READONLY_USER, both with
+# $FTP_PASSWORD and the home $BASE/ftp/home.
+start_ftp() {
+  local d="$BASE/ftp"
+  mkdir -p "$d/home"
+  if tcp_open "$FTP_PORT" && tcp_open "$FTPS_PORT"; then
+    step "ftp (pyftpdlib): already running"
+    return 0
+  fi
+  if ! pid_alive "$d/pid"; then
+    step "ftp (pyftpdlib): start"
+    ftp_cert "$d"
+    (umask 077; echo "$FTP_PASSWORD" >"$d/password")
+    cat >"$d/server.py" <<'EOF'
+import sys
+from pyftpdlib.authorizers import DummyAuthorizer
+from pyftpdlib.handlers import FTPHandler, TLS_FTPHandler
+from pyftpdlib.servers import FTPServer
+
+base, ftp_port, ftps_port, user, readonly_user = sys.argv[1:6]
+with open(f"{base}/password") as f:
+    password = f.read().strip()
+authorizer = DummyAuthorizer()
+authorizer.add_user(user, password, f"{base}/home", perm="elradfmwMT")
+authorizer.add_user(readonly_user, password, f"{base}/home", perm="elr")
+
+
+class Plain(FTPHandler):
+    pass
+
+
+class Secure(TLS_FTPHandler):
+    pass
+
+
+for handler, ports in ((Plain, range(40100, 40200)), (Secure, range(40200, 40300))):
+    handler.authorizer = authorizer
+    handler.passive_ports = ports
+Secure.certfile = f"{base}/server.pem"
+Secure.keyfile = f"{base}/server.key"
+Secure.tls_control_required = True
+Secure.tls_data_required = True
+# Both servers run on pyftpdlib's one IO loop.
+FTPServer(("127.0.0.1", int(ftp_port)), Plain)
+FTPServer(("127.0.0.1", int(ftps_port)), Secure).serve_forever()
+EOF
+    setsid "$TOOLS/venv/bin/python" "$d/server.py" "$d" "$FTP_PORT" "$FTPS_PORT" "$FTP_USER" "$FTP_READONLY_USER" \
+      </dev/null >>"$d/log" 2>&1 9>&- &
+    echo $! >"$d/pid"
+  fi
+  wait_ready "ftp (pyftpdlib)" "$d/log" "$d/pid" tcp_open "$FTP_PORT"
+  wait_ready "ftps (pyftpdlib)" "$d/log" "$d/pid" tcp_open "$FTPS_PORT"
+}
+
+# vsftpd, the common Linux FTP server, as a second FTPS server unlike pyftpdlib: no MLSD (bk lists
+# with LIST), and TLS session reuse required on data connections. Anonymous only (no system user
+# or PAM), TLS required, uploads, directories, renames and deletes allowed in $BASE/vsftpd/root/pub.
+start_vsftpd() {
+  local d="$BASE/vsftpd"
+  mkdir -p "$d/empty" "$d/root/pub"
+  chmod 555 "$d/root"   # vsftpd refuses a chroot that its user may write
+  chown ftp "$d/root/pub"
+  if tcp_open "$VSFTPD_PORT"; then
+    step "vsftpd: already running"
+    return 0
+  fi
+  if ! pid_alive "$d/pid"; then
+    step "vsftpd: start"
+    ftp_cert "$BASE/ftp"
+    printf '%s\n' listen=YES listen_address=127.0.0.1 "listen_port=$VSFTPD_PORT" background=NO \
+      anonymous_enable=YES local_enable=NO no_anon_password=YES write_enable=YES anon_upload_enable=YES \
+      anon_mkdir_write_enable=YES anon_other_write_enable=YES anon_umask=022 anon_world_readable_only=NO \
+      "anon_root=$d/root" "secure_chroot_dir=$d/empty" pasv_min_port=40300 pasv_max_port=40399 \
+      ssl_enable=YES allow_anon_ssl=YES force_anon_logins_ssl=YES force_anon_data_ssl=YES \
+      require_ssl_reuse=YES "rsa_cert_file=$BASE/ftp/server.pem" "rsa_private_key_file=$BASE/ftp/server.key" \
+      seccomp_sandbox=NO "vsftpd_log_file=$d/log" >"$d/config"
+    setsid /usr/sbin/vsftpd "$d/config" </dev/null >>"$d/log" 2>&1 9>&- &
+    echo $! >"$d/pid"
+  fi
+  wait_ready vsftpd "$d/log" "$d/pid" tcp_open "$VSFTPD_PORT"
+}
+
 write_env() {
   local tmp="$BASE/env.tmp.$$"
   cat >"$tmp" <<EOF
@@ -320,6 +447,11 @@ export TEST_SSH="$SSH_USER@127.0.0.1 -p $SSH_PORT -i $BASE/ssh/id"
 export TEST_MYSQL_SOCKET=$BASE/mysql/run/sock
 export TEST_PG_SOCKET_DIR=$BASE/pg
 export TEST_SSH_KEY=$BASE/ssh/id TEST_SSH_PORT=$SSH_PORT TEST_SSH_USER=$SSH_USER
+export TEST_ANSIBLE_VENV=$TOOLS/ansible-venv
+export TEST_FTP_HOST=127.0.0.1 TEST_FTP_PORT=$FTP_PORT TEST_FTPS_PORT=$FTPS_PORT TEST_FTP_USER=$FTP_USER TEST_FTP_READONLY_USER=$FTP_READONLY_USER TEST_FTP_PASSWORD=$FTP_PASSWORD
+export TEST_FTP_CA=$BASE/ftp/ca.pem TEST_FTP_HOME=$BASE/ftp/home
+export TEST_VSFTPD_PORT=$VSFTPD_PORT TEST_VSFTPD_ROOT=$BASE/vsftpd/root
+export TEST_GARAGE_BIN=$TOOLS/bin/garage
 EOF
   mv -f "$tmp" "$BASE/env"
 }
@@ -333,12 +465,16 @@ cmd_start() {
   install_packages
   install_python_tools
   install_s3_server
+  install_ansible
+  install_garage
   start_mariadb
   start_postgres
   start_mongo
   start_influx
   start_s3
   start_sshd
+  start_ftp
+  start_vsftpd
   write_env
   step "all services up; env: $BASE/env"
 }
@@ -347,6 +483,8 @@ cmd_stop() {
   [ -d "$BASE" ] || { echo "nothing to stop ($BASE does not exist)"; return 0; }
   exec 9>"$BASE/.lock"; flock 9
   stop_pidfile sshd "$BASE/ssh/pid"
+  stop_pidfile "ftp (pyftpdlib)" "$BASE/ftp/pid"
+  stop_pidfile vsftpd "$BASE/vsftpd/pid"
   stop_pidfile "s3 (s3s-fs)" "$BASE/s3/pid"
   stop_pidfile influxdb "$BASE/influx/pid"
   stop_pidfile "mongo (nx-27017)" "$BASE/mongo.pid"

@@ -467,8 +467,9 @@ pub fn pg_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// A name no other test (or earlier run) uses: `<prefix><pid>_<random>`, lower case.
-pub fn pg_unique_name(prefix: &str) -> String {
+/// A name no other test (or concurrent run) uses: `<prefix><pid>_<n>_<random>`, lower case for
+/// a lower-case prefix: for databases, users, and directories on a test server.
+pub fn unique_name(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
     let nanos = std::time::SystemTime::now()
@@ -481,6 +482,11 @@ pub fn pg_unique_name(prefix: &str) -> String {
         N.fetch_add(1, Ordering::Relaxed),
         nanos
     )
+}
+
+/// A PostgreSQL name no other test (or earlier run) uses: see [`unique_name`].
+pub fn pg_unique_name(prefix: &str) -> String {
+    unique_name(prefix)
 }
 
 /// The MariaDB/MySQL test server (TEST_MYSQL_URL, written by tests/services.sh): where it
@@ -520,29 +526,6 @@ pub fn mysql_server(test: &str) -> Option<MysqlServer> {
     Some(server)
 }
 
-/// `%XX` escapes of a URL's user or password.
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 impl MysqlServer {
     /// Parses `mysql://user:password@host:port` (port 3306 when absent).
     pub fn from_url(url: &str) -> Option<MysqlServer> {
@@ -556,8 +539,8 @@ impl MysqlServer {
         Some(MysqlServer {
             host: host.to_string(),
             port: port.parse().ok()?,
-            user: percent_decode(user),
-            password: percent_decode(password),
+            user: bk_core::store::percent_decode(user),
+            password: bk_core::store::percent_decode(password),
         })
     }
 
@@ -684,18 +667,7 @@ pub fn mysql_string(s: &str) -> String {
 /// A name no other test (or concurrent run) uses: `<prefix><pid>_<n>_<random>`; database
 /// and user names stay well under MySQL's limits (64 and 80 characters) for short prefixes.
 pub fn mysql_unique_name(prefix: &str) -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or_default();
-    format!(
-        "{prefix}{}_{}_{:x}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed),
-        nanos
-    )
+    unique_name(prefix)
 }
 
 /// A small complete backup of `name` made at `stamp` (`20250101T001500Z`), written straight

@@ -160,7 +160,7 @@ impl Error {
 }
 
 /// The OS message without Rust's " (os error N)" suffix.
-fn describe_io(e: &io::Error) -> String {
+pub fn describe_io(e: &io::Error) -> String {
     let s = e.to_string();
     match s.rfind(" (os error") {
         Some(i) => s[..i].to_string(),

@@ -21,8 +21,8 @@ use crate::store;
     after_help = crate::cli::exit_status_help()
 )]
 pub struct Cli {
-    /// The store: a directory, file:// URL, s3://bucket/prefix, ssh://user@host[:port]/path or
-    /// rclone:remote:path
+    /// The store: a directory, file:// URL, s3://bucket/prefix, ssh://user@host[:port]/path,
+    /// ftp:// or ftps://[user@]host[:port]/path, or rclone:remote:path
     pub store: String,
     /// Only the backups of this job name
     #[arg(long)]
@@ -33,9 +33,12 @@ pub struct Cli {
     /// Output format
     #[arg(long, value_enum, default_value_t = Format::Json)]
     pub format: Format,
+    #[command(flatten)]
+    pub s3: crate::cli::S3Opts,
 }
 
 pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
+    cli.s3.apply();
     if let Some(n) = &cli.name {
         validate_name(n)?;
     }

@@ -32,8 +32,10 @@ use sha2::{Digest, Sha256};
 /// Stores: a directory or file:// URL, s3://bucket/prefix (credentials and region from the
 /// AWS variables and ~/.aws files; --s3-endpoint for other S3 servers), or
 /// ssh://user@host[:port]/absolute/path (the system's ssh and ~/.ssh/config; BK_SSH_COMMAND
-/// replaces `ssh`, e.g. `ssh -i KEY`), or rclone:REMOTE:path (the system's rclone and its
-/// config, which keeps the credentials: every rclone backend). Transient failures (unreachable store, I/O errors) are
+/// replaces `ssh`, e.g. `ssh -i KEY`), ftp:// or ftps://[user@]host[:port]/path (the password
+/// from ~/.netrc, NETRC or BK_FTP_CREDENTIALS; SSL_CERT_FILE for a private CA), or
+/// rclone:REMOTE:path (the system's rclone and its config, which keeps the credentials: every
+/// rclone backend). Transient failures (unreachable store, I/O errors) are
 /// retried with backoff.
 #[derive(Debug, Parser)]
 #[command(name = "bk-ship", version, after_help = bk_core::cli::exit_status_help())]
@@ -62,12 +64,8 @@ pub struct Cli {
     /// Attempts after the first for a copy that fails transiently
     #[arg(long, value_name = "N", default_value_t = 2)]
     pub retries: u32,
-    /// S3 endpoint URL for s3:// stores (e.g. http://127.0.0.1:9000 for MinIO or Garage)
-    #[arg(long, value_name = "URL", env = "BK_S3_ENDPOINT")]
-    pub s3_endpoint: Option<String>,
-    /// S3 region for s3:// stores [default: AWS_REGION, ~/.aws/config, else us-east-1]
-    #[arg(long, value_name = "REGION", env = "BK_S3_REGION")]
-    pub s3_region: Option<String>,
+    #[command(flatten)]
+    pub s3: bk_core::cli::S3Opts,
     /// Only warnings and errors on stderr, not a line per copy (for cron, which mails any
     /// output)
     #[arg(short, long)]
@@ -96,12 +94,7 @@ impl Destination {
 
 pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     // The S3 options travel to the stores as their variables.
-    if let Some(endpoint) = &cli.s3_endpoint {
-        std::env::set_var("BK_S3_ENDPOINT", endpoint);
-    }
-    if let Some(region) = &cli.s3_region {
-        std::env::set_var("BK_S3_REGION", region);
-    }
+    cli.s3.apply();
     if let Some(n) = &cli.name {
         validate_name(n)?;
     }
@@ -186,8 +179,9 @@ struct Shipper {
 
 /// How a destination came to hold a backup.
 enum Copied {
-    /// Copied now, checked: its record.
-    New(Artifact),
+    /// Copied now, checked: its record, and the bytes an interrupted earlier copy had
+    /// left there (rsync resumed it).
+    New(Artifact, u64),
     /// Already there with the same sha256 (its record); not re-read.
     Present(Artifact),
     /// The destination is the source itself.
@@ -208,8 +202,12 @@ impl Shipper {
         let mut present = Vec::new();
         for (i, dest) in dests.iter_mut().enumerate() {
             match self.copy_with_retries(source, a, dest) {
-                Ok(Copied::New(copy)) => {
-                    self.say(out, &format!("{}: copied to {}", a.id, copy.location));
+                Ok(Copied::New(copy, resumed)) => {
+                    let how = match resumed {
+                        0 => String::new(),
+                        n => format!(" (resumed: {n} bytes were already there)"),
+                    };
+                    self.say(out, &format!("{}: copied to {}{how}", a.id, copy.location));
                     out.emit(&Record::Artifact(copy))?;
                 }
                 Ok(Copied::Present(copy)) => {
@@ -287,9 +285,36 @@ fn copy(source: &dyn Store, a: &Artifact, dest: &mut Destination) -> Result<Copi
             a.location
         )));
     }
+    // A file on this machine may go by the destination's own way (rsync, resumable),
+    // which checks the copy against the manifest's sha256 before publishing it.
+    let file_copy = match source.local_root() {
+        Some(root) => dest
+            .store
+            .put_file(&a.name, &a.file, &root.join(&a.name).join(&a.file), &a.sha256)?,
+        None => None,
+    };
+    let resumed = match file_copy {
+        Some(resumed) => resumed,
+        None => {
+            stream_copy(source, a, dest.store.as_ref(), &location)?;
+            0
+        }
+    };
+    let mut copy = a.clone();
+    copy.location = location;
+    if dest.store.local_root().is_some() {
+        check_copy(dest.store.as_ref(), &copy)?;
+    }
+    dest.store.put_manifest(&copy)?;
+    dest.held(&a.name)?.push(copy.clone());
+    Ok(Copied::New(copy, resumed))
+}
+
+/// Streams an artifact into a new file of the destination, checking it against its manifest.
+fn stream_copy(source: &dyn Store, a: &Artifact, dest: &dyn Store, location: &str) -> Result<()> {
     let mut reader = source.open(a)?;
-    let mut upload = dest.store.create(&a.name, &a.file)?;
-    let (sha, bytes) = copy_hashing(&mut reader, &mut upload, &a.location, &location)?;
+    let mut upload = dest.create(&a.name, &a.file)?;
+    let (sha, bytes) = copy_hashing(&mut reader, &mut upload, &a.location, location)?;
     if sha != a.sha256 || bytes != a.bytes {
         // Dropping the upload removes (or aborts) it.
         return Err(Error::data(format!(
@@ -298,15 +323,7 @@ fn copy(source: &dyn Store, a: &Artifact, dest: &mut Destination) -> Result<Copi
         )));
     }
     // Remote stores check the stored bytes against what was sent when they publish.
-    upload.commit()?;
-    let mut copy = a.clone();
-    copy.location = location;
-    if dest.store.local_root().is_some() {
-        check_copy(dest.store.as_ref(), &copy)?;
-    }
-    dest.store.put_manifest(&copy)?;
-    dest.held(&a.name)?.push(copy.clone());
-    Ok(Copied::New(copy))
+    upload.commit()
 }
 
 /// Streams `from` into `to`, hashing on the way.

@@ -1,10 +1,12 @@
 //! bk's remote stores behind bk-core's `Store` trait: `s3://bucket/prefix`,
-//! `ssh://user@host[:port]/abs/path` and `rclone:remote:path` (SPEC §3). Local paths and `file://` stay bk-core's
-//! `LocalStore`. The heavy S3 and async dependencies live here only.
+//! `ssh://user@host[:port]/abs/path`, `ftp://` and `ftps://[user@]host[:port]/path`, and
+//! `rclone:remote:path` (SPEC §3). Local paths and `file://` stay bk-core's `LocalStore`. The heavy
+//! S3 and async dependencies live here only.
 //!
 //! Every tool that takes stores starts through [`main`], which installs [`open`] as bk-core's
 //! remote opener, so `bk_core::store::open` and `open_location` handle every scheme.
 
+pub mod ftp;
 pub mod rclone;
 pub mod s3;
 pub mod ssh;
@@ -13,7 +15,7 @@ use bk_core::record::Output;
 use bk_core::store::Store;
 use bk_core::Result;
 
-/// Opens a store from its URL: a path, `file://`, `s3://`, `ssh://` or `rclone:`.
+/// Opens a store from its URL: a path, `file://`, `s3://`, `ssh://`, `ftp://`, `ftps://` or `rclone:`.
 pub fn open(url: &str) -> Result<Box<dyn Store>> {
     install();
     bk_core::store::open(url)
@@ -26,6 +28,9 @@ fn open_remote(url: &str) -> Result<Option<Box<dyn Store>>> {
     }
     if url.starts_with("ssh://") {
         return Ok(Some(Box::new(ssh::SshStore::open(url)?)));
+    }
+    if url.starts_with("ftp://") || url.starts_with("ftps://") {
+        return Ok(Some(Box::new(ftp::FtpStore::open(url)?)));
     }
     if url.starts_with("rclone:") {
         return Ok(Some(Box::new(rclone::RcloneStore::open(url)?)));
@@ -61,6 +66,36 @@ pub(crate) fn sort_listing(listing: &mut bk_core::store::Listing) {
         .artifacts
         .sort_by(|a, b| (&a.name, &a.started, &a.id).cmp(&(&b.name, &b.started, &b.id)));
     listing.leftovers.sort();
+}
+
+/// Writes a manifest through an upload of the store's own, which publishes it as it does an
+/// artifact (temporary name, checked, renamed).
+pub(crate) fn write_manifest(
+    mut upload: Box<dyn bk_core::store::Upload>,
+    artifact: &bk_core::record::Artifact,
+    location: &str,
+) -> Result<()> {
+    let line = format!("{}\n", bk_core::record::Record::Artifact(artifact.clone()).to_line());
+    upload
+        .write_all(line.as_bytes())
+        .map_err(|e| bk_core::error::from_io(format!("writing {location}"), e))?;
+    upload.commit()
+}
+
+/// The sha256 of what a reader gives, to its end: how the remote stores check a copy they
+/// read back.
+pub(crate) fn sha256_of(reader: &mut dyn std::io::Read, doing: &str) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => return Ok(hex::encode(hasher.finalize())),
+            Ok(n) => hasher.update(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(bk_core::error::from_io(doing, e)),
+        }
+    }
 }
 
 /// A hidden temporary name no listing mistakes for an artifact, as the local store's:

@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use std::time::SystemTime;
 
 use bk_core::error::{Error, Kind, Result};
-use bk_core::record::{Artifact, Record};
+use bk_core::record::Artifact;
 use bk_core::store::{manifest_file, Listing, Store, Upload};
 use sha2::{Digest, Sha256};
 
@@ -118,19 +118,7 @@ impl RcloneStore {
                 return Ok(h.to_ascii_lowercase());
             }
         }
-        let mut reader = self.reader(path, doing.to_string())?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = reader
-                .read(&mut buf)
-                .map_err(|e| bk_core::error::from_io(doing.to_string(), e))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        Ok(hex::encode(hasher.finalize()))
+        crate::sha256_of(&mut self.reader(path, doing.to_string())?, doing)
     }
 
     fn reader(&self, path: &str, doing: String) -> Result<RcloneReader> {
@@ -432,12 +420,12 @@ impl Store for RcloneStore {
     }
 
     fn put_manifest(&self, artifact: &Artifact) -> Result<()> {
-        let mut upload = self.upload(&artifact.name, &manifest_file(&artifact.id))?;
-        let line = format!("{}\n", Record::Artifact(artifact.clone()).to_line());
-        upload
-            .write_all(line.as_bytes())
-            .map_err(|e| bk_core::error::from_io(format!("writing {}", upload.location), e))?;
-        Box::new(upload).commit()
+        let file = manifest_file(&artifact.id);
+        crate::write_manifest(
+            self.create(&artifact.name, &file)?,
+            artifact,
+            &self.location(&artifact.name, &file),
+        )
     }
 
     fn has_manifest(&self, name: &str, id: &str) -> Result<bool> {

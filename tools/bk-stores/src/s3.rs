@@ -11,7 +11,15 @@
 //! whatever the size, no temporary file); the object appears only when the upload completes,
 //! and a dropped upload is aborted. After completing, the object is read back and its
 //! sha256 compared with what was sent. Requests are retried with exponential backoff on
-//! 5xx answers, timeouts and connection failures (`BK_S3_RETRIES`, default 5).
+//! 5xx answers, timeouts and connection failures (`BK_S3_RETRIES`, default 5); a download
+//! cut in the middle resumes from where it stopped (a range request, same ETag).
+//!
+//! An upload that cannot be aborted (the server died, the run was killed) would stay on the
+//! server, invisible and billed. Not every S3 server can list multipart uploads (s3s-fs
+//! cannot), so each upload is named by a small hidden object `<name>/.<file>.tmp.<pid>.<random>`
+//! holding its upload id, written when it starts and deleted when it completes or is
+//! aborted. The next upload of the same file aborts the uploads such objects name, and so
+//! does bk-prune's removal of leftovers for those older than its limit.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -24,8 +32,9 @@ use bk_core::record::{Artifact, Record};
 use bk_core::store::{manifest_file, Listing, Store, Upload};
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
-use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig, WriteMultipart};
+use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 use sha2::{Digest, Sha256};
 use tokio::runtime::Runtime;
 
@@ -62,9 +71,17 @@ fn s3_error(doing: impl std::fmt::Display, e: object_store::Error) -> Error {
         source = s.source();
     }
     let mut message = message.replace('\n', " ");
-    if message.contains("InvalidAccessKeyId") || message.contains("SignatureDoesNotMatch") {
+    if ["InvalidAccessKeyId", "SignatureDoesNotMatch", "NotSignedUp"]
+        .iter()
+        .any(|code| message.contains(code))
+    {
         return Error::new(Kind::Config, format!("{doing}: {message} (check the AWS credentials)"));
     }
+    let kind = if message.contains("403 Forbidden") {
+        Kind::NoPerm
+    } else {
+        kind
+    };
     if message.len() > 600 {
         message.truncate(600);
     }
@@ -231,6 +248,56 @@ impl S3Store {
         })
     }
 
+    /// Aborts the multipart uploads named by the hidden marker objects of a name's directory
+    /// (of one file, or of all; last modified before `older_than`, if given) and deletes the
+    /// markers. Returns the markers' locations, sorted; with `dry_run`, only returns them.
+    fn abort_unfinished(
+        &self,
+        name: &str,
+        file: Option<&str>,
+        older_than: Option<SystemTime>,
+        dry_run: bool,
+    ) -> Result<Vec<String>> {
+        let dir = Path::from(self.rel(name, "").trim_end_matches('/'));
+        let objects: Vec<object_store::ObjectMeta> = self
+            .rt
+            .block_on(self.s3.list(Some(&dir)).try_collect())
+            .map_err(|e| s3_error(format!("listing {}", self.location(name, "")), e))?;
+        let mut markers = Vec::new();
+        for o in objects {
+            let Some(marker) = o.location.filename().filter(|m| crate::is_temp(m)) else {
+                continue;
+            };
+            // `.<file>.tmp.<pid>.<random>`
+            let Some((of, _)) = marker.strip_prefix('.').and_then(|m| m.rsplit_once(".tmp.")) else {
+                continue;
+            };
+            if o.location != self.key(name, marker)
+                || file.is_some_and(|f| f != of)
+                || older_than.is_some_and(|t| SystemTime::from(o.last_modified) >= t)
+            {
+                continue;
+            }
+            markers.push(self.location(name, marker));
+            if dry_run {
+                continue;
+            }
+            let id = String::from_utf8_lossy(&self.get_bytes(&o.location)?)
+                .trim()
+                .to_string();
+            match self.rt.block_on(self.s3.abort_multipart(&self.key(name, of), &id)) {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => {
+                    let doing = format!("aborting the unfinished upload of {}", self.location(name, of));
+                    return Err(s3_error(doing, e));
+                }
+            }
+            self.delete_key(&o.location)?;
+        }
+        markers.sort();
+        Ok(markers)
+    }
+
     fn delete_key(&self, path: &Path) -> Result<()> {
         match self.rt.block_on(self.s3.delete(path)) {
             Err(object_store::Error::NotFound { .. }) | Ok(()) => Ok(()),
@@ -270,22 +337,57 @@ struct S3Upload {
     s3: Arc<AmazonS3>,
     path: Path,
     url: String,
-    writer: Option<WriteMultipart>,
+    id: String,
+    /// The hidden object naming this upload until it is completed or aborted.
+    marker: Path,
+    /// The part being filled.
+    part: Vec<u8>,
+    sending: tokio::task::JoinSet<(usize, object_store::Result<PartId>)>,
+    /// The parts sent, by index.
+    sent: Vec<Option<PartId>>,
+    /// Completed or aborted: nothing for `drop` to do.
+    finished: bool,
     hasher: Sha256,
     bytes: u64,
 }
 
+impl S3Upload {
+    /// Sends the part filled so far, first waiting while `in_flight` parts are being sent.
+    fn send_part(&mut self, in_flight: usize) -> Result<()> {
+        while self.sending.len() >= in_flight.max(1) {
+            self.wait_for_part()?;
+        }
+        let index = self.sent.len();
+        self.sent.push(None);
+        let data = PutPayload::from(std::mem::replace(&mut self.part, Vec::with_capacity(PART_SIZE)));
+        let (s3, path, id) = (self.s3.clone(), self.path.clone(), self.id.clone());
+        let _inside = self.rt.enter();
+        self.sending
+            .spawn(async move { (index, s3.put_part(&path, &id, index, data).await) });
+        Ok(())
+    }
+
+    fn wait_for_part(&mut self) -> Result<()> {
+        let Some(joined) = self.rt.block_on(self.sending.join_next()) else {
+            return Ok(());
+        };
+        // Tasks are cancelled only when the upload is dropped.
+        let (index, sent) = joined.expect("a part upload does not panic");
+        self.sent[index] = Some(sent.map_err(|e| s3_error(format!("uploading {}", self.url), e))?);
+        Ok(())
+    }
+}
+
 impl Write for S3Upload {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let writer = self.writer.as_mut().expect("written only before commit");
-        let _inside = self.rt.enter();
-        self.rt
-            .block_on(writer.wait_for_capacity(PARTS_IN_FLIGHT))
-            .map_err(|e| io::Error::from(s3_error(format!("uploading {}", self.url), e)))?;
-        writer.write(buf);
-        self.hasher.update(buf);
-        self.bytes += buf.len() as u64;
-        Ok(buf.len())
+        let n = buf.len().min(PART_SIZE - self.part.len());
+        self.part.extend_from_slice(&buf[..n]);
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        if self.part.len() == PART_SIZE {
+            self.send_part(PARTS_IN_FLIGHT)?;
+        }
+        Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -294,11 +396,20 @@ impl Write for S3Upload {
 
 impl Upload for S3Upload {
     fn commit(mut self: Box<Self>) -> Result<()> {
-        let writer = self.writer.take().expect("committed once");
+        // The last part, which may be short (or empty, for an empty file).
+        if !self.part.is_empty() || self.sent.is_empty() {
+            self.send_part(PARTS_IN_FLIGHT)?;
+        }
+        while !self.sending.is_empty() {
+            self.wait_for_part()?;
+        }
         let url = self.url.clone();
+        let parts = std::mem::take(&mut self.sent).into_iter().flatten().collect();
         self.rt
-            .block_on(writer.finish())
+            .block_on(self.s3.complete_multipart(&self.path, &self.id, parts))
             .map_err(|e| s3_error(format!("completing the upload of {url}"), e))?;
+        self.finished = true;
+        let _ = self.rt.block_on(self.s3.delete(&self.marker));
         // Read back: what the server stores must be what was sent.
         let sent = hex::encode(std::mem::take(&mut self.hasher).finalize());
         let check = || -> Result<(String, u64)> {
@@ -341,10 +452,18 @@ impl Upload for S3Upload {
 
 impl Drop for S3Upload {
     fn drop(&mut self) {
-        if let Some(writer) = self.writer.take() {
-            if let Err(e) = self.rt.block_on(writer.abort()) {
-                eprintln!("warning: could not abort the unfinished upload of {}: {e}", self.url);
+        if self.finished {
+            return;
+        }
+        self.sending.abort_all();
+        match self.rt.block_on(self.s3.abort_multipart(&self.path, &self.id)) {
+            Ok(()) => {
+                let _ = self.rt.block_on(self.s3.delete(&self.marker));
             }
+            Err(e) => eprintln!(
+                "warning: could not abort the unfinished upload of {} ({e}); the next upload of it, or bk-prune, will",
+                self.url
+            ),
         }
     }
 }
@@ -363,19 +482,39 @@ impl Store for S3Store {
         crate::check_file_name(file)?;
         let path = self.key(name, file);
         let url = self.location(name, file);
-        let upload = self
+        // An earlier run's unfinished uploads of this file are of no more use; one that
+        // cannot be aborted now does not stop this upload (bk-prune tries again).
+        if let Err(e) = self.abort_unfinished(name, Some(file), None, false) {
+            eprintln!("warning: {}", e.message);
+        }
+        let id = self
             .rt
-            .block_on(self.s3.put_multipart(&path))
+            .block_on(self.s3.create_multipart(&path))
             .map_err(|e| s3_error(format!("starting the upload of {url}"), e))?;
-        Ok(Box::new(S3Upload {
+        let marker = self.key(name, &crate::temp_name(file));
+        let upload = S3Upload {
             rt: self.rt.clone(),
             s3: self.s3.clone(),
             path,
             url,
-            writer: Some(WriteMultipart::new_with_chunk_size(upload, PART_SIZE)),
+            id: id.clone(),
+            marker: marker.clone(),
+            part: Vec::with_capacity(PART_SIZE),
+            sending: tokio::task::JoinSet::new(),
+            sent: Vec::new(),
+            finished: false,
             hasher: Sha256::new(),
             bytes: 0,
-        }))
+        };
+        if let Err(e) = self.rt.block_on(self.s3.put(&marker, id.into_bytes().into())) {
+            // Nothing would name this upload if it were left unfinished: abort it now.
+            drop(upload);
+            return Err(s3_error(
+                format!("starting the upload of {}", self.location(name, file)),
+                e,
+            ));
+        }
+        Ok(Box::new(upload))
     }
 
     fn put_manifest(&self, artifact: &Artifact) -> Result<()> {
@@ -447,9 +586,7 @@ impl Store for S3Store {
     }
 
     fn remove_leftovers(&self, name: &str, older_than: SystemTime, dry_run: bool) -> Result<Vec<String>> {
-        // Unfinished multipart uploads are invisible objects; what a listing shows without
-        // a manifest may be a copy in progress, so only hidden temporary names are removed.
-        let _ = (name, older_than, dry_run);
-        Ok(Vec::new())
+        bk_core::name::validate_name(name)?;
+        self.abort_unfinished(name, None, Some(older_than), dry_run)
     }
 }

@@ -7,6 +7,11 @@
 //! name (umask 077: files 0600, directories 0700), are checked with `sha256sum` (or
 //! `shasum -a 256`) against what was sent, synced, then renamed into place.
 //!
+//! A file of this machine (bk-ship from a local store) goes by rsync when both sides have
+//! it: to the stable hidden name `.<file>.tmp.partial` with `--partial`, so that a rerun
+//! after an interrupted copy sends only what is missing; then the same check and rename.
+//! Without rsync on either side, it is streamed as above.
+//!
 //! Exit codes: host unreachable or connection refused 69; host key unknown or changed 78;
 //! authentication refused 77; a remote directory that cannot be created 73.
 
@@ -25,6 +30,8 @@ use crate::collect_stderr;
 
 #[derive(Debug, Clone)]
 pub struct SshStore {
+    /// Whether rsync runs on both sides, found out on the first file copied.
+    rsync: std::sync::OnceLock<bool>,
     /// The URL without a trailing slash.
     url: String,
     /// `[user@]host`.
@@ -66,6 +73,7 @@ impl SshStore {
         let root = path.trim_end_matches('/');
         let root = if root.is_empty() { "/" } else { root };
         Ok(SshStore {
+            rsync: std::sync::OnceLock::new(),
             url: format!("ssh://{authority}{}", if root == "/" { "" } else { root }),
             destination,
             port,
@@ -81,23 +89,28 @@ impl SshStore {
         }
     }
 
+    /// The ssh program and its options, without the destination: `BK_SSH_COMMAND` or `ssh`,
+    /// batch mode, timeouts, the port.
+    fn ssh_words(&self) -> Vec<String> {
+        let ssh = std::env::var("BK_SSH_COMMAND").unwrap_or_else(|_| "ssh".into());
+        let mut words: Vec<String> = ssh.split_whitespace().map(String::from).collect();
+        if words.is_empty() {
+            words.push("ssh".into());
+        }
+        for option in ["BatchMode=yes", "ConnectTimeout=20", "ServerAliveInterval=15"] {
+            words.extend(["-o".to_string(), option.to_string()]);
+        }
+        if let Some(port) = self.port {
+            words.extend(["-p".to_string(), port.to_string()]);
+        }
+        words
+    }
+
     /// `ssh [opts] destination sh -c SCRIPT`.
     fn command(&self, script: &str) -> Command {
-        let ssh = std::env::var("BK_SSH_COMMAND").unwrap_or_else(|_| "ssh".into());
-        let mut words = ssh.split_whitespace();
-        let mut cmd = Command::new(words.next().unwrap_or("ssh"));
-        cmd.args(words);
-        cmd.args([
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ConnectTimeout=20",
-            "-o",
-            "ServerAliveInterval=15",
-        ]);
-        if let Some(port) = self.port {
-            cmd.arg("-p").arg(port.to_string());
-        }
+        let words = self.ssh_words();
+        let mut cmd = Command::new(&words[0]);
+        cmd.args(&words[1..]);
         cmd.arg(&self.destination);
         cmd.arg(format!("sh -c {}", sh_quote(script)));
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -198,6 +211,109 @@ impl SshStore {
             hasher: Sha256::new(),
         })
     }
+    /// Checks the remote `temp` against `sha256` (removing it if it differs), syncs it and
+    /// renames it to `target`. `expected` says where the sha256 comes from, for the message.
+    fn publish(&self, temp: &str, target: &str, sha256: &str, expected: &str, location: &str) -> Result<()> {
+        let script = format!(
+            r#"t={t} s={s} e={e}
+if command -v sha256sum >/dev/null 2>&1; then h=$(sha256sum < "$t") || exit 74
+elif command -v shasum >/dev/null 2>&1; then h=$(shasum -a 256 < "$t") || exit 74
+else echo "neither sha256sum nor shasum on the remote host" >&2; exit 69; fi
+h=${{h%% *}}
+if [ "$h" != "$s" ]; then rm -f "$t"; echo "the copy's sha256 is $h, not $s $e" >&2; exit {m}; fi
+chmod 600 "$t" || exit 74
+sync "$t" 2>/dev/null || sync
+mv -f "$t" {f} || exit {c}
+sync {d} 2>/dev/null || true"#,
+            t = sh_quote(temp),
+            s = sh_quote(sha256),
+            e = sh_quote(expected),
+            f = sh_quote(target),
+            d = sh_quote(target.rsplit_once('/').map_or("/", |(d, _)| d)),
+            m = REMOTE_MISMATCH,
+            c = REMOTE_CANT_CREATE,
+        );
+        self.run(&script, &format!("publishing {location}"), Kind::Io).map(drop)
+    }
+
+    /// Whether rsync runs here and on the remote host; asked once per store.
+    fn has_rsync(&self) -> Result<bool> {
+        if let Some(&known) = self.rsync.get() {
+            return Ok(known);
+        }
+        let here = Command::new("rsync")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        let both = here
+            && self
+                .run(
+                    "command -v rsync >/dev/null 2>&1 && echo yes || echo no",
+                    &format!("looking for rsync on {}", self.url),
+                    Kind::Unavailable,
+                )?
+                .starts_with(b"yes");
+        Ok(*self.rsync.get_or_init(|| both))
+    }
+
+    /// Copies a local file by rsync into `.<file>.tmp.partial`, which an interrupted copy
+    /// leaves for the next one to resume, then checks and publishes it. The bytes rsync
+    /// found already there.
+    fn rsync_file(&self, name: &str, file: &str, path: &std::path::Path, sha256: &str) -> Result<u64> {
+        let dir = self.dir(name);
+        let location = self.location(name, file);
+        let doing = format!("writing {location}");
+        self.run(
+            &format!("umask 077; mkdir -p {} || exit {REMOTE_CANT_CREATE}", sh_quote(&dir)),
+            &doing,
+            Kind::CantCreate,
+        )?;
+        let partial = format!("{dir}/.{file}.tmp.partial");
+        // A relative path with a colon would read as a remote one.
+        let source = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            std::path::Path::new(".").join(path)
+        };
+        let out = Command::new("rsync")
+            // Always compare the blocks (a partial may have any size and time), keep what
+            // an interruption leaves, new files 0600, paths passed as they are.
+            .args([
+                "--ignore-times",
+                "--partial",
+                "--stats",
+                "--chmod=F600",
+                "--protect-args",
+            ])
+            .arg("-e")
+            .arg(self.ssh_words().join(" "))
+            .arg(&source)
+            .arg(format!("{}:{partial}", self.destination))
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| Error::new(Kind::Unavailable, format!("{doing}: cannot run rsync: {e}")))?;
+        if !out.status.success() {
+            return Err(self.classify(out.status.code(), &out.stderr, &doing, Kind::Io));
+        }
+        self.publish(
+            &partial,
+            &format!("{dir}/{file}"),
+            sha256,
+            "as in the manifest",
+            &location,
+        )?;
+        // "Matched data: 1,234 bytes": what the receiver had already.
+        let stats = String::from_utf8_lossy(&out.stdout);
+        let matched = stats
+            .lines()
+            .find_map(|l| l.strip_prefix("Matched data:"))
+            .map(|n| n.chars().filter(char::is_ascii_digit).collect::<String>())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        Ok(matched)
+    }
 }
 
 struct SshUpload {
@@ -257,26 +373,9 @@ impl Upload for SshUpload {
     fn commit(mut self: Box<Self>) -> Result<()> {
         self.finish_transfer()?;
         let sent = hex::encode(std::mem::take(&mut self.hasher).finalize());
-        let script = format!(
-            r#"t={t}
-if command -v sha256sum >/dev/null 2>&1; then h=$(sha256sum < "$t") || exit 74
-elif command -v shasum >/dev/null 2>&1; then h=$(shasum -a 256 < "$t") || exit 74
-else echo "neither sha256sum nor shasum on the remote host" >&2; exit 69; fi
-h=${{h%% *}}
-if [ "$h" != {sent} ]; then rm -f "$t"; echo "the copy's sha256 is $h, not {sent} as sent" >&2; exit {m}; fi
-sync "$t" 2>/dev/null || sync
-mv -f "$t" {f} || exit {c}
-sync {d} 2>/dev/null || true"#,
-            t = sh_quote(&self.temp),
-            f = sh_quote(&self.target),
-            d = sh_quote(self.target.rsplit_once('/').map_or("/", |(d, _)| d)),
-            m = REMOTE_MISMATCH,
-            c = REMOTE_CANT_CREATE,
-        );
         let published = self
             .store
-            .run(&script, &format!("publishing {}", self.location), Kind::Io)
-            .map(drop);
+            .publish(&self.temp, &self.target, &sent, "as sent", &self.location);
         // Published or not, the temporary file is gone or removed below.
         if published.is_err() {
             let _ = self
@@ -358,6 +457,15 @@ impl Store for SshStore {
 
     fn create(&self, name: &str, file: &str) -> Result<Box<dyn Upload>> {
         Ok(Box::new(self.upload(name, file)?))
+    }
+
+    fn put_file(&self, name: &str, file: &str, path: &std::path::Path, sha256: &str) -> Result<Option<u64>> {
+        bk_core::name::validate_name(name)?;
+        crate::check_file_name(file)?;
+        if !self.has_rsync()? {
+            return Ok(None);
+        }
+        self.rsync_file(name, file, path, sha256).map(Some)
     }
 
     fn put_manifest(&self, artifact: &Artifact) -> Result<()> {

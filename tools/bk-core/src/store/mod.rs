@@ -43,6 +43,15 @@ pub trait Store {
     fn local_root(&self) -> Option<std::path::PathBuf> {
         None
     }
+    /// Copies a file of this machine in as an artifact file, checked against `sha256` and
+    /// published, when the store has a better way than streaming it through `create`: the
+    /// ssh store uses rsync, which resumes where an interrupted copy of the same file
+    /// stopped. `Ok(None)`: no such way here, use `create`; `Ok(Some(n))`: copied, `n` bytes
+    /// of it were already there from an interrupted copy.
+    fn put_file(&self, name: &str, file: &str, path: &std::path::Path, sha256: &str) -> Result<Option<u64>> {
+        let _ = (name, file, path, sha256);
+        Ok(None)
+    }
     /// Deletes the manifest first, then the artifact, so that an interrupted delete never
     /// leaves a manifest pointing at nothing.
     fn delete(&self, artifact: &Artifact) -> Result<()>;
@@ -102,6 +111,29 @@ pub fn open_location(artifact: &Artifact) -> Result<Box<dyn Store>> {
         ))
     })?;
     open(if root.is_empty() { "/" } else { root })
+}
+
+/// The `%XX` escapes of a store URL's user or path (or a test server's URL), decoded.
+pub fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The manifest's file name of an artifact id.
