@@ -1,0 +1,501 @@
+//! The Ansible role ansible/roles/bk, applied for real to this machine (`ansible-playbook -c
+//! local`, as root) against the test servers: it must converge (a second run changes nothing),
+//! pass ansible-lint, keep secrets out of its output and its credential files private; the
+//! cron.d jobs it writes must back up when run as cron runs them, and the restore commands of
+//! the runbook it writes must bring a database back equal to its source.
+//!
+//! Everything the role writes goes into the test's sandbox (tools, home, store, cron.d
+//! directory, runbook), except the backup user `bktest`, the database accounts (all removed
+//! at the end) and a line in the ssh test user's authorized_keys (removed too).
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use bk_core::record::{parse_line, Artifact, Record};
+use bk_tests::{cron, have_root, mysql_server, pg_ident, pg_server, run_cmd, services_required, Run, Sandbox};
+use serde_json::json;
+
+/// The backup user of the test: created by the role, removed at the end.
+const USER: &str = "bktest";
+
+/// The tools the role installs (its bk_tools).
+const TOOLS: [&str; 6] = ["bk-dump", "bk-ls", "bk-restore", "bk-prune", "bk-verify", "bk-ship"];
+
+/// Runs a closure when it goes, whatever happens: for what a test changed outside its sandbox.
+struct Cleanup<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Cleanup<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+/// The venv of tests/services.sh with ansible-playbook and ansible-lint (TEST_ANSIBLE_VENV).
+fn ansible_venv(test: &str) -> Option<PathBuf> {
+    let venv = std::env::var("TEST_ANSIBLE_VENV").ok().filter(|v| !v.is_empty());
+    match venv.map(PathBuf::from) {
+        Some(v) if v.join("bin/ansible-playbook").is_file() => Some(v),
+        other => {
+            let why = format!("no ansible-playbook in TEST_ANSIBLE_VENV={other:?}");
+            assert!(
+                !services_required(),
+                "{test}: {why}, and BK_TEST_SERVICES=1 says the test tools are installed: run tests/services.sh start"
+            );
+            eprintln!("SKIPPED {test}: {why} (tests/services.sh start installs it)");
+            None
+        }
+    }
+}
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: source $(tests/services.sh env)"))
+}
+
+/// A user's passwd entry: uid, gid, home.
+fn passwd(user: &str) -> Option<(u32, u32, PathBuf)> {
+    let out = Command::new("getent").args(["passwd", user]).output().expect("getent");
+    let line = String::from_utf8(out.stdout).ok()?;
+    let fields: Vec<&str> = line.trim().split(':').collect();
+    (fields.len() == 7).then(|| (fields[2].parse().unwrap(), fields[3].parse().unwrap(), fields[5].into()))
+}
+
+fn userdel(user: &str) {
+    if passwd(user).is_some() {
+        let run = Run::from(Command::new("userdel").arg(user).output().expect("userdel"));
+        assert_eq!(run.code, 0, "userdel {user}: {}", run.stderr);
+    }
+}
+
+/// A successful ansible-playbook run: its output and the PLAY RECAP's count of changes.
+struct Play {
+    output: String,
+    changed: u32,
+}
+
+fn recap_count(line: &str, key: &str) -> u32 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in the PLAY RECAP line: {line}"))
+}
+
+/// Everything one test needs to run the role: the sandbox, the venv, the files it writes.
+struct Ansible<'a> {
+    sb: &'a Sandbox,
+    venv: PathBuf,
+    repo: PathBuf,
+}
+
+impl Ansible<'_> {
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(self.venv.join("bin").join(program));
+        let path = format!("{}:{}", self.venv.join("bin").display(), env("PATH"));
+        cmd.env("PATH", path)
+            .env("ANSIBLE_NOCOLOR", "1")
+            .env("NO_COLOR", "1")
+            .env("ANSIBLE_HOME", self.sb.path("ansible-home"))
+            .env("ANSIBLE_ROLES_PATH", self.repo.join("ansible/roles"))
+            .env("ANSIBLE_RETRY_FILES_ENABLED", "0");
+        cmd
+    }
+
+    /// `ansible-playbook --diff` of a playbook applying the role with `vars` to localhost.
+    fn play(&self, vars: &serde_json::Value) -> Play {
+        let dir = self.sb.path("playbook");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(
+            dir.join("inventory"),
+            format!(
+                "localhost ansible_connection=local ansible_python_interpreter={}\n",
+                self.venv.join("bin/python").display()
+            ),
+        )
+        .unwrap();
+        fs::write(
+            dir.join("site.yml"),
+            "- name: Back up this host with bk\n  hosts: all\n  gather_facts: false\n  roles: [bk]\n",
+        )
+        .unwrap();
+        let vars_file = dir.join("vars.json");
+        fs::write(&vars_file, vars.to_string()).unwrap();
+        fs::set_permissions(&vars_file, fs::Permissions::from_mode(0o600)).unwrap();
+        let mut cmd = self.command("ansible-playbook");
+        cmd.current_dir(&dir)
+            .args(["-i", "inventory", "site.yml", "--diff", "-e"])
+            .arg(format!("@{}", vars_file.display()));
+        let run = run_cmd(cmd, "");
+        let output = format!("{}{}", run.stdout, run.stderr);
+        assert_eq!(run.code, 0, "ansible-playbook failed:\n{output}");
+        let recap = output
+            .lines()
+            .skip_while(|l| !l.starts_with("PLAY RECAP"))
+            .find(|l| l.starts_with("localhost"))
+            .unwrap_or_else(|| panic!("no PLAY RECAP for localhost:\n{output}"))
+            .to_string();
+        Play {
+            changed: recap_count(&recap, "changed"),
+            output,
+        }
+    }
+}
+
+/// The built tools, as they are now, in `<sandbox>/built`: hard links (copies across
+/// filesystems), so that a rebuild meanwhile (cargo replaces the files) cannot make the second
+/// run install something new.
+fn snapshot_tools(sb: &Sandbox) -> PathBuf {
+    let dir = sb.path("built");
+    fs::create_dir_all(&dir).unwrap();
+    for tool in TOOLS {
+        let (from, to) = (bk_tests::bin(tool), dir.join(tool));
+        if fs::hard_link(&from, &to).is_err() {
+            fs::copy(&from, &to).unwrap_or_else(|e| panic!("copying {}: {e}", from.display()));
+        }
+    }
+    dir
+}
+
+/// The sh blocks under `### <step>` of `## Job <job>` in the runbook.
+fn runbook_blocks(runbook: &str, job: &str, step: &str) -> String {
+    let section = runbook
+        .split("\n## ")
+        .find(|s| s.starts_with(&format!("Job {job}\n")))
+        .unwrap_or_else(|| panic!("no section `## Job {job}` in the runbook:\n{runbook}"));
+    let part = section
+        .split("\n### ")
+        .find(|s| s.starts_with(&format!("{step}\n")))
+        .unwrap_or_else(|| panic!("no `### {step}` under `## Job {job}`:\n{section}"));
+    let mut blocks = String::new();
+    let mut inside = false;
+    for line in part.lines() {
+        match (inside, line) {
+            (false, "```sh") => inside = true,
+            (true, "```") => inside = false,
+            (true, l) => {
+                blocks.push_str(l);
+                blocks.push('\n');
+            }
+            _ => {}
+        }
+    }
+    assert!(!blocks.is_empty(), "no sh block under `### {step}` of job {job}");
+    blocks
+}
+
+/// The one manifest below `dir` (a store's name directory), as an artifact.
+fn manifest(dir: &Path, at: &str) -> Artifact {
+    let manifests: Vec<PathBuf> = bk_tests::files_below(dir)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    assert_eq!(manifests.len(), 1, "{at}: one manifest expected in {}", dir.display());
+    let text = fs::read_to_string(&manifests[0]).unwrap();
+    match parse_line(text.trim(), "manifest") {
+        Ok(Record::Artifact(a)) => a,
+        _ => panic!("{at}: {} is not an artifact manifest: {text}", manifests[0].display()),
+    }
+}
+
+#[test]
+fn role_converges_and_its_jobs_and_runbook_work() {
+    let test = "role_converges_and_its_jobs_and_runbook_work";
+    if !have_root(test) {
+        return;
+    }
+    let (Some(mysql), Some(pg), Some(venv)) = (mysql_server(test), pg_server(test), ansible_venv(test)) else {
+        return;
+    };
+    let (s3_endpoint, s3_bucket) = (env("TEST_S3_ENDPOINT"), env("TEST_S3_BUCKET"));
+    let (s3_key, s3_secret) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY"));
+    let (ssh_user, ssh_port, ssh_key) = (env("TEST_SSH_USER"), env("TEST_SSH_PORT"), env("TEST_SSH_KEY"));
+    let sb = Sandbox::new();
+    // The backup user must reach the tools, its home and the store inside the sandbox.
+    fs::set_permissions(sb.root(), fs::Permissions::from_mode(0o755)).unwrap();
+    let scratch = sb.path("scratch");
+    fs::create_dir_all(&scratch).unwrap();
+    fs::set_permissions(&scratch, fs::Permissions::from_mode(0o1777)).unwrap();
+    let ansible = Ansible {
+        sb: &sb,
+        venv,
+        repo: Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
+    };
+
+    // A user left by a killed run of this test has a home in a sandbox that is gone.
+    userdel(USER);
+    let _user = Cleanup(|| userdel(USER));
+
+    // The sources: a MariaDB and a PostgreSQL database, a directory.
+    let unique = bk_tests::mysql_unique_name("bkans");
+    let admin_cnf = mysql.option_file(&sb, "admin.cnf");
+    let _source = mysql.database(&unique);
+    let _restored = mysql.database(&format!("{unique}_restored"));
+    let _account = mysql.account(&unique, "127.0.0.1");
+    mysql.sql(
+        &admin_cnf,
+        &format!(
+            "CREATE DATABASE `{unique}`; USE `{unique}`;
+             CREATE TABLE items (id INT PRIMARY KEY, label VARCHAR(40), price DECIMAL(8,2));
+             INSERT INTO items VALUES (1, 'bolt', 0.25), (2, 'nut 50%', 0.10), (3, 'washer ø', NULL);
+             CREATE TABLE notes (id INT AUTO_INCREMENT PRIMARY KEY, body TEXT);
+             INSERT INTO notes (body) VALUES ('first'), ('second');
+             CREATE VIEW cheap AS SELECT id, label FROM items WHERE price < 0.2;"
+        ),
+    );
+    let _pg_source = pg.create_database(&unique);
+    pg.execute(
+        &unique,
+        "CREATE TABLE t (id INT PRIMARY KEY, v TEXT); INSERT INTO t VALUES (1, 'a'), (2, 'b');",
+    );
+    let pg_role = unique.clone();
+    let _pg_role = Cleanup(|| {
+        let sql = format!("DROP ROLE IF EXISTS {}", pg_ident(&pg_role));
+        if let Err(e) = pg.client("postgres").batch_execute(&sql) {
+            eprintln!("warning: {sql}: {e}");
+        }
+    });
+    // A space and a % in the path: the cron line must quote one and escape the other.
+    let data = sb.path("data 50%");
+    fs::create_dir_all(data.join("sub")).unwrap();
+    fs::write(data.join("a.conf"), "key = value\n").unwrap();
+    fs::write(data.join("sub/b.txt"), "hello\n").unwrap();
+
+    // The destinations: the test sshd (its user's home) and the test S3 server.
+    let (_, _, ssh_home) = passwd(&ssh_user).expect("the ssh test user");
+    let ssh_dir = ssh_home.join(&unique);
+    let _ssh_dir = Cleanup(|| {
+        let _ = fs::remove_dir_all(&ssh_dir);
+    });
+    let ssh_url = format!("ssh://{ssh_user}@127.0.0.1:{ssh_port}{}", ssh_dir.display());
+    let s3_url = format!("s3://{s3_bucket}/{unique}");
+    let host_key = fs::read_to_string(Path::new(&ssh_key).with_file_name("host.pub")).expect("the sshd host key");
+    let host_key: Vec<&str> = host_key.split_whitespace().take(2).collect();
+
+    let mysql_password = format!("my-{unique}-Pw");
+    let pg_password = format!("pg-{unique}-Pw");
+    let secrets = [
+        mysql_password.as_str(),
+        pg_password.as_str(),
+        mysql.password.as_str(),
+        pg.password.as_str(),
+        s3_secret.as_str(),
+    ];
+    let home = sb.path("home");
+    let store = sb.path("store");
+    let cron_dir = sb.path("cron.d");
+    let runbook = sb.path("etc/bk/RESTORE.md");
+    let mut jobs = vec![
+        json!({"name": "db", "engine": "mysql", "databases": [unique], "schedule": "15 4 * * *",
+               "destinations": [ssh_url], "retention": {"daily": 7, "weekly": 4, "monthly": 12},
+               "notify": "dba@example.net"}),
+        json!({"name": "pg", "engine": "postgres", "databases": [unique], "schedule": "45 4 * * *",
+               "destinations": [s3_url], "retention": {"last": 3}}),
+        json!({"name": "data", "engine": "files", "paths": [data], "schedule": "@hourly",
+               "retention": {"last": 2}, "verify": "restore", "options": ["--compress", "gzip"]}),
+    ];
+    let mut vars = json!({
+        "bk_install_src": snapshot_tools(&sb),
+        "bk_bin_dir": sb.path("bin"),
+        "bk_user": USER,
+        "bk_home": home,
+        "bk_store": store,
+        "bk_lock_dir": sb.path("lock"),
+        "bk_cron_dir": cron_dir,
+        "bk_runbook_path": runbook,
+        "bk_scratch_dir": scratch,
+        "bk_jobs": jobs,
+        "bk_mysql_host": mysql.host, "bk_mysql_port": mysql.port,
+        "bk_mysql_user": unique, "bk_mysql_password": mysql_password,
+        "bk_mysql_create_user": true, "bk_mysql_user_host": "127.0.0.1",
+        "bk_mysql_login_host": mysql.host, "bk_mysql_login_port": mysql.port,
+        "bk_mysql_login_user": mysql.user, "bk_mysql_login_password": mysql.password,
+        "bk_mysql_restore_defaults_file": admin_cnf,
+        "bk_postgres_host": pg.host, "bk_postgres_port": pg.port,
+        "bk_postgres_user": unique, "bk_postgres_password": pg_password,
+        "bk_postgres_create_user": true,
+        "bk_postgres_login_host": pg.host, "bk_postgres_login_port": pg.port,
+        "bk_postgres_login_user": pg.user, "bk_postgres_login_password": pg.password,
+        "bk_postgres_restore_user": pg.user,
+        "bk_install_python_db_drivers": false,
+        "bk_s3_access_key_id": s3_key, "bk_s3_secret_access_key": s3_secret, "bk_s3_endpoint": s3_endpoint,
+        "bk_ssh_known_hosts": [format!("[127.0.0.1]:{ssh_port} {}", host_key.join(" "))],
+    });
+    let no_secret = |play: &Play, which: &str| {
+        for secret in secrets {
+            assert!(
+                !play.output.contains(secret),
+                "the {which} ansible-playbook run printed a secret ({secret}):\n{}",
+                play.output
+            );
+        }
+    };
+
+    // 1. The first run sets everything up.
+    let first = ansible.play(&vars);
+    no_secret(&first, "first");
+    let (uid, gid, user_home) = passwd(USER).expect("the role creates the backup user");
+    assert_eq!(user_home, home, "a new backup user gets bk_home");
+    for file in [
+        ".my.cnf",
+        ".pgpass",
+        ".aws/credentials",
+        ".aws/config",
+        ".ssh/id_ed25519",
+    ] {
+        let meta = fs::metadata(home.join(file)).unwrap_or_else(|e| panic!("~{USER}/{file}: {e}"));
+        assert_eq!(meta.mode() & 0o777, 0o600, "~{USER}/{file}: mode");
+        assert_eq!((meta.uid(), meta.gid()), (uid, gid), "~{USER}/{file}: owner");
+    }
+    for dir in [&home, &store, &sb.path("lock")] {
+        let meta = fs::metadata(dir).unwrap();
+        assert_eq!((meta.mode() & 0o777, meta.uid()), (0o700, uid), "{}", dir.display());
+    }
+
+    // The destination accepts the backup user's new key.
+    let public_key = fs::read_to_string(home.join(".ssh/id_ed25519.pub")).expect("the backup user's public key");
+    let authorized = ssh_home.join(".ssh/authorized_keys");
+    let before = fs::read_to_string(&authorized).expect("the ssh test user's authorized_keys");
+    fs::write(&authorized, format!("{before}{}\n", public_key.trim())).unwrap();
+    let _authorized = Cleanup(|| {
+        if let Ok(text) = fs::read_to_string(&authorized) {
+            let kept: String = text
+                .lines()
+                .filter(|l| l.trim() != public_key.trim())
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let _ = fs::write(&authorized, kept);
+        }
+    });
+
+    // 2. A second run changes nothing.
+    let second = ansible.play(&vars);
+    assert_eq!(
+        second.changed, 0,
+        "the second run changed something:\n{}",
+        second.output
+    );
+    no_secret(&second, "second");
+
+    let mut lint = ansible.command("ansible-lint");
+    lint.current_dir(ansible.repo.join("ansible"));
+    let lint = run_cmd(lint, "");
+    assert_eq!(lint.code, 0, "ansible-lint:\n{}{}", lint.stdout, lint.stderr);
+
+    // 3. Each job, run as cron runs it, as the backup user: a quiet run that stores a backup.
+    for (job, name) in [
+        ("db", format!("db-{unique}")),
+        ("pg", format!("pg-{unique}")),
+        ("data", "data".to_string()),
+    ] {
+        let path = cron_dir.join(format!("bk-{job}"));
+        let at = path.display().to_string();
+        let file_name = path.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(cron::valid_file_name(&file_name), "{at}: a name cron ignores");
+        let file = cron::parse(&path);
+        assert_eq!(file.var("SHELL"), Some("/bin/sh"), "{at}");
+        assert!(file.var("PATH").is_some(), "{at}: no PATH");
+        let mailto = if job == "db" { "dba@example.net" } else { "root" };
+        assert_eq!(file.var("MAILTO"), Some(mailto), "{at}");
+        assert_eq!(file.jobs.len(), 1, "{at}: one job");
+        let cron_job = &file.jobs[0];
+        assert_eq!(cron_job.user, USER, "{at}");
+        assert!(
+            !cron::has_bare_percent(&cron_job.command),
+            "{at}: a bare % in {}",
+            cron_job.command
+        );
+        assert!(
+            job != "data" || cron_job.command.contains(" 50\\%'"),
+            "{at}: the path with a space and a % is not quoted and escaped: {}",
+            cron_job.command
+        );
+        let mut cmd = file.shell(&cron_job.command.replace("\\%", "%"), USER, &home);
+        cmd.current_dir(&home).uid(uid).gid(gid);
+        let run = run_cmd(cmd, "");
+        assert_eq!(
+            (run.code, run.stdout.as_str(), run.stderr.as_str()),
+            (0, "", ""),
+            "{at}: a good run prints nothing (cron would mail it): {}",
+            cron_job.command
+        );
+        let local = manifest(&store.join(&name), &at);
+        assert!(Path::new(&local.location).is_file(), "{at}: {} missing", local.location);
+        assert!(
+            local.counts.values().sum::<u64>() > 0,
+            "{at}: an empty backup: {:?}",
+            local.counts
+        );
+        match job {
+            "db" => assert_eq!(
+                manifest(&ssh_dir.join(&name), &at).sha256,
+                local.sha256,
+                "{at}: the ssh copy"
+            ),
+            "pg" => {
+                let ls = sb
+                    .cmd("bk-ls", &[&format!("s3://{s3_bucket}/{unique}"), "--name", &name])
+                    .env("BK_S3_ENDPOINT", &s3_endpoint)
+                    .output()
+                    .expect("bk-ls");
+                let ls = Run::from(ls).ok();
+                assert_eq!(ls.artifact().sha256, local.sha256, "{at}: the S3 copy");
+            }
+            _ => {}
+        }
+    }
+
+    // 4. The runbook's Restore and Check commands of each job, run as root (the PostgreSQL
+    // password in root's password file), bring the data back equal to its source.
+    let pgpass = pg.write_pgpass(&sb, "admin.pgpass");
+    let _pg_restored = pg.database(&format!("{unique}_restored"));
+    let text = fs::read_to_string(&runbook).expect("the runbook");
+    for job in ["db", "pg", "data"] {
+        for step in ["Restore", "Check"] {
+            let script = runbook_blocks(&text, job, step);
+            let mut sh = Command::new("/bin/sh");
+            sh.args(["-e", "-c", &script])
+                .current_dir(sb.root())
+                .env("PGPASSFILE", &pgpass);
+            let run = run_cmd(sh, "");
+            assert_eq!(
+                run.code, 0,
+                "the runbook's {step} of job {job} failed:\n{script}\n{}{}",
+                run.stdout, run.stderr
+            );
+            if step == "Restore" {
+                let restored = run.restored();
+                assert!(restored.complete, "{restored:?}");
+            }
+        }
+    }
+    // The Check commands compared whole dumps; the rows once more, through the server.
+    for table in ["items", "notes", "cheap"] {
+        let rows = |db: &str| mysql.sql(&admin_cnf, &format!("SELECT * FROM `{db}`.`{table}` ORDER BY id"));
+        assert_eq!(rows(&format!("{unique}_restored")), rows(&unique), "table {table}");
+    }
+
+    // 5. A job taken out of bk_jobs loses its cron.d file; a hand-written one stays.
+    let handmade = cron_dir.join("bk-handmade");
+    fs::write(
+        &handmade,
+        "SHELL=/bin/sh\n# m h dom mon dow user command\n0 1 * * * root true\n",
+    )
+    .unwrap();
+    jobs.retain(|j| j["name"] != "data");
+    vars["bk_jobs"] = json!(jobs);
+    let third = ansible.play(&vars);
+    no_secret(&third, "third");
+    assert!(
+        !cron_dir.join("bk-data").exists(),
+        "the removed job's file stays:\n{}",
+        third.output
+    );
+    for kept in ["bk-db", "bk-pg", "bk-handmade"] {
+        assert!(cron_dir.join(kept).exists(), "{kept} was removed:\n{}", third.output);
+    }
+    assert!(
+        !fs::read_to_string(&runbook).unwrap().contains("## Job data"),
+        "the runbook still has the removed job"
+    );
+}
