@@ -1096,3 +1096,49 @@ fn every_tool_takes_the_s3_endpoint_as_an_option() {
     let pruned = run("bk-prune", &[&s3, "--keep-last", "1"], "");
     assert_eq!(pruned.records().len(), 1, "{}", pruned.stdout);
 }
+
+/// The test server gives S3's ETags, so an upload is checked by them and not read back:
+/// the object's ETag is the MD5 of its 8 MiB parts' MD5s, then the number of parts.
+#[test]
+fn s3_uploads_are_checked_by_their_md5_etags() {
+    use md5::{Digest, Md5};
+    let Some(r) = remote("s3_uploads_are_checked_by_their_md5_etags") else {
+        return;
+    };
+    let sb = Sandbox::new();
+    let (dumped, _) = dump_random(&sb, 20);
+    let s3 = r.s3("etag");
+    let shipped = r.run(&sb, "bk-ship", &["--to", &s3], &dumped).ok();
+    let copy = &artifacts(&shipped)[1];
+    let key = copy.location.strip_prefix(&format!("s3://{}/", r.s3_bucket)).unwrap();
+    let aws = format!(
+        "{}/venv/bin/aws",
+        std::env::var("TOOLS").unwrap_or("/tmp/bk-test-tools".into())
+    );
+    let head = Command::new(aws)
+        .args([
+            "--endpoint-url",
+            &r.s3_endpoint,
+            "s3api",
+            "head-object",
+            "--bucket",
+            &r.s3_bucket,
+            "--key",
+            key,
+        ])
+        .output()
+        .unwrap();
+    assert!(head.status.success(), "{}", String::from_utf8_lossy(&head.stderr));
+    let head: serde_json::Value = serde_json::from_slice(&head.stdout).unwrap();
+    let local = std::fs::read(&artifacts(&shipped)[0].location).unwrap();
+    let part_md5s: Vec<u8> = local
+        .chunks(8 << 20)
+        .flat_map(|part| Md5::digest(part).to_vec())
+        .collect();
+    let expected = format!(
+        "\"{}-{}\"",
+        hex::encode(Md5::digest(&part_md5s)),
+        local.len().div_ceil(8 << 20)
+    );
+    assert_eq!(head["ETag"], serde_json::json!(expected));
+}

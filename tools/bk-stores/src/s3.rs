@@ -9,8 +9,10 @@
 //!
 //! Uploads are multipart, streamed in 8 MiB parts with at most 4 in flight (memory bounded
 //! whatever the size, no temporary file); the object appears only when the upload completes,
-//! and a dropped upload is aborted. After completing, the object is read back and its
-//! sha256 compared with what was sent. Requests are retried with exponential backoff on
+//! and a dropped upload is aborted. After completing, the stored object is checked against
+//! what was sent: by its ETag where the server gives S3's own (each part's the MD5 of the
+//! part, the object's the MD5 of those MD5s, then `-<parts>`), which costs no second
+//! transfer; else it is read back and its sha256 compared. Requests are retried with exponential backoff on
 //! 5xx answers, timeouts and connection failures (`BK_S3_RETRIES`, default 5); a download
 //! cut in the middle resumes from where it stopped (a range request, same ETag).
 //!
@@ -31,6 +33,7 @@ use bk_core::error::{Error, Kind, Result};
 use bk_core::record::{Artifact, Record};
 use bk_core::store::{manifest_file, Listing, Store, Upload};
 use futures::{StreamExt, TryStreamExt};
+use md5::Md5;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
@@ -342,9 +345,9 @@ struct S3Upload {
     marker: Path,
     /// The part being filled.
     part: Vec<u8>,
-    sending: tokio::task::JoinSet<(usize, object_store::Result<PartId>)>,
-    /// The parts sent, by index.
-    sent: Vec<Option<PartId>>,
+    sending: tokio::task::JoinSet<(usize, [u8; 16], object_store::Result<PartId>)>,
+    /// The parts sent, by index, with the MD5 of each.
+    sent: Vec<Option<(PartId, [u8; 16])>>,
     /// Completed or aborted: nothing for `drop` to do.
     finished: bool,
     hasher: Sha256,
@@ -359,11 +362,13 @@ impl S3Upload {
         }
         let index = self.sent.len();
         self.sent.push(None);
-        let data = PutPayload::from(std::mem::replace(&mut self.part, Vec::with_capacity(PART_SIZE)));
+        let data = std::mem::replace(&mut self.part, Vec::with_capacity(PART_SIZE));
         let (s3, path, id) = (self.s3.clone(), self.path.clone(), self.id.clone());
         let _inside = self.rt.enter();
-        self.sending
-            .spawn(async move { (index, s3.put_part(&path, &id, index, data).await) });
+        self.sending.spawn(async move {
+            let md5: [u8; 16] = Md5::digest(&data).into();
+            (index, md5, s3.put_part(&path, &id, index, PutPayload::from(data)).await)
+        });
         Ok(())
     }
 
@@ -372,8 +377,9 @@ impl S3Upload {
             return Ok(());
         };
         // Tasks are cancelled only when the upload is dropped.
-        let (index, sent) = joined.expect("a part upload does not panic");
-        self.sent[index] = Some(sent.map_err(|e| s3_error(format!("uploading {}", self.url), e))?);
+        let (index, md5, sent) = joined.expect("a part upload does not panic");
+        let part = sent.map_err(|e| s3_error(format!("uploading {}", self.url), e))?;
+        self.sent[index] = Some((part, md5));
         Ok(())
     }
 }
@@ -404,12 +410,25 @@ impl Upload for S3Upload {
             self.wait_for_part()?;
         }
         let url = self.url.clone();
-        let parts = std::mem::take(&mut self.sent).into_iter().flatten().collect();
-        self.rt
+        let (parts, md5s): (Vec<PartId>, Vec<[u8; 16]>) = std::mem::take(&mut self.sent).into_iter().flatten().unzip();
+        let parts_match = parts
+            .iter()
+            .zip(&md5s)
+            .all(|(part, md5)| same_etag(&part.content_id, &hex::encode(md5)));
+        let completed = self
+            .rt
             .block_on(self.s3.complete_multipart(&self.path, &self.id, parts))
             .map_err(|e| s3_error(format!("completing the upload of {url}"), e))?;
         self.finished = true;
         let _ = self.rt.block_on(self.s3.delete(&self.marker));
+        if parts_match
+            && completed
+                .e_tag
+                .as_deref()
+                .is_some_and(|e| same_etag(e, &multipart_etag(&md5s)))
+        {
+            return Ok(());
+        }
         // Read back: what the server stores must be what was sent.
         let sent = hex::encode(std::mem::take(&mut self.hasher).finalize());
         let check = || -> Result<(String, u64)> {
@@ -448,6 +467,18 @@ impl Upload for S3Upload {
         }
         Ok(())
     }
+}
+
+/// S3's ETag of a multipart upload: the MD5 of its parts' MD5s, then `-<parts>`.
+fn multipart_etag(part_md5s: &[[u8; 16]]) -> String {
+    format!("{}-{}", hex::encode(Md5::digest(part_md5s.concat())), part_md5s.len())
+}
+
+/// An ETag as a server sends it (quoted, maybe weak) is `expected`.
+fn same_etag(etag: &str, expected: &str) -> bool {
+    etag.trim_start_matches("W/")
+        .trim_matches('"')
+        .eq_ignore_ascii_case(expected)
 }
 
 impl Drop for S3Upload {
@@ -588,5 +619,31 @@ impl Store for S3Store {
     fn remove_leftovers(&self, name: &str, older_than: SystemTime, dry_run: bool) -> Result<Vec<String>> {
         bk_core::name::validate_name(name)?;
         self.abort_unfinished(name, None, Some(older_than), dry_run)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multipart_etags_are_s3s() {
+        let md5s: Vec<[u8; 16]> = [&b"hello"[..], b"world"]
+            .iter()
+            .map(|p| Md5::digest(p).into())
+            .collect();
+        assert_eq!(multipart_etag(&md5s), "065947336a2f2a95ba8899f3675c3be6-2");
+        assert!(same_etag(
+            "\"065947336A2F2A95BA8899F3675C3BE6-2\"",
+            &multipart_etag(&md5s)
+        ));
+        assert!(same_etag(
+            "W/\"5d41402abc4b2a76b9719d911017c592\"",
+            "5d41402abc4b2a76b9719d911017c592"
+        ));
+        assert!(!same_etag(
+            "\"5d41402abc4b2a76b9719d911017c592-1\"",
+            "5d41402abc4b2a76b9719d911017c592"
+        ));
     }
 }
