@@ -7,6 +7,7 @@
 //! remote opener, so `bk_core::store::open` and `open_location` handle every scheme.
 
 pub mod ftp;
+mod piped;
 pub mod rclone;
 pub mod s3;
 pub mod ssh;

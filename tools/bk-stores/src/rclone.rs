@@ -13,17 +13,15 @@
 //! a remote missing from rclone's config 78.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::thread::JoinHandle;
+use std::io::{self, Read};
+use std::process::{Child, Command, Stdio};
 use std::time::SystemTime;
 
 use bk_core::error::{Error, Kind, Result};
 use bk_core::record::Artifact;
 use bk_core::store::{manifest_file, Listing, Store, Upload};
-use sha2::{Digest, Sha256};
 
-use crate::collect_stderr;
+use crate::piped::{PipedReader, PipedStore, PipedUpload};
 
 /// rclone's exit codes for a directory or a file that is not there.
 const RCLONE_DIR_NOT_FOUND: i32 = 3;
@@ -121,21 +119,13 @@ impl RcloneStore {
         crate::sha256_of(&mut self.reader(path, doing.to_string())?, doing)
     }
 
-    fn reader(&self, path: &str, doing: String) -> Result<RcloneReader> {
-        let mut child = self.spawn(self.command(&["cat", path]), &doing)?;
-        let stdout = child.stdout.take().expect("stdout piped");
-        let stderr = collect_stderr(&mut child);
-        Ok(RcloneReader {
-            child,
-            stdout,
-            stderr: Some(stderr),
-            doing,
-            done: false,
-        })
+    fn reader(&self, path: &str, doing: String) -> Result<PipedReader<RcloneStore>> {
+        let child = self.spawn(self.command(&["cat", path]), &doing)?;
+        Ok(PipedReader::new(self.clone(), child, doing))
     }
 
     /// Starts `rclone rcat` of a temporary name; the upload is published by `commit`.
-    fn upload(&self, name: &str, file: &str) -> Result<RcloneUpload> {
+    fn upload(&self, name: &str, file: &str) -> Result<PipedUpload<RcloneStore>> {
         bk_core::name::validate_name(name)?;
         crate::check_file_name(file)?;
         let temp = self.path(&[name, &crate::temp_name(file)]);
@@ -143,19 +133,14 @@ impl RcloneStore {
         let doing = format!("writing {location}");
         let mut cmd = self.command(&["rcat", &temp]);
         cmd.stdin(Stdio::piped()).stdout(Stdio::null());
-        let mut child = self.spawn(cmd, &doing)?;
-        let stdin = child.stdin.take();
-        let stderr = collect_stderr(&mut child);
-        Ok(RcloneUpload {
-            store: self.clone(),
-            child: Some(child),
-            stdin,
-            stderr: Some(stderr),
+        let child = self.spawn(cmd, &doing)?;
+        Ok(PipedUpload::new(
+            self.clone(),
+            child,
             temp,
-            target: self.path(&[name, file]),
+            self.path(&[name, file]),
             location,
-            hasher: Sha256::new(),
-        })
+        ))
     }
 
     /// The files under the root (or one name's directory), as `name -> files`.
@@ -274,135 +259,25 @@ fn strip_log_stamp(line: &str) -> &str {
     }
 }
 
-struct RcloneUpload {
-    store: RcloneStore,
-    child: Option<Child>,
-    stdin: Option<ChildStdin>,
-    stderr: Option<JoinHandle<Vec<u8>>>,
-    temp: String,
-    target: String,
-    location: String,
-    hasher: Sha256,
-}
-
-impl RcloneUpload {
-    /// Waits for `rclone rcat` and reports how it ended.
-    fn finish_transfer(&mut self) -> Result<()> {
-        drop(self.stdin.take());
-        let mut child = self.child.take().expect("finished once");
-        let doing = format!("writing {}", self.location);
-        let status = child.wait().map_err(|e| Error::io(doing.clone(), e))?;
-        let stderr = self
-            .stderr
-            .take()
-            .map(|h| h.join().unwrap_or_default())
-            .unwrap_or_default();
-        if status.success() {
-            return Ok(());
-        }
-        Err(classify(status.code(), &stderr, &doing))
+impl PipedStore for RcloneStore {
+    fn child_failed(&self, code: Option<i32>, stderr: &[u8], doing: &str) -> Error {
+        classify(code, stderr, doing)
     }
 
-    fn publish(&mut self) -> Result<()> {
-        self.finish_transfer()?;
-        let sent = hex::encode(std::mem::take(&mut self.hasher).finalize());
-        let doing = format!("checking {}", self.location);
-        let copy = self.store.sha256(&self.temp, &doing)?;
+    fn publish(&self, temp: &str, target: &str, sent: &str, location: &str) -> Result<()> {
+        let doing = format!("checking {location}");
+        let copy = self.sha256(temp, &doing)?;
         if copy != sent {
             return Err(Error::data(format!(
                 "{doing}: the copy's sha256 is {copy}, not {sent} as sent"
             )));
         }
-        self.store
-            .run(
-                &["moveto", &self.temp, &self.target],
-                &format!("publishing {}", self.location),
-            )
+        self.run(&["moveto", temp, target], &format!("publishing {location}"))
             .map(drop)
     }
-}
 
-impl Write for RcloneUpload {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let stdin = self.stdin.as_mut().expect("written only before commit");
-        match stdin.write_all(buf) {
-            Ok(()) => {
-                self.hasher.update(buf);
-                Ok(buf.len())
-            }
-            // rclone went away: say why, from its own words.
-            Err(_) => Err(match self.finish_transfer() {
-                Err(e) => e.into(),
-                Ok(()) => io::Error::other(format!("writing {}: rclone stopped reading", self.location)),
-            }),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.stdin.as_mut().map_or(Ok(()), |s| s.flush())
-    }
-}
-
-impl Upload for RcloneUpload {
-    fn commit(mut self: Box<Self>) -> Result<()> {
-        let published = self.publish();
-        if published.is_ok() {
-            self.temp.clear();
-        }
-        // Drop removes the temporary file if it was not published.
-        published
-    }
-}
-
-impl Drop for RcloneUpload {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if !self.temp.is_empty() {
-            let _ = self.store.delete_file(&self.temp, "cleaning up");
-        }
-    }
-}
-
-/// `rclone cat` of a file; its exit status is checked at the end of the stream.
-struct RcloneReader {
-    child: Child,
-    stdout: ChildStdout,
-    stderr: Option<JoinHandle<Vec<u8>>>,
-    doing: String,
-    done: bool,
-}
-
-impl Read for RcloneReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.done {
-            return Ok(0);
-        }
-        let n = self.stdout.read(buf)?;
-        if n == 0 && !buf.is_empty() {
-            self.done = true;
-            let status = self.child.wait()?;
-            let stderr = self
-                .stderr
-                .take()
-                .map(|h| h.join().unwrap_or_default())
-                .unwrap_or_default();
-            if !status.success() {
-                return Err(classify(status.code(), &stderr, &self.doing).into());
-            }
-        }
-        Ok(n)
-    }
-}
-
-impl Drop for RcloneReader {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+    fn remove_temp(&self, temp: &str) {
+        let _ = self.delete_file(temp, "cleaning up");
     }
 }
 

@@ -16,17 +16,15 @@
 //! authentication refused 77; a remote directory that cannot be created 73.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::thread::JoinHandle;
+use std::io::{self, Read};
+use std::process::{Command, Stdio};
 use std::time::SystemTime;
 
 use bk_core::error::{Error, Kind, Result};
-use bk_core::record::{Artifact, Record};
+use bk_core::record::Artifact;
 use bk_core::store::{manifest_file, Listing, Store, Upload};
-use sha2::{Digest, Sha256};
 
-use crate::collect_stderr;
+use crate::piped::{PipedReader, PipedStore, PipedUpload};
 
 #[derive(Debug, Clone)]
 pub struct SshStore {
@@ -181,7 +179,7 @@ impl SshStore {
     }
 
     /// Starts `cat > tmp` on the remote host; the upload is published by `commit`.
-    fn upload(&self, name: &str, file: &str) -> Result<SshUpload> {
+    fn upload(&self, name: &str, file: &str) -> Result<PipedUpload<SshStore>> {
         bk_core::name::validate_name(name)?;
         crate::check_file_name(file)?;
         let dir = self.dir(name);
@@ -195,25 +193,20 @@ impl SshStore {
         let location = self.location(name, file);
         let mut cmd = self.command(&script);
         cmd.stdin(Stdio::piped()).stdout(Stdio::null());
-        let mut child = cmd
+        let child = cmd
             .spawn()
             .map_err(|e| Error::new(Kind::Unavailable, format!("writing {location}: cannot run ssh: {e}")))?;
-        let stdin = child.stdin.take();
-        let stderr = collect_stderr(&mut child);
-        Ok(SshUpload {
-            store: self.clone(),
-            child: Some(child),
-            stdin,
-            stderr: Some(stderr),
+        Ok(PipedUpload::new(
+            self.clone(),
+            child,
             temp,
-            target: format!("{dir}/{file}"),
+            format!("{dir}/{file}"),
             location,
-            hasher: Sha256::new(),
-        })
+        ))
     }
     /// Checks the remote `temp` against `sha256` (removing it if it differs), syncs it and
     /// renames it to `target`. `expected` says where the sha256 comes from, for the message.
-    fn publish(&self, temp: &str, target: &str, sha256: &str, expected: &str, location: &str) -> Result<()> {
+    fn check_and_rename(&self, temp: &str, target: &str, sha256: &str, expected: &str, location: &str) -> Result<()> {
         let script = format!(
             r#"t={t} s={s} e={e}
 if command -v sha256sum >/dev/null 2>&1; then h=$(sha256sum < "$t") || exit 74
@@ -297,7 +290,7 @@ sync {d} 2>/dev/null || true"#,
         if !out.status.success() {
             return Err(self.classify(out.status.code(), &out.stderr, &doing, Kind::Io));
         }
-        self.publish(
+        self.check_and_rename(
             &partial,
             &format!("{dir}/{file}"),
             sha256,
@@ -316,133 +309,17 @@ sync {d} 2>/dev/null || true"#,
     }
 }
 
-struct SshUpload {
-    store: SshStore,
-    child: Option<Child>,
-    stdin: Option<ChildStdin>,
-    stderr: Option<JoinHandle<Vec<u8>>>,
-    temp: String,
-    target: String,
-    location: String,
-    hasher: Sha256,
-}
-
-impl SshUpload {
-    /// Waits for the remote `cat` and reports how it ended.
-    fn finish_transfer(&mut self) -> Result<()> {
-        drop(self.stdin.take());
-        let mut child = self.child.take().expect("finished once");
-        let status = child
-            .wait()
-            .map_err(|e| Error::io(format!("writing {}", self.location), e))?;
-        let stderr = self
-            .stderr
-            .take()
-            .map(|h| h.join().unwrap_or_default())
-            .unwrap_or_default();
-        if status.success() {
-            return Ok(());
-        }
-        Err(self
-            .store
-            .classify(status.code(), &stderr, &format!("writing {}", self.location), Kind::Io))
+impl PipedStore for SshStore {
+    fn child_failed(&self, code: Option<i32>, stderr: &[u8], doing: &str) -> Error {
+        self.classify(code, stderr, doing, Kind::Io)
     }
-}
 
-impl Write for SshUpload {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let stdin = self.stdin.as_mut().expect("written only before commit");
-        match stdin.write_all(buf) {
-            Ok(()) => {
-                self.hasher.update(buf);
-                Ok(buf.len())
-            }
-            // The remote side went away: say why, from ssh's own words.
-            Err(_) => Err(match self.finish_transfer() {
-                Err(e) => e.into(),
-                Ok(()) => io::Error::other(format!("writing {}: the remote side stopped reading", self.location)),
-            }),
-        }
+    fn publish(&self, temp: &str, target: &str, sent: &str, location: &str) -> Result<()> {
+        self.check_and_rename(temp, target, sent, "as sent", location)
     }
-    fn flush(&mut self) -> io::Result<()> {
-        self.stdin.as_mut().map_or(Ok(()), |s| s.flush())
-    }
-}
 
-impl Upload for SshUpload {
-    fn commit(mut self: Box<Self>) -> Result<()> {
-        self.finish_transfer()?;
-        let sent = hex::encode(std::mem::take(&mut self.hasher).finalize());
-        let published = self
-            .store
-            .publish(&self.temp, &self.target, &sent, "as sent", &self.location);
-        // Published or not, the temporary file is gone or removed below.
-        if published.is_err() {
-            let _ = self
-                .store
-                .run(&format!("rm -f {}", sh_quote(&self.temp)), "cleaning up", Kind::Io);
-        }
-        self.temp.clear();
-        published
-    }
-}
-
-impl Drop for SshUpload {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if !self.temp.is_empty() {
-            let _ = self
-                .store
-                .run(&format!("rm -f {}", sh_quote(&self.temp)), "cleaning up", Kind::Io);
-        }
-    }
-}
-
-/// A remote `cat` of a file; its exit status is checked at the end of the stream.
-struct SshReader {
-    store: SshStore,
-    child: Child,
-    stdout: ChildStdout,
-    stderr: Option<JoinHandle<Vec<u8>>>,
-    doing: String,
-    done: bool,
-}
-
-impl Read for SshReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.done {
-            return Ok(0);
-        }
-        let n = self.stdout.read(buf)?;
-        if n == 0 && !buf.is_empty() {
-            self.done = true;
-            let status = self.child.wait()?;
-            let stderr = self
-                .stderr
-                .take()
-                .map(|h| h.join().unwrap_or_default())
-                .unwrap_or_default();
-            if !status.success() {
-                return Err(self
-                    .store
-                    .classify(status.code(), &stderr, &self.doing, Kind::Io)
-                    .into());
-            }
-        }
-        Ok(n)
-    }
-}
-
-impl Drop for SshReader {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+    fn remove_temp(&self, temp: &str) {
+        let _ = self.run(&format!("rm -f {}", sh_quote(temp)), "cleaning up", Kind::Io);
     }
 }
 
@@ -469,12 +346,12 @@ impl Store for SshStore {
     }
 
     fn put_manifest(&self, artifact: &Artifact) -> Result<()> {
-        let mut upload = self.upload(&artifact.name, &manifest_file(&artifact.id))?;
-        let line = format!("{}\n", Record::Artifact(artifact.clone()).to_line());
-        upload
-            .write_all(line.as_bytes())
-            .map_err(|e| bk_core::error::from_io(format!("writing {}", upload.location), e))?;
-        Box::new(upload).commit()
+        let file = manifest_file(&artifact.id);
+        crate::write_manifest(
+            self.create(&artifact.name, &file)?,
+            artifact,
+            &self.location(&artifact.name, &file),
+        )
     }
 
     fn has_manifest(&self, name: &str, id: &str) -> Result<bool> {
@@ -548,22 +425,13 @@ done"#,
         crate::check_file_name(&artifact.file)?;
         let path = format!("{}/{}", self.dir(&artifact.name), artifact.file);
         let doing = format!("reading {}", self.location(&artifact.name, &artifact.file));
-        let mut child = self
+        let child = self
             .command(&format!("exec cat {}", sh_quote(&path)))
             .spawn()
             .map_err(|e| Error::new(Kind::Unavailable, format!("{doing}: cannot run ssh: {e}")))?;
-        let stdout = child.stdout.take().expect("stdout piped");
-        let stderr = collect_stderr(&mut child);
         Ok(Box::new(io::BufReader::with_capacity(
             256 * 1024,
-            SshReader {
-                store: self.clone(),
-                child,
-                stdout,
-                stderr: Some(stderr),
-                doing,
-                done: false,
-            },
+            PipedReader::new(self.clone(), child, doing),
         )))
     }
 
