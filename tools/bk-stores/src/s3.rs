@@ -12,7 +12,8 @@
 //! and a dropped upload is aborted. After completing, the stored object is checked against
 //! what was sent: by its ETag where the server gives S3's own (each part's the MD5 of the
 //! part, the object's the MD5 of those MD5s, then `-<parts>`), which costs no second
-//! transfer; else it is read back and its sha256 compared. Requests are retried with exponential backoff on
+//! transfer; else it is read back and its sha256 compared. Requests are signed without a
+//! sha256 of their body (`UNSIGNED-PAYLOAD`), since that check follows anyway. Requests are retried with exponential backoff on
 //! 5xx answers, timeouts and connection failures (`BK_S3_RETRIES`, default 5); a download
 //! cut in the middle resumes from where it stopped (a range request, same ETag).
 //!
@@ -167,7 +168,11 @@ fn builder() -> Result<AmazonS3Builder> {
         b = b.with_endpoint(endpoint.trim_end_matches('/'));
     }
     let retries = env("BK_S3_RETRIES").and_then(|r| r.parse().ok()).unwrap_or(5);
+    // No sha256 of each request's body for its signature (UNSIGNED-PAYLOAD): an upload's
+    // bytes are checked once, after it, by the ETags or a read-back, which spares the client
+    // and the server a pass over every byte.
     b = b
+        .with_unsigned_payload(true)
         .with_retry(RetryConfig {
             backoff: BackoffConfig {
                 init_backoff: Duration::from_millis(200),
