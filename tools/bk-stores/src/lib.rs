@@ -69,20 +69,6 @@ pub(crate) fn sort_listing(listing: &mut bk_core::store::Listing) {
     listing.leftovers.sort();
 }
 
-/// Writes a manifest through an upload of the store's own, which publishes it as it does an
-/// artifact (temporary name, checked, renamed).
-pub(crate) fn write_manifest(
-    mut upload: Box<dyn bk_core::store::Upload>,
-    artifact: &bk_core::record::Artifact,
-    location: &str,
-) -> Result<()> {
-    let line = format!("{}\n", bk_core::record::Record::Artifact(artifact.clone()).to_line());
-    upload
-        .write_all(line.as_bytes())
-        .map_err(|e| bk_core::error::from_io(format!("writing {location}"), e))?;
-    upload.commit()
-}
-
 /// The sha256 of what a reader gives, to its end: how the remote stores check a copy they
 /// read back.
 pub(crate) fn sha256_of(reader: &mut dyn std::io::Read, doing: &str) -> Result<String> {

@@ -294,15 +294,6 @@ impl Store for RcloneStore {
         Ok(Box::new(self.upload(name, file)?))
     }
 
-    fn put_manifest(&self, artifact: &Artifact) -> Result<()> {
-        let file = manifest_file(&artifact.id);
-        crate::write_manifest(
-            self.create(&artifact.name, &file)?,
-            artifact,
-            &self.location(&artifact.name, &file),
-        )
-    }
-
     fn has_manifest(&self, name: &str, id: &str) -> Result<bool> {
         bk_core::name::validate_name(name)?;
         let file = manifest_file(id);

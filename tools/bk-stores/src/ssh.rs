@@ -345,15 +345,6 @@ impl Store for SshStore {
         self.rsync_file(name, file, path, sha256).map(Some)
     }
 
-    fn put_manifest(&self, artifact: &Artifact) -> Result<()> {
-        let file = manifest_file(&artifact.id);
-        crate::write_manifest(
-            self.create(&artifact.name, &file)?,
-            artifact,
-            &self.location(&artifact.name, &file),
-        )
-    }
-
     fn has_manifest(&self, name: &str, id: &str) -> Result<bool> {
         let path = format!("{}/{}", self.dir(name), manifest_file(id));
         let out = self.run(

@@ -33,8 +33,17 @@ pub trait Store {
     /// Where an artifact file of a name lives, for the `location` field.
     fn location(&self, name: &str, file: &str) -> String;
     fn create(&self, name: &str, file: &str) -> Result<Box<dyn Upload>>;
-    /// Writes the manifest, last, which makes the artifact part of the store.
-    fn put_manifest(&self, artifact: &Artifact) -> Result<()>;
+    /// Writes the manifest, last, which makes the artifact part of the store. By default it
+    /// is written and published as an artifact file is (`create`, then `commit`).
+    fn put_manifest(&self, artifact: &Artifact) -> Result<()> {
+        let file = manifest_file(&artifact.id);
+        let mut upload = self.create(&artifact.name, &file)?;
+        let line = format!("{}\n", crate::record::Record::Artifact(artifact.clone()).to_line());
+        upload
+            .write_all(line.as_bytes())
+            .map_err(|e| crate::error::from_io(format!("writing {}", self.location(&artifact.name, &file)), e))?;
+        upload.commit()
+    }
     fn has_manifest(&self, name: &str, id: &str) -> Result<bool>;
     /// Lists manifests, of one name or of all.
     fn list(&self, name: Option<&str>) -> Result<Listing>;
