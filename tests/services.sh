@@ -129,24 +129,36 @@ install_packages() {
   run_logged "$BASE/apt.log" apt-get install -y -qq "${APT_PACKAGES[@]}"
 }
 
+# venv_install DIR WHAT PACKAGES...: a venv in DIR with PACKAGES (pip), made or completed.
+venv_install() {
+  local v=$1 what=$2; shift 2
+  step "$what"
+  [ -x "$v/bin/pip" ] || run_logged "$TOOLS/pip.log" "$PYTHON" -m venv "$v"
+  run_logged "$TOOLS/pip.log" "$v/bin/pip" install -q "$@"
+}
+
+# cargo_install BIN CRATE@VERSION [ARGS...]: builds CRATE into $TOOLS/bin, outside the repo so that
+# no project .cargo/config.toml applies; fails unless $TOOLS/bin/BIN then exists.
+cargo_install() {
+  local bin=$1 crate=$2; shift 2
+  step "$crate build (cargo install; s3s-fs ~2 min, garage ~8 min on 2 idle cores)"
+  command -v cargo >/dev/null || die "cargo not found (needed to build $crate)"
+  (cd "$TOOLS" && run_logged "$TOOLS/cargo-install.log" cargo install --locked "$crate" --root "$TOOLS" "$@")
+  [ -x "$TOOLS/bin/$bin" ] || die "$crate not installed; see $TOOLS/cargo-install.log"
+}
+
 install_python_tools() {
   local v="$TOOLS/venv"
   [ -x "$v/bin/nx-27017" ] && [ -x "$v/bin/aws" ] \
     && "$v/bin/python" -c 'import pymongo, pyftpdlib, OpenSSL' 2>/dev/null && return 0
-  step "python tools (nx-27017 mongo wire server, pymongo, awscli, pyftpdlib with pyOpenSSL for FTPS)"
-  [ -x "$v/bin/pip" ] || run_logged "$TOOLS/pip.log" "$PYTHON" -m venv "$v"
-  run_logged "$TOOLS/pip.log" "$v/bin/pip" install -q nx-27017 pymongo awscli pyftpdlib pyOpenSSL
+  venv_install "$v" "python tools (nx-27017 mongo wire server, pymongo, awscli, pyftpdlib with pyOpenSSL for FTPS)" \
+    nx-27017 pymongo awscli pyftpdlib pyOpenSSL
 }
 
 install_s3_server() {
   [ "$S3_IMPL" = s3s-fs ] || die "S3_IMPL=$S3_IMPL is not supported (only s3s-fs)"
   [ -x "$TOOLS/bin/s3s-fs" ] && return 0
-  step "s3s-fs build (cargo install, ~1-2 min)"
-  command -v cargo >/dev/null || die "cargo not found (needed to build s3s-fs)"
-  # run outside the repo so that no project .cargo/config.toml applies
-  (cd "$TOOLS" && run_logged "$TOOLS/cargo-install.log" \
-    cargo install --locked s3s-fs@0.14.1 --features binary --root "$TOOLS")
-  [ -x "$TOOLS/bin/s3s-fs" ] || die "s3s-fs not installed; see $TOOLS/cargo-install.log"
+  cargo_install s3s-fs s3s-fs@0.14.1 --features binary
 }
 
 # Ansible for tests/tests/ansible.rs: the `ansible` package (ansible-core with the community.mysql,
@@ -157,21 +169,14 @@ install_ansible() {
   local v="$TOOLS/ansible-venv"
   [ -x "$v/bin/ansible-playbook" ] && [ -x "$v/bin/ansible-lint" ] \
     && "$v/bin/python" -c 'import pymysql, psycopg2' 2>/dev/null && return 0
-  step "ansible venv (${ANSIBLE_PIP[*]})"
-  [ -x "$v/bin/pip" ] || run_logged "$TOOLS/pip.log" "$PYTHON" -m venv "$v"
-  run_logged "$TOOLS/pip.log" "$v/bin/pip" install -q "${ANSIBLE_PIP[@]}"
+  venv_install "$v" "ansible venv (${ANSIBLE_PIP[*]})" "${ANSIBLE_PIP[@]}"
 }
 
 # Garage, a distributed S3 store: tests/tests/garage.rs runs a private 3-node cluster of it.
 GARAGE_VERSION=2.5.0
 install_garage() {
   "$TOOLS/bin/garage" --version 2>/dev/null | grep -qF "$GARAGE_VERSION" && return 0
-  step "garage $GARAGE_VERSION build (cargo install, ~8 min on 2 cores)"
-  command -v cargo >/dev/null || die "cargo not found (needed to build garage)"
-  (cd "$TOOLS" && run_logged "$TOOLS/cargo-install.log" \
-    cargo install --locked "garage@$GARAGE_VERSION" --root "$TOOLS")
-  "$TOOLS/bin/garage" --version 2>/dev/null | grep -qF "$GARAGE_VERSION" \
-    || die "garage $GARAGE_VERSION not installed; see $TOOLS/cargo-install.log"
+  cargo_install garage "garage@$GARAGE_VERSION"
 }
 
 # ---------------------------------------------------------------------------------------------
