@@ -164,13 +164,41 @@ impl Run {
         self
     }
 
+    /// The records printed, without the `begin` and `end` around them. A run that began and
+    /// exited by itself (not by a signal) must have ended with its exit status.
     pub fn records(&self) -> Vec<Record> {
-        self.stdout
+        let all: Vec<Record> = self
+            .stdout
             .lines()
             .enumerate()
+            .filter(|(_, l)| !l.is_empty())
             .map(|(i, l)| {
                 parse_line(l, &format!("stdout line {}", i + 1)).unwrap_or_else(|e| panic!("{}: {l}", e.message))
             })
+            .collect();
+        if matches!(all.first(), Some(Record::Begin(_))) && (0..128).contains(&self.code) {
+            match all.last() {
+                Some(Record::End(end)) => assert_eq!(
+                    end.status as i32, self.code,
+                    "the end record's status is the exit code\nstdout: {}\nstderr: {}",
+                    self.stdout, self.stderr
+                ),
+                _ => panic!(
+                    "a run that began must end with an end record\nstdout: {}\nstderr: {}",
+                    self.stdout, self.stderr
+                ),
+            }
+        }
+        all.into_iter()
+            .filter(|r| !matches!(r, Record::Begin(_) | Record::End(_)))
+            .collect()
+    }
+
+    /// The lines of stdout but the `begin` and `end` records: what was passed on or said.
+    pub fn lines(&self) -> Vec<&str> {
+        self.stdout
+            .lines()
+            .filter(|l| !l.is_empty() && !l.contains(r#""type":"begin""#) && !l.contains(r#""type":"end""#))
             .collect()
     }
 

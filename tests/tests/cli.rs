@@ -45,9 +45,6 @@ fn restore_refuses_malformed_input_naming_the_line() {
     expect(&r, &["stdin line 3", "malformed JSON"]);
     let r = restore(&format!("{good} trailing\n{good}\n"));
     expect(&r, &["stdin line 1", "malformed JSON"]);
-    // A record of a type no bk tool knows.
-    let r = restore(&format!("{good}\n{{\"bk\":1,\"type\":\"surprise\",\"id\":\"x\"}}\n"));
-    expect(&r, &["stdin line 2", "unknown record type \"surprise\""]);
     // JSON, but not a bk record.
     let r = restore("{\"hello\":\"world\",\"type\":\"artifact\"}\n");
     expect(&r, &["stdin line 1", "not a bk record"]);
@@ -66,7 +63,7 @@ fn an_upstream_error_is_passed_on_and_nothing_restored() {
     let r = sb
         .run_with_stdin("bk-restore", &["--to", s(&target)], &format!("{error}\n"))
         .code(1);
-    assert_eq!(r.stdout, format!("{error}\n"));
+    assert_eq!(r.lines(), [error]);
     assert!(r.stderr.contains("upstream"), "{}", r.stderr);
     assert!(!target.exists());
 

@@ -1,7 +1,9 @@
-//! What to undo if a run is interrupted by SIGINT or SIGTERM: a scratch database to drop, a
-//! scratch directory to remove, child programs to stop. Work registers an action and gets a
-//! guard; dropping the guard runs the action (the normal path). A signal runs every pending
-//! action instead, stops the tracked children first, and exits 128 + the signal's number.
+//! What to undo if a run is interrupted by SIGINT, SIGTERM or SIGHUP, or a bug panics: a
+//! scratch database to drop, a scratch directory to remove, child programs to stop. Work
+//! registers an action and gets a guard; dropping the guard runs the action (the normal
+//! path). A signal runs every pending action instead, stops the tracked children first,
+//! prints an `error` record (so that the pipeline fails, SPEC §1) and exits 128 + the
+//! signal's number; a panic does the same and exits 70.
 //! Meanwhile the interrupted work, which sees its children die, must not finish the run
 //! its own way (an error record, another exit status): the first guard it drops after the
 //! signal holds it until the process exits.
@@ -11,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, Once};
 
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 type Action = Box<dyn FnOnce() + Send>;
@@ -46,33 +48,62 @@ fn with_pending<T>(f: impl FnOnce(&mut Pending) -> T) -> T {
     f(guard.get_or_insert_with(Pending::default))
 }
 
-/// Starts watching for SIGINT and SIGTERM (once per process).
+/// Starts watching for SIGINT, SIGTERM and SIGHUP, and turns panics into error records
+/// (once per process).
 pub fn install(tool: &str) {
     let tool = tool.to_string();
     INSTALL.call_once(|| {
-        let Ok(mut signals) = Signals::new([SIGINT, SIGTERM]) else {
+        let panic_tool = tool.clone();
+        std::panic::set_hook(Box::new(move |info| {
+            let message = format!("internal error (a bug in bk, please report it): {info}");
+            abort_run(&panic_tool, &message, crate::Kind::Internal.exit_code());
+        }));
+        let Ok(mut signals) = Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
             return;
         };
         std::thread::spawn(move || {
             SIGNAL_THREAD.with(|t| t.set(true));
             if let Some(signal) = signals.forever().next() {
-                let (children, actions) = with_pending(|p| {
-                    // Under the lock: whatever registers later sees the flag instead.
-                    INTERRUPTED.store(true, Ordering::SeqCst);
-                    (std::mem::take(&mut p.children), std::mem::take(&mut p.actions))
-                });
-                for pid in children.values() {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::SIGTERM);
-                }
-                let undone = actions.len();
-                for (_, action) in actions.into_iter().rev() {
-                    action();
-                }
-                eprintln!("{tool}: interrupted by signal {signal}; undid {undone} piece(s) of unfinished work");
-                std::process::exit(128 + signal);
+                let code = u8::try_from(128 + signal).unwrap_or(u8::MAX);
+                abort_run(&tool, &format!("interrupted by signal {signal}"), code);
             }
         });
     });
+}
+
+/// Ends the process now: stops the children, runs every pending action, says why on stderr
+/// and in an `error` record on stdout, and exits with `code`.
+fn abort_run(tool: &str, why: &str, code: u8) -> ! {
+    // try_lock: a panic may come from a thread that holds the lock.
+    let taken = PENDING.try_lock().ok().map(|mut guard| {
+        // Under the lock: whatever registers later sees the flag instead.
+        INTERRUPTED.store(true, Ordering::SeqCst);
+        let p = guard.get_or_insert_with(Pending::default);
+        (std::mem::take(&mut p.children), std::mem::take(&mut p.actions))
+    });
+    INTERRUPTED.store(true, Ordering::SeqCst);
+    let (children, actions) = taken.unwrap_or_default();
+    for pid in children.values() {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::SIGTERM);
+    }
+    let undone = actions.len();
+    for (_, action) in actions.into_iter().rev() {
+        action();
+    }
+    let message = crate::error::redact(&format!("{why}; undid {undone} piece(s) of unfinished work"));
+    eprintln!("{tool}: {message}");
+    let record = crate::record::Record::Error(crate::record::ErrorRecord {
+        tool: tool.to_string(),
+        name: None,
+        code,
+        message,
+    });
+    // Straight to fd 1, not through the stdout lock, which a thread blocked on a full pipe
+    // may hold. The leading newline ends any line cut in the middle: a reader then sees a
+    // malformed line or this record, and fails either way.
+    let line = format!("\n{}\n", record.to_line());
+    let _ = nix::unistd::write(std::io::stdout(), line.as_bytes());
+    std::process::exit(code.into());
 }
 
 /// Runs its action when dropped, unless a signal ran it first.

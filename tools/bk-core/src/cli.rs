@@ -11,12 +11,23 @@ use crate::error::{Error, Kind, Result};
 use crate::lock::{default_lock_dir, NameLock};
 use crate::record::{read_all, Input, Output};
 
+/// A tool's parsed command line.
+pub trait Tool: clap::Parser {
+    /// Whether stdout carries records (and so the `begin` and `end` records around them),
+    /// rather than a table for people.
+    fn prints_records(&self) -> bool {
+        true
+    }
+}
+
 /// Runs a tool: parses its command line (usage errors exit 64), runs it, and turns the
 /// outcome into the exit code. A failure prints an `error` record on stdout and one line on
-/// stderr, once; a closed stdout ends the run quietly with 0.
-pub fn main<C: clap::Parser>(run: fn(C, &mut Output) -> Result<()>) -> ExitCode {
+/// stderr, once; a closed stdout ends the run quietly with 0. Records are framed by `begin`
+/// and `end` (bk(7)), so that a reader can tell a stream cut short by a kill.
+pub fn main<C: Tool>(run: fn(C, &mut Output) -> Result<()>) -> ExitCode {
     let tool = C::command().get_name().to_string();
-    // SIGINT and SIGTERM undo unfinished work (temporary files, scratch databases) first.
+    // Signals and panics undo unfinished work (temporary files, scratch databases) first,
+    // then print an error record.
     crate::cleanup::install(&tool);
     let mut out = Output::stdout(&tool);
     let cli = match C::try_parse() {
@@ -27,30 +38,49 @@ pub fn main<C: clap::Parser>(run: fn(C, &mut Output) -> Result<()>) -> ExitCode 
         }
         Err(e) => {
             // Like any failure: an error record, one line on stderr, then where to look.
-            let text = e.render().to_string();
-            let first = text
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .trim_start_matches("error: ")
-                .to_string();
-            let _ = out.error(&Error::usage(first));
+            let _ = out.error(&Error::usage(usage_line(&e)));
             eprintln!("{tool}: try '{tool} --help'");
             return ExitCode::from(out.exit_code());
         }
     };
-    match run(cli, &mut out) {
+    let ran = if cli.prints_records() {
+        out.begin().and_then(|()| run(cli, &mut out))
+    } else {
+        run(cli, &mut out)
+    };
+    let ended = match ran {
         Err(e) if e.kind == Kind::Closed => return ExitCode::SUCCESS,
+        Err(e) => out.error(&e).and_then(|()| out.end()),
+        Ok(()) => out.end(),
+    };
+    match ended {
+        Err(e) if e.kind == Kind::Closed => ExitCode::SUCCESS,
         Err(e) => {
-            if let Err(closed) = out.error(&e) {
-                if closed.kind != Kind::Closed {
-                    eprintln!("{tool}: {}", closed.message);
-                }
-            }
+            eprintln!("{tool}: {}", e.message);
+            ExitCode::from(Kind::Io.exit_code())
         }
-        Ok(()) => {}
+        Ok(()) => ExitCode::from(out.exit_code()),
     }
-    ExitCode::from(out.exit_code())
+}
+
+/// clap's message in one line, naming what is missing or wrong: "the following required
+/// arguments were not provided: --to <STORE>".
+fn usage_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let mut lines = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty() && !l.starts_with("Usage:"));
+    let first = lines
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ")
+        .to_string();
+    let more: Vec<&str> = lines.map(str::trim).filter(|l| !l.is_empty()).collect();
+    if more.is_empty() {
+        first
+    } else {
+        format!("{} {}", first, more.join(", "))
+    }
 }
 
 /// The exit status section of every tool's help and man page.
@@ -118,11 +148,39 @@ impl S3Opts {
     }
 }
 
-/// Reads every record on stdin; refuses a terminal, where nobody would type JSON.
-pub fn read_stdin_records(hint: &str) -> Result<Vec<Input>> {
+/// Reads every record on stdin, for a tool whose input is records (no store given); refuses
+/// a terminal, where nobody would type JSON. Nothing at all on stdin means the command before
+/// failed or was killed before it printed anything: an upstream failure (exit 1), so that the
+/// pipeline fails under cron's /bin/sh, which has no pipefail.
+pub fn read_stdin_records(out: &Output, hint: &str) -> Result<Vec<Input>> {
     let stdin = std::io::stdin();
     if stdin.is_terminal() {
         return Err(Error::usage(format!("no records on stdin (it is a terminal); {hint}")));
     }
-    read_all(stdin.lock(), "stdin")
+    let stream = read_stdin(out)?;
+    if stream.inputs.is_empty() && !stream.announced {
+        return Err(Error::new(
+            Kind::Upstream,
+            format!("no records on stdin: the command before printed nothing, so it failed or was killed; {hint}"),
+        ));
+    }
+    Ok(stream.inputs)
+}
+
+/// Reads the records on stdin of a tool given its store, which works standalone: an empty
+/// stdin (cron's) or a terminal gives no records.
+pub fn read_stdin_beside_store(out: &Output) -> Result<Vec<Input>> {
+    if std::io::stdin().is_terminal() {
+        return Ok(Vec::new());
+    }
+    Ok(read_stdin(out)?.inputs)
+}
+
+fn read_stdin(out: &Output) -> Result<crate::record::Stream> {
+    let stream = read_all(std::io::stdin().lock(), "stdin")?;
+    // A stream cut short is said here once; its error record travels on.
+    for message in &stream.cut_short {
+        eprintln!("{}: {message}", out.tool());
+    }
+    Ok(stream)
 }

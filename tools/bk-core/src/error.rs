@@ -26,6 +26,8 @@ pub enum Kind {
     NoPerm,
     /// Configuration error, e.g. a credentials file readable by others (78).
     Config,
+    /// A bug in bk: a panic, turned into an error record (70).
+    Internal,
     /// Whoever read our stdout went away (`bk-ls | head`): stop quietly, exit 0.
     Closed,
 }
@@ -43,6 +45,7 @@ impl Kind {
             Kind::TempFail => 75,
             Kind::NoPerm => 77,
             Kind::Config => 78,
+            Kind::Internal => 70,
             Kind::Closed => 0,
         }
     }
@@ -60,12 +63,13 @@ impl Kind {
             Kind::TempFail => "temporary failure, e.g. another run holds the lock: retry later",
             Kind::NoPerm => "permission denied",
             Kind::Config => "configuration error: wrong credentials, a secrets file readable by others",
+            Kind::Internal => "internal error: a bug in bk (please report it with the stderr line)",
             Kind::Closed => "stdout was closed",
         }
     }
 
     /// Every failing kind, for documentation and its staleness test.
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Upstream,
         Kind::Usage,
         Kind::Data,
@@ -76,6 +80,7 @@ impl Kind {
         Kind::TempFail,
         Kind::NoPerm,
         Kind::Config,
+        Kind::Internal,
     ];
 }
 
@@ -159,6 +164,61 @@ impl Error {
     }
 }
 
+/// The text with its secrets replaced, for every message bk prints: the password (or the
+/// token) of a URL's userinfo, and age secret keys. One function, applied where errors are
+/// rendered, so that no code path can forget it.
+pub fn redact(text: &str) -> String {
+    const AGE_KEY: &str = "AGE-SECRET-KEY-";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while !rest.is_empty() {
+        let key_at = rest.to_ascii_uppercase().find(AGE_KEY);
+        let url_at = rest.find("://");
+        match (key_at, url_at) {
+            (Some(k), u) if u.is_none_or(|u| k < u) => {
+                out.push_str(&rest[..k]);
+                out.push_str("AGE-SECRET-KEY-(redacted)");
+                let key = &rest[k + AGE_KEY.len()..];
+                let end = key.find(|c: char| !c.is_ascii_alphanumeric()).unwrap_or(key.len());
+                rest = &key[end..];
+            }
+            (_, Some(u)) => {
+                let scheme_start = rest[..u]
+                    .char_indices()
+                    .rfind(|(_, c)| !(c.is_ascii_alphanumeric() || "+-.".contains(*c)))
+                    .map_or(0, |(i, c)| i + c.len_utf8());
+                let scheme = &rest[scheme_start..u];
+                let authority_end = rest[u + 3..]
+                    .find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == '"')
+                    .map_or(rest.len(), |i| u + 3 + i);
+                let authority = &rest[u + 3..authority_end];
+                out.push_str(&rest[..u + 3]);
+                match authority.rfind('@') {
+                    Some(at) => {
+                        let userinfo = &authority[..at];
+                        // A bare user name of a login scheme is no secret; anything else is.
+                        let login = ["ssh", "sftp", "ftp", "ftps", "rsync"].contains(&scheme);
+                        match userinfo.split_once(':') {
+                            Some((user, _)) => out.push_str(&format!("{user}:(redacted)")),
+                            None if login => out.push_str(userinfo),
+                            None => out.push_str("(redacted)"),
+                        }
+                        out.push_str(&authority[at..]);
+                    }
+                    None => out.push_str(authority),
+                }
+                rest = &rest[authority_end..];
+            }
+            (None, None) => {
+                out.push_str(rest);
+                rest = "";
+            }
+            (Some(_), None) => unreachable!("handled by the first arm"),
+        }
+    }
+    out
+}
+
 /// The OS message without Rust's " (os error N)" suffix.
 pub fn describe_io(e: &io::Error) -> String {
     let s = e.to_string();
@@ -198,6 +258,27 @@ mod tests {
         assert_eq!(e.message, "reading x: Permission denied");
         let e = Error::io("writing x", io::Error::from_raw_os_error(libc::ENOSPC));
         assert_eq!(e.exit_code(), 74);
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let cases = [
+            ("ssh://bob:hunter2@db3/srv x", "ssh://bob:(redacted)@db3/srv x"),
+            ("ssh://bob@db3:2222/srv", "ssh://bob@db3:2222/srv"),
+            ("store \"https://TOKEN@host/x\"", "store \"https://(redacted)@host/x\""),
+            ("http://u:p@h:9000", "http://u:(redacted)@h:9000"),
+            (
+                "key AGE-SECRET-KEY-1QQQ9ZZ, more",
+                "key AGE-SECRET-KEY-(redacted), more",
+            ),
+            ("age-secret-key-1abc", "AGE-SECRET-KEY-(redacted)"),
+            ("no secret here: /var/backups", "no secret here: /var/backups"),
+            ("s3://bucket/a@b", "s3://bucket/a@b"),
+            ("é://x:y@z ü", "é://x:(redacted)@z ü"),
+        ];
+        for (text, want) in cases {
+            assert_eq!(redact(text), want, "{text}");
+        }
     }
 
     #[test]

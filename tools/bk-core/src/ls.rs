@@ -13,7 +13,10 @@ use crate::store;
 ///
 /// Reads the manifests under STORE/<name>/ and prints one artifact record per complete
 /// backup, oldest first within each name. Files without a manifest (left by a killed run, or
-/// copied in by hand) are not backups: they are reported on stderr as warnings.
+/// copied in by hand) are not backups: they are reported on stderr as warnings. A broken
+/// backup (a manifest that cannot be read, or whose artifact file is missing or of another
+/// size) is not listed as a backup either: it gets an error record (exit 65), and a BROKEN
+/// row in the table.
 #[derive(Debug, Parser)]
 #[command(
     name = "bk-ls",
@@ -37,6 +40,12 @@ pub struct Cli {
     pub s3: crate::cli::S3Opts,
 }
 
+impl crate::cli::Tool for Cli {
+    fn prints_records(&self) -> bool {
+        self.format == Format::Json
+    }
+}
+
 pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     cli.s3.apply();
     if let Some(n) = &cli.name {
@@ -51,12 +60,23 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     if cli.latest {
         artifacts = newest_per_name(artifacts);
     }
-    if let (Some(n), true) = (&cli.name, artifacts.is_empty()) {
+    if let (Some(n), true) = (&cli.name, artifacts.is_empty() && listing.broken.is_empty()) {
         return Err(Error::no_input(format!("no backup of {n} in {}", store.url())).named(n));
     }
     match cli.format {
-        Format::Json => artifacts.into_iter().try_for_each(|a| out.emit(&Record::Artifact(a))),
-        Format::Table => print_table(&artifacts, out),
+        Format::Json => {
+            artifacts.into_iter().try_for_each(|a| out.emit(&Record::Artifact(a)))?;
+            listing.broken.iter().try_for_each(|b| out.error(&b.error()))
+        }
+        Format::Table => {
+            print_table(&artifacts, &listing.broken, out)?;
+            for b in &listing.broken {
+                let e = b.error();
+                eprintln!("{}: {}: {}", out.tool(), b.name, e.message);
+                out.fail(e.exit_code());
+            }
+            Ok(())
+        }
     }
 }
 
@@ -72,9 +92,9 @@ pub fn newest_per_name(artifacts: Vec<Artifact>) -> Vec<Artifact> {
     newest
 }
 
-fn print_table(artifacts: &[Artifact], out: &mut Output) -> Result<()> {
+fn print_table(artifacts: &[Artifact], broken: &[store::Broken], out: &mut Output) -> Result<()> {
     let header = ["ID", "ENGINE", "FINISHED", "SIZE", "CONTENT", "ENCRYPTED"].map(String::from);
-    let rows: Vec<[String; 6]> = artifacts
+    let mut rows: Vec<[String; 6]> = artifacts
         .iter()
         .map(|a| {
             [
@@ -87,6 +107,16 @@ fn print_table(artifacts: &[Artifact], out: &mut Output) -> Result<()> {
             ]
         })
         .collect();
+    rows.extend(broken.iter().map(|b| {
+        [
+            b.id.clone(),
+            "BROKEN".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+        ]
+    }));
     let mut widths = header.clone().map(|h| h.len());
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {

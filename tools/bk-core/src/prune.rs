@@ -6,7 +6,6 @@
 //! each name's lock, deletes, and prints `kept` and `pruned` records.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::IsTerminal;
 use std::str::FromStr;
 
 use chrono::{DateTime, Datelike, LocalResult, NaiveDate, NaiveDateTime, Offset, TimeDelta, TimeZone, Utc};
@@ -16,7 +15,7 @@ pub use crate::cli::Format;
 use crate::cli::{LockOpts, S3Opts};
 use crate::error::{Error, Result};
 use crate::name::{parse_time, validate_name, STAMP_FORMAT};
-use crate::record::{read_all, Artifact, Input, Kept, Output, Pruned, Record};
+use crate::record::{Artifact, Input, Kept, Output, Pruned, Record};
 use crate::store::{self, Store};
 
 /// The reason of every backup kept under an empty policy.
@@ -761,6 +760,12 @@ fn print_table(rows: &[Row], zone: &Zone, out: &mut Output) -> Result<()> {
     Ok(())
 }
 
+impl crate::cli::Tool for Cli {
+    fn prints_records(&self) -> bool {
+        self.format == Format::Json
+    }
+}
+
 pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     cli.s3.apply();
     let tool = out.tool().to_string();
@@ -770,14 +775,10 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     let named_store = cli.store.as_deref().map(store::open).transpose()?;
     // Everything on stdin is read before anything is done: a malformed line stops the run.
     let inputs: Vec<Input> = if named_store.is_some() {
-        let stdin = std::io::stdin();
-        if stdin.is_terminal() {
-            Vec::new()
-        } else {
-            read_all(stdin.lock(), "stdin")?
-        }
+        crate::cli::read_stdin_beside_store(out)?
     } else {
         crate::cli::read_stdin_records(
+            out,
             "give a STORE, or pipe in artifact records (bk-dump ... | bk-prune --keep-daily 7)",
         )?
     };

@@ -1,13 +1,14 @@
 //! The records of SPEC §2, and reading and writing them as JSON Lines.
 
 use std::collections::BTreeMap;
-use std::io::{self, BufRead, Write};
+use std::io::{self, BufRead, Read, Write};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::codec::{Compression, Encryption};
-use crate::error::{Error, Kind, Result};
+use crate::error::{redact, Error, Kind, Result};
+use crate::name::validate_name;
 
 /// The schema version written in every record's `bk` field.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -100,6 +101,22 @@ pub struct Pruned {
     pub dry_run: bool,
 }
 
+/// The first record a tool prints, before any work: a reader that sees it knows a complete
+/// stream ends with the same tool's `end` record (bk(7), "Streams cut short").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Begin {
+    pub tool: String,
+    pub pid: u32,
+}
+
+/// The last record of a tool that ran to its end (its exit status follows).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct End {
+    pub tool: String,
+    pub pid: u32,
+    pub status: u8,
+}
+
 /// Every record type. Types whose producer is not built yet are carried as plain objects,
 /// so a pipeline through this version passes them on intact.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,15 +130,24 @@ pub enum Record {
     Pruned(Pruned),
     Verified(Map<String, Value>),
     Notified(Map<String, Value>),
+    Begin(Begin),
+    End(End),
+    /// A type this version does not know (a newer tool's): passed on unchanged, never acted on.
+    #[serde(skip)]
+    Unknown(Map<String, Value>),
 }
 
-const KNOWN_TYPES: [&str; 7] = [
-    "artifact", "error", "restored", "kept", "pruned", "verified", "notified",
+const KNOWN_TYPES: [&str; 9] = [
+    "artifact", "error", "restored", "kept", "pruned", "verified", "notified", "begin", "end",
 ];
 
 impl Record {
     /// The record as one JSON line, `bk` first, without the newline.
     pub fn to_line(&self) -> String {
+        if let Record::Unknown(map) = self {
+            // It came with its own `bk` field, which made it a record.
+            return Value::Object(map.clone()).to_string();
+        }
         let body = serde_json::to_string(self).expect("records always serialize");
         format!("{{\"bk\":{SCHEMA_VERSION},{}", &body[1..])
     }
@@ -134,10 +160,45 @@ pub struct Input {
     pub record: Record,
 }
 
-/// Parses one line; `what` names the input in messages (e.g. "stdin line 3").
+impl Artifact {
+    /// The confinement rule of SPEC §3, checked where records and manifests are parsed so that
+    /// a parsed artifact is safe to turn into paths anywhere: `name` matches the name
+    /// pattern, `id` is `<name>.<stamp>`, `file` one path component starting with `<id>.`.
+    fn check_confined(&self) -> Result<()> {
+        validate_name(&self.name).map_err(|e| Error::data(format!("field \"name\": {}", e.message)))?;
+        let stamp = self.id.strip_prefix(&format!("{}.", self.name)).unwrap_or_default();
+        if stamp.is_empty()
+            || !stamp
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(Error::data(format!(
+                "field \"id\": {:?} is not {:?} followed by '.' and a stamp",
+                self.id, self.name
+            )));
+        }
+        let suffix = self.file.strip_prefix(&format!("{}.", self.id)).unwrap_or_default();
+        let suffix_ok = !suffix.is_empty()
+            && self.file.len() <= 255
+            && !suffix.contains("..")
+            && suffix != "json"
+            && !suffix.ends_with(".json")
+            && suffix.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !suffix_ok {
+            return Err(Error::data(format!(
+                "field \"file\": {:?} is not one file name starting with {:?} and '.'",
+                self.file, self.id
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Parses one line; `what` names the input in messages (e.g. "stdin line 3"). A record of a
+/// type this version does not know is returned as `Unknown`, to be passed on unchanged.
 pub fn parse_line(line: &str, what: &str) -> Result<Record> {
     let value: Value = serde_json::from_str(line).map_err(|e| Error::data(format!("{what}: malformed JSON: {e}")))?;
-    let Value::Object(map) = &value else {
+    let Value::Object(map) = value else {
         return Err(Error::data(format!("{what}: a record must be a JSON object")));
     };
     match map.get("bk").and_then(Value::as_u64) {
@@ -148,30 +209,102 @@ pub fn parse_line(line: &str, what: &str) -> Result<Record> {
             )))
         }
     }
-    let kind = map.get("type").and_then(Value::as_str).unwrap_or("").to_string();
+    let Some(kind) = map.get("type").and_then(Value::as_str).map(str::to_string) else {
+        return Err(Error::data(format!("{what}: a record needs a \"type\"")));
+    };
     if !KNOWN_TYPES.contains(&kind.as_str()) {
-        return Err(Error::data(format!("{what}: unknown record type {kind:?}")));
+        return Ok(Record::Unknown(map));
     }
-    serde_json::from_value(value).map_err(|e| Error::data(format!("{what}: invalid {kind} record: {e}")))
+    let record: Record = serde_json::from_value(Value::Object(map))
+        .map_err(|e| Error::data(format!("{what}: invalid {kind} record: {e}")))?;
+    if let Record::Artifact(a) = &record {
+        a.check_confined()
+            .map_err(|e| e.context(format!("{what}: artifact {:?}", a.id)))?;
+    }
+    Ok(record)
+}
+
+/// The longest record line read; anything longer is not a record bk wrote.
+const MAX_LINE: usize = 16 << 20;
+
+/// The records of a JSON Lines stream, with the `begin`/`end` records taken out.
+#[derive(Debug, Default)]
+pub struct Stream {
+    pub inputs: Vec<Input>,
+    /// An upstream tool announced itself with a `begin` record.
+    pub announced: bool,
+    /// Why the stream is incomplete: a `begin` without its `end`. Each is also an `error`
+    /// record at the end of `inputs`.
+    pub cut_short: Vec<String>,
 }
 
 /// Reads every record of a JSON Lines stream before anything is acted on, so that a
-/// malformed line stops the tool with nothing done. Blank lines are ignored.
-pub fn read_all(input: impl BufRead, what: &str) -> Result<Vec<Input>> {
-    let mut records = Vec::new();
-    for (i, line) in input.lines().enumerate() {
-        let line = line.map_err(|e| Error::io(format!("reading {what}"), e))?;
-        let line = line.trim_end_matches('\r');
+/// malformed line stops the tool with nothing done. Blank lines are ignored. A `begin`
+/// without its `end` (the tool was killed after it started) becomes an `error` record at the
+/// end of the stream, so that everything downstream fails as if the tool had said so.
+pub fn read_all(mut input: impl BufRead, what: &str) -> Result<Stream> {
+    let mut stream = Stream::default();
+    let mut open: Vec<Begin> = Vec::new();
+    let mut buf = Vec::new();
+    for number in 1.. {
+        buf.clear();
+        let read = input
+            .by_ref()
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| Error::io(format!("reading {what}"), e))?;
+        if read == 0 {
+            break;
+        }
+        if buf.len() > MAX_LINE {
+            return Err(Error::data(format!(
+                "{what} line {number}: longer than 16 MiB: not a record"
+            )));
+        }
+        let line = std::str::from_utf8(&buf).map_err(|e| {
+            Error::data(format!(
+                "{what} line {number}: not UTF-8 (byte {})",
+                e.valid_up_to() + 1
+            ))
+        })?;
+        let line = line.trim_end_matches(['\n', '\r']);
         if line.trim().is_empty() {
             continue;
         }
-        let record = parse_line(line, &format!("{what} line {}", i + 1))?;
-        records.push(Input {
-            line: line.to_string(),
+        match parse_line(line, &format!("{what} line {number}"))? {
+            Record::Begin(begin) => {
+                stream.announced = true;
+                open.push(begin);
+            }
+            Record::End(end) => {
+                if let Some(i) = open.iter().rposition(|b| b.tool == end.tool && b.pid == end.pid) {
+                    open.remove(i);
+                }
+            }
+            record => stream.inputs.push(Input {
+                line: line.to_string(),
+                record,
+            }),
+        }
+    }
+    for begin in open {
+        let message = format!(
+            "{} (pid {}) began but never ended its output: it was killed or crashed, so its records are incomplete",
+            begin.tool, begin.pid
+        );
+        stream.cut_short.push(message.clone());
+        let record = Record::Error(ErrorRecord {
+            tool: begin.tool.clone(),
+            name: None,
+            code: Kind::Upstream.exit_code(),
+            message,
+        });
+        stream.inputs.push(Input {
+            line: record.to_line(),
             record,
         });
     }
-    Ok(records)
+    Ok(stream)
 }
 
 /// Writes records to stdout, one flushed line each, and remembers how the run should end.
@@ -179,6 +312,7 @@ pub struct Output {
     tool: String,
     out: Box<dyn Write>,
     exit_code: u8,
+    began: bool,
 }
 
 impl Output {
@@ -191,7 +325,29 @@ impl Output {
             tool: tool.to_string(),
             out,
             exit_code: 0,
+            began: false,
         }
+    }
+
+    /// Announces the run with a `begin` record, before any work.
+    pub fn begin(&mut self) -> Result<()> {
+        self.began = true;
+        self.emit(&Record::Begin(Begin {
+            tool: self.tool.clone(),
+            pid: std::process::id(),
+        }))
+    }
+
+    /// Closes an announced run with its `end` record, whose status is the exit code.
+    pub fn end(&mut self) -> Result<()> {
+        if !self.began {
+            return Ok(());
+        }
+        self.emit(&Record::End(End {
+            tool: self.tool.clone(),
+            pid: std::process::id(),
+            status: self.exit_code,
+        }))
     }
 
     pub fn tool(&self) -> &str {
@@ -212,20 +368,22 @@ impl Output {
 
     /// Reports a failure: an `error` record on stdout and one line on stderr. The run goes
     /// on (other items may still succeed) but will exit with the first failure's code.
+    /// Messages are redacted here, where every error is rendered: no secret a message might
+    /// quote (a URL's password, an age secret key) reaches stdout or stderr.
     pub fn error(&mut self, e: &Error) -> Result<()> {
         let name = e.name.as_deref();
+        let message = redact(&e.message);
         eprintln!(
-            "{}: {}{}",
+            "{}: {}{message}",
             self.tool,
             name.map(|n| format!("{n}: ")).unwrap_or_default(),
-            e.message
         );
         self.fail(e.exit_code());
         let record = Record::Error(ErrorRecord {
             tool: self.tool.clone(),
             name: name.map(str::to_string),
             code: e.exit_code(),
-            message: e.message.clone(),
+            message,
         });
         self.emit(&record)
     }
@@ -241,7 +399,8 @@ impl Output {
         self.write_line(line)
     }
 
-    fn fail(&mut self, code: u8) {
+    /// Makes the run fail with `code` without printing a record (a table was printed instead).
+    pub fn fail(&mut self, code: u8) {
         // A local failure outranks an upstream one; otherwise the first code stays.
         if self.exit_code == 0 || (self.exit_code == Kind::Upstream.exit_code() && code != self.exit_code) {
             self.exit_code = code;
@@ -315,6 +474,68 @@ mod tests {
     }
 
     #[test]
+    fn artifacts_are_confined_to_their_name_directory() {
+        let with = |field: &str, value: &str| {
+            let mut v: Value = serde_json::from_str(&artifact_line()).unwrap();
+            v[field] = value.into();
+            parse_line(&v.to_string(), "m")
+        };
+        for (field, value) in [
+            ("file", "../../victim/precious.txt"),
+            ("file", "/etc/passwd"),
+            ("file", "files-etc.20261122T001500Z./../x"),
+            ("file", "files-etc.20261122T001500Z.tar/../../x"),
+            ("file", "files-etc.20261122T001500Z.json"),
+            ("file", "files-etc.20261122T001500Z."),
+            ("file", "other.20261122T001500Z.tar"),
+            ("file", "files-etc.20261122T001500Z.t\0ar"),
+            ("id", "files-etc"),
+            ("id", "files-etc./x"),
+            ("id", "files-etc.2026/../x"),
+            ("name", "../../../tmp/pwn"),
+            ("name", "Files"),
+        ] {
+            let e = with(field, value).unwrap_err();
+            assert_eq!(e.exit_code(), 65, "{field}={value:?}");
+            assert!(
+                e.message.contains(&format!("field \"{field}\"")),
+                "{field}={value:?}: {}",
+                e.message
+            );
+        }
+        with("file", "files-etc.20261122T001500Z.tar.zst.age").unwrap();
+    }
+
+    #[test]
+    fn a_stream_cut_short_ends_in_an_error_record() {
+        let begin = r#"{"bk":1,"type":"begin","tool":"bk-dump","pid":7}"#;
+        let end = r#"{"bk":1,"type":"end","tool":"bk-dump","pid":7,"status":0}"#;
+        let whole = format!("{begin}\n{}\n{end}\n", artifact_line());
+        let stream = read_all(whole.as_bytes(), "stdin").unwrap();
+        assert!(stream.announced && stream.cut_short.is_empty());
+        assert_eq!(stream.inputs.len(), 1, "begin and end are taken out");
+        let cut = format!("{begin}\n{}\n", artifact_line());
+        let stream = read_all(cut.as_bytes(), "stdin").unwrap();
+        assert_eq!(stream.inputs.len(), 2);
+        let Record::Error(e) = &stream.inputs[1].record else {
+            panic!("{:?}", stream.inputs[1])
+        };
+        assert_eq!((e.tool.as_str(), e.code, e.name.as_deref()), ("bk-dump", 1, None));
+        assert_eq!(stream.cut_short.len(), 1);
+        // Without a begin (bk-ls | jq ... | bk-restore) nothing is expected.
+        let bare = read_all(artifact_line().as_bytes(), "stdin").unwrap();
+        assert!(!bare.announced && bare.cut_short.is_empty() && bare.inputs.len() == 1);
+    }
+
+    #[test]
+    fn non_utf8_input_is_bad_data_with_its_line() {
+        let input = [artifact_line().as_bytes(), b"\n{\"bk\":1,\xff}\n"].concat();
+        let e = read_all(&input[..], "stdin").unwrap_err();
+        assert_eq!(e.exit_code(), 65);
+        assert!(e.message.starts_with("stdin line 2: not UTF-8"), "{}", e.message);
+    }
+
+    #[test]
     fn reader_names_the_malformed_line() {
         let input = format!("{}\n\n{{\"bk\":1,\"type\":\"artifact\"\n", artifact_line());
         let e = read_all(input.as_bytes(), "stdin").unwrap_err();
@@ -323,9 +544,13 @@ mod tests {
     }
 
     #[test]
-    fn unknown_types_and_foreign_json_are_refused() {
-        let e = parse_line(r#"{"bk":1,"type":"surprise"}"#, "stdin line 1").unwrap_err();
-        assert_eq!(e.message, "stdin line 1: unknown record type \"surprise\"");
+    fn unknown_types_pass_and_foreign_json_is_refused() {
+        let line = r#"{"bk":1,"type":"surprise","n":1}"#;
+        let record = parse_line(line, "stdin line 1").unwrap();
+        assert!(matches!(&record, Record::Unknown(m) if m["n"] == 1), "{record:?}");
+        assert_eq!(parse_line(&record.to_line(), "again").unwrap(), record);
+        let e = parse_line(r#"{"bk":1}"#, "x").unwrap_err();
+        assert!(e.message.contains("needs a \"type\""), "{}", e.message);
         let e = parse_line(r#"{"type":"artifact"}"#, "x").unwrap_err();
         assert!(e.message.contains("not a bk record"));
         let e = parse_line("[1]", "x").unwrap_err();
@@ -335,7 +560,7 @@ mod tests {
     #[test]
     fn pass_keeps_the_line_and_upstream_errors_fail_the_run() {
         let line = r#"{"bk":1,"type":"error","tool":"bk-dump","code":69,"message":"down","extra":true}"#;
-        let inputs = read_all(line.as_bytes(), "stdin").unwrap();
+        let inputs = read_all(line.as_bytes(), "stdin").unwrap().inputs;
         let buf = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
         struct Shared(std::rc::Rc<std::cell::RefCell<Vec<u8>>>);
         impl Write for Shared {

@@ -115,6 +115,8 @@ impl Engine {
     }
 }
 
+impl bk_core::cli::Tool for Cli {}
+
 pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     cli.s3.apply();
     let to = cli

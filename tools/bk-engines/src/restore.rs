@@ -69,6 +69,8 @@ pub struct Cli {
     pub include: Vec<String>,
 }
 
+impl bk_core::cli::Tool for Cli {}
+
 pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     let identities = cli.read.start()?;
     if let Some(at) = &cli.at {
@@ -92,8 +94,10 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
 /// Reads the records on stdin: passes on what is not an artifact, and returns the one
 /// artifact to restore, or none when an upstream tool failed.
 fn from_stdin(out: &mut Output) -> Result<Option<(Box<dyn Store>, Artifact)>> {
-    let inputs =
-        read_stdin_records("pipe an artifact record in (bk-ls STORE --latest | bk-restore ...) or use --from")?;
+    let inputs = read_stdin_records(
+        out,
+        "pipe an artifact record in (bk-ls STORE --latest | bk-restore ...) or use --from",
+    )?;
     let mut chosen: Option<Artifact> = None;
     let mut upstream_failed = false;
     for input in &inputs {

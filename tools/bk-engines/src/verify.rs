@@ -72,6 +72,8 @@ pub struct Cli {
     pub read: ReadOpts,
 }
 
+impl bk_core::cli::Tool for Cli {}
+
 pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     let identities = cli.read.start()?;
     let mut verifier = Verifier::new(&cli, identities);
@@ -83,7 +85,7 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
             }
         }
         None => {
-            let inputs = read_stdin_records("pipe artifact records in (bk-dump ... | bk-verify) or use --from")?;
+            let inputs = read_stdin_records(out, "pipe artifact records in (bk-dump ... | bk-verify) or use --from")?;
             // Every copy is verified: bk-ship adds a record per store a backup went to.
             let mut seen = Vec::new();
             for input in &inputs {

@@ -92,6 +92,8 @@ impl Destination {
     }
 }
 
+impl bk_core::cli::Tool for Cli {}
+
 pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     // The S3 options travel to the stores as their variables.
     cli.s3.apply();
@@ -113,7 +115,7 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     };
     match &cli.from {
         None => {
-            let inputs = bk_core::cli::read_stdin_records("pipe bk-dump's output in, or pull with --from STORE")?;
+            let inputs = bk_core::cli::read_stdin_records(out, "pipe bk-dump's output in, or pull with --from STORE")?;
             let failed: BTreeSet<String> = inputs
                 .iter()
                 .filter_map(|i| match &i.record {

@@ -45,7 +45,7 @@ pub fn install() {
 }
 
 /// Runs a tool (as `bk_core::cli::main`) with every kind of store available.
-pub fn main<C: clap::Parser>(run: fn(C, &mut Output) -> Result<()>) -> std::process::ExitCode {
+pub fn main<C: bk_core::cli::Tool>(run: fn(C, &mut Output) -> Result<()>) -> std::process::ExitCode {
     install();
     bk_core::cli::main(run)
 }
@@ -60,13 +60,6 @@ pub(crate) fn collect_stderr(child: &mut std::process::Child) -> std::thread::Jo
         let _ = std::io::Read::read_to_end(&mut stderr, &mut buf);
         buf
     })
-}
-
-pub(crate) fn sort_listing(listing: &mut bk_core::store::Listing) {
-    listing
-        .artifacts
-        .sort_by(|a, b| (&a.name, &a.started, &a.id).cmp(&(&b.name, &b.started, &b.id)));
-    listing.leftovers.sort();
 }
 
 /// The sha256 of what a reader gives, to its end: how the remote stores check a copy they
@@ -104,31 +97,44 @@ pub(crate) fn check_file_name(file: &str) -> Result<()> {
 }
 
 /// Builds a listing from the files of each name's directory and a way to read a manifest.
+/// A manifest whose artifact file is not listed is a broken backup, not a backup.
 pub(crate) fn build_listing(
     files: std::collections::BTreeMap<String, Vec<String>>,
     mut manifest: impl FnMut(&str, &str) -> Result<String>,
     location: impl Fn(&str, &str) -> String,
 ) -> bk_core::store::Listing {
     use bk_core::record::{parse_line, Record};
-    use bk_core::store::manifest_file;
+    use bk_core::store::{artifact_problem, manifest_file, Broken};
     let mut listing = bk_core::store::Listing::default();
     for (name, names) in files {
         let mut claimed: Vec<&str> = Vec::new();
         for f in names.iter().filter(|f| f.ends_with(".json") && !is_temp(f)) {
             claimed.push(f);
-            let parsed = manifest(&name, f).and_then(|text| parse_line(text.trim(), "unreadable manifest"));
+            let broken = |reason: String| Broken {
+                name: name.clone(),
+                id: f.trim_end_matches(".json").to_string(),
+                location: location(&name, f),
+                reason,
+            };
+            let parsed = manifest(&name, f).and_then(|text| parse_line(text.trim(), "manifest"));
             match parsed {
                 Ok(Record::Artifact(mut a)) if a.name == name && manifest_file(&a.id) == *f => {
-                    a.location = location(&name, &a.file);
-                    if let Some(file) = names.iter().find(|n| **n == a.file) {
+                    let file = names.iter().find(|n| **n == a.file);
+                    if let Some(file) = file {
                         claimed.push(file);
                     }
-                    listing.artifacts.push(a);
+                    match artifact_problem(&a, file.map(|_| None)) {
+                        Some(reason) => listing.broken.push(broken(reason)),
+                        None => {
+                            a.location = location(&name, &a.file);
+                            listing.artifacts.push(a);
+                        }
+                    }
                 }
-                Ok(_) => listing
-                    .leftovers
-                    .push(format!("{}: not a manifest of {name}", location(&name, f))),
-                Err(e) => listing.leftovers.push(format!("{}: {}", location(&name, f), e.message)),
+                Ok(_) => listing.broken.push(broken(format!("it is not a manifest of {name}"))),
+                Err(e) => listing
+                    .broken
+                    .push(broken(format!("unreadable manifest: {}", e.message))),
             }
         }
         for f in names.iter().filter(|f| !claimed.contains(&f.as_str())) {
@@ -140,6 +146,6 @@ pub(crate) fn build_listing(
             listing.leftovers.push(format!("{}: {why}", location(&name, f)));
         }
     }
-    sort_listing(&mut listing);
+    listing.sort();
     listing
 }

@@ -2,12 +2,12 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use super::{manifest_file, Listing, Store, Upload};
-use crate::error::{Error, Result};
+use super::{artifact_problem, manifest_file, Broken, Listing, Store, Upload};
+use crate::error::{Error, Kind, Result};
 use crate::name::validate_name;
 use crate::private::create_private_dir;
 use crate::record::{parse_line, Artifact, Record};
@@ -40,14 +40,115 @@ impl LocalStore {
         self.root.join(name)
     }
 
-    /// Creates the root and the name's directory, 0700 whatever the umask.
+    /// Creates the root and the name's directory, 0700 whatever the umask, and checks that
+    /// they can be trusted.
     fn ensure_name_dir(&self, name: &str) -> Result<PathBuf> {
-        let dir = self.name_dir(name);
+        if self.root.exists() && !self.root.is_dir() {
+            return Err(Error::cant_create(format!("store {} is not a directory", self.url())));
+        }
         create_private_dir(&self.root)?;
-        create_private_dir(&dir)?;
+        check_trusted(&self.root, true)?;
+        let dir = self.name_dir(name);
+        if fs::symlink_metadata(&dir).is_err() {
+            create_private_dir(&dir)?;
+        }
+        check_trusted(&dir, false)?;
         Ok(dir)
     }
+
+    /// The name's directory, checked, if the store has one: for reading and deleting.
+    fn existing_name_dir(&self, name: &str) -> Result<Option<PathBuf>> {
+        self.check_root()?;
+        let dir = self.name_dir(name);
+        match fs::symlink_metadata(&dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("reading {}", dir.display()), e)),
+            Ok(_) => check_trusted(&dir, false).map(|()| Some(dir)),
+        }
+    }
+
+    fn check_root(&self) -> Result<()> {
+        match fs::metadata(&self.root) {
+            Ok(meta) if meta.is_dir() => check_trusted(&self.root, true),
+            Ok(_) => Err(Error::no_input(format!("store {} is not a directory", self.url()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(Error::no_input(format!("no store at {}", self.url())))
+            }
+            Err(e) => Err(Error::io(format!("store {}", self.url()), e)),
+        }
+    }
 }
+
+/// Refuses (77) a store directory that someone else could change, as ssh refuses a loose
+/// key: one writable by group or others, or owned by another user than the one running bk
+/// (or root). Anyone who can write there can plant manifests that bk would act on. A name's
+/// directory must also be a real directory, not a symlink out of the store; the root may be
+/// a symlink the administrator made.
+fn check_trusted(dir: &Path, is_root: bool) -> Result<()> {
+    let meta = if is_root {
+        fs::metadata(dir)
+    } else {
+        fs::symlink_metadata(dir)
+    }
+    .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+    if !meta.is_dir() {
+        return Err(Error::new(
+            Kind::NoPerm,
+            format!(
+                "{} is not a directory (a symlink?): a store holds only real directories",
+                dir.display()
+            ),
+        ));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(Error::new(
+            Kind::NoPerm,
+            format!(
+                "store directory {} is owned by uid {}, not by you (uid {me}) or root; run: chown {me} {}",
+                dir.display(),
+                meta.uid(),
+                dir.display()
+            ),
+        ));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(Error::new(
+            Kind::NoPerm,
+            format!(
+                "store directory {} is writable by others (mode {:04o}), who could plant backups bk would act on; run: chmod go-w {}",
+                dir.display(),
+                mode,
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Opens a file of the store for reading only if it is a regular file: never through a
+/// symlink, never a FIFO (which would block forever) or a device.
+pub(crate) fn open_regular(path: &Path) -> Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => Error::data(format!("{} is a symlink: not followed", path.display())),
+            _ => Error::io(format!("opening {}", path.display()), e),
+        })?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    if !meta.is_file() {
+        return Err(Error::data(format!("{} is not a regular file", path.display())));
+    }
+    Ok(file)
+}
+
+/// The largest manifest read: a manifest is one line of a few kilobytes.
+const MAX_MANIFEST: u64 = 1 << 20;
 
 /// A hidden name no listing mistakes for an artifact: `.<file>.tmp.<pid>.<random>`.
 fn temp_path(dir: &Path, file: &str) -> PathBuf {
@@ -177,13 +278,17 @@ impl Store for LocalStore {
     }
 
     fn has_manifest(&self, name: &str, id: &str) -> Result<bool> {
-        Ok(self.name_dir(name).join(manifest_file(id)).exists())
+        if fs::symlink_metadata(&self.root).is_err() {
+            return Ok(false); // a store yet to be made
+        }
+        let Some(dir) = self.existing_name_dir(name)? else {
+            return Ok(false);
+        };
+        Ok(fs::symlink_metadata(dir.join(manifest_file(id))).is_ok())
     }
 
     fn list(&self, name: Option<&str>) -> Result<Listing> {
-        if !self.root.is_dir() {
-            return Err(Error::no_input(format!("no store at {}", self.url())));
-        }
+        self.check_root()?;
         let names: Vec<String> = match name {
             Some(n) => vec![n.to_string()],
             None => {
@@ -193,7 +298,8 @@ impl Store for LocalStore {
                 for entry in entries {
                     let entry = entry.map_err(|e| Error::io(format!("listing store {}", self.url()), e))?;
                     let n = entry.file_name().to_string_lossy().into_owned();
-                    if entry.path().is_dir() && validate_name(&n).is_ok() {
+                    let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+                    if is_dir && validate_name(&n).is_ok() {
                         names.push(n);
                     }
                 }
@@ -202,30 +308,35 @@ impl Store for LocalStore {
         };
         let mut listing = Listing::default();
         for n in names {
-            list_name(&self.name_dir(&n), &n, &mut listing)?;
+            if let Some(dir) = self.existing_name_dir(&n)? {
+                list_name(&dir, &n, &mut listing)?;
+            }
         }
-        listing
-            .artifacts
-            .sort_by(|a, b| (&a.name, &a.started, &a.id).cmp(&(&b.name, &b.started, &b.id)));
-        listing.leftovers.sort();
+        listing.sort();
         Ok(listing)
     }
 
     fn open(&self, artifact: &Artifact) -> Result<Box<dyn Read>> {
-        let path = self.name_dir(&artifact.name).join(&artifact.file);
-        let file = File::open(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let dir = self
+            .existing_name_dir(&artifact.name)?
+            .ok_or_else(|| Error::no_input(format!("no backups of {} in {}", artifact.name, self.url())))?;
+        let file = open_regular(&dir.join(&artifact.file))?;
         Ok(Box::new(BufReader::with_capacity(256 * 1024, file)))
     }
 
     fn delete(&self, artifact: &Artifact) -> Result<()> {
-        let dir = self.name_dir(&artifact.name);
+        let Some(dir) = self.existing_name_dir(&artifact.name)? else {
+            return Ok(());
+        };
         remove_if_present(&dir.join(manifest_file(&artifact.id)))?;
         remove_if_present(&dir.join(&artifact.file))?;
         sync_dir(&dir)
     }
 
     fn remove_leftovers(&self, name: &str, older_than: SystemTime, dry_run: bool) -> Result<Vec<String>> {
-        let dir = self.name_dir(name);
+        let Some(dir) = self.existing_name_dir(name)? else {
+            return Ok(Vec::new());
+        };
         let entries = match fs::read_dir(&dir) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             other => other.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?,
@@ -265,29 +376,50 @@ fn list_name(dir: &Path, name: &str, listing: &mut Listing) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         other => other.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?,
     };
-    let mut files = Vec::new();
+    // Each entry with its size if it is a regular file (never followed: a symlink is not one).
+    let mut files: Vec<(String, Option<u64>)> = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
-        files.push(entry.file_name().to_string_lossy().into_owned());
+        let regular = fs::symlink_metadata(entry.path()).ok().filter(|m| m.is_file());
+        files.push((
+            entry.file_name().to_string_lossy().into_owned(),
+            regular.map(|m| m.len()),
+        ));
     }
     let mut claimed = Vec::new();
-    for f in files.iter().filter(|f| f.ends_with(".json") && !is_temp(f)) {
+    for (f, size) in files.iter().filter(|(f, _)| f.ends_with(".json") && !is_temp(f)) {
         let path = dir.join(f);
         claimed.push(f.clone());
-        let read = fs::read_to_string(&path).map_err(|e| Error::io("unreadable manifest", e));
-        match read.and_then(|text| parse_line(text.trim(), "unreadable manifest")) {
+        let broken = |reason: String| Broken {
+            name: name.to_string(),
+            id: f.trim_end_matches(".json").to_string(),
+            location: path.display().to_string(),
+            reason,
+        };
+        if size.is_none() {
+            listing.broken.push(broken("its manifest is not a regular file".into()));
+            continue;
+        }
+        match read_manifest(&path) {
             Ok(Record::Artifact(mut a)) if a.name == name && manifest_file(&a.id) == *f => {
-                a.location = dir.join(&a.file).display().to_string();
                 claimed.push(a.file.clone());
-                listing.artifacts.push(a);
+                let found = files.iter().find(|(g, _)| *g == a.file).map(|(_, size)| *size);
+                // A non-regular artifact "file" is as good as missing.
+                match artifact_problem(&a, found.filter(Option::is_some)) {
+                    Some(reason) => listing.broken.push(broken(reason)),
+                    None => {
+                        a.location = dir.join(&a.file).display().to_string();
+                        listing.artifacts.push(a);
+                    }
+                }
             }
-            Ok(_) => listing
-                .leftovers
-                .push(format!("{}: not a manifest of {name}", path.display())),
-            Err(e) => listing.leftovers.push(format!("{}: {}", path.display(), e.message)),
+            Ok(_) => listing.broken.push(broken(format!("it is not a manifest of {name}"))),
+            Err(e) => listing
+                .broken
+                .push(broken(format!("unreadable manifest: {}", e.message))),
         }
     }
-    for f in files.iter().filter(|f| !claimed.contains(f)) {
+    for (f, _) in files.iter().filter(|(f, _)| !claimed.contains(f)) {
         let why = if is_temp(f) {
             "temporary file of an unfinished run"
         } else {
@@ -296,6 +428,16 @@ fn list_name(dir: &Path, name: &str, listing: &mut Listing) -> Result<()> {
         listing.leftovers.push(format!("{}: {why}", dir.join(f).display()));
     }
     Ok(())
+}
+
+/// Reads and parses a manifest: a regular file of at most a megabyte.
+fn read_manifest(path: &Path) -> Result<Record> {
+    let mut text = String::new();
+    open_regular(path)?
+        .take(MAX_MANIFEST)
+        .read_to_string(&mut text)
+        .map_err(|e| Error::data(format!("reading {}: {}", path.display(), crate::error::describe_io(&e))))?;
+    parse_line(text.trim(), "manifest")
 }
 
 #[cfg(test)]
@@ -391,9 +533,11 @@ mod tests {
             .list(None)
             .unwrap();
         assert!(listing.artifacts.is_empty());
-        assert_eq!(listing.leftovers.len(), 2, "{:?}", listing.leftovers);
+        assert_eq!(listing.leftovers.len(), 1, "{:?}", listing.leftovers);
         assert!(listing.leftovers[0].ends_with("job.2.tar: no manifest"));
-        assert!(listing.leftovers[1].contains("unreadable manifest"));
+        assert_eq!(listing.broken.len(), 1, "{:?}", listing.broken);
+        assert_eq!(listing.broken[0].id, "job.3");
+        assert!(listing.broken[0].reason.contains("unreadable manifest"));
     }
 
     #[test]

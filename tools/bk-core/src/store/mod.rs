@@ -17,14 +17,65 @@ pub trait Upload: Write {
     fn commit(self: Box<Self>) -> Result<()>;
 }
 
-/// What a store holds: complete artifacts (those with a manifest), and anything else.
+/// What a store holds: complete artifacts (a manifest, and its artifact file of the size it
+/// says), backups that are broken, and anything else.
 #[derive(Debug, Default)]
 pub struct Listing {
     /// Sorted by name, then by start time, oldest first.
     pub artifacts: Vec<Artifact>,
-    /// Files without a manifest (a killed run's temporary file, say), and unreadable
-    /// manifests, each with why it is listed.
+    /// Manifests that cannot be trusted as backups, sorted by name, then id: unreadable or
+    /// invalid, or whose artifact file is missing or of another size. Never counted as a
+    /// backup (bk-prune), reported by every tool that lists.
+    pub broken: Vec<Broken>,
+    /// Files without a manifest (a killed run's temporary file, say), each with why it is
+    /// listed.
     pub leftovers: Vec<String>,
+}
+
+/// A manifest that does not stand for a usable backup.
+#[derive(Debug, Clone)]
+pub struct Broken {
+    pub name: String,
+    /// The id the manifest's file name gives (`<id>.json`).
+    pub id: String,
+    /// Where the manifest is.
+    pub location: String,
+    /// Why it is broken, e.g. "its artifact file x.sql.zst is missing".
+    pub reason: String,
+}
+
+impl Broken {
+    /// The error every tool reports for it (65: the store's data is bad).
+    pub fn error(&self) -> Error {
+        Error::data(format!(
+            "{}: broken backup: {} ({})",
+            self.id, self.reason, self.location
+        ))
+        .named(&self.name)
+    }
+}
+
+/// Whether a manifest and the artifact file found beside it (`None`: none) make a backup;
+/// `size` is `None` where the store does not tell sizes. Shared by every store's listing.
+pub fn artifact_problem(artifact: &Artifact, found: Option<Option<u64>>) -> Option<String> {
+    match found {
+        None => Some(format!("its artifact file {} is missing", artifact.file)),
+        Some(Some(size)) if size != artifact.bytes => Some(format!(
+            "its artifact file {} is {size} bytes, the manifest says {}",
+            artifact.file, artifact.bytes
+        )),
+        Some(_) => None,
+    }
+}
+
+impl Listing {
+    /// Sorts every part as documented.
+    pub fn sort(&mut self) {
+        self.artifacts
+            .sort_by(|a, b| (&a.name, &a.started, &a.id).cmp(&(&b.name, &b.started, &b.id)));
+        self.broken.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
+        self.leftovers.sort();
+    }
 }
 
 pub trait Store {
