@@ -433,10 +433,14 @@ fn load(
 ) -> Result<()> {
     let mut cmd = Command::new(client);
     cmd.args(server.args()).arg("--binary-mode").arg(target);
+    let mut scanned = Scanned {
+        inner: &mut decoder,
+        scanner: SqlScanner::new(artifact.source.database.as_deref().unwrap_or_default()),
+    };
     if tables.is_empty() {
-        stream_into(cmd, &mut decoder, classify)?;
+        stream_into(cmd, &mut scanned, classify)?;
     } else {
-        let mut filtered = crate::sqlfilter::TableFilter::new(&mut decoder, tables);
+        let mut filtered = crate::sqlfilter::TableFilter::new(&mut scanned, tables);
         stream_into(cmd, &mut filtered, classify)?;
         let missing = filtered.missing();
         if !missing.is_empty() {
@@ -447,7 +451,27 @@ fn load(
             )));
         }
     }
+    if !scanned.scanner.completed() {
+        return Err(Error::data(format!(
+            "{}: the dump does not end with '-- Dump completed': it is truncated",
+            artifact.file
+        )));
+    }
     decoder.finish(artifact).map(drop)
+}
+
+/// The dump as it is loaded, watched for its completion line.
+struct Scanned<'a> {
+    inner: &'a mut dyn std::io::Read,
+    scanner: SqlScanner,
+}
+
+impl std::io::Read for Scanned<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.scanner.feed(&buf[..n]);
+        Ok(n)
+    }
 }
 
 /// Exact rows of every base table of a database, keyed `<database>.<table>`.
