@@ -1289,7 +1289,9 @@ fn restore_until_loading(env: &Env, artifact: &Artifact, live: &str, table: &str
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let scratch = env.sql(&format!(
-            "SELECT TABLE_SCHEMA FROM information_schema.TABLES WHERE TABLE_SCHEMA LIKE 'bk\\_restore\\_%' AND TABLE_NAME = {}",
+            // (or in the live database itself, where a restore that drops first loads)
+            "SELECT TABLE_SCHEMA FROM information_schema.TABLES WHERE (TABLE_SCHEMA LIKE 'bk\\_restore\\_%' OR TABLE_SCHEMA = {}) AND TABLE_NAME = {}",
+            mysql_string(live),
             mysql_string(table)
         ));
         if let Some(scratch) = scratch.lines().next() {
