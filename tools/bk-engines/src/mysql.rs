@@ -407,7 +407,7 @@ pub fn restore(artifact: &Artifact, decoder: Decoder, opts: &RestoreOptions) -> 
 /// Scratch databases of restores, and old copies that a `--replace` keeps until the swap is
 /// over: a killed bk-restore may leave them; say so (an old copy may hold the only copy of
 /// data a failed swap took out of its database: it is never dropped here).
-fn warn_leftovers(client: &PathBuf, server: &Mysql) -> Result<()> {
+fn warn_leftovers(client: &Path, server: &Mysql) -> Result<()> {
     for row in query(client, server, None, "SHOW DATABASES")? {
         let Some(db) = row.first() else { continue };
         if db.starts_with(SCRATCH_PREFIX) {
@@ -475,7 +475,7 @@ impl std::io::Read for Scanned<'_> {
 }
 
 /// Exact rows of every base table of a database, keyed `<database>.<table>`.
-fn count_rows(client: &PathBuf, server: &Mysql, database: &str) -> Result<BTreeMap<String, u64>> {
+fn count_rows(client: &Path, server: &Mysql, database: &str) -> Result<BTreeMap<String, u64>> {
     let tables = query(client, server, None, &format!(
         "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = {} AND TABLE_TYPE = 'BASE TABLE' ORDER BY TABLE_NAME",
         literal(database)
