@@ -341,15 +341,20 @@ pub fn restore(artifact: &Artifact, decoder: Decoder, opts: &RestoreOptions) -> 
     let suffix = format!("{:08x}", rand::random::<u32>());
     let scratch = format!("{SCRATCH_PREFIX}{suffix}");
     let old = format!("{OLD_PREFIX}{suffix}");
-    let dropper = opts.clone();
-    let dropped = scratch.clone();
-    // Whatever happens (a signal included), the scratch database goes.
-    let _drop_scratch = bk_core::cleanup::on_exit(move || {
+    // A database that does not exist yet is itself a fresh one: the backup loads straight
+    // into it (as bk-verify's scratch databases do). An existing one is not touched before
+    // the swap.
+    let into = if exists { scratch.clone() } else { target.clone() };
+    let kept = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (dropper, dropped, keep) = (opts.clone(), into.clone(), kept.clone());
+    // Whatever happens (a signal included), the database loaded into goes, unless it is
+    // the new target, restored.
+    let _drop_loaded = bk_core::cleanup::on_exit(move || {
+        if keep.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         if let Err(e) = drop_database(&dropper, &dropped) {
-            eprintln!(
-                "bk-restore: warning: could not drop the scratch database {dropped}: {}",
-                e.message
-            );
+            eprintln!("bk-restore: warning: could not drop {dropped}: {}", e.message);
         }
     });
     let untouched = |e: Error| {
@@ -360,15 +365,18 @@ pub fn restore(artifact: &Artifact, decoder: Decoder, opts: &RestoreOptions) -> 
         &programs.client,
         &server,
         None,
-        &format!("CREATE DATABASE {}", ident(&scratch)),
+        &format!("CREATE DATABASE {}", ident(&into)),
     )
     .map_err(|e| {
-        untouched(e.context(format!(
-            "creating the scratch database {scratch} (the restoring user needs CREATE and DROP on `bk\\_restore\\_%` and `bk\\_old\\_%`)"
-        )))
+        let why = if exists {
+            " (the restoring user needs CREATE and DROP on `bk\\_restore\\_%` and `bk\\_old\\_%`)"
+        } else {
+            ""
+        };
+        untouched(e.context(format!("creating the database {into}{why}")))
     })?;
-    load(artifact, decoder, &programs.client, &server, &scratch, &opts.tables).map_err(untouched)?;
-    let counts = count_rows(&programs.client, &server, &scratch).map_err(untouched)?;
+    load(artifact, decoder, &programs.client, &server, &into, &opts.tables).map_err(untouched)?;
+    let counts = count_rows(&programs.client, &server, &into).map_err(untouched)?;
     if non_empty {
         // Data is only ever replaced by a copy that matches its manifest.
         if let Some(m) = crate::count_mismatch(&artifact.counts, &counts, &opts.tables) {
@@ -378,18 +386,22 @@ pub fn restore(artifact: &Artifact, decoder: Decoder, opts: &RestoreOptions) -> 
             ))));
         }
     }
-    crate::mysql_swap::Swap {
-        client: &programs.client,
-        dump: &programs.dump,
-        server: &server,
-        scratch: &scratch,
-        old: &old,
-        target: &target,
-        exists,
-        partial: !opts.tables.is_empty(),
+    if exists {
+        crate::mysql_swap::Swap {
+            client: &programs.client,
+            dump: &programs.dump,
+            server: &server,
+            scratch: &scratch,
+            old: &old,
+            target: &target,
+            exists,
+            partial: !opts.tables.is_empty(),
+        }
+        .run()
+        .map_err(|e| e.context(format!("restoring into {target}")))?;
     }
-    .run()
-    .map_err(|e| e.context(format!("restoring into {target}")))?;
+    // A new target is the restore; a scratch database is dropped.
+    kept.store(!exists, std::sync::atomic::Ordering::SeqCst);
     let (host, port) = server.server();
     let mut target_info = serde_json::Map::new();
     target_info.insert("host".into(), host.into());
@@ -399,7 +411,7 @@ pub fn restore(artifact: &Artifact, decoder: Decoder, opts: &RestoreOptions) -> 
     target_info.insert("database".into(), target.clone().into());
     Ok(RestoredInfo {
         target: target_info,
-        counts: crate::mysql_swap::counts_in(counts, &scratch, &target),
+        counts: crate::mysql_swap::counts_in(counts, &into, &target),
         complete: opts.tables.is_empty(),
     })
 }

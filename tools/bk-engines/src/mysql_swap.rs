@@ -198,15 +198,17 @@ impl Swap<'_> {
             unblock += &format!("DROP TRIGGER {}.{};\n", ident(scratch), ident(&name));
         }
         self.apply(scratch, unblock.as_bytes())?;
+
+        // From here on a signal waits: nothing is left half done (an empty old copy
+        // included).
+        let _wait = bk_core::cleanup::on_exit(|| drop(SWAPPING.lock()));
+        let _swapping = SWAPPING.lock().unwrap_or_else(|p| p.into_inner());
         if !self.exists {
             self.create_like_scratch(target)?;
         }
         if !leaving.is_empty() {
             self.create_like_scratch(old)?;
         }
-
-        let _wait = bk_core::cleanup::on_exit(|| drop(SWAPPING.lock()));
-        let _swapping = SWAPPING.lock().unwrap_or_else(|p| p.into_inner());
         let mut rename = Vec::new();
         rename.extend(
             leaving
