@@ -46,7 +46,9 @@ pub struct Cli {
     #[arg(long, value_name = "TARGET")]
     pub to: Option<PathBuf>,
     /// Restore into a target that is not empty (files are overwritten, directories merged;
-    /// a SQLite file is replaced; a database is dropped and created again)
+    /// a SQLite file is replaced; a database is replaced: MySQL loads and checks a
+    /// bk_restore_* copy first, then swaps its tables in with one RENAME TABLE, the old ones
+    /// kept in bk_old_* until the end; with --table only those tables are replaced)
     #[arg(long)]
     pub replace: bool,
     /// Database backups: restore into this database [default: the source's name]
