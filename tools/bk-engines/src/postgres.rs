@@ -509,6 +509,36 @@ fn tls_failure(e: &postgres::Error) -> Option<&rustls::Error> {
         .downcast_ref::<rustls::Error>()
 }
 
+#[cfg(test)]
+mod connection_settings_tests {
+    use super::*;
+
+    #[test]
+    fn service_sections_read_like_libpq() {
+        let text = "# comment\n[a]\nport=1\n[ab]\n  host=h2  \nport=2\nport=3\nsslmode=require\n[ab]\nport=9\n";
+        let ab = service_section(text, "ab").unwrap().unwrap();
+        assert_eq!(ab.get("host").map(String::as_str), Some("h2"), "lines are trimmed");
+        assert_eq!(ab.get("port").map(String::as_str), Some("2"), "the first value wins");
+        assert_eq!(ab.len(), 3, "only the first [ab] section");
+        assert_eq!(service_section(text, "b").unwrap(), None);
+        assert_eq!(service_section("[x]\nport = 1\n", "x").unwrap().unwrap().get("port"), None);
+        assert_eq!(service_section("[x]\n\nport\n", "x"), Err(3));
+        assert_eq!(service_section("[x]\nservice=y\n", "x"), Err(2));
+        assert_eq!(service_section("[y]\nnot a setting\n", "x"), Ok(None), "other sections are not read");
+    }
+
+    #[test]
+    fn sslmodes_are_libpqs() {
+        for (mode, name) in SSL_MODES {
+            assert_eq!(SslMode::parse(name, "PGSSLMODE").unwrap(), mode);
+            assert_eq!(mode.name(), name);
+        }
+        let e = SslMode::parse("on", "PGSSLMODE").unwrap_err();
+        assert_eq!(e.kind, Kind::Config);
+        assert!(e.message.contains("PGSSLMODE") && e.message.contains("verify-full"), "{}", e.message);
+    }
+}
+
 /// One line of a password file: five fields split at unescaped ':', `\:` and `\\` unescaped.
 fn split_pgpass(line: &str) -> Vec<String> {
     let mut fields = vec![String::new()];
