@@ -157,7 +157,8 @@ impl PgConn {
         })
     }
 
-    /// The password file's entry for a database, as libpq matches it.
+    /// The service's password, else the password file's entry for a database, as libpq
+    /// matches it.
     fn password(&self, database: &str) -> Result<Option<String>> {
         if self.service_password.is_some() {
             return Ok(self.service_password.clone());
