@@ -1116,39 +1116,31 @@ fn a_tls_only_role_dumps_and_restores_under_every_sslmode_that_allows_tls() {
     let ca = pg_ca();
     let role = TlsRole::create(&admin);
     let source = role.database();
-    let t = Pg::with_server(role.server.clone());
     let expected = BTreeMap::from([("public.t".to_string(), 3)]);
     // allow: cleartext first, refused by the server, then TLS; prefer (the default) and require:
-    // TLS without checking the certificate; verify-*: checked against the test CA.
-    let cases: [(Option<&str>, Option<&Path>); 6] = [
-        (None, None),
-        (Some("allow"), None),
-        (Some("prefer"), None),
-        (Some("require"), None),
-        (Some("verify-ca"), Some(&ca)),
-        (Some("verify-full"), Some(&ca)),
+    // TLS without checking the certificate; verify-ca: its chain (the certificate names
+    // localhost, not 127.0.0.1); verify-full: chain and name.
+    let cases: [(Option<&str>, Option<&Path>, &str); 6] = [
+        (None, None, "127.0.0.1"),
+        (Some("allow"), None, "127.0.0.1"),
+        (Some("prefer"), None, "127.0.0.1"),
+        (Some("require"), None, "127.0.0.1"),
+        (Some("verify-ca"), Some(&ca), "127.0.0.1"),
+        (Some("verify-full"), Some(&ca), "localhost"),
     ];
-    for (sslmode, root_cert) in cases {
-        let run = run_cmd(
-            with_tls(t.dump_cmd(&["--dbname", &source.name]), sslmode, root_cert),
-            "",
-        )
-        .ok();
+    for (sslmode, root_cert, host) in cases {
+        let t = Pg::with_server(PgServer {
+            host: host.to_string(),
+            ..role.server.clone()
+        });
+        let run = run_cmd(with_tls(t.dump_cmd(&["--dbname", &source.name]), sslmode, root_cert), "").ok();
         let artifact = run.artifact();
-        assert_eq!(
-            artifact.counts, expected,
-            "sslmode {sslmode:?}: bk's own connection counted the rows"
-        );
+        assert_eq!(artifact.counts, expected, "sslmode {sslmode:?}: bk's own connection counted the rows");
         let target = admin.database(&pg_unique_name("bk_tls_r_"));
         let restore = t.pg.cmd(&t.sb, &t.pgpass, "bk-restore", &["--database", &target.name]);
-        let restored = run_cmd(with_tls(restore, sslmode, root_cert), &line(&artifact))
-            .ok()
-            .restored();
+        let restored = run_cmd(with_tls(restore, sslmode, root_cert), &line(&artifact)).ok().restored();
         assert_eq!(restored.counts, expected, "sslmode {sslmode:?}");
-        assert_eq!(
-            admin.strings(&target.name, "SELECT string_agg(v, ',' ORDER BY v) FROM t"),
-            ["a,b,c"]
-        );
+        assert_eq!(admin.strings(&target.name, "SELECT string_agg(v, ',' ORDER BY v) FROM t"), ["a,b,c"]);
         assert!(!run.stdout.contains(&t.pg.password) && !run.stderr.contains(&t.pg.password));
     }
 }
@@ -1206,7 +1198,10 @@ fn verification_against_a_wrong_or_missing_root_certificate_fails() {
     let missing = t.sb.path("no-such-root.crt");
     let missing_text = missing.display().to_string();
     // (sslmode, root certificate, exit code, what the message must say)
+    let ca = pg_ca();
     let cases = [
+        // the server's certificate names localhost, and this connects to 127.0.0.1
+        ("verify-full", &ca, 69, "not valid for name"),
         ("verify-full", &wrong, 69, "certificate"),
         ("verify-ca", &wrong, 69, "certificate"),
         // require with a root certificate checks the chain, as libpq does
@@ -1248,6 +1243,7 @@ fn prefer_falls_back_to_cleartext_on_a_server_without_tls_and_require_does_not()
             "{sslmode:?}"
         );
     }
+    std::fs::remove_dir_all(t.sb.path("store")).unwrap();
     for sslmode in ["require", "verify-full"] {
         let cmd = with_tls(t.dump_cmd(&["--dbname", "postgres"]), Some(sslmode), Some(&pg_ca()));
         assert_dump_fails(&t, cmd, 69, "does not support TLS");
@@ -1267,8 +1263,7 @@ fn a_service_file_selects_the_server_and_its_tls_settings() {
     std::fs::write(
         &service_file,
         format!(
-            "# bk's test server\n[other]\nhost=192.0.2.1\n\n[bktest]\nhost={}\nport={}\nuser={}\nsslmode=verify-full\nsslrootcert={}\n[last]\nport=1\n",
-            t.pg.host,
+            "# bk's test server (its certificate names localhost)\n[other]\nhost=192.0.2.1\n\n[bktest]\nhost=localhost\nport={}\nuser={}\nsslmode=verify-full\nsslrootcert={}\n[last]\nport=1\n",
             t.pg.port,
             t.pg.user,
             ca.display()
@@ -1295,6 +1290,7 @@ fn a_service_file_selects_the_server_and_its_tls_settings() {
     let artifact = run_cmd(service_cmd("bktest"), "").ok().artifact();
     assert_eq!(artifact.counts, BTreeMap::from([("public.t".to_string(), 3)]));
     assert_eq!(artifact.source.database.as_deref(), Some(source.name.as_str()));
+    std::fs::remove_dir_all(t.sb.path("store")).unwrap();
     let run = assert_dump_fails(
         &t,
         service_cmd("nosuch"),

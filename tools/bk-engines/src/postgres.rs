@@ -243,8 +243,14 @@ impl PgConn {
                     Some(f) => format!("root certificate {}", f.display()),
                     None => "server certificate not verified".to_string(),
                 };
+                let why = match tls {
+                    rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+                        "the server's certificate is not signed by the root certificate's CA".to_string()
+                    }
+                    other => other.to_string(),
+                };
                 Error::unavailable(format!(
-                    "{doing}: TLS failed (sslmode {}, {root}): {tls}",
+                    "{doing}: TLS failed (sslmode {}, {root}): {why}",
                     self.sslmode.name()
                 ))
             }
@@ -376,7 +382,8 @@ impl Service {
 
 /// The settings of the first `[name]` section, read as libpq reads them: lines trimmed, `#`
 /// comments, `key=value` with nothing trimmed around `=`, the first value of a key kept.
-/// Err: the number of a line that is not `key=value`, or that names another service.
+/// Err: the number of a line that is not `keyword=value` (libpq refuses `port = 5432`: there
+/// is no keyword "port "), or that names another service.
 fn service_section(text: &str, name: &str) -> std::result::Result<Option<BTreeMap<String, String>>, usize> {
     let mut section: Option<BTreeMap<String, String>> = None;
     for (n, line) in text.lines().enumerate() {
@@ -392,8 +399,11 @@ fn service_section(text: &str, name: &str) -> std::result::Result<Option<BTreeMa
                 section = Some(BTreeMap::new());
             }
         } else if let Some(settings) = &mut section {
+            let keyword = |key: &str| {
+                !key.is_empty() && key != "service" && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+            };
             match line.split_once('=') {
-                Some((key, value)) if key != "service" => {
+                Some((key, value)) if keyword(key) => {
                     settings.entry(key.to_string()).or_insert_with(|| value.to_string());
                 }
                 _ => return Err(n + 1),
@@ -522,7 +532,7 @@ mod connection_settings_tests {
         assert_eq!(ab.get("port").map(String::as_str), Some("2"), "the first value wins");
         assert_eq!(ab.len(), 3, "only the first [ab] section");
         assert_eq!(service_section(text, "b").unwrap(), None);
-        assert_eq!(service_section("[x]\nport = 1\n", "x").unwrap().unwrap().get("port"), None);
+        assert_eq!(service_section("[x]\nport = 1\n", "x"), Err(2));
         assert_eq!(service_section("[x]\n\nport\n", "x"), Err(3));
         assert_eq!(service_section("[x]\nservice=y\n", "x"), Err(2));
         assert_eq!(service_section("[y]\nnot a setting\n", "x"), Ok(None), "other sections are not read");
@@ -564,10 +574,16 @@ fn pg_error(doing: &str, e: postgres::Error) -> Error {
         Some(_) => Kind::Io,
         None => Kind::Unavailable,
     };
-    let detail = e
-        .as_db_error()
-        .map(|d| d.message().to_string())
-        .unwrap_or_else(|| e.to_string());
+    // The client's own errors name their cause only as their source.
+    let detail = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| {
+        let mut text = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            text = format!("{text}: {c}");
+            cause = c.source();
+        }
+        text
+    });
     Error::new(kind, format!("{doing}: {detail}"))
 }
 
