@@ -1133,14 +1133,26 @@ fn a_tls_only_role_dumps_and_restores_under_every_sslmode_that_allows_tls() {
             host: host.to_string(),
             ..role.server.clone()
         });
-        let run = run_cmd(with_tls(t.dump_cmd(&["--dbname", &source.name]), sslmode, root_cert), "").ok();
+        let run = run_cmd(
+            with_tls(t.dump_cmd(&["--dbname", &source.name]), sslmode, root_cert),
+            "",
+        )
+        .ok();
         let artifact = run.artifact();
-        assert_eq!(artifact.counts, expected, "sslmode {sslmode:?}: bk's own connection counted the rows");
+        assert_eq!(
+            artifact.counts, expected,
+            "sslmode {sslmode:?}: bk's own connection counted the rows"
+        );
         let target = admin.database(&pg_unique_name("bk_tls_r_"));
         let restore = t.pg.cmd(&t.sb, &t.pgpass, "bk-restore", &["--database", &target.name]);
-        let restored = run_cmd(with_tls(restore, sslmode, root_cert), &line(&artifact)).ok().restored();
+        let restored = run_cmd(with_tls(restore, sslmode, root_cert), &line(&artifact))
+            .ok()
+            .restored();
         assert_eq!(restored.counts, expected, "sslmode {sslmode:?}");
-        assert_eq!(admin.strings(&target.name, "SELECT string_agg(v, ',' ORDER BY v) FROM t"), ["a,b,c"]);
+        assert_eq!(
+            admin.strings(&target.name, "SELECT string_agg(v, ',' ORDER BY v) FROM t"),
+            ["a,b,c"]
+        );
         assert!(!run.stdout.contains(&t.pg.password) && !run.stderr.contains(&t.pg.password));
     }
 }

@@ -535,7 +535,11 @@ mod connection_settings_tests {
         assert_eq!(service_section("[x]\nport = 1\n", "x"), Err(2));
         assert_eq!(service_section("[x]\n\nport\n", "x"), Err(3));
         assert_eq!(service_section("[x]\nservice=y\n", "x"), Err(2));
-        assert_eq!(service_section("[y]\nnot a setting\n", "x"), Ok(None), "other sections are not read");
+        assert_eq!(
+            service_section("[y]\nnot a setting\n", "x"),
+            Ok(None),
+            "other sections are not read"
+        );
     }
 
     #[test]
@@ -546,7 +550,11 @@ mod connection_settings_tests {
         }
         let e = SslMode::parse("on", "PGSSLMODE").unwrap_err();
         assert_eq!(e.kind, Kind::Config);
-        assert!(e.message.contains("PGSSLMODE") && e.message.contains("verify-full"), "{}", e.message);
+        assert!(
+            e.message.contains("PGSSLMODE") && e.message.contains("verify-full"),
+            "{}",
+            e.message
+        );
     }
 }
 
