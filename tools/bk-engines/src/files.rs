@@ -730,3 +730,45 @@ impl Read for TailReader<'_> {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+
+    /// Entry names as a hostile tar may hold them: '..', '.', '/', empty and long parts,
+    /// bytes that are not UTF-8 (never NUL, which ends a name in a tar header).
+    fn entry_name() -> impl Strategy<Value = Vec<u8>> {
+        let part = prop_oneof![
+            Just(b"..".to_vec()),
+            Just(b".".to_vec()),
+            Just(b"/".to_vec()),
+            Just(Vec::new()),
+            "[a-z.]{1,6}".prop_map(String::into_bytes),
+            proptest::collection::vec(1..=u8::MAX, 1..300),
+        ];
+        proptest::collection::vec(part, 0..8).prop_map(|parts| parts.join(&b'/'))
+    }
+
+    proptest! {
+        // 256 cases by default; PROPTEST_CASES=100000 for a longer run.
+        #[test]
+        fn an_entry_is_refused_or_lands_strictly_inside_the_staging_directory(name in entry_name()) {
+            let staging = Path::new("/target/.bk-restore-0123abcd");
+            let name = Path::new(OsStr::from_bytes(&name));
+            let escapes = name.has_root() || name.components().any(|c| c == Component::ParentDir);
+            let empty = name.components().all(|c| c == Component::CurDir);
+            match staged_path(staging, name) {
+                Ok(dst) => {
+                    prop_assert!(!escapes && !empty, "{name:?} accepted as {dst:?}");
+                    let below = dst.strip_prefix(staging).expect("below the staging directory");
+                    prop_assert!(below.components().next().is_some());
+                    prop_assert!(below.components().all(|c| matches!(c, Component::Normal(_))), "{dst:?}");
+                }
+                Err(_) => prop_assert!(escapes || empty, "{name:?} refused"),
+            }
+        }
+    }
+}
