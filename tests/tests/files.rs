@@ -883,7 +883,13 @@ impl OpenGate {
                     c_path.as_ptr(),
                 )
             };
-            assert_eq!(marked, 0, "fanotify_mark {}: {}", path.display(), std::io::Error::last_os_error());
+            assert_eq!(
+                marked,
+                0,
+                "fanotify_mark {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
         }
         OpenGate { fanotify }
     }
@@ -940,8 +946,16 @@ impl OpenGate {
 /// Names in an uncompressed tar, as GNU tar lists them (and proof that it reads it whole).
 fn tar_names(tar: &Path) -> Vec<String> {
     let out = Command::new("tar").arg("-tf").arg(tar).output().unwrap();
-    assert!(out.status.success(), "tar -tf: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect()
+    assert!(
+        out.status.success(),
+        "tar -tf: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 /// bk-verify of one backup name: it must pass.
@@ -1002,7 +1016,12 @@ fn entries_that_vanish_during_the_dump_are_left_out_with_a_warning() {
     let r = Run::from(reaper.0.pop().unwrap().wait_with_output().unwrap()).ok();
     let warnings: Vec<String> = ["b-gone", "c-dir", "d-link"]
         .iter()
-        .map(|gone| format!("bk-dump: warning: {} vanished while being read: not in the backup", s(&p(gone))))
+        .map(|gone| {
+            format!(
+                "bk-dump: warning: {} vanished while being read: not in the backup",
+                s(&p(gone))
+            )
+        })
         .collect();
     assert_eq!(r.stderr.lines().collect::<Vec<_>>(), warnings);
     let a = r.artifact();
@@ -1039,7 +1058,16 @@ fn files_that_shrink_or_grow_during_the_dump_keep_their_size_with_a_warning() {
     let store = sb.store();
     let mut reaper = Reaper(vec![sb.spawn(
         "bk-dump",
-        &["files", s(&src), "--name", "changing", "--compress", "none", "--to", &store],
+        &[
+            "files",
+            s(&src),
+            "--name",
+            "changing",
+            "--compress",
+            "none",
+            "--to",
+            &store,
+        ],
     )]);
     // truncate(2) by path: opening the file here would wait on the gate too.
     for (file, new_len) in [("grows", 5 << 20), ("shrinks", 1000)] {
@@ -1070,10 +1098,16 @@ fn files_that_shrink_or_grow_during_the_dump_keep_their_size_with_a_warning() {
     assert_eq!(a.counts, BTreeMap::from([("entries".to_string(), 3)]));
     assert_verifies(&sb, "changing");
     let target = sb.path("target");
-    sb.run("bk-restore", &["--from", &store, "--name", "changing", "--to", s(&target)])
-        .ok();
+    sb.run(
+        "bk-restore",
+        &["--from", &store, "--name", "changing", "--to", s(&target)],
+    )
+    .ok();
     let back = restored_root(&target, &src);
-    assert!(fs::read(back.join("grows")).unwrap() == original, "cut at the size it had");
+    assert!(
+        fs::read(back.join("grows")).unwrap() == original,
+        "cut at the size it had"
+    );
     let mut padded = original[..1000].to_vec();
     padded.resize(original.len(), 0);
     assert!(fs::read(back.join("shrinks")).unwrap() == padded, "padded with zeros");
@@ -1334,15 +1368,27 @@ fn hostile_tar_entries_are_refused_as_bad_data_and_nothing_is_written() {
     // (what, the tar, the entry that the message names)
     let cases: Vec<(&str, RawTar, String)> = vec![
         ("a '..' component", ok().file(b"../../escaped"), "../../escaped".into()),
-        ("'..' inside a name", ok().file(b"a/../../escaped"), "a/../../escaped".into()),
-        ("'..' and a newline", ok().file(b"../evil\nname"), "../evil\nname".into()),
+        (
+            "'..' inside a name",
+            ok().file(b"a/../../escaped"),
+            "a/../../escaped".into(),
+        ),
+        (
+            "'..' and a newline",
+            ok().file(b"../evil\nname"),
+            "../evil\nname".into(),
+        ),
         (
             "an absolute path",
             ok().file(&[&precious_abs[..], b"-abs"].concat()),
             format!("{}-abs", s(&outside.join("precious"))),
         ),
         ("a name that names nothing", ok().dir(b"./"), "./".into()),
-        ("a hard link to an absolute path", ok().hard_link(b"hl", &precious_abs), "hl".into()),
+        (
+            "a hard link to an absolute path",
+            ok().hard_link(b"hl", &precious_abs),
+            "hl".into(),
+        ),
         ("a hard link up and out", ok().hard_link(b"hl", &up), "hl".into()),
         (
             "a hard link to a link that leads out",
@@ -1370,7 +1416,11 @@ fn hostile_tar_entries_are_refused_as_bad_data_and_nothing_is_written() {
             ok().symlink(b"up", b"..").file(b"up/pwned"),
             "up/pwned".into(),
         ),
-        ("a directory that is also a symlink", ok().symlink(b"d", &outside_abs).dir(b"d/"), "d/".into()),
+        (
+            "a directory that is also a symlink",
+            ok().symlink(b"d", &outside_abs).dir(b"d/"),
+            "d/".into(),
+        ),
         (
             "a symlink over a directory",
             ok().file(b"d/inside").symlink(b"d", &outside_abs),
@@ -1401,7 +1451,10 @@ fn hostile_tar_entries_are_refused_as_bad_data_and_nothing_is_written() {
             assert_eq!(r.stderr.lines().count(), 1, "{what}: {}", r.stderr);
             assert_eq!(r.records().len(), 1, "{what}: only the error record: {}", r.stdout);
         }
-        assert!(!sb.path(&format!("fresh{i}")).exists(), "{what}: the target and its parents are gone");
+        assert!(
+            !sb.path(&format!("fresh{i}")).exists(),
+            "{what}: the target and its parents are gone"
+        );
         assert_same_tree(&occupied_before, &tree_digest(&occupied), what);
         assert_same_tree(&before, &tree_digest(&outside), what);
     }
@@ -1417,7 +1470,12 @@ fn directories_a_restore_creates_are_0700_under_umask_000() {
     let store = sb.store();
     sb.dump(&["files", s(&src), "--name", "modes"]);
     let target = sb.path("new/parent/target");
-    with_umask_000(&sb, "bk-restore", &["--from", &store, "--name", "modes", "--to", s(&target)]).ok();
+    with_umask_000(
+        &sb,
+        "bk-restore",
+        &["--from", &store, "--name", "modes", "--to", s(&target)],
+    )
+    .ok();
     // bk's: the target, its missing parents, and the directories above the archived root
     // (the sandbox's own path, which the archive names but holds no entry for).
     let back = restored_root(&target, &src);
