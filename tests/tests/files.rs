@@ -1487,3 +1487,41 @@ fn directories_a_restore_creates_are_0700_under_umask_000() {
     assert_eq!(mode_of(&back.join("sub")), 0o751);
     assert_eq!(mode_of(&back.join("sub/deeper")), mode_of(&src.join("sub/deeper")));
 }
+
+#[test]
+fn a_partial_restore_of_a_hard_link_without_its_file_is_64() {
+    let sb = Sandbox::new();
+    let src = sb.path("linked");
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("d/first"), "one inode\n").unwrap();
+    fs::hard_link(src.join("d/first"), src.join("second")).unwrap();
+    let store = sb.store();
+    sb.dump(&["files", s(&src), "--name", "linked"]);
+    let target = sb.path("target");
+    let restore = |include: &str| {
+        let args = [
+            "--from",
+            &store,
+            "--name",
+            "linked",
+            "--include",
+            include,
+            "--to",
+            s(&target),
+        ];
+        sb.run("bk-restore", &args)
+    };
+    let e = restore("*second").code(64).error();
+    let rel = |p: &str| format!("{:?}", s(&src.join(p)).trim_start_matches('/'));
+    assert!(
+        e.message.contains(&rel("second")) && e.message.contains(&rel("d/first")) && e.message.contains("--include"),
+        "{}",
+        e.message
+    );
+    assert!(!target.exists());
+    let r = restore("**").ok();
+    assert!(!r.restored().complete);
+    let back = restored_root(&target, &src);
+    let ino = |p: &str| fs::metadata(back.join(p)).unwrap().ino();
+    assert_eq!(ino("second"), ino("d/first"));
+}
