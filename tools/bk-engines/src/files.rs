@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, Metadata};
 use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -505,6 +506,39 @@ fn staged_path(staging: &Path, path: &Path) -> std::result::Result<PathBuf, &'st
     Ok(dst)
 }
 
+/// An entry that bk-dump never writes: the artifact is bad (65).
+fn bad_entry(file: &str, entry: &Path, why: impl std::fmt::Display) -> Error {
+    // {:?}: a name with a newline or bytes that are not UTF-8 still makes one line.
+    Error::data(format!("{file}: entry {entry:?} {why}: refused"))
+}
+
+/// The rules of `Staging` that the names alone show, for bk-verify, which unpacks nothing:
+/// a path that `staged_path` accepts, below no symlink of the archive (`symlinks`, the
+/// entries seen so far), and a hard link to such a path.
+fn check_entry_name<R: Read>(
+    entry: &tar::Entry<R>,
+    symlinks: &mut HashSet<PathBuf>,
+) -> std::result::Result<(), String> {
+    let path = entry.path().map_err(|e| e.to_string())?;
+    let rel = staged_path(Path::new(""), &path)?;
+    if let Some(link) = rel.ancestors().skip(1).find(|dir| symlinks.contains(*dir)) {
+        return Err(format!(
+            "goes through {link:?}, which is a symbolic link in the archive"
+        ));
+    }
+    let kind = entry.header().entry_type();
+    if kind.is_hard_link() {
+        let target = entry
+            .link_name()
+            .map_err(|e| e.to_string())?
+            .ok_or("is a hard link to nothing")?;
+        staged_path(Path::new(""), &target).map_err(|why| format!("is a hard link to {target:?}, which {why}"))?;
+    } else if kind.is_symlink() {
+        symlinks.insert(rel);
+    }
+    Ok(())
+}
+
 /// The staging directory of one restore, and the rules that keep every entry inside it.
 /// An entry that breaks them is one bk-dump never writes: the artifact is bad data (65),
 /// whoever made it, and the restore stops before anything reaches the target.
@@ -518,11 +552,7 @@ struct Staging<'a> {
 
 impl Staging<'_> {
     fn refuse(&self, entry: &Path, why: impl std::fmt::Display) -> Error {
-        // {:?}: a name with a newline or bytes that are not UTF-8 still makes one line.
-        Error::data(format!(
-            "{}: entry {entry:?} {why}: refused, nothing was restored",
-            self.file
-        ))
+        bad_entry(self.file, entry, why)
     }
 
     fn dst(&self, entry: &Path) -> Result<PathBuf> {
@@ -696,8 +726,13 @@ pub fn derive_counts(artifact: &Artifact, decoder: &mut Decoder) -> Result<BTree
                 Error::data(format!("{}: not a valid tar archive: {e}", artifact.file))
             }
         };
+        let mut symlinks = HashSet::new();
         for entry in archive.entries().map_err(reading)? {
             let mut entry = entry.map_err(reading)?;
+            check_entry_name(&entry, &mut symlinks).map_err(|why| {
+                let path = entry.path_bytes();
+                bad_entry(&artifact.file, Path::new(std::ffi::OsStr::from_bytes(&path)), why)
+            })?;
             io::copy(&mut entry, &mut io::sink()).map_err(reading)?;
             entries += 1;
         }
@@ -736,7 +771,6 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::ffi::OsStr;
-    use std::os::unix::ffi::OsStrExt;
 
     /// Entry names as a hostile tar may hold them: '..', '.', '/', empty and long parts,
     /// bytes that are not UTF-8 (never NUL, which ends a name in a tar header).
