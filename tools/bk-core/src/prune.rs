@@ -351,7 +351,8 @@ struct Window<'a> {
 /// - a counted rule keeps a backup when its period differs from that of the last backup the
 ///   rule kept, and the rule has count left; `--keep-last` counts backups, not periods;
 /// - each rule counts on its own, also backups that another rule keeps already;
-/// - a rule with count left when it reaches the oldest backup keeps that one too;
+/// - a rule with count left when it reaches the oldest backup keeps that one too, and so
+///   does a `within-<period>` rule whose span reaches back to it (restic >= 0.16);
 /// - `within` rules are measured back from the newest backup, not from `now`;
 /// - a backup after `now` is kept (reason "in the future") and takes no part in the rules;
 /// - an empty policy keeps everything, and the newest backup is always kept.
@@ -459,9 +460,14 @@ pub fn decide(policy: &Policy, zone: &Zone, now: DateTime<Utc>, backups: &[(&str
                 continue;
             }
             let (key, name) = w.period.bucket(wall);
-            if w.last != Some(key) {
+            let new_period = w.last != Some(key);
+            if new_period || pos == oldest {
                 w.last = Some(key);
-                keep.push(format!("{adjective} {name} within {}", w.span));
+                keep.push(if new_period {
+                    format!("{adjective} {name} within {}", w.span)
+                } else {
+                    format!("oldest ({adjective} within {})", w.span)
+                });
             } else {
                 not.push(format!("{adjective} {name} within {} has a newer backup", w.span));
             }
