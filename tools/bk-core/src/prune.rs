@@ -644,14 +644,21 @@ pub fn decide(policy: &Policy, zone: &Zone, now: DateTime<Utc>, backups: &[(&str
 /// still has count left when it reaches the oldest backup keeps that one too. -1 means
 /// unlimited. --keep-within DURATION keeps every backup made less than DURATION before the
 /// newest backup (not before now); --keep-within-daily DURATION (and -hourly, -weekly,
-/// -monthly, -yearly) keeps the newest backup of each day within DURATION. Periods are
-/// those of --tz ZONE, the machine's zone by default; stamps stay UTC.
+/// -monthly, -yearly) keeps the newest backup of each day within DURATION, and the oldest
+/// backup when it is within DURATION. Periods are those of --tz ZONE, the machine's zone by
+/// default (a TZ that names no zone is refused); stamps stay UTC.
 ///
 /// Prints a kept or pruned record for each backup, with reasons: every rule that keeps it
 /// (["daily 2026-11-21","weekly 2026-W47"]), or why no rule does. The newest backup of a
 /// name is never deleted; an empty policy deletes nothing; a backup dated in the future is
 /// kept, with a warning. A backup is deleted manifest first, then artifact. Temporary files
 /// of killed runs older than a day are removed and reported on stderr.
+///
+/// Only backups whose artifact is there, of the size its manifest says, are counted. A
+/// broken one (a missing or resized artifact, an unreadable manifest) is an error record
+/// (exit 65) and is never deleted; so is a backup a verified record with "ok":false earlier
+/// in the pipeline names, which is kept and not counted. While such a backup is at least as
+/// new as the newest good one, nothing of its name is deleted.
 ///
 /// With artifact records on stdin (bk-dump ... | bk-prune --keep-daily 7) only their names
 /// are pruned, in the stores the records came from (in STORE if one is given), and every
@@ -694,19 +701,24 @@ pub struct Cli {
     /// (months), w, d, h, e.g. 30d, 2w, 1y6m, 36h
     #[arg(long, value_name = "DURATION", value_parser = Span::parse)]
     pub keep_within: Option<Span>,
-    /// Keep the newest backup of each hour within DURATION of the newest backup
+    /// Keep the newest backup of each hour within DURATION of the newest backup, and the
+    /// oldest backup if it is within DURATION
     #[arg(long, value_name = "DURATION", value_parser = Span::parse)]
     pub keep_within_hourly: Option<Span>,
-    /// Keep the newest backup of each day within DURATION of the newest backup
+    /// Keep the newest backup of each day within DURATION of the newest backup, and the
+    /// oldest backup if it is within DURATION
     #[arg(long, value_name = "DURATION", value_parser = Span::parse)]
     pub keep_within_daily: Option<Span>,
-    /// Keep the newest backup of each ISO week within DURATION of the newest backup
+    /// Keep the newest backup of each ISO week within DURATION of the newest backup, and the
+    /// oldest backup if it is within DURATION
     #[arg(long, value_name = "DURATION", value_parser = Span::parse)]
     pub keep_within_weekly: Option<Span>,
-    /// Keep the newest backup of each month within DURATION of the newest backup
+    /// Keep the newest backup of each month within DURATION of the newest backup, and the
+    /// oldest backup if it is within DURATION
     #[arg(long, value_name = "DURATION", value_parser = Span::parse)]
     pub keep_within_monthly: Option<Span>,
-    /// Keep the newest backup of each year within DURATION of the newest backup
+    /// Keep the newest backup of each year within DURATION of the newest backup, and the
+    /// oldest backup if it is within DURATION
     #[arg(long, value_name = "DURATION", value_parser = Span::parse)]
     pub keep_within_yearly: Option<Span>,
     /// The preset --keep-daily 6 --keep-weekly 4 --keep-monthly 1 (backup-container's
@@ -717,7 +729,8 @@ pub struct Cli {
     #[arg(long, short = 'n')]
     pub dry_run: bool,
     /// The time zone whose days, weeks, months and years the rules count, e.g.
-    /// Europe/Berlin or UTC [default: the machine's zone, from TZ or /etc/localtime]
+    /// Europe/Berlin or UTC [default: the machine's zone, from TZ or /etc/localtime; a TZ
+    /// that names no zone is refused]
     #[arg(long, value_name = "ZONE", value_parser = Zone::parse)]
     pub tz: Option<Zone>,
     /// Take TIME as the current time, for tests and teaching: it decides which backups are
@@ -865,7 +878,7 @@ impl Pruner {
         // The newest backup failing means something is failing now (the disk, the dump, the
         // transfer): the older backups are what is left, so none is deleted.
         let newest_counted = counted.iter().map(|(_, t)| *t).filter(|t| *t <= self.now).max();
-        suspects.sort_by(|a, b| b.1.cmp(&a.1));
+        suspects.sort_by_key(|s| std::cmp::Reverse(s.1));
         let hold = suspects
             .iter()
             .find(|(_, t, _)| t.is_none_or(|t| newest_counted.is_none_or(|n| t >= n)))
@@ -1118,7 +1131,9 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
             eprintln!("{tool}: {name}: nothing pruned: its backup failed upstream (error record passed on)");
             continue;
         }
-        // A dry run deletes nothing, so it need not wait for a dump of the name.
+        // A dry run deletes nothing, so it need not wait for a dump of the name. `name` is a
+        // valid name (a lock file name inside the lock directory): it came from --name
+        // (validate_name), a parsed artifact record, or a store's listing, each validated.
         let _lock = if pruner.dry_run {
             None
         } else {

@@ -1142,3 +1142,33 @@ fn the_newest_is_always_kept_and_order_does_not_matter() {
         assert_eq!(by_id(&dated, &decisions), by_id(&shuffled, &again), "{}", context());
     }
 }
+
+#[test]
+fn posix_tz_strings_as_chrono_reads_them() {
+    for (tz, ok) in [
+        ("UTC0", true),
+        ("EST5", true),
+        ("<+0330>-3:30", true),
+        ("<-03>3", true),
+        ("CET-1CEST,M3.5.0,M10.5.0/3", true),
+        ("EST5EDT4,M3.2.0/2:00:00,M11.1.0/2:00:00", true),
+        ("AAA3BBB,J60/2,300", true),
+        ("NZST-12NZDT,M9.5.0,M4.1.0/3", true),
+        ("UTC", false),
+        ("AB0", false),
+        ("ABCDEFGH0", false),
+        ("UTC+", false),
+        ("UTC24", false),
+        ("IST-1GMT0", false),
+        ("CET-1CEST", false),
+        ("CET-1CEST,M13.5.0,M10.5.0", false),
+        ("CET-1CEST,M3.6.0,M10.5.0", false),
+        ("CET-1CEST,J0,M10.5.0", false),
+        ("CET-1CEST,M3.5.0,M10.5.0/25", false),
+        ("CET-1CEST,M3.5.0,M10.5.0,", false),
+        ("<+03-3", false),
+        ("Europe/Berlin", false),
+    ] {
+        assert_eq!(posix_tz(tz), ok, "{tz}");
+    }
+}
