@@ -183,6 +183,8 @@ impl Run {
                     "the end record's status is the exit code\nstdout: {}\nstderr: {}",
                     self.stdout, self.stderr
                 ),
+                // A run cut short by a panic says so in its last record.
+                Some(Record::Error(e)) if e.code as i32 == self.code => {}
                 _ => panic!(
                     "a run that began must end with an end record\nstdout: {}\nstderr: {}",
                     self.stdout, self.stderr

@@ -543,7 +543,7 @@ fn killed_pipelines_end_non_zero_under_sh() {
             // An older backup for bk-prune to consider.
             write_backup(&store2, "job", "20200101T000000Z");
             let before = tree_digest(&src);
-            let held = (victim == "bk-prune").then(|| HeldLock::new(&sb, "job"));
+            let mut held = None;
             let script = format!(
                 "{dump} files {src} --name job --to {store} | {ship} --to {store2} | {prune} --keep-last 1 --wait 600 | {verify} >/dev/null; echo $? > status",
                 dump = s(&bin("bk-dump")),
@@ -565,6 +565,14 @@ fn killed_pipelines_end_non_zero_under_sh() {
             // The point where the victim is busy.
             let mut pid = None;
             wait_for(&format!("{case}: busy"), limit, || {
+                // bk-dump takes the name's lock too: it is held once the dump is done and
+                // while bk-ship copies, so that bk-prune waits for it.
+                let dumped = files_below(Path::new(&store))
+                    .iter()
+                    .any(|p| p.extension().is_some_and(|e| e == "json"));
+                if victim == "bk-prune" && held.is_none() && dumped {
+                    held = Some(HeldLock::new(&sb, "job"));
+                }
                 pid = pid_of(victim, sb.root());
                 pid.is_some_and(|p| match victim {
                     "bk-dump" => has_open(p, "/store/job/.job."),

@@ -13,8 +13,8 @@ use clap::CommandFactory;
 const UPDATE_HINT: &str = "run `BK_UPDATE_MAN=1 cargo test -p bk-tests --test man`";
 
 /// The record types of SPEC §2, all of which bk(7) describes.
-const RECORD_TYPES: [&str; 7] = [
-    "artifact", "error", "restored", "kept", "pruned", "verified", "notified",
+const RECORD_TYPES: [&str; 9] = [
+    "artifact", "error", "restored", "kept", "pruned", "verified", "notified", "begin", "end",
 ];
 
 fn man_dir() -> PathBuf {

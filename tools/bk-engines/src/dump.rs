@@ -69,8 +69,8 @@ pub enum Engine {
     /// links (stored once), FIFOs and device nodes, with their modes, owners and mtimes.
     /// Extended attributes and ACLs are not kept; sockets are skipped. Entries are named by
     /// their absolute path without the leading '/', as GNU tar does. The store is never
-    /// archived into itself. A file that vanishes while the dump runs fails it; one that
-    /// shrinks is padded with zeros and one that grows is cut at its size when read, both
+    /// archived into itself. A file or directory that vanishes while the dump runs is left
+    /// out with a warning; one that shrinks is padded with zeros and one that grows is cut at its size when read, both
     /// with a warning. counts: {"entries": N}.
     Files(files::DumpArgs),
     /// A SQLite database, consistent while other processes write to it

@@ -278,8 +278,8 @@ impl Store for LocalStore {
     }
 
     fn has_manifest(&self, name: &str, id: &str) -> Result<bool> {
-        if fs::symlink_metadata(&self.root).is_err() {
-            return Ok(false); // a store yet to be made
+        if !self.root.is_dir() {
+            return Ok(false); // a store yet to be made (or a file: creating says so)
         }
         let Some(dir) = self.existing_name_dir(name)? else {
             return Ok(false);
