@@ -578,4 +578,56 @@ mod tests {
         out.error(&Error::data("bad").named("job")).unwrap();
         assert_eq!(out.exit_code(), 65);
     }
+
+    /// Artifact records with each confined field replaced by arbitrary text: either refused,
+    /// or every path built from them stays in the name's directory of the store.
+    fn hostile_artifact() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let text = prop_oneof!["\\PC{0,24}", "[a-z0-9./_-]{0,24}", Just("..".to_string()), Just("/".to_string())];
+        (text.clone(), text.clone(), text, 0..3usize).prop_map(|(name, id, file, prefixed)| {
+            let mut v: Value = serde_json::from_str(&artifact_line()).unwrap();
+            // Often keep the required prefixes, to get past them to what follows.
+            let id = if prefixed > 0 { format!("{name}.{id}") } else { id };
+            let file = if prefixed > 1 { format!("{id}.{file}") } else { file };
+            v["name"] = name.into();
+            v["id"] = id.into();
+            v["file"] = file.into();
+            v.to_string()
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parsed_artifacts_stay_in_their_name_directory(line in hostile_artifact()) {
+            if let Ok(Record::Artifact(a)) = parse_line(&line, "fuzz") {
+                let root = std::path::Path::new("/store");
+                let dir = root.join(&a.name);
+                for path in [dir.join(&a.file), dir.join(format!("{}.json", a.id))] {
+                    proptest::prop_assert_eq!(path.parent(), Some(dir.as_path()), "{:?}", path);
+                    proptest::prop_assert!(path.components().all(|c| matches!(c,
+                        std::path::Component::RootDir | std::path::Component::Normal(_))));
+                }
+                proptest::prop_assert_eq!(dir.parent(), Some(root));
+            }
+        }
+
+        /// Any bytes at all: an error or records, never a panic.
+        #[test]
+        fn any_input_reads_or_fails_cleanly(lines in proptest::collection::vec(
+            proptest::prop_oneof![
+                proptest::strategy::Just(artifact_line()),
+                proptest::strategy::Just(r#"{"bk":1,"type":"begin","tool":"t","pid":1}"#.to_string()),
+                proptest::strategy::Just(r#"{"bk":1,"type":"end","tool":"t","pid":1,"status":0}"#.to_string()),
+                proptest::strategy::Just(r#"{"bk":1,"type":"error","tool":"t","code":1,"message":"m"}"#.to_string()),
+                "\\PC{0,40}",
+            ],
+            0..8,
+        ), noise in proptest::collection::vec(proptest::num::u8::ANY, 0..32)) {
+            let mut bytes = lines.join("\n").into_bytes();
+            bytes.extend(noise);
+            if let Ok(stream) = read_all(&bytes[..], "fuzz") {
+                proptest::prop_assert!(stream.inputs.iter().all(|i| !matches!(i.record, Record::Begin(_) | Record::End(_))));
+            }
+        }
+    }
 }

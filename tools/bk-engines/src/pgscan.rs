@@ -130,4 +130,38 @@ mod tests {
         cut.feed(b"COPY public.t (id) FROM stdin;\n1\n");
         assert!(!cut.complete());
     }
+
+    proptest::proptest! {
+        /// Whatever the bytes, the COPY scanner never panics and counts the same however
+        /// the stream is cut into reads.
+        #[test]
+        fn any_script_scans_the_same_in_any_chunks(
+            pieces in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::strategy::Just("COPY public.t (id) FROM stdin;\n".to_string()),
+                    proptest::strategy::Just("COPY \"a\"\"b\".\"c\" (x) FROM stdin;\n".to_string()),
+                    proptest::strategy::Just("1\tx\\ty\n".to_string()),
+                    proptest::strategy::Just("\\.\n".to_string()),
+                    proptest::strategy::Just("-- PostgreSQL database dump complete\n".to_string()),
+                    proptest::strategy::Just("\n".to_string()),
+                    "\\PC{0,12}",
+                ],
+                0..40,
+            ),
+            noise in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+            cut in 1usize..17,
+        ) {
+            let mut bytes = pieces.concat().into_bytes();
+            bytes.extend(noise);
+            let marker = "-- PostgreSQL database dump complete";
+            let mut whole = CopyScanner::new(marker);
+            whole.feed(&bytes);
+            let mut chunked = CopyScanner::new(marker);
+            for chunk in bytes.chunks(cut) {
+                chunked.feed(chunk);
+            }
+            proptest::prop_assert_eq!(whole.counts(), chunked.counts());
+            proptest::prop_assert_eq!(whole.complete(), chunked.complete());
+        }
+    }
 }

@@ -391,4 +391,47 @@ mod tests {
         assert!(!scan("INSERT INTO `t` VALUES (1);\n-- Dump completed on x\nINSERT").completed());
         assert!(!scan("-- Dump comp").completed());
     }
+
+    /// Pieces a dump is made of, so that random streams reach the scanner's states.
+    fn sql_piece() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just("INSERT INTO `t` VALUES ".to_string()),
+            Just("(1,'a\\'b',0x00FF),".to_string()),
+            Just("(2,NULL);\n".to_string()),
+            Just("CREATE TABLE `x` (\n  `a` int\n);\n".to_string()),
+            Just("DELIMITER ;;\n".to_string()),
+            Just("/*!50003 CREATE TRIGGER x */;;\n".to_string()),
+            Just("-- Dump completed on 2026\n".to_string()),
+            Just("'".to_string()),
+            Just("\\".to_string()),
+            Just("`".to_string()),
+            Just("\"".to_string()),
+            Just("/*".to_string()),
+            Just("*/".to_string()),
+            "\\PC{0,12}",
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever the bytes (a corrupt or hostile artifact), the scanner never panics and
+        /// counts the same however the stream is cut into reads.
+        #[test]
+        fn any_stream_scans_the_same_in_any_chunks(
+            pieces in proptest::collection::vec(sql_piece(), 0..40),
+            noise in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+            cut in 1usize..17,
+        ) {
+            let mut bytes = pieces.concat().into_bytes();
+            bytes.extend(noise);
+            let mut whole = SqlScanner::new("db");
+            whole.feed(&bytes);
+            let mut chunked = SqlScanner::new("db");
+            for chunk in bytes.chunks(cut) {
+                chunked.feed(chunk);
+            }
+            proptest::prop_assert_eq!(whole.counts(), chunked.counts());
+            proptest::prop_assert_eq!(whole.completed(), chunked.completed());
+        }
+    }
 }
