@@ -231,6 +231,10 @@ impl Shipper {
                     return Ok(());
                 }
             }
+            if let Err(e) = check_source_manifest(source, a) {
+                out.error(&e.context("source kept").named(&a.name))?;
+                return Ok(());
+            }
             match source.delete(a) {
                 Ok(()) => self.say(out, &format!("{}: deleted from {}", a.id, source.url())),
                 Err(e) => out.error(&e.context(format!("deleting {} from the source", a.id)).named(&a.name))?,
@@ -240,10 +244,11 @@ impl Shipper {
     }
 
     fn copy_with_retries(&self, source: &dyn Store, a: &Artifact, dest: &mut Destination) -> Result<Copied> {
+        let remote = source.local_root().is_none() || dest.store.local_root().is_none();
         let mut attempt = 0;
         loop {
             match copy(source, a, dest) {
-                Err(e) if attempt < self.retries && matches!(e.kind, Kind::Unavailable | Kind::Io | Kind::TempFail) => {
+                Err(e) if attempt < self.retries && transient(&e, remote) => {
                     attempt += 1;
                     let wait = Duration::from_secs(1 << attempt.min(6));
                     eprintln!(
@@ -258,6 +263,17 @@ impl Shipper {
                 other => return other,
             }
         }
+    }
+}
+
+/// Whether waiting may cure a failure: an unreachable store, a lock held, or an I/O error
+/// on the way to or from a remote store (a connection dropped). A local filesystem's errors
+/// (not a directory, disk full, read-only) and every refusal fail at once.
+fn transient(e: &Error, remote: bool) -> bool {
+    match e.kind {
+        Kind::Unavailable | Kind::TempFail => true,
+        Kind::Io => remote,
+        _ => false,
     }
 }
 
@@ -346,6 +362,28 @@ fn copy_hashing(from: &mut dyn Read, to: &mut dyn Write, src: &str, dst: &str) -
         total += n as u64;
     }
     Ok((hex::encode(hasher.finalize()), total))
+}
+
+/// Deleting goes by the source store's own manifest, never by a record alone (whose
+/// `location` may point anywhere): it must be there, whole, and say what the record says.
+fn check_source_manifest(source: &dyn Store, a: &Artifact) -> Result<()> {
+    let listing = source.list(Some(&a.name))?;
+    if let Some(broken) = listing.broken.iter().find(|b| b.id == a.id) {
+        return Err(broken.error());
+    }
+    match listing.artifacts.iter().find(|m| m.id == a.id) {
+        None => Err(Error::no_input(format!(
+            "{} holds no manifest of {}: {} is not a backup of that store",
+            source.url(),
+            a.id,
+            a.location
+        ))),
+        Some(m) if (&m.sha256, m.bytes, &m.file) != (&a.sha256, a.bytes, &a.file) => Err(Error::data(format!(
+            "{}: the source's manifest says sha256 {} ({} bytes), the record {} ({} bytes)",
+            a.id, m.sha256, m.bytes, a.sha256, a.bytes
+        ))),
+        Some(_) => Ok(()),
+    }
 }
 
 /// Reads a copy back and compares its sha256 with the manifest's: 65 if it differs.
