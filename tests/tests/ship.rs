@@ -1227,15 +1227,18 @@ fn delete_source_goes_by_the_source_stores_own_manifest() {
 fn a_record_whose_file_leaves_the_store_makes_bk_ship_touch_nothing() {
     use sha2::{Digest, Sha256};
     let sb = Sandbox::new();
-    // Deep enough that `<dest>/<name>/./../../../../tmp/x/owned` is inside the sandbox:
-    // the file it names exists, and a copy there would change it.
+    // Deep enough that `<store>/<name>/./../../../../tmp/x/owned` is inside the sandbox
+    // for the source and the destination: the file it names exists, to be read, copied
+    // over or deleted.
     let dest = sb.path("d1/d2/dest");
+    let source = sb.path("d1/d2/src");
+    std::fs::create_dir_all(source.join("job")).unwrap();
     std::fs::create_dir_all(sb.path("tmp/x")).unwrap();
     std::fs::write(sb.path("tmp/x/owned"), "precious\n").unwrap();
     let good = write_backup(&sb.store(), "job", "20260101T000000Z");
     let mut hostile = serde_json::to_value(Record::Artifact(good.clone())).unwrap();
     hostile["file"] = "./../../../../tmp/x/owned".into();
-    hostile["location"] = format!("{}/job/./../../../../tmp/x/owned", sb.store()).into();
+    hostile["location"] = format!("{}/job/./../../../../tmp/x/owned", source.display()).into();
     hostile["sha256"] = hex::encode(Sha256::digest(b"precious\n")).into();
     hostile["bytes"] = 9.into();
     hostile["bk"] = 1.into();
