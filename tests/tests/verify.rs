@@ -268,7 +268,7 @@ fn files_backup_verifies_at_both_levels_and_leaves_nothing() {
     let input = format!("{other}\n{}", line(&a));
     let run = sb.run_with_stdin("bk-verify", &[], &input).ok();
     assert_good(&verified(&run), &a, "integrity");
-    let lines: Vec<&str> = run.stdout.lines().collect();
+    let lines = run.lines();
     assert_eq!(lines.len(), 2, "{}", run.stdout);
     assert_eq!(lines[0], other, "passed on unchanged");
     assert!(run.stderr.is_empty(), "{}", run.stderr);
@@ -592,11 +592,11 @@ fn an_upstream_error_is_passed_on_and_fails_the_run() {
         .run_with_stdin("bk-verify", &[], &format!("{upstream}\n{}", line(&a)))
         .code(1);
     assert_good(&verified(&run), &a, "integrity");
-    assert!(run.stdout.lines().any(|l| l == upstream), "{}", run.stdout);
+    assert!(run.lines().contains(&upstream), "{}", run.stdout);
 
     // Nothing but the failure: passed on, exit 1.
     let run = sb.run_with_stdin("bk-verify", &[], &format!("{upstream}\n")).code(1);
-    assert_eq!(run.stdout.trim(), upstream);
+    assert_eq!(run.lines(), [upstream]);
 }
 
 /// Every error record printed, in order.
@@ -1117,8 +1117,8 @@ fn mysql_backup_verifies_at_both_levels_and_the_scratch_database_goes() {
     let run = my.verify(&[], &format!("{}{other}\n", line(&a))).ok();
     assert_good(&verified(&run), &a, "integrity");
     assert_eq!(
-        run.stdout.lines().nth(1),
-        Some(other),
+        run.lines().get(1),
+        Some(&other),
         "passed on unchanged, in input order"
     );
 
