@@ -139,15 +139,26 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
         Some(from) => {
             let source = store::open(from)?;
             let listing = source.list(cli.name.as_deref())?;
-            let mut artifacts = listing.artifacts;
+            let (mut artifacts, mut broken) = (listing.artifacts, listing.broken);
             if cli.latest {
                 artifacts = newest_per_name(artifacts);
+                // Only those newer than the newest good backup of their name (ids are
+                // `<name>.<stamp>`).
+                broken.retain(|b| !artifacts.iter().any(|a| a.name == b.name && a.id >= b.id));
             }
             if let Some(since) = since {
                 artifacts.retain(|a| parse_time(&a.started).is_ok_and(|t| t >= since));
+                broken.retain(|b| {
+                    let stamp = b.id.rsplit_once('.').map(|(_, stamp)| stamp).unwrap_or_default();
+                    parse_time(stamp).map_or(true, |t| t >= since)
+                });
             }
-            if let (Some(n), true) = (&cli.name, artifacts.is_empty()) {
+            if let (Some(n), true) = (&cli.name, artifacts.is_empty() && broken.is_empty()) {
                 return Err(Error::no_input(format!("no backup of {n} in {}", source.url())).named(n));
+            }
+            // A broken backup of the source is not copied: it is reported (65).
+            for b in &broken {
+                out.error(&b.error())?;
             }
             for a in &artifacts {
                 shipper.ship(source.as_ref(), a, &mut dests, out)?;
