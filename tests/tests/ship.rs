@@ -114,11 +114,7 @@ fn push_to_s3_and_ssh_then_every_tool_works_on_both() {
     let shipped = r.run(&sb, "bk-ship", &["--to", &s3, "--to", &ssh], &dumped).ok();
     let records = artifacts(&shipped);
     assert_eq!(records.len(), 3, "{}", shipped.stdout);
-    assert_eq!(
-        shipped.lines()[0],
-        dumped_line(&dumped),
-        "input passed on unchanged"
-    );
+    assert_eq!(shipped.lines()[0], dumped_line(&dumped), "input passed on unchanged");
     let original = &records[0];
     assert!(
         records[1].location.starts_with(&format!("{s3}/web/")),
@@ -218,7 +214,11 @@ fn pull_mode_is_idempotent_and_refuses_a_differing_copy() {
     let first = r.run(&sb, "bk-ship", &all, "").ok();
     assert_eq!(artifacts(&first).len(), 3 + 3 + 2, "{}", first.stdout);
     let second = r.run(&sb, "bk-ship", &all, "").ok();
-    assert!(second.lines().is_empty(), "a second run copies nothing: {}", second.stdout);
+    assert!(
+        second.lines().is_empty(),
+        "a second run copies nothing: {}",
+        second.stdout
+    );
     let since = r
         .run(
             &sb,
@@ -1178,10 +1178,21 @@ fn a_destination_that_cannot_be_a_store_fails_at_once() {
         assert!(codes.contains(&run.code), "{dest}: exit {}\n{}", run.code, run.stderr);
         let e = run.error();
         assert_eq!(e.name.as_deref(), Some("job"));
-        assert!(e.message.contains("not a directory") || e.message.contains("Not a directory"), "{}", e.message);
+        assert!(
+            e.message.contains("not a directory") || e.message.contains("Not a directory"),
+            "{}",
+            e.message
+        );
         assert!(!run.stderr.contains("attempt"), "not retried: {}", run.stderr);
-        assert!(took < Duration::from_secs(2), "{dest}: failed after {took:?}, not at once");
-        assert_eq!(run.lines()[0], record_line(&backup).trim_end(), "the input is passed on");
+        assert!(
+            took < Duration::from_secs(2),
+            "{dest}: failed after {took:?}, not at once"
+        );
+        assert_eq!(
+            run.lines()[0],
+            record_line(&backup).trim_end(),
+            "the input is passed on"
+        );
     }
 }
 
@@ -1190,9 +1201,8 @@ fn delete_source_goes_by_the_source_stores_own_manifest() {
     use sha2::{Digest, Sha256};
     let sb = Sandbox::new();
     let dest = sb.path("dest").display().to_string();
-    let manifest = |a: &bk_core::record::Artifact| {
-        std::path::Path::new(&a.location).with_file_name(format!("{}.json", a.id))
-    };
+    let manifest =
+        |a: &bk_core::record::Artifact| std::path::Path::new(&a.location).with_file_name(format!("{}.json", a.id));
 
     // A backup of the store, its record as bk-dump printed it: shipped, then deleted.
     let good = write_backup(&sb.store(), "good", "20260101T000000Z");
@@ -1253,7 +1263,11 @@ fn a_record_whose_file_leaves_the_store_makes_bk_ship_touch_nothing() {
 
     let before = bk_tests::tree_digest(sb.root());
     let run = sb
-        .run_with_stdin("bk-ship", &["--to", &dest.display().to_string(), "--delete-source"], &input)
+        .run_with_stdin(
+            "bk-ship",
+            &["--to", &dest.display().to_string(), "--delete-source"],
+            &input,
+        )
         .code(65);
     assert!(run.error().message.contains("field \"file\""), "{}", run.stderr);
     assert_eq!(bk_tests::tree_digest(sb.root()), before, "nothing written or deleted");

@@ -18,7 +18,9 @@ use crate::{count_mismatch, files, mysql, postgres, sqlite, ReadOpts, RestoreOpt
 ///
 /// Takes the artifact record on stdin (as bk-dump or bk-ls print it), or picks a backup
 /// from a store with --from. The artifact is checked while it is restored (sha256, full
-/// decode, counts); a restore that fails a check leaves the target as it was.
+/// decode, counts); a restore that fails a check leaves the target as it was. With --from, a
+/// broken backup (an unreadable manifest, a missing or resized artifact file) is never
+/// picked: a warning names one newer than the backup restored, and --id of one is 65.
 #[derive(Debug, Parser)]
 #[command(
     name = "bk-restore",

@@ -36,8 +36,12 @@ const LEFTOVER_AGE: Duration = Duration::from_secs(24 * 3600);
 /// compared with the manifest, and the target dropped whatever happens (SIGINT and SIGTERM
 /// included); scratch targets older than a day, left by a killed run, are removed first,
 /// with a line on stderr. Prints one verified record per artifact and passes other records
-/// on; any mismatch or corruption also prints an error record and makes the exit status 65.
-/// A scratch server that cannot be reached ends the run with 69.
+/// on. Every backup is read, whatever failed before it, and every failure is an error
+/// record. The exit status is 65 if any backup is bad (a mismatch, corruption, or a broken
+/// backup in the store: an unreadable manifest, a missing or resized artifact file),
+/// otherwise that of the first other failure (69: a scratch server that cannot be reached).
+/// With --from, a broken backup newer than a name's newest good one is reported, and the
+/// good one verified instead, with a line on stderr saying so.
 #[derive(Debug, Parser)]
 #[command(name = "bk-verify", version, after_help = bk_core::cli::exit_status_help())]
 pub struct Cli {
@@ -138,10 +142,7 @@ fn pick(store: &dyn Store, cli: &Cli) -> Result<Picked> {
         let broken: Vec<Broken> = if cli.sample.is_some() {
             broken
         } else {
-            broken
-                .into_iter()
-                .filter(|b| is_newer(b, newest_of(&b.name)))
-                .collect()
+            broken.into_iter().filter(|b| is_newer(b, newest_of(&b.name))).collect()
         };
         for a in &newest {
             if let Some(b) = broken.iter().rfind(|b| b.name == a.name && is_newer(b, Some(a))) {

@@ -27,7 +27,9 @@ use sha2::{Digest, Sha256};
 /// Pull/sync mode (--from STORE): copies the backups of STORE (all, or --latest, or
 /// --since TIME; of one --name or of all) that a destination lacks, and prints a record per
 /// new copy. A second run copies nothing. A destination that holds a backup of the same id
-/// with a different sha256 is an error (65): it is neither kept silently nor overwritten.
+/// with a different sha256 is an error (65): it is neither kept silently nor overwritten. A
+/// broken backup of STORE (an unreadable manifest, a missing or resized artifact file) is
+/// reported (65), not copied.
 ///
 /// Stores: a directory or file:// URL, s3://bucket/prefix (credentials and region from the
 /// AWS variables and ~/.aws files; --s3-endpoint for other S3 servers), or
@@ -35,8 +37,9 @@ use sha2::{Digest, Sha256};
 /// replaces `ssh`, e.g. `ssh -i KEY`), ftp:// or ftps://[user@]host[:port]/path (the password
 /// from ~/.netrc, NETRC or BK_FTP_CREDENTIALS; SSL_CERT_FILE for a private CA), or
 /// rclone:REMOTE:path (the system's rclone and its config, which keeps the credentials: every
-/// rclone backend). Transient failures (unreachable store, I/O errors) are
-/// retried with backoff.
+/// rclone backend). Transient failures (an unreachable store, a lock held, an I/O error on
+/// the way to or from a remote store) are retried with backoff; a local filesystem's errors
+/// (a --to that is a file, a full disk) fail at once.
 #[derive(Debug, Parser)]
 #[command(name = "bk-ship", version, after_help = bk_core::cli::exit_status_help())]
 pub struct Cli {
@@ -58,7 +61,8 @@ pub struct Cli {
     /// With --from: every backup (the default)
     #[arg(long, requires = "from")]
     pub all: bool,
-    /// Delete each backup from its source once every destination holds a checked copy
+    /// Delete each backup from its source once every destination holds a checked copy, and
+    /// only if the source store's own manifest of it says what the record says
     #[arg(long)]
     pub delete_source: bool,
     /// Attempts after the first for a copy that fails transiently
