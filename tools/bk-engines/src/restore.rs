@@ -146,8 +146,9 @@ fn pick(store: &dyn Store, cli: &Cli) -> Result<Artifact> {
         let broken = listing.broken.into_iter().filter(|b| &b.id == id).collect();
         (listing.artifacts.into_iter().find(|a| &a.id == id), broken)
     } else if let Some(at) = &cli.at {
-        let limit = format!("{name}.{}", stamp(parse_time(at)?));
-        let at = rfc3339(parse_time(at)?);
+        let at = parse_time(at)?;
+        let limit = format!("{name}.{}", stamp(at));
+        let at = rfc3339(at);
         let broken = listing.broken.into_iter().filter(|b| b.id <= limit).collect();
         (listing.artifacts.into_iter().rfind(|a| a.started <= at), broken)
     } else {

@@ -106,7 +106,6 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
                             Err(e) => verifier.report(e.named(&a.name), out)?,
                         }
                     }
-                    Record::Artifact(_) => {}
                     _ => out.pass(input)?,
                 }
             }
