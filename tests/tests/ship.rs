@@ -114,11 +114,7 @@ fn push_to_s3_and_ssh_then_every_tool_works_on_both() {
     let shipped = r.run(&sb, "bk-ship", &["--to", &s3, "--to", &ssh], &dumped).ok();
     let records = artifacts(&shipped);
     assert_eq!(records.len(), 3, "{}", shipped.stdout);
-    assert_eq!(
-        shipped.stdout.lines().next().unwrap(),
-        dumped.trim_end(),
-        "input passed on unchanged"
-    );
+    assert_eq!(shipped.lines()[0], dumped_line(&dumped), "input passed on unchanged");
     let original = &records[0];
     assert!(
         records[1].location.starts_with(&format!("{s3}/web/")),
@@ -188,7 +184,7 @@ fn an_upstream_error_is_passed_on_and_its_name_not_shipped() {
     let run = r
         .run(&sb, "bk-ship", &["--to", &s3], &format!("{dumped}{error}\n"))
         .code(1);
-    assert_eq!(run.stdout.lines().count(), 2, "{}", run.stdout);
+    assert_eq!(run.lines().len(), 2, "{}", run.stdout);
     r.run(&sb, "bk-ls", &[&s3, "--name", "web"], "").code(66);
 }
 
@@ -218,7 +214,11 @@ fn pull_mode_is_idempotent_and_refuses_a_differing_copy() {
     let first = r.run(&sb, "bk-ship", &all, "").ok();
     assert_eq!(artifacts(&first).len(), 3 + 3 + 2, "{}", first.stdout);
     let second = r.run(&sb, "bk-ship", &all, "").ok();
-    assert_eq!(second.stdout, "", "a second run copies nothing");
+    assert!(
+        second.lines().is_empty(),
+        "a second run copies nothing: {}",
+        second.stdout
+    );
     let since = r
         .run(
             &sb,
@@ -294,7 +294,7 @@ fn unreachable_stores_and_refused_hosts_have_clear_exit_codes() {
     cmd.env("BK_S3_RETRIES", "0");
     let down = bk_tests::run_cmd(cmd, &dumped).code(69);
     assert!(
-        down.stdout.starts_with(dumped.trim_end()),
+        down.lines().first() == Some(&dumped_line(&dumped)),
         "the input is passed on: {}",
         down.stdout
     );
@@ -466,7 +466,7 @@ fn rclone_unreachable_or_missing_has_clear_exit_codes() {
         &dumped,
     )
     .code(69);
-    assert!(run.stdout.starts_with(dumped.trim_end()), "{}", run.stdout);
+    assert_eq!(run.lines().first(), Some(&dumped_line(&dumped)), "{}", run.stdout);
     bk_tests::run_cmd(rclone_cmd(&r, &sb, &config, "bk-ls", &[down]), "").code(69);
     // No store there yet: 66.
     let missing = format!("rclone:bktest:/home/{}/{}", r.ssh_user, unique("bk-rclone-missing"));
@@ -812,9 +812,16 @@ fn an_s3_download_cut_in_the_middle_resumes_where_it_stopped() {
     );
 }
 
+/// The artifact record's line of bk-dump's output (between its begin and end records).
+fn dumped_line(dumped: &str) -> &str {
+    let lines: Vec<&str> = dumped.lines().filter(|l| l.contains(r#""type":"artifact""#)).collect();
+    assert_eq!(lines.len(), 1, "one artifact record: {dumped}");
+    lines[0]
+}
+
 /// The artifact of bk-dump's output.
 fn dumped_artifact(dumped: &str) -> bk_core::record::Artifact {
-    match bk_core::record::parse_line(dumped.trim(), "bk-dump's output") {
+    match bk_core::record::parse_line(dumped_line(dumped), "bk-dump's output") {
         Ok(Record::Artifact(a)) => a,
         other => panic!("not an artifact record: {other:?}"),
     }
@@ -1141,4 +1148,165 @@ fn s3_uploads_are_checked_by_their_md5_etags() {
         local.len().div_ceil(8 << 20)
     );
     assert_eq!(head["ETag"], serde_json::json!(expected));
+}
+
+// ---------------------------------------------------------------------------------------
+// Local stores only: what bk-ship refuses, deletes and passes on (no server needed).
+
+/// A record's line, as a tool prints it.
+fn record_line(a: &bk_core::record::Artifact) -> String {
+    format!("{}\n", Record::Artifact(a.clone()).to_line())
+}
+
+#[test]
+fn a_destination_that_cannot_be_a_store_fails_at_once() {
+    let sb = Sandbox::new();
+    let backup = write_backup(&sb.store(), "job", "20260101T000000Z");
+    std::fs::write(sb.path("plain"), "a file, not a directory\n").unwrap();
+    let plain = sb.path("plain").display().to_string();
+    let below = format!("{plain}/store");
+    // (destination, the exit codes that say what is wrong with it)
+    let cases: [(&str, &[i32]); 2] = [
+        (&plain, &[73]),
+        // 74 (an I/O error) as bk-core classifies ENOTDIR when listing, or 73.
+        (&below, &[73, 74]),
+    ];
+    for (dest, codes) in cases {
+        let started = Instant::now();
+        let run = sb.run_with_stdin("bk-ship", &["--to", dest], &record_line(&backup));
+        let took = started.elapsed();
+        assert!(codes.contains(&run.code), "{dest}: exit {}\n{}", run.code, run.stderr);
+        let e = run.error();
+        assert_eq!(e.name.as_deref(), Some("job"));
+        assert!(
+            e.message.contains("not a directory") || e.message.contains("Not a directory"),
+            "{}",
+            e.message
+        );
+        assert!(!run.stderr.contains("attempt"), "not retried: {}", run.stderr);
+        assert!(
+            took < Duration::from_secs(2),
+            "{dest}: failed after {took:?}, not at once"
+        );
+        assert_eq!(
+            run.lines()[0],
+            record_line(&backup).trim_end(),
+            "the input is passed on"
+        );
+    }
+}
+
+#[test]
+fn delete_source_goes_by_the_source_stores_own_manifest() {
+    use sha2::{Digest, Sha256};
+    let sb = Sandbox::new();
+    let dest = sb.path("dest").display().to_string();
+    let manifest =
+        |a: &bk_core::record::Artifact| std::path::Path::new(&a.location).with_file_name(format!("{}.json", a.id));
+
+    // A backup of the store, its record as bk-dump printed it: shipped, then deleted.
+    let good = write_backup(&sb.store(), "good", "20260101T000000Z");
+    // A hostile record: its location points into a directory that holds a file of that
+    // name but no manifest of it (a backup whose manifest was removed stands for one).
+    let victim = sb.path("victim").display().to_string();
+    let foreign = write_backup(&victim, "job", "20260101T000000Z");
+    std::fs::remove_file(manifest(&foreign)).unwrap();
+    // A record that does not say what the source's manifest says: the file was replaced
+    // by other bytes of the same size, and the record rewritten to match them.
+    let changed = write_backup(&sb.store(), "changed", "20260101T000000Z");
+    let other = "x".repeat(changed.bytes as usize);
+    std::fs::write(&changed.location, &other).unwrap();
+    let mut rewritten = changed.clone();
+    rewritten.sha256 = hex::encode(Sha256::digest(other.as_bytes()));
+
+    // (record, exit code, whether the source keeps the artifact and its manifest)
+    let cases = [(&good, 0, false), (&foreign, 66, true), (&rewritten, 65, true)];
+    for (record, code, kept) in cases {
+        let run = sb
+            .run_with_stdin("bk-ship", &["--to", &dest, "--delete-source"], &record_line(record))
+            .code(code);
+        let source = std::path::Path::new(&record.location);
+        assert_eq!(source.exists(), kept, "{}: {}", record.id, run.stderr);
+        if code == 0 {
+            assert!(!manifest(record).exists(), "{}", run.stderr);
+            assert!(run.stderr.contains("deleted from"), "{}", run.stderr);
+        } else {
+            let e = run.error();
+            assert!(e.message.contains("source kept"), "{}", e.message);
+            assert!(e.message.contains(&record.id), "{}", e.message);
+        }
+    }
+    assert!(std::path::Path::new(&foreign.location).exists());
+    assert!(manifest(&changed).exists());
+}
+
+#[test]
+fn a_record_whose_file_leaves_the_store_makes_bk_ship_touch_nothing() {
+    use sha2::{Digest, Sha256};
+    let sb = Sandbox::new();
+    // Deep enough that `<store>/<name>/./../../../../tmp/x/owned` is inside the sandbox
+    // for the source and the destination: the file it names exists, to be read, copied
+    // over or deleted.
+    let dest = sb.path("d1/d2/dest");
+    let source = sb.path("d1/d2/src");
+    std::fs::create_dir_all(source.join("job")).unwrap();
+    std::fs::create_dir_all(sb.path("tmp/x")).unwrap();
+    std::fs::write(sb.path("tmp/x/owned"), "precious\n").unwrap();
+    let good = write_backup(&sb.store(), "job", "20260101T000000Z");
+    let mut hostile = serde_json::to_value(Record::Artifact(good.clone())).unwrap();
+    hostile["file"] = "./../../../../tmp/x/owned".into();
+    hostile["location"] = format!("{}/job/./../../../../tmp/x/owned", source.display()).into();
+    hostile["sha256"] = hex::encode(Sha256::digest(b"precious\n")).into();
+    hostile["bytes"] = 9.into();
+    hostile["bk"] = 1.into();
+    let input = format!("{}\n{hostile}\n", record_line(&good).trim_end());
+
+    let before = bk_tests::tree_digest(sb.root());
+    let run = sb
+        .run_with_stdin(
+            "bk-ship",
+            &["--to", &dest.display().to_string(), "--delete-source"],
+            &input,
+        )
+        .code(65);
+    assert!(run.error().message.contains("field \"file\""), "{}", run.stderr);
+    assert_eq!(bk_tests::tree_digest(sb.root()), before, "nothing written or deleted");
+    assert!(!dest.exists());
+}
+
+#[test]
+fn records_of_an_unknown_type_pass_through_unchanged() {
+    let sb = Sandbox::new();
+    let src = sb.path("data");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.txt"), "alpha\n").unwrap();
+    let backup = sb.dump(&["files", &src.display().to_string(), "--name", "web"]);
+    // A newer tool's record: a type and fields this version does not know, keys unsorted.
+    let unknown = r#"{"zeta":[1,"two",null],"bk":1,"type":"frobnicated","name":"web","extra":{"b":2,"a":1.5}}"#;
+    let input = format!("{unknown}\n{}{unknown}\n", record_line(&backup));
+    let artifact = record_line(&backup);
+    let artifact = artifact.trim_end();
+    let dest = sb.path("dest").display().to_string();
+    let restored = sb.path("restored").display().to_string();
+
+    let ship = sb.run_with_stdin("bk-ship", &["--to", &dest], &input).ok();
+    let verify = sb.run_with_stdin("bk-verify", &[], &input).ok();
+    let restore = sb.run_with_stdin("bk-restore", &["--to", &restored], &input).ok();
+    // (tool, its run, what it passes on besides the unknown records, its own record type)
+    for (tool, run, passed, own) in [
+        ("bk-ship", &ship, vec![artifact], "artifact"),
+        ("bk-verify", &verify, vec![], "verified"),
+        ("bk-restore", &restore, vec![], "restored"),
+    ] {
+        let own_type = format!(r#""type":"{own}""#);
+        let (acted, passed_on): (Vec<&str>, Vec<&str>) = run
+            .lines()
+            .into_iter()
+            .partition(|l| l.contains(&own_type) && !passed.contains(l));
+        assert_eq!(acted.len(), 1, "{tool}: one {own} record of its own: {}", run.stdout);
+        let mut expected = passed.clone();
+        expected.insert(0, unknown);
+        expected.push(unknown);
+        assert_eq!(passed_on, expected, "{tool}: passed on unchanged, in input order");
+    }
 }

@@ -268,7 +268,7 @@ fn files_backup_verifies_at_both_levels_and_leaves_nothing() {
     let input = format!("{other}\n{}", line(&a));
     let run = sb.run_with_stdin("bk-verify", &[], &input).ok();
     assert_good(&verified(&run), &a, "integrity");
-    let lines: Vec<&str> = run.stdout.lines().collect();
+    let lines = run.lines();
     assert_eq!(lines.len(), 2, "{}", run.stdout);
     assert_eq!(lines[0], other, "passed on unchanged");
     assert!(run.stderr.is_empty(), "{}", run.stderr);
@@ -592,11 +592,200 @@ fn an_upstream_error_is_passed_on_and_fails_the_run() {
         .run_with_stdin("bk-verify", &[], &format!("{upstream}\n{}", line(&a)))
         .code(1);
     assert_good(&verified(&run), &a, "integrity");
-    assert!(run.stdout.lines().any(|l| l == upstream), "{}", run.stdout);
+    assert!(run.lines().contains(&upstream), "{}", run.stdout);
 
     // Nothing but the failure: passed on, exit 1.
     let run = sb.run_with_stdin("bk-verify", &[], &format!("{upstream}\n")).code(1);
-    assert_eq!(run.stdout.trim(), upstream);
+    assert_eq!(run.lines(), [upstream]);
+}
+
+/// Every error record printed, in order.
+fn errors(run: &Run) -> Vec<bk_core::record::ErrorRecord> {
+    run.records()
+        .into_iter()
+        .filter_map(|r| if let Record::Error(e) = r { Some(e) } else { None })
+        .collect()
+}
+
+#[test]
+fn every_backup_is_verified_and_every_failure_reported() {
+    let sb = Sandbox::new();
+    let src = sb.path("src");
+    small_tree(&src);
+    // A backup whose store is gone (66), a corrupt one (65), a good one: in that order.
+    let mut gone = sb.dump(&["files", s(&src), "--name", "files-gone"]);
+    gone.location = gone.location.replace(&sb.store(), s(&sb.path("gone")));
+    let corrupt = sb.dump(&["files", s(&src), "--name", "files-corrupt"]);
+    flip_middle_bit(&corrupt.location);
+    let good = sb.dump(&["files", s(&src), "--name", "files-fine"]);
+    let other = r#"{"bk":1,"type":"notified","name":"files-gone","via":"webhook"}"#;
+    let later = r#"{"bk":1,"type":"kept","name":"files-fine","id":"files-fine.1","location":"x","reasons":[]}"#;
+    let input = format!("{}{other}\n{}{}{later}\n", line(&gone), line(&corrupt), line(&good));
+
+    let run = sb.run_with_stdin("bk-verify", &[], &input).code(65);
+    let verdicts: Vec<(Value, Value)> = verified_all(&run)
+        .iter()
+        .map(|v| (v["id"].clone(), v["ok"].clone()))
+        .collect();
+    assert_eq!(
+        verdicts,
+        [
+            (json!(gone.id), json!(false)),
+            (json!(corrupt.id), json!(false)),
+            (json!(good.id), json!(true)),
+        ],
+        "every backup is verified, whatever failed before it"
+    );
+    let failures: Vec<(Option<String>, u8)> = errors(&run).into_iter().map(|e| (e.name, e.code)).collect();
+    assert_eq!(
+        failures,
+        [(Some(corrupt.name.clone()), 65), (Some(gone.name.clone()), 66)],
+        "a bad backup at once, the other failure at the end: {}",
+        run.stdout
+    );
+    assert_eq!(
+        run.stderr.lines().filter(|l| l.starts_with("bk-verify: ")).count(),
+        failures.len(),
+        "one line each on stderr: {}",
+        run.stderr
+    );
+    let passed: Vec<&str> = run.lines().into_iter().filter(|l| *l == other || *l == later).collect();
+    assert_eq!(passed, [other, later], "every other record is passed on");
+
+    // Without a bad backup, the first other failure is the exit status.
+    let run = sb
+        .run_with_stdin("bk-verify", &[], &format!("{}{}", line(&gone), line(&good)))
+        .code(66);
+    assert_eq!(verified_all(&run).len(), 2, "{}", run.stdout);
+    assert_eq!(run.error().name.as_deref(), Some(gone.name.as_str()));
+}
+
+/// Leaves a broken backup: the artifact file of `a` removed (its manifest stays).
+fn remove_artifact(a: &Artifact) {
+    fs::remove_file(&a.location).unwrap();
+}
+
+#[test]
+fn a_broken_backup_is_a_failure_and_the_newest_good_one_is_verified_or_restored() {
+    let sb = Sandbox::new();
+    let src = sb.path("src");
+    small_tree(&src);
+    let store = sb.store();
+    // fresh: two good backups, then a newer one whose artifact file is missing.
+    let fresh: Vec<Artifact> = (0..3)
+        .map(|_| sb.dump(&["files", s(&src), "--name", "fresh"]))
+        .collect();
+    remove_artifact(&fresh[2]);
+    let missing = fresh[2].id.clone();
+    // stale: a good backup, and an older manifest that is garbage.
+    let stale = sb.dump(&["files", s(&src), "--name", "stale"]);
+    let garbage = "stale.20000101T000000Z".to_string();
+    fs::write(sb.path(&format!("store/stale/{garbage}.json")), "{garbage\n").unwrap();
+    let (g1, g2, s1) = (fresh[0].id.clone(), fresh[1].id.clone(), stale.id.clone());
+
+    // (arguments, exit code, the broken backups reported, the backups verified)
+    let cases = [
+        (vec![], 65, vec![&missing], vec![&g2, &s1]),
+        (vec!["--latest", "--name", "fresh"], 65, vec![&missing], vec![&g2]),
+        (vec!["--name", "stale"], 0, vec![], vec![&s1]),
+        (vec!["--all"], 65, vec![&missing, &garbage], vec![&g1, &g2, &s1]),
+        (vec!["--sample", "1"], 65, vec![&missing, &garbage], vec![&g1, &g2, &s1]),
+        (vec!["--id", &missing], 65, vec![&missing], vec![]),
+        (vec!["--id", &garbage], 65, vec![&garbage], vec![]),
+    ];
+    for (args, code, broken, good) in cases {
+        let mut all = vec!["--from", &store];
+        all.extend(&args);
+        let run = sb.run("bk-verify", &all).code(code);
+        let what = format!("bk-verify {args:?}\nstdout: {}\nstderr: {}", run.stdout, run.stderr);
+        let reported: Vec<String> = errors(&run)
+            .iter()
+            .map(|e| {
+                assert_eq!(e.code, 65, "{what}");
+                let id = e.message.split(':').next().unwrap().to_string();
+                assert!(
+                    e.name.as_deref().is_some_and(|n| id.starts_with(&format!("{n}."))),
+                    "{what}"
+                );
+                assert!(e.message.contains("broken backup"), "{what}");
+                id
+            })
+            .collect();
+        assert_eq!(reported.iter().collect::<Vec<_>>(), broken, "{what}");
+        let verified: Vec<String> = verified_all(&run)
+            .iter()
+            .map(|v| {
+                assert_eq!(v["ok"], json!(true), "{what}");
+                v["id"].as_str().unwrap().to_string()
+            })
+            .collect();
+        assert_eq!(verified.iter().collect::<Vec<_>>(), good, "{what}");
+        let instead = format!("the newest backup {missing} is broken; verifying {g2} instead");
+        assert_eq!(
+            run.stderr.contains(&instead),
+            args.is_empty() || args.contains(&"--latest") || args.contains(&"--sample"),
+            "{what}"
+        );
+    }
+    let run = sb.run("bk-verify", &["--from", &store, "--id", &missing]).code(65);
+    assert!(run.error().message.contains("is missing"), "{}", run.stderr);
+
+    // bk-restore: the newest good backup, with a warning naming the broken one; a broken
+    // one by --id is 65 with the reason.
+    let restore = |args: &[&str]| {
+        let target = sb.path(&format!("restored-{}", args.join("-").replace(':', "")));
+        let mut all = vec!["--from", &store, "--to", s(&target)];
+        all.extend(args);
+        sb.run("bk-restore", &all)
+    };
+    let warning = format!("bk-restore: warning: fresh: a newer backup {missing} is broken");
+    for args in [vec!["--name", "fresh"], vec!["--name", "fresh", "--at", "2999-01-01"]] {
+        let run = restore(&args).ok();
+        assert_eq!(run.restored().id, g2, "{args:?}");
+        assert!(run.stderr.contains(&warning), "{args:?}: {}", run.stderr);
+        assert!(
+            run.stderr.contains(&format!("restoring {g2} instead")),
+            "{}",
+            run.stderr
+        );
+    }
+    let run = restore(&["--name", "stale"]).ok();
+    assert_eq!(run.restored().id, s1);
+    assert!(
+        run.stderr.is_empty(),
+        "an older broken backup is not in the way: {}",
+        run.stderr
+    );
+    for (id, reason) in [(&missing, "is missing"), (&garbage, "unreadable manifest")] {
+        let run = restore(&["--id", id]).code(65);
+        let e = run.error();
+        assert!(
+            e.message.contains(id.as_str()) && e.message.contains(reason),
+            "{}",
+            e.message
+        );
+    }
+    restore(&["--name", "fresh", "--at", "2000-01-01"]).code(66);
+}
+
+#[test]
+fn a_fifo_named_like_a_manifest_is_reported_without_hanging() {
+    let sb = Sandbox::new();
+    let src = sb.path("src");
+    small_tree(&src);
+    let a = sb.dump(&["files", s(&src), "--name", "piped"]);
+    let fifo = sb.path("store/piped/piped.29991231T000000Z.json");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let child = sb.spawn("bk-verify", &["--from", &sb.store()]);
+    let run = wait_with_timeout(child, Duration::from_secs(30)).code(65);
+    let e = run.error();
+    assert!(
+        e.message.contains("piped.29991231T000000Z") && e.message.contains("not a regular file"),
+        "{}",
+        e.message
+    );
+    assert_good(&verified(&run), &a, "integrity");
 }
 
 #[test]
@@ -779,9 +968,11 @@ fn sigterm_mid_restore_drops_the_scratch_database(server: &dyn ScratchServer, a:
         "128 + SIGTERM\nstdout: {}\nstderr: {}",
         run.stdout, run.stderr
     );
+    // No verdict; the error record of the signal, which fails the pipeline.
+    let records = run.records();
     assert!(
-        run.stdout.is_empty(),
-        "an interrupted run reports nothing: {}",
+        matches!(&records[..], [Record::Error(e)] if e.code == 143 && e.message.contains("signal 15")),
+        "an interrupted run reports its interruption only: {}",
         run.stdout
     );
     assert!(run.stderr.contains("interrupted by signal 15"), "{}", run.stderr);
@@ -944,11 +1135,7 @@ fn mysql_backup_verifies_at_both_levels_and_the_scratch_database_goes() {
     let other = r#"{"bk":1,"type":"kept","id":"x.20260101T000000Z","name":"x","location":"/b/x","reasons":["daily 2026-01-01"]}"#;
     let run = my.verify(&[], &format!("{}{other}\n", line(&a))).ok();
     assert_good(&verified(&run), &a, "integrity");
-    assert_eq!(
-        run.stdout.lines().nth(1),
-        Some(other),
-        "passed on unchanged, in input order"
-    );
+    assert_eq!(run.lines().get(1), Some(&other), "passed on unchanged, in input order");
 
     let _lock = scratch_lock(&MYSQL_SCRATCH);
     let before = my.scratch_dbs();

@@ -7,10 +7,10 @@ use clap::Parser;
 use bk_core::cli::read_stdin_records;
 use bk_core::codec::{check_digest, Decoder, Identities};
 use bk_core::error::{from_io, Error, Result};
-use bk_core::name::{parse_time, rfc3339, validate_name};
+use bk_core::name::{parse_time, rfc3339, stamp, validate_name};
 use bk_core::progress::Progress;
 use bk_core::record::{Artifact, Output, Record, Restored};
-use bk_core::store::{self, Store};
+use bk_core::store::{self, Broken, Store};
 
 use crate::{count_mismatch, files, mysql, postgres, sqlite, ReadOpts, RestoreOptions};
 
@@ -18,7 +18,9 @@ use crate::{count_mismatch, files, mysql, postgres, sqlite, ReadOpts, RestoreOpt
 ///
 /// Takes the artifact record on stdin (as bk-dump or bk-ls print it), or picks a backup
 /// from a store with --from. The artifact is checked while it is restored (sha256, full
-/// decode, counts); a restore that fails a check leaves the target as it was.
+/// decode, counts); a restore that fails a check leaves the target as it was. With --from, a
+/// broken backup (an unreadable manifest, a missing or resized artifact file) is never
+/// picked: a warning names one newer than the backup restored, and --id of one is 65.
 #[derive(Debug, Parser)]
 #[command(
     name = "bk-restore",
@@ -140,23 +142,48 @@ fn pick(store: &dyn Store, cli: &Cli) -> Result<Artifact> {
         (None, None) => return Err(Error::usage("--from needs --name NAME (or --id ID)")),
     };
     validate_name(&name)?;
-    let artifacts = store.list(Some(&name))?.artifacts;
-    let found = if let Some(id) = &cli.id {
-        artifacts.into_iter().find(|a| &a.id == id)
+    let listing = store.list(Some(&name))?;
+    // The broken backups that could have been picked: the one of --id, or any up to --at.
+    let (found, mut broken): (Option<Artifact>, Vec<Broken>) = if let Some(id) = &cli.id {
+        let broken = listing.broken.into_iter().filter(|b| &b.id == id).collect();
+        (listing.artifacts.into_iter().find(|a| &a.id == id), broken)
     } else if let Some(at) = &cli.at {
-        let at = rfc3339(parse_time(at)?);
-        artifacts.into_iter().rfind(|a| a.started <= at)
+        let at = parse_time(at)?;
+        let limit = format!("{name}.{}", stamp(at));
+        let at = rfc3339(at);
+        let broken = listing.broken.into_iter().filter(|b| b.id <= limit).collect();
+        (listing.artifacts.into_iter().rfind(|a| a.started <= at), broken)
     } else {
-        artifacts.into_iter().next_back()
+        (listing.artifacts.into_iter().next_back(), listing.broken)
     };
-    found.ok_or_else(|| {
+    broken.retain(|b| is_newer(b, found.as_ref()));
+    let Some(found) = found else {
+        // Nothing good to restore: the newest broken one says why.
+        if let Some(b) = broken.last() {
+            return Err(b.error());
+        }
         let which = cli
             .id
             .clone()
             .or(cli.at.as_ref().map(|t| format!("at or before {t}")))
             .unwrap_or_default();
-        Error::no_input(format!("no backup of {name} {which} in {}", store.url()).replace("  ", " ")).named(&name)
-    })
+        return Err(
+            Error::no_input(format!("no backup of {name} {which} in {}", store.url()).replace("  ", " ")).named(&name),
+        );
+    };
+    for b in &broken {
+        eprintln!(
+            "bk-restore: warning: {name}: a newer backup {} is broken ({}); restoring {} instead",
+            b.id, b.reason, found.id
+        );
+    }
+    Ok(found)
+}
+
+/// Whether a broken backup is newer than a good one of its name (ids are `<name>.<stamp>`),
+/// or there is no good one.
+pub(crate) fn is_newer(broken: &Broken, good: Option<&Artifact>) -> bool {
+    good.is_none_or(|a| broken.id > a.id)
 }
 
 fn restore(store: &dyn Store, artifact: &Artifact, cli: &Cli, identities: &Identities, out: &mut Output) -> Result<()> {

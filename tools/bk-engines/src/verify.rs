@@ -18,8 +18,9 @@ use bk_core::ls::newest_per_name;
 use bk_core::name::validate_name;
 use bk_core::progress::Progress;
 use bk_core::record::{Artifact, Output, Record};
-use bk_core::store::{self, Store};
+use bk_core::store::{self, Broken, Store};
 
+use crate::restore::is_newer;
 use crate::{files, mysql, postgres, sqlite, ReadOpts, RestoreOptions};
 
 const SCRATCH_PREFIX: &str = "bk_verify_";
@@ -35,8 +36,12 @@ const LEFTOVER_AGE: Duration = Duration::from_secs(24 * 3600);
 /// compared with the manifest, and the target dropped whatever happens (SIGINT and SIGTERM
 /// included); scratch targets older than a day, left by a killed run, are removed first,
 /// with a line on stderr. Prints one verified record per artifact and passes other records
-/// on; any mismatch or corruption also prints an error record and makes the exit status 65.
-/// A scratch server that cannot be reached ends the run with 69.
+/// on. Every backup is read, whatever failed before it, and every failure is an error
+/// record. The exit status is 65 if any backup is bad (a mismatch, corruption, or a broken
+/// backup in the store: an unreadable manifest, a missing or resized artifact file),
+/// otherwise that of the first other failure (69: a scratch server that cannot be reached).
+/// With --from, a broken backup newer than a name's newest good one is reported, and the
+/// good one verified instead, with a line on stderr saying so.
 #[derive(Debug, Parser)]
 #[command(name = "bk-verify", version, after_help = bk_core::cli::exit_status_help())]
 pub struct Cli {
@@ -80,8 +85,12 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     match &cli.from {
         Some(url) => {
             let store = store::open(url)?;
-            for artifact in pick(store.as_ref(), &cli)? {
-                verifier.verify(store.as_ref(), &artifact, out)?;
+            let picked = pick(store.as_ref(), &cli)?;
+            for broken in &picked.broken {
+                verifier.report(broken.error(), out)?;
+            }
+            for artifact in &picked.artifacts {
+                verifier.verify(store.as_ref(), artifact, out)?;
             }
         }
         None => {
@@ -92,32 +101,63 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
                 match &input.record {
                     Record::Artifact(a) if !seen.contains(&a.location) => {
                         seen.push(a.location.clone());
-                        let store = store::open_location(a)?;
-                        verifier.verify(store.as_ref(), a, out)?;
+                        match store::open_location(a) {
+                            Ok(store) => verifier.verify(store.as_ref(), a, out)?,
+                            Err(e) => verifier.report(e.named(&a.name), out)?,
+                        }
                     }
                     _ => out.pass(input)?,
                 }
             }
         }
     }
-    Ok(())
+    verifier.finish(out)
 }
 
-fn pick(store: &dyn Store, cli: &Cli) -> Result<Vec<Artifact>> {
+/// What --from selects: the backups to read, and the broken ones among those asked for.
+struct Picked {
+    artifacts: Vec<Artifact>,
+    broken: Vec<Broken>,
+}
+
+fn pick(store: &dyn Store, cli: &Cli) -> Result<Picked> {
     if let Some(n) = &cli.name {
         validate_name(n)?;
     }
-    let all = store.list(cli.name.as_deref())?.artifacts;
-    let picked: Vec<Artifact> = if let Some(id) = &cli.id {
-        all.into_iter().filter(|a| &a.id == id).collect()
+    let listing = store.list(cli.name.as_deref())?;
+    let (all, broken) = (listing.artifacts, listing.broken);
+    let picked = if let Some(id) = &cli.id {
+        Picked {
+            artifacts: all.into_iter().filter(|a| &a.id == id).collect(),
+            broken: broken.into_iter().filter(|b| &b.id == id).collect(),
+        }
     } else if cli.all {
-        all
-    } else if let Some(n) = cli.sample {
-        sample(all, n as usize)
+        Picked { artifacts: all, broken }
     } else {
-        newest_per_name(all)
+        let newest = newest_per_name(all.clone());
+        // Sampling reads a name's whole history over the nights: all of it is asked for.
+        // The newest (the default) is asked for up to the newest good backup.
+        let newest_of = |name: &str| newest.iter().find(|a| a.name == name);
+        let broken: Vec<Broken> = if cli.sample.is_some() {
+            broken
+        } else {
+            broken.into_iter().filter(|b| is_newer(b, newest_of(&b.name))).collect()
+        };
+        for a in &newest {
+            if let Some(b) = broken.iter().rfind(|b| b.name == a.name && is_newer(b, Some(a))) {
+                eprintln!(
+                    "bk-verify: {}: the newest backup {} is broken; verifying {} instead",
+                    a.name, b.id, a.id
+                );
+            }
+        }
+        let artifacts = match cli.sample {
+            Some(n) => sample(all, n as usize),
+            None => newest,
+        };
+        Picked { artifacts, broken }
     };
-    if picked.is_empty() {
+    if picked.artifacts.is_empty() && picked.broken.is_empty() {
         let what = cli.id.clone().or(cli.name.clone()).unwrap_or_else(|| "any name".into());
         return Err(Error::no_input(format!("no backup of {what} in {}", store.url())));
     }
@@ -151,6 +191,8 @@ struct Verifier<'a> {
     restore_options: RestoreOptions,
     /// Engines whose leftover scratch targets were already looked for.
     swept: Vec<String>,
+    /// Failures that are not a bad backup, reported at the end (see `report`).
+    deferred: Vec<Error>,
 }
 
 impl<'a> Verifier<'a> {
@@ -170,6 +212,7 @@ impl<'a> Verifier<'a> {
             identities,
             restore_options,
             swept: Vec::new(),
+            deferred: Vec::new(),
         }
     }
 
@@ -183,29 +226,37 @@ impl<'a> Verifier<'a> {
         let mut mismatches = Vec::new();
         let level = if self.cli.scratch { "restore" } else { "integrity" };
         let outcome = self.check(store, artifact, &mut checks, &mut mismatches);
-        // A failure that says nothing about the backup (the scratch server is down, say)
-        // still gets its verified record, ok false, but ends the run with its own code.
-        let (failure, fatal) = match outcome {
-            Ok(()) => (None, false),
-            Err(e) => {
-                let fatal = e.kind != Kind::Data;
-                (Some(e), fatal)
-            }
-        };
         let mut record = Map::new();
         record.insert("id".into(), artifact.id.clone().into());
         record.insert("name".into(), artifact.name.clone().into());
         record.insert("location".into(), artifact.location.clone().into());
-        record.insert("ok".into(), failure.is_none().into());
+        record.insert("ok".into(), outcome.is_ok().into());
         record.insert("level".into(), level.into());
         record.insert("checks".into(), Value::Object(checks));
         record.insert("mismatches".into(), Value::Array(mismatches));
         out.emit(&Record::Verified(record))?;
-        match failure {
-            Some(e) if fatal => Err(e.named(&artifact.name)),
-            Some(e) => out.error(&e.named(&artifact.name)),
-            None => Ok(()),
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(e) => self.report(e.named(&artifact.name), out),
         }
+    }
+
+    /// Reports a failure and goes on with the next backup. A bad backup (65) is reported at
+    /// once; a failure that says nothing about the backup (the scratch server is down, say)
+    /// at the end of the run, so that the exit status is 65 whenever a backup is bad, and
+    /// otherwise that of the first other failure.
+    fn report(&mut self, e: Error, out: &mut Output) -> Result<()> {
+        if e.kind == Kind::Data {
+            out.error(&e)
+        } else {
+            self.deferred.push(e);
+            Ok(())
+        }
+    }
+
+    /// Reports the failures kept for the end.
+    fn finish(self, out: &mut Output) -> Result<()> {
+        self.deferred.iter().try_for_each(|e| out.error(e))
     }
 
     fn check(

@@ -27,7 +27,9 @@ use sha2::{Digest, Sha256};
 /// Pull/sync mode (--from STORE): copies the backups of STORE (all, or --latest, or
 /// --since TIME; of one --name or of all) that a destination lacks, and prints a record per
 /// new copy. A second run copies nothing. A destination that holds a backup of the same id
-/// with a different sha256 is an error (65): it is neither kept silently nor overwritten.
+/// with a different sha256 is an error (65): it is neither kept silently nor overwritten. A
+/// broken backup of STORE (an unreadable manifest, a missing or resized artifact file) is
+/// reported (65), not copied.
 ///
 /// Stores: a directory or file:// URL, s3://bucket/prefix (credentials and region from the
 /// AWS variables and ~/.aws files; --s3-endpoint for other S3 servers), or
@@ -35,8 +37,9 @@ use sha2::{Digest, Sha256};
 /// replaces `ssh`, e.g. `ssh -i KEY`), ftp:// or ftps://[user@]host[:port]/path (the password
 /// from ~/.netrc, NETRC or BK_FTP_CREDENTIALS; SSL_CERT_FILE for a private CA), or
 /// rclone:REMOTE:path (the system's rclone and its config, which keeps the credentials: every
-/// rclone backend). Transient failures (unreachable store, I/O errors) are
-/// retried with backoff.
+/// rclone backend). Transient failures (an unreachable store, a lock held, an I/O error on
+/// the way to or from a remote store) are retried with backoff; a local filesystem's errors
+/// (a --to that is a file, a full disk) fail at once.
 #[derive(Debug, Parser)]
 #[command(name = "bk-ship", version, after_help = bk_core::cli::exit_status_help())]
 pub struct Cli {
@@ -58,7 +61,8 @@ pub struct Cli {
     /// With --from: every backup (the default)
     #[arg(long, requires = "from")]
     pub all: bool,
-    /// Delete each backup from its source once every destination holds a checked copy
+    /// Delete each backup from its source once every destination holds a checked copy, and
+    /// only if the source store's own manifest of it says what the record says
     #[arg(long)]
     pub delete_source: bool,
     /// Attempts after the first for a copy that fails transiently
@@ -139,15 +143,26 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
         Some(from) => {
             let source = store::open(from)?;
             let listing = source.list(cli.name.as_deref())?;
-            let mut artifacts = listing.artifacts;
+            let (mut artifacts, mut broken) = (listing.artifacts, listing.broken);
             if cli.latest {
                 artifacts = newest_per_name(artifacts);
+                // Only those newer than the newest good backup of their name (ids are
+                // `<name>.<stamp>`).
+                broken.retain(|b| !artifacts.iter().any(|a| a.name == b.name && a.id >= b.id));
             }
             if let Some(since) = since {
                 artifacts.retain(|a| parse_time(&a.started).is_ok_and(|t| t >= since));
+                broken.retain(|b| {
+                    let stamp = b.id.rsplit_once('.').map(|(_, stamp)| stamp).unwrap_or_default();
+                    parse_time(stamp).map_or(true, |t| t >= since)
+                });
             }
-            if let (Some(n), true) = (&cli.name, artifacts.is_empty()) {
+            if let (Some(n), true) = (&cli.name, artifacts.is_empty() && broken.is_empty()) {
                 return Err(Error::no_input(format!("no backup of {n} in {}", source.url())).named(n));
+            }
+            // A broken backup of the source is not copied: it is reported (65).
+            for b in &broken {
+                out.error(&b.error())?;
             }
             for a in &artifacts {
                 shipper.ship(source.as_ref(), a, &mut dests, out)?;
@@ -231,6 +246,10 @@ impl Shipper {
                     return Ok(());
                 }
             }
+            if let Err(e) = check_source_manifest(source, a) {
+                out.error(&e.context("source kept").named(&a.name))?;
+                return Ok(());
+            }
             match source.delete(a) {
                 Ok(()) => self.say(out, &format!("{}: deleted from {}", a.id, source.url())),
                 Err(e) => out.error(&e.context(format!("deleting {} from the source", a.id)).named(&a.name))?,
@@ -240,10 +259,11 @@ impl Shipper {
     }
 
     fn copy_with_retries(&self, source: &dyn Store, a: &Artifact, dest: &mut Destination) -> Result<Copied> {
+        let remote = source.local_root().is_none() || dest.store.local_root().is_none();
         let mut attempt = 0;
         loop {
             match copy(source, a, dest) {
-                Err(e) if attempt < self.retries && matches!(e.kind, Kind::Unavailable | Kind::Io | Kind::TempFail) => {
+                Err(e) if attempt < self.retries && transient(&e, remote) => {
                     attempt += 1;
                     let wait = Duration::from_secs(1 << attempt.min(6));
                     eprintln!(
@@ -258,6 +278,17 @@ impl Shipper {
                 other => return other,
             }
         }
+    }
+}
+
+/// Whether waiting may cure a failure: an unreachable store, a lock held, or an I/O error
+/// on the way to or from a remote store (a connection dropped). A local filesystem's errors
+/// (not a directory, disk full, read-only) and every refusal fail at once.
+fn transient(e: &Error, remote: bool) -> bool {
+    match e.kind {
+        Kind::Unavailable | Kind::TempFail => true,
+        Kind::Io => remote,
+        _ => false,
     }
 }
 
@@ -346,6 +377,28 @@ fn copy_hashing(from: &mut dyn Read, to: &mut dyn Write, src: &str, dst: &str) -
         total += n as u64;
     }
     Ok((hex::encode(hasher.finalize()), total))
+}
+
+/// Deleting goes by the source store's own manifest, never by a record alone (whose
+/// `location` may point anywhere): it must be there, whole, and say what the record says.
+fn check_source_manifest(source: &dyn Store, a: &Artifact) -> Result<()> {
+    let listing = source.list(Some(&a.name))?;
+    if let Some(broken) = listing.broken.iter().find(|b| b.id == a.id) {
+        return Err(broken.error());
+    }
+    match listing.artifacts.iter().find(|m| m.id == a.id) {
+        None => Err(Error::no_input(format!(
+            "{} holds no manifest of {}: {} is not a backup of that store",
+            source.url(),
+            a.id,
+            a.location
+        ))),
+        Some(m) if (&m.sha256, m.bytes, &m.file) != (&a.sha256, a.bytes, &a.file) => Err(Error::data(format!(
+            "{}: the source's manifest says sha256 {} ({} bytes), the record {} ({} bytes)",
+            a.id, m.sha256, m.bytes, a.sha256, a.bytes
+        ))),
+        Some(_) => Ok(()),
+    }
 }
 
 /// Reads a copy back and compares its sha256 with the manifest's: 65 if it differs.
