@@ -313,7 +313,11 @@ fn replace_refuses_a_side_file_it_cannot_remove_and_removes_symlinks_not_their_t
             73,
         ),
         ("-journal", |side, _| std::fs::create_dir(side).unwrap(), 73),
-        ("-wal", |side, outside| std::os::unix::fs::symlink(outside, side).unwrap(), 0),
+        (
+            "-wal",
+            |side, outside| std::os::unix::fs::symlink(outside, side).unwrap(),
+            0,
+        ),
     ];
     for (suffix, make, code) in cases {
         let dir = sb.path(&format!("live{suffix}{code}"));
@@ -326,7 +330,10 @@ fn replace_refuses_a_side_file_it_cannot_remove_and_removes_symlinks_not_their_t
         let run = sb.run_with_stdin("bk-restore", &["--to", target.to_str().unwrap(), "--replace"], &line);
         if code == 0 {
             run.ok();
-            assert!(std::fs::symlink_metadata(&side).is_err(), "the symlink {suffix} was removed");
+            assert!(
+                std::fs::symlink_metadata(&side).is_err(),
+                "the symlink {suffix} was removed"
+            );
             assert_eq!(content(&target), content(&db));
         } else {
             let run = run.code(code);
