@@ -46,7 +46,9 @@ pub struct Cli {
     #[arg(long, value_name = "TARGET")]
     pub to: Option<PathBuf>,
     /// Restore into a target that is not empty (files are overwritten, directories merged;
-    /// a SQLite file is replaced; a database is dropped and created again)
+    /// a SQLite file is replaced; a database is dropped and created again).
+    /// PostgreSQL: loaded and checked in a new database that takes the target's name only
+    /// then, the old one dropped after; refused (75) while sessions are connected to it
     #[arg(long)]
     pub replace: bool,
     /// Database backups: restore into this database [default: the source's name]
