@@ -1161,7 +1161,7 @@ fn replace_loads_exactly_the_backup_and_keeps_the_database_settings() {
         );
         assert_eq!(
             databases_of(&t.pg, &old.owner.name),
-            [old.db.name.clone()],
+            [old.db.name.as_str()],
             "{format}: neither the new database's temporary name nor the old database is left"
         );
     }
@@ -1274,7 +1274,7 @@ fn a_replace_that_fails_leaves_the_old_database_as_it_was() {
         assert_eq!(database_settings(&t.pg, &old.db.name), settings, "{case}");
         assert_eq!(
             databases_of(&t.pg, &old.owner.name),
-            [old.db.name.clone()],
+            [old.db.name.as_str()],
             "{case}: the new database was dropped"
         );
     }
@@ -1301,7 +1301,7 @@ fn a_connected_session_makes_replace_fail_with_the_old_data_intact() {
     );
     assert!(!session.is_closed(), "the session was not killed");
     assert_eq!(fingerprint(&t.pg, &old.db.name), data);
-    assert_eq!(databases_of(&t.pg, &old.owner.name), [old.db.name.clone()]);
+    assert_eq!(databases_of(&t.pg, &old.owner.name), [old.db.name.as_str()]);
 
     drop(session);
     t.restore(&artifact, &["--database", &old.db.name, "--replace"]).ok();
@@ -1367,7 +1367,7 @@ fn sigterm_mid_replace_leaves_the_old_database_as_it_was() {
     assert_eq!(fingerprint(&t.pg, &old.db.name), data, "the old data");
     assert_eq!(
         databases_of(&t.pg, &old.owner.name),
-        [old.db.name.clone()],
+        [old.db.name.as_str()],
         "the new database was dropped"
     );
 }
