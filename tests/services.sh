@@ -220,6 +220,62 @@ start_mariadb() {
 pg_ready() { "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; }
 
 start_postgres() {
+  start_postgres_server
+  postgres_tls
+}
+
+# postgres_tls: TLS for the tests of bk's sslmode handling. A private CA and a server
+# certificate for the name localhost only (made once, under $BASE/pg/tls: so that verify-full
+# to 127.0.0.1 fails where verify-ca passes), ssl = on, and the
+# group role tls_only, whose members may log in over TCP with TLS only. Both settings are
+# reloadable: a running server is reloaded, never restarted, and only when something changed.
+postgres_tls() {
+  local d="$BASE/pg" t="$BASE/pg/tls" conf="$BASE/pg/data/postgresql.conf" hba="$BASE/pg/data/pg_hba.conf"
+  local changed=""
+  if [ ! -f "$t/server.crt" ]; then
+    step "postgres: TLS certificates"
+    rm -rf "$t.new"; install -d -m 755 "$t.new"
+    (
+      cd "$t.new"
+      local ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
+      run_logged openssl.log openssl req -x509 "${ec[@]}" -keyout ca.key -out ca.crt -days 36500 \
+        -subj "/CN=bk test PostgreSQL CA" -addext "basicConstraints=critical,CA:TRUE" \
+        -addext "keyUsage=critical,keyCertSign,cRLSign"
+      run_logged openssl.log openssl req -new "${ec[@]}" -keyout server.key -out server.csr -subj "/CN=localhost"
+      printf '%s\n' "subjectAltName=DNS:localhost" "basicConstraints=critical,CA:FALSE" \
+        "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" >server.ext
+      run_logged openssl.log openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -set_serial "0x$(openssl rand -hex 16)" \
+        -days 36500 -extfile server.ext -out server.crt
+      rm -f server.csr server.ext
+      chmod 600 ca.key server.key; chown postgres server.key
+    ) || die "postgres: could not make the TLS certificates; see $t.new/openssl.log"
+    mv "$t.new" "$t"
+    changed=1
+  fi
+  if ! grep -q '^# bk tests: TLS' "$conf"; then
+    printf '%s\n' "# bk tests: TLS" "ssl = on" "ssl_cert_file = '$t/server.crt'" "ssl_key_file = '$t/server.key'" >>"$conf"
+    changed=1
+  fi
+  if ! grep -q '+tls_only' "$hba"; then
+    # first match wins: these go before initdb's rules
+    { printf '%s\n' "# bk tests: members of tls_only log in over TCP with TLS only" \
+        "hostssl all +tls_only 127.0.0.1/32 scram-sha-256" "hostnossl all +tls_only 127.0.0.1/32 reject"
+      cat "$hba"; } >"$hba.new"
+    cat "$hba.new" >"$hba"; rm -f "$hba.new"   # keeps the file's owner and mode
+    changed=1
+  fi
+  local psql=(env PGPASSWORD=testpw "$PG_BIN/psql" -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres)
+  if [ -n "$changed" ]; then
+    step "postgres: TLS on (reload)"
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$d/data" reload >>"$d/pg_ctl.log" 2>&1 9>&- \
+      || { show_log "$d/log"; die "postgres did not reload; see $d/log"; }
+    wait_ready "postgres (TLS)" "$d/log" "" env PGSSLMODE=require "${psql[@]}" -c 'SELECT 1'
+  fi
+  "${psql[@]}" -c "DO \$\$ BEGIN CREATE ROLE tls_only NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END \$\$" \
+    || die "postgres: could not create role tls_only"
+}
+
+start_postgres_server() {
   local d="$BASE/pg" pid
   install -d -o postgres -g postgres "$d"
   if pg_ready; then
@@ -450,7 +506,7 @@ export TEST_INFLUX_HTTP=http://127.0.0.1:$INFLUX_HTTP_PORT TEST_INFLUX_RPC=127.0
 export TEST_S3_ENDPOINT=http://127.0.0.1:$S3_PORT TEST_S3_BUCKET=$S3_BUCKET AWS_ACCESS_KEY_ID=$S3_AK AWS_SECRET_ACCESS_KEY=$S3_SK AWS_DEFAULT_REGION=us-east-1
 export TEST_SSH="$SSH_USER@127.0.0.1 -p $SSH_PORT -i $BASE/ssh/id"
 export TEST_MYSQL_SOCKET=$BASE/mysql/run/sock
-export TEST_PG_SOCKET_DIR=$BASE/pg
+export TEST_PG_SOCKET_DIR=$BASE/pg TEST_PG_CA=$BASE/pg/tls/ca.crt
 export TEST_SSH_KEY=$BASE/ssh/id TEST_SSH_PORT=$SSH_PORT TEST_SSH_USER=$SSH_USER
 export TEST_ANSIBLE_VENV=$TOOLS/ansible-venv
 export TEST_FTP_HOST=127.0.0.1 TEST_FTP_PORT=$FTP_PORT TEST_FTPS_PORT=$FTPS_PORT TEST_FTP_USER=$FTP_USER TEST_FTP_READONLY_USER=$FTP_READONLY_USER TEST_FTP_PASSWORD=$FTP_PASSWORD

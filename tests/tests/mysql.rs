@@ -1068,3 +1068,303 @@ fn several_databases_make_one_artifact_each() {
     assert!(run.error().message.contains("fixed"), "{}", run.stderr);
     assert_eq!(files_below(&store3), Vec::<PathBuf>::new());
 }
+
+/// Databases a restore works in (`bk_restore_*` scratch copies, `bk_old_*` old tables).
+fn restore_work_databases(env: &Env) -> Vec<String> {
+    env.sql("SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE 'bk\\_restore\\_%' OR SCHEMA_NAME LIKE 'bk\\_old\\_%'")
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// No restore work database besides those of `before` stays behind (other tests' restores
+/// may run meanwhile: theirs go when they end).
+#[track_caller]
+fn assert_no_work_database_left(env: &Env, before: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left: Vec<String> = restore_work_databases(env)
+            .into_iter()
+            .filter(|d| !before.contains(d))
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "left behind: {left:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// What must not change in a database: [`Env::content`] and CHECKSUM TABLE of every table.
+fn snapshot(env: &Env, db: &str) -> (BTreeMap<String, String>, String) {
+    let tables: Vec<String> = env
+        .tables(db)
+        .iter()
+        .map(|t| format!("{}.{}", mysql_ident(db), mysql_ident(t)))
+        .collect();
+    (
+        env.content(db),
+        env.sql(&format!("CHECKSUM TABLE {} EXTENDED", tables.join(", "))),
+    )
+}
+
+/// A live database unlike the sample: same table names with other rows and columns, a view
+/// where the backup has a table, a trigger, a routine and an event of its own.
+fn create_live(env: &Env, db: &str) {
+    env.sql(&format!(
+        "USE {};
+         CREATE TABLE `people` (`id` INT PRIMARY KEY, `old` VARCHAR(20));
+         INSERT INTO `people` VALUES (1, 'old one'), (2, 'old two');
+         CREATE TABLE `old only` (`x` INT);
+         INSERT INTO `old only` SELECT seq FROM seq_1_to_300;
+         CREATE TABLE `old log` (`x` INT);
+         CREATE TRIGGER `old trigger` AFTER INSERT ON `people` FOR EACH ROW INSERT INTO `old log` VALUES (NEW.`id`);
+         CREATE VIEW `many` AS SELECT `id` FROM `people`;
+         CREATE FUNCTION `twice`(x INT) RETURNS INT DETERMINISTIC RETURN x * 200;
+         CREATE FUNCTION `old function`() RETURNS INT DETERMINISTIC RETURN 1;
+         CREATE EVENT `old event` ON SCHEDULE EVERY 1 DAY STARTS '2031-01-01 00:00:00' DISABLE DO DELETE FROM `old log`;",
+        mysql_ident(db)
+    ));
+}
+
+#[test]
+fn replace_swaps_in_exactly_the_backup() {
+    let Some(env) = Env::new("replace_swaps_in_exactly_the_backup") else {
+        return;
+    };
+    let db = mysql_unique_name("bk_swap_src_");
+    let _source = env.create_db(&db);
+    let rows = create_sample(&env, &db);
+    let artifact = env.dump(&["--database", &db]).ok().artifact();
+    let live = mysql_unique_name("bk_swap_live_");
+    let _live = env.create_db(&live);
+    create_live(&env, &live);
+    let before = restore_work_databases(&env);
+
+    let run = env.restore(&artifact, &["--database", &live, "--replace"]).ok();
+    let restored = run.restored();
+    assert!(restored.complete);
+    assert_eq!(by_table(&restored.counts, &live), rows);
+    assert_same_content(&env.content(&live), &env.content(&db));
+    routines_work(&env, &live);
+    assert_no_work_database_left(&env, &before);
+
+    // --table with --replace: only that table (and its triggers) is replaced.
+    let partial = mysql_unique_name("bk_swap_part_");
+    let _partial = env.create_db(&partial);
+    create_live(&env, &partial);
+    let run = env
+        .restore(&artifact, &["--database", &partial, "--replace", "--table", "people"])
+        .ok();
+    assert!(!run.restored().complete);
+    assert_eq!(
+        env.tables(&partial),
+        ["old log", "old only", "people"],
+        "people comes from the backup, the rest stays"
+    );
+    assert_eq!(env.count(&partial, "people"), 4);
+    assert_eq!(env.count(&partial, "old only"), 300);
+    let objects = env.sql(&format!(
+        "SELECT GROUP_CONCAT(TRIGGER_NAME ORDER BY 1) FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = {p};
+         SELECT GROUP_CONCAT(ROUTINE_NAME ORDER BY 1) FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA = {p};
+         SELECT COUNT(*) FROM information_schema.VIEWS WHERE TABLE_SCHEMA = {p};",
+        p = mysql_string(&partial)
+    ));
+    assert_eq!(objects, "people log\nold function,twice\n1\n");
+    assert_eq!(
+        env.sql(&format!("SELECT {}.`twice`(1)", mysql_ident(&partial))).trim(),
+        "200"
+    );
+    assert_no_work_database_left(&env, &before);
+}
+
+/// The artifact of a dump made with `--compress none`, its content changed by `change`,
+/// the record updated to match (size and sha256): a backup that passes every check of the
+/// stored bytes and fails only as it is loaded or at its end.
+fn altered(env: &Env, artifact: &Artifact, tag: &str, change: impl Fn(&str) -> String) -> Artifact {
+    let path = env.sb.path("store").join(&artifact.name).join(&artifact.file);
+    let content = change(&std::fs::read_to_string(&path).unwrap());
+    let mut altered = artifact.clone();
+    altered.file = format!("{}.{tag}.sql", artifact.id);
+    let altered_path = path.with_file_name(&altered.file);
+    std::fs::write(&altered_path, &content).unwrap();
+    altered.location = altered.location.replace(&artifact.file, &altered.file);
+    altered.bytes = content.len() as u64;
+    altered.content_bytes = content.len() as u64;
+    altered.sha256 = hex::encode(Sha256::digest(content.as_bytes()));
+    altered
+}
+
+#[test]
+fn a_failed_replace_leaves_the_live_database_as_it_was() {
+    let Some(env) = Env::new("a_failed_replace_leaves_the_live_database_as_it_was") else {
+        return;
+    };
+    let db = mysql_unique_name("bk_fail_src_");
+    let _source = env.create_db(&db);
+    create_sample(&env, &db);
+    let artifact = env.dump(&["--database", &db, "--compress", "none"]).ok().artifact();
+    let live = mysql_unique_name("bk_fail_live_");
+    let _live = env.create_db(&live);
+    create_live(&env, &live);
+    let live_before = snapshot(&env, &live);
+    let before = restore_work_databases(&env);
+
+    let mut lying = artifact.clone();
+    *lying.counts.get_mut(&format!("{db}.many")).unwrap() += 1;
+    let cases: [(&str, Artifact, i32, &str); 3] = [
+        (
+            // The server refuses a statement late in the dump.
+            "a server error midway",
+            altered(&env, &artifact, "refused", |sql| {
+                let at = sql.rfind("INSERT INTO `no key`").unwrap();
+                format!(
+                    "{}INSERT INTO `no such table`{}",
+                    &sql[..at],
+                    &sql[at + "INSERT INTO `no key`".len()..]
+                )
+            }),
+            74,
+            "no such table",
+        ),
+        (
+            // Every statement loads; the end marker is missing.
+            "a dump cut short",
+            altered(&env, &artifact, "cut", |sql| {
+                sql.replace("-- Dump completed", "-- Dump interrupted")
+            }),
+            65,
+            "Dump completed",
+        ),
+        (
+            "a count that differs from the manifest",
+            lying,
+            65,
+            "many: 5001 rows expected, 5000 found",
+        ),
+    ];
+    for (case, artifact, code, said) in cases {
+        let run = env.restore(&artifact, &["--database", &live, "--replace"]);
+        assert_eq!(run.code, code, "{case}: stdout: {}\nstderr: {}", run.stdout, run.stderr);
+        let message = run.error().message;
+        assert!(
+            message.contains(said) && message.contains("untouched"),
+            "{case}: {message}"
+        );
+        assert!(
+            run.records().iter().all(|r| !matches!(r, Record::Restored(_))),
+            "{case}: {}",
+            run.stdout
+        );
+        assert_eq!(snapshot(&env, &live), live_before, "{case}: the live database changed");
+        assert_no_work_database_left(&env, &before);
+    }
+}
+
+/// Starts bk-restore --replace of `artifact` into `live` and returns it once it is loading
+/// rows of `table` into its scratch database, with that database's name.
+fn restore_until_loading(env: &Env, artifact: &Artifact, live: &str, table: &str) -> (Child, String) {
+    let mut child = env
+        .sb
+        .cmd(
+            "bk-restore",
+            &[
+                "--defaults-file",
+                env.admin.to_str().unwrap(),
+                "--database",
+                live,
+                "--replace",
+            ],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(Record::Artifact(artifact.clone()).to_line().as_bytes())
+        .unwrap();
+    drop(stdin);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let scratch = env.sql(&format!(
+            // (or in the live database itself, where a restore that drops first loads)
+            "SELECT TABLE_SCHEMA FROM information_schema.TABLES WHERE (TABLE_SCHEMA LIKE 'bk\\_restore\\_%' OR TABLE_SCHEMA = {}) AND TABLE_NAME = {}",
+            mysql_string(live),
+            mysql_string(table)
+        ));
+        if let Some(scratch) = scratch.lines().next() {
+            let rows = env.sql(&format!(
+                "SELECT COUNT(*) FROM {}.{} LIMIT 1",
+                mysql_ident(scratch),
+                mysql_ident(table)
+            ));
+            if rows.trim() != "0" {
+                return (child, scratch.to_string());
+            }
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "bk-restore ended before loading {table}"
+        );
+        assert!(Instant::now() < deadline, "bk-restore never loaded {table}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_killed_replace_leaves_the_live_database_as_it_was() {
+    let Some(env) = Env::new("a_killed_replace_leaves_the_live_database_as_it_was") else {
+        return;
+    };
+    let db = mysql_unique_name("bk_kill_src_");
+    let _source = env.create_db(&db);
+    // A table of its own name, so that this test finds its restore's scratch database.
+    let big = mysql_unique_name("big_");
+    env.sql(&format!(
+        "USE {};
+         CREATE TABLE {big} (id INT PRIMARY KEY, pad VARCHAR(200)) ENGINE=InnoDB;
+         INSERT INTO {big} SELECT seq, CONCAT(seq, REPEAT('q', 150)) FROM seq_1_to_400000;",
+        mysql_ident(&db),
+        big = mysql_ident(&big)
+    ));
+    let artifact = env.dump(&["--database", &db]).ok().artifact();
+    let live = mysql_unique_name("bk_kill_live_");
+    let _live = env.create_db(&live);
+    create_live(&env, &live);
+    let live_before = snapshot(&env, &live);
+    let before = restore_work_databases(&env);
+
+    // SIGTERM: the scratch database is dropped, the live one untouched.
+    let (child, scratch) = restore_until_loading(&env, &artifact, &live, &big);
+    let _scratch = env.server.database(&scratch);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM).unwrap();
+    let run = Run::from(child.wait_with_output().unwrap());
+    assert_eq!(run.code, 143, "stdout: {}\nstderr: {}", run.stdout, run.stderr);
+    assert!(
+        run.records().iter().all(|r| !matches!(r, Record::Restored(_))),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(snapshot(&env, &live), live_before, "SIGTERM: the live database changed");
+    assert_no_work_database_left(&env, &before);
+
+    // SIGKILL: nothing can clean up; the live database is untouched all the same, and the
+    // scratch database left behind is named by the next restore.
+    let (mut child, scratch) = restore_until_loading(&env, &artifact, &live, &big);
+    let _scratch = env.server.database(&scratch);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(snapshot(&env, &live), live_before, "SIGKILL: the live database changed");
+    let copy = mysql_unique_name("bk_kill_copy_");
+    let _copy = env.server.database(&copy);
+    let run = env.restore(&artifact, &["--database", &copy]).ok();
+    assert!(
+        run.stderr
+            .contains(&format!("warning: {scratch} is the scratch database")),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(env.count(&copy, &big), 400000);
+}

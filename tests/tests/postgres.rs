@@ -1026,6 +1026,295 @@ fn without_dbname_every_database_but_the_templates() {
     }
 }
 
+// ---- TLS and service files: bk's own connections follow libpq's sslmode, PGSSLROOTCERT and
+// PGSERVICE, as pg_dump does. tests/services.sh turns TLS on with a CA of its own
+// (TEST_PG_CA) and lets members of the role tls_only log in over TCP with TLS only.
+
+/// The test server's CA certificate (TEST_PG_CA, written by tests/services.sh).
+fn pg_ca() -> PathBuf {
+    let ca = std::env::var("TEST_PG_CA").expect("TEST_PG_CA is set by tests/services.sh (source its env)");
+    assert!(
+        Path::new(&ca).is_file(),
+        "TEST_PG_CA={ca} does not exist: run tests/services.sh start"
+    );
+    PathBuf::from(ca)
+}
+
+/// A login role that may connect over TLS only (a member of tls_only), with CREATEDB for
+/// restores; dropped at the end, after the databases it owns (declare it first).
+struct TlsRole {
+    admin: PgServer,
+    server: PgServer,
+}
+
+impl TlsRole {
+    fn create(admin: &PgServer) -> TlsRole {
+        let server = PgServer {
+            user: pg_unique_name("bk_tls_"),
+            password: pg_unique_name("pw"),
+            ..admin.clone()
+        };
+        admin.execute(
+            "postgres",
+            &format!(
+                "CREATE ROLE {} LOGIN CREATEDB PASSWORD '{}' IN ROLE tls_only",
+                pg_ident(&server.user),
+                server.password
+            ),
+        );
+        TlsRole {
+            admin: admin.clone(),
+            server,
+        }
+    }
+
+    /// A database the role owns with a table of three rows, created by the superuser
+    /// (whose connections need no TLS) acting as the role.
+    fn database(&self) -> PgDatabase {
+        let db = self.admin.create_database(&pg_unique_name("bk_tls_db_"));
+        let role = pg_ident(&self.server.user);
+        self.admin.execute(
+            "postgres",
+            &format!("ALTER DATABASE {} OWNER TO {role}", pg_ident(&db.name)),
+        );
+        self.admin.execute(
+            &db.name,
+            &format!("SET ROLE {role}; CREATE TABLE t(v text); INSERT INTO t VALUES ('a'), ('b'), ('c');"),
+        );
+        db
+    }
+}
+
+impl Drop for TlsRole {
+    fn drop(&mut self) {
+        let sql = format!("DROP ROLE IF EXISTS {}", pg_ident(&self.server.user));
+        if let Err(e) = self.admin.client("postgres").batch_execute(&sql) {
+            eprintln!("warning: {sql}: {e}");
+        }
+    }
+}
+
+/// The TLS settings of a run: PGSSLMODE (unset: libpq's default, prefer) and PGSSLROOTCERT.
+fn with_tls(mut cmd: Command, sslmode: Option<&str>, root_cert: Option<&Path>) -> Command {
+    cmd.env_remove("PGSSLMODE")
+        .env_remove("PGSSLROOTCERT")
+        .env_remove("PGSERVICE");
+    if let Some(mode) = sslmode {
+        cmd.env("PGSSLMODE", mode);
+    }
+    if let Some(f) = root_cert {
+        cmd.env("PGSSLROOTCERT", f);
+    }
+    cmd
+}
+
+#[test]
+fn a_tls_only_role_dumps_and_restores_under_every_sslmode_that_allows_tls() {
+    let Some(admin) = pg_server("a_tls_only_role_dumps_and_restores_under_every_sslmode_that_allows_tls") else {
+        return;
+    };
+    let ca = pg_ca();
+    let role = TlsRole::create(&admin);
+    let source = role.database();
+    let expected = BTreeMap::from([("public.t".to_string(), 3)]);
+    // allow: cleartext first, refused by the server, then TLS; prefer (the default) and require:
+    // TLS without checking the certificate; verify-ca: its chain (the certificate names
+    // localhost, not 127.0.0.1); verify-full: chain and name.
+    let cases: [(Option<&str>, Option<&Path>, &str); 6] = [
+        (None, None, "127.0.0.1"),
+        (Some("allow"), None, "127.0.0.1"),
+        (Some("prefer"), None, "127.0.0.1"),
+        (Some("require"), None, "127.0.0.1"),
+        (Some("verify-ca"), Some(&ca), "127.0.0.1"),
+        (Some("verify-full"), Some(&ca), "localhost"),
+    ];
+    for (sslmode, root_cert, host) in cases {
+        let t = Pg::with_server(PgServer {
+            host: host.to_string(),
+            ..role.server.clone()
+        });
+        let run = run_cmd(
+            with_tls(t.dump_cmd(&["--dbname", &source.name]), sslmode, root_cert),
+            "",
+        )
+        .ok();
+        let artifact = run.artifact();
+        assert_eq!(
+            artifact.counts, expected,
+            "sslmode {sslmode:?}: bk's own connection counted the rows"
+        );
+        let target = admin.database(&pg_unique_name("bk_tls_r_"));
+        let restore = t.pg.cmd(&t.sb, &t.pgpass, "bk-restore", &["--database", &target.name]);
+        let restored = run_cmd(with_tls(restore, sslmode, root_cert), &line(&artifact))
+            .ok()
+            .restored();
+        assert_eq!(restored.counts, expected, "sslmode {sslmode:?}");
+        assert_eq!(
+            admin.strings(&target.name, "SELECT string_agg(v, ',' ORDER BY v) FROM t"),
+            ["a,b,c"]
+        );
+        assert!(!run.stdout.contains(&t.pg.password) && !run.stderr.contains(&t.pg.password));
+    }
+}
+
+#[test]
+fn a_tls_only_role_with_sslmode_disable_is_refused() {
+    let Some(admin) = pg_server("a_tls_only_role_with_sslmode_disable_is_refused") else {
+        return;
+    };
+    let role = TlsRole::create(&admin);
+    let source = role.database();
+    let t = Pg::with_server(role.server.clone());
+    let cmd = with_tls(t.dump_cmd(&["--dbname", &source.name]), Some("disable"), None);
+    let run = assert_dump_fails(&t, cmd, 78, "no encryption");
+    assert!(
+        run.error().message.contains("pg_hba.conf rejects connection"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// A self-signed CA certificate that signed nothing the server holds.
+fn wrong_ca(sb: &Sandbox) -> PathBuf {
+    let (key, cert) = (sb.path("wrong-ca.key"), sb.path("wrong-ca.crt"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .args(["-subj", "/CN=not the server's CA", "-days", "2", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("running openssl");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cert
+}
+
+#[test]
+fn verification_against_a_wrong_or_missing_root_certificate_fails() {
+    let Some(t) = setup("verification_against_a_wrong_or_missing_root_certificate_fails") else {
+        return;
+    };
+    let wrong = wrong_ca(&t.sb);
+    let missing = t.sb.path("no-such-root.crt");
+    let missing_text = missing.display().to_string();
+    // (sslmode, root certificate, exit code, what the message must say)
+    let ca = pg_ca();
+    let cases = [
+        // the server's certificate names localhost, and this connects to 127.0.0.1
+        ("verify-full", &ca, 69, "not valid for name"),
+        ("verify-full", &wrong, 69, "certificate"),
+        ("verify-ca", &wrong, 69, "certificate"),
+        // require with a root certificate checks the chain, as libpq does
+        ("require", &wrong, 69, "certificate"),
+        ("verify-full", &missing, 78, missing_text.as_str()),
+    ];
+    for (sslmode, root_cert, code, says) in cases {
+        let cmd = with_tls(
+            t.dump_cmd(&["--dbname", "postgres"]),
+            Some(sslmode),
+            Some(root_cert.as_path()),
+        );
+        let run = assert_dump_fails(&t, cmd, code, says);
+        let message = run.error().message;
+        assert!(
+            message.contains("TLS") || message.contains("root certificate"),
+            "{sslmode}: {message}"
+        );
+        assert!(
+            message.contains(&root_cert.display().to_string()),
+            "names the root certificate: {message}"
+        );
+    }
+}
+
+#[test]
+fn prefer_falls_back_to_cleartext_on_a_server_without_tls_and_require_does_not() {
+    let Some(cluster) = Cluster::start("prefer_falls_back_to_cleartext_on_a_server_without_tls_and_require_does_not")
+    else {
+        return;
+    };
+    let t = Pg::with_server(cluster.server.clone());
+    t.pg.execute("postgres", "CREATE TABLE t(v int); INSERT INTO t VALUES (1), (2);");
+    for sslmode in [None, Some("prefer"), Some("allow"), Some("disable")] {
+        let run = run_cmd(with_tls(t.dump_cmd(&["--dbname", "postgres"]), sslmode, None), "").ok();
+        assert_eq!(
+            run.artifact().counts,
+            BTreeMap::from([("public.t".to_string(), 2)]),
+            "{sslmode:?}"
+        );
+    }
+    std::fs::remove_dir_all(t.sb.path("store")).unwrap();
+    for sslmode in ["require", "verify-full"] {
+        let cmd = with_tls(t.dump_cmd(&["--dbname", "postgres"]), Some(sslmode), Some(&pg_ca()));
+        assert_dump_fails(&t, cmd, 69, "does not support TLS");
+    }
+}
+
+#[test]
+fn a_service_file_selects_the_server_and_its_tls_settings() {
+    let Some(admin) = pg_server("a_service_file_selects_the_server_and_its_tls_settings") else {
+        return;
+    };
+    let ca = pg_ca();
+    let role = TlsRole::create(&admin);
+    let source = role.database();
+    let t = Pg::with_server(role.server.clone());
+    let service_file = t.sb.path("pg_service.conf");
+    std::fs::write(
+        &service_file,
+        format!(
+            "# bk's test server (its certificate names localhost)\n[other]\nhost=192.0.2.1\n\n[bktest]\nhost=localhost\nport={}\nuser={}\nsslmode=verify-full\nsslrootcert={}\n[last]\nport=1\n",
+            t.pg.port,
+            t.pg.user,
+            ca.display()
+        ),
+    )
+    .unwrap();
+    // No connection options: the service names the server. It overrides the environment, as
+    // in libpq, for bk's own connection and for pg_dump's alike.
+    let service_cmd = |service: &str| {
+        let mut cmd = t.sb.cmd(
+            "bk-dump",
+            &["postgres", "--dbname", &source.name, "--to", &t.sb.store()],
+        );
+        cmd.env("PGPASSFILE", &t.pgpass)
+            .env("PGSERVICEFILE", &service_file)
+            .env("PGSERVICE", service)
+            .env("PGPORT", closed_port().to_string())
+            .env("PGSSLMODE", "disable")
+            .env_remove("PGHOST")
+            .env_remove("PGUSER")
+            .env_remove("PGSSLROOTCERT");
+        cmd
+    };
+    let artifact = run_cmd(service_cmd("bktest"), "").ok().artifact();
+    assert_eq!(artifact.counts, BTreeMap::from([("public.t".to_string(), 3)]));
+    assert_eq!(artifact.source.database.as_deref(), Some(source.name.as_str()));
+    std::fs::remove_dir_all(t.sb.path("store")).unwrap();
+    let run = assert_dump_fails(
+        &t,
+        service_cmd("nosuch"),
+        78,
+        "definition of service \"nosuch\" not found",
+    );
+    assert!(run.stderr.contains("PGSERVICE"), "{}", run.stderr);
+    // libpq refuses a line that is not key=value: so does bk, before pg_dump would.
+    std::fs::write(&service_file, "[bktest]\nport = 5432\n").unwrap();
+    assert_dump_fails(&t, service_cmd("bktest"), 78, "syntax error in service file");
+}
+
 // ---------------------------------------------------------------------------------------
 // --replace: the old database stays until the new one is loaded and checked.
 

@@ -816,3 +816,294 @@ fn the_same_decisions_as_restic_forget() {
     }
     assert!(failures.is_empty(), "bk and restic differ:\n{}", failures.join("\n\n"));
 }
+
+// ---------------------------------------------------------------------------------------
+// Retention sees reality (issue 11)
+
+/// The kept records' reasons, by id.
+fn kept_reasons(r: &Run) -> BTreeMap<String, Vec<String>> {
+    decisions(r).0.into_iter().map(|k| (k.id, k.reasons)).collect()
+}
+
+#[test]
+fn broken_backups_are_reported_never_counted_and_never_deleted() {
+    let sb = Sandbox::new();
+    let store = sb.store();
+    // (what, the backup of 4 to break, how, the ids kept, whether nothing is deleted)
+    type Break = fn(&Artifact);
+    let missing: Break = |a| fs::remove_file(&a.location).unwrap();
+    let resized: Break = |a| fs::write(&a.location, "cut").unwrap();
+    let cases: [(&str, usize, Break, &str); 3] = [
+        ("the newest artifact is missing", 3, missing, "is missing"),
+        (
+            "the newest artifact is of another size",
+            3,
+            resized,
+            "is 3 bytes, the manifest says",
+        ),
+        ("an old artifact is missing", 1, missing, "is missing"),
+    ];
+    for (what, broken, how, why) in cases {
+        fs::remove_dir_all(sb.path("store")).ok();
+        let alpha = nightly(&store, "alpha", "2026-11-21", 4);
+        how(&alpha[broken]);
+        let manifests: Vec<PathBuf> = alpha.iter().map(manifest).collect();
+        let args = [store.as_str(), "--keep-last", "1", NOW];
+        let r = sb.run("bk-prune", &args).code(65);
+        let e = r.error();
+        assert_eq!(e.name.as_deref(), Some("alpha"), "{what}");
+        assert!(
+            e.message.contains(&alpha[broken].id) && e.message.contains("broken backup") && e.message.contains(why),
+            "{what}: {}",
+            e.message
+        );
+        let kept = kept_reasons(&r);
+        assert!(
+            !kept.contains_key(&alpha[broken].id),
+            "{what}: a broken backup is no kept backup"
+        );
+        assert!(
+            manifests[broken].exists(),
+            "{what}: its manifest stays for a person to look at"
+        );
+        if broken == 3 {
+            // The newest is broken: the older backups are all that is left, none is deleted.
+            assert_eq!(decisions(&r).1.len(), 0, "{what}: {}", r.stdout);
+            assert_eq!(
+                kept[&alpha[2].id],
+                ["last"],
+                "{what}: the newest good backup is counted"
+            );
+            for a in &alpha[..2] {
+                assert!(present(a), "{what}: {}", a.id);
+                assert_eq!(
+                    kept[&a.id],
+                    [format!(
+                        "held: the newest backup {} is broken; nothing of alpha is deleted until it is repaired or removed",
+                        alpha[3].id
+                    )],
+                    "{what}"
+                );
+            }
+            assert!(
+                r.stderr
+                    .contains("warning: alpha: 2 backup(s) the policy would delete are kept"),
+                "{}",
+                r.stderr
+            );
+        } else {
+            // An old broken backup stops nothing: the good ones are pruned by the policy.
+            assert_eq!(ids(kept.keys()), [&alpha[3].id]);
+            assert_eq!(ids(decisions(&r).1.iter().map(|p| &p.id)), [&alpha[0].id, &alpha[2].id]);
+            assert!(!present(&alpha[0]) && !present(&alpha[2]) && present(&alpha[3]));
+        }
+    }
+
+    // In a pipeline: the record of a backup whose artifact then vanished.
+    fs::remove_dir_all(sb.path("store")).ok();
+    nightly(&store, "alpha", "2026-11-21", 2);
+    let phantom = write_backup(&store, "alpha", "20261122T001500Z");
+    fs::remove_file(&phantom.location).unwrap();
+    let before = files_below(&sb.path("store"));
+    let line = format!("{}\n", Record::Artifact(phantom.clone()).to_line());
+    let r = sb
+        .run_with_stdin("bk-prune", &["--keep-last", "1", NOW], &line)
+        .code(65);
+    assert!(r.error().message.contains(&phantom.id), "{}", r.stderr);
+    assert_eq!(decisions(&r).1.len(), 0);
+    assert_eq!(files_below(&sb.path("store")), before, "nothing deleted");
+
+    // A name whose every backup is broken is reported too, and other names are pruned.
+    fs::remove_dir_all(sb.path("store")).ok();
+    let beta = nightly(&store, "beta", "2026-11-21", 2);
+    let gamma = nightly(&store, "gamma", "2026-11-21", 2);
+    for a in &gamma {
+        fs::remove_file(&a.location).unwrap();
+    }
+    let r = sb.run("bk-prune", &[&store, "--keep-last", "1", NOW]).code(65);
+    let errors: Vec<String> = r
+        .records()
+        .into_iter()
+        .filter_map(|rec| match rec {
+            Record::Error(e) => Some(format!("{} {}", e.name.unwrap_or_default(), e.code)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(errors, ["gamma 65", "gamma 65"], "{}", r.stdout);
+    assert!(!present(&beta[0]) && present(&beta[1]));
+    assert!(gamma.iter().all(|a| manifest(a).exists()));
+    let r = sb
+        .run("bk-prune", &[&store, "--name", "gamma", "--keep-last", "1", NOW])
+        .code(65);
+    assert_eq!(decisions(&r), (vec![], vec![]));
+}
+
+#[test]
+fn a_failed_verification_is_kept_and_not_counted() {
+    let sb = Sandbox::new();
+    let store = sb.store();
+    let alpha = nightly(&store, "alpha", "2026-11-21", 4);
+    // Rot inside an artifact, its size unchanged: only bk-verify can tell.
+    let rot = |a: &Artifact| {
+        let len = fs::read(&a.location).unwrap().len();
+        fs::write(&a.location, "x".repeat(len)).unwrap();
+    };
+    // bk-verify's own record of it, without its error record (which would stop the name).
+    let verified = |a: &Artifact| -> String {
+        let r = sb.run("bk-verify", &["--from", &store, "--id", &a.id]).code(65);
+        let line = r
+            .lines()
+            .into_iter()
+            .find(|l| l.contains(r#""type":"verified""#))
+            .unwrap_or_else(|| panic!("{}", r.stdout))
+            .to_string();
+        assert!(line.contains(r#""ok":false"#), "{line}");
+        format!("{line}\n")
+    };
+    rot(&alpha[1]);
+    let input = verified(&alpha[1]);
+    let r = sb
+        .run_with_stdin("bk-prune", &[&store, "--keep-last", "2", NOW], &input)
+        .ok();
+    assert_eq!(r.lines()[0], input.trim_end(), "passed on first");
+    let kept = kept_reasons(&r);
+    assert_eq!(kept[&alpha[3].id], ["last"]);
+    assert_eq!(kept[&alpha[2].id], ["last"]);
+    assert_eq!(
+        kept[&alpha[1].id],
+        ["not counted: its verification failed earlier in the pipeline"]
+    );
+    assert_eq!(ids(decisions(&r).1.iter().map(|p| &p.id)), [&alpha[0].id]);
+    assert!(!present(&alpha[0]) && alpha[1..].iter().all(present));
+
+    // The newest failed: it is kept, and so is everything else.
+    rot(&alpha[3]);
+    let input = verified(&alpha[3]);
+    let r = sb
+        .run_with_stdin("bk-prune", &[&store, "--keep-last", "1", NOW], &input)
+        .ok();
+    let (kept, pruned) = decisions(&r);
+    assert_eq!((kept.len(), pruned.len()), (3, 0), "{}", r.stdout);
+    assert!(kept[0].reasons[0].starts_with(&format!(
+        "held: the newest backup {} failed its verification",
+        alpha[3].id
+    )));
+    assert!(alpha[1..].iter().all(present));
+
+    // A verified record of another copy (another location) does not name these backups.
+    let elsewhere = input.replace(&alpha[3].location, "/elsewhere/alpha/x.tar");
+    let r = sb
+        .run_with_stdin("bk-prune", &[&store, "--keep-last", "1", NOW], &elsewhere)
+        .ok();
+    assert_eq!(ids(decisions(&r).1.iter().map(|p| &p.id)), [&alpha[1].id, &alpha[2].id]);
+}
+
+#[test]
+fn a_tz_that_names_no_zone_is_refused() {
+    let sb = Sandbox::new();
+    let store = sb.store();
+    // 2026-11-21 12:00 UTC is already the 22nd at UTC+14.
+    write_backup(&store, "alpha", "20261120T120000Z");
+    let newest = write_backup(&store, "alpha", "20261121T120000Z");
+    let day_of_newest = |tz: &str| -> Run {
+        let mut cmd = sb.cmd("bk-prune", &[&store, "--keep-daily", "1", "--dry-run", NOW]);
+        cmd.env("TZ", tz);
+        run_cmd(cmd, "")
+    };
+    let resolved = [
+        ("", "2026-11-21"),
+        ("UTC0", "2026-11-21"),
+        ("<+14>-14", "2026-11-22"),
+        ("ABC-14", "2026-11-22"),
+        ("CET-1CEST,M3.5.0,M10.5.0/3", "2026-11-21"),
+        ("Pacific/Kiritimati", "2026-11-22"),
+        (":Pacific/Kiritimati", "2026-11-22"),
+        (":/usr/share/zoneinfo/Pacific/Kiritimati", "2026-11-22"),
+        ("EST5EDT", "2026-11-21"),
+    ];
+    for (tz, day) in resolved {
+        let r = day_of_newest(tz).ok();
+        assert_eq!(kept_reasons(&r)[&newest.id], [format!("daily {day}")], "TZ={tz:?}");
+    }
+    for tz in [
+        "Mars/Olympus",
+        "Europe/Berlinx",
+        ":Nowhere/Else",
+        ":/etc/passwd",
+        "Europe",
+        "UTC+",
+        "IST-1GMT0",
+        "CET-1CEST,M13.5.0,M10.5.0",
+        "AB0",
+    ] {
+        let r = day_of_newest(tz).code(78);
+        let e = r.error();
+        assert!(
+            e.message
+                .starts_with(&format!("TZ={tz:?} names no time zone: use an IANA name"))
+                && e.message.contains("--tz"),
+            "TZ={tz:?}: {}",
+            e.message
+        );
+        assert_eq!(decisions(&r), (vec![], vec![]));
+    }
+    // --tz wins over TZ, and an unknown --tz is a usage error (64) worded alike.
+    let mut cmd = sb.cmd(
+        "bk-prune",
+        &[&store, "--keep-daily", "1", "--tz", "UTC", "--dry-run", NOW],
+    );
+    cmd.env("TZ", "Mars/Olympus");
+    run_cmd(cmd, "").ok();
+    let r = sb
+        .run("bk-prune", &[&store, "--keep-daily", "1", "--tz", "Mars/Olympus"])
+        .code(64);
+    assert!(
+        r.error()
+            .message
+            .contains("unknown time zone \"Mars/Olympus\": use an IANA name"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn names_from_records_never_leave_the_lock_directory() {
+    let sb = Sandbox::new();
+    let store = sb.store();
+    let alpha = nightly(&store, "alpha", "2026-11-21", 2);
+    let outside = Path::new("/tmp/pwn.lock");
+    let existed = outside.exists();
+    let hostile = Record::Artifact(alpha[1].clone())
+        .to_line()
+        .replace(r#""name":"alpha""#, r#""name":"../../../tmp/pwn""#);
+    assert!(hostile.contains("../../../tmp/pwn"));
+    let before = bk_tests::tree_digest(sb.root());
+    for args in [vec!["--keep-last", "1"], vec![store.as_str(), "--keep-last", "1"]] {
+        let r = sb.run_with_stdin("bk-prune", &args, &format!("{hostile}\n")).code(65);
+        assert!(r.error().message.contains(r#"field "name""#), "{}", r.stderr);
+        assert_eq!(
+            bk_tests::tree_digest(sb.root()),
+            before,
+            "{args:?}: nothing created or deleted"
+        );
+        assert_eq!(outside.exists(), existed, "no lock outside the lock directory");
+    }
+
+    // The same name in a manifest in the store: a broken backup, and nothing else happens.
+    let planted = sb.path("store/alpha/alpha.20261122T001500Z.json");
+    fs::write(&planted, format!("{hostile}\n")).unwrap();
+    let store_before = bk_tests::tree_digest(&sb.path("store"));
+    let r = sb.run("bk-prune", &[&store, "--keep-last", "1", NOW]).code(65);
+    assert!(r.error().message.contains("alpha.20261122T001500Z"), "{}", r.stderr);
+    assert_eq!(
+        bk_tests::tree_digest(&sb.path("store")),
+        store_before,
+        "nothing deleted"
+    );
+    let locks: Vec<String> = fs::read_dir(sb.path("locks"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(locks, ["alpha.lock"]);
+    assert_eq!(outside.exists(), existed);
+}

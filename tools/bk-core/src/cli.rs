@@ -43,6 +43,12 @@ pub fn main<C: Tool>(run: fn(C, &mut Output) -> Result<()>) -> ExitCode {
             return ExitCode::from(out.exit_code());
         }
     };
+    // Test builds only: the way tests/tests/hostile.rs proves a panic becomes an error record.
+    #[cfg(debug_assertions)]
+    if std::env::var_os("BK_DEBUG_PANIC").is_some() {
+        let _ = out.begin();
+        panic!("BK_DEBUG_PANIC is set");
+    }
     let ran = if cli.prints_records() {
         out.begin().and_then(|()| run(cli, &mut out))
     } else {

@@ -94,10 +94,20 @@ impl EncodeOptions {
     }
 }
 
-/// Parses an `age1...` recipient.
+/// Parses an `age1...` recipient. A secret key given by mistake is refused without being
+/// repeated: the message says where it was, never what.
 pub fn parse_recipient(text: &str) -> Result<age::x25519::Recipient> {
-    age::x25519::Recipient::from_str(text.trim())
-        .map_err(|e| Error::usage(format!("not an age recipient {:?}: {e}", text.trim())))
+    let text = text.trim();
+    if text.to_ascii_uppercase().starts_with("AGE-SECRET-KEY-") {
+        return Err(Error::usage(
+            "that is an age SECRET key (an identity), not a recipient: give its public key, \
+             from `age-keygen -y IDENTITY-FILE`, and keep the secret key off the backup host",
+        ));
+    }
+    age::x25519::Recipient::from_str(text).map_err(|e| {
+        let shown: String = text.chars().take(70).collect();
+        Error::usage(format!("not an age recipient {shown:?}: {e}"))
+    })
 }
 
 /// Reads a recipients file: one `age1...` per line, blank lines and `#` comments ignored.
@@ -108,7 +118,7 @@ pub fn read_recipients_file(path: &Path) -> Result<Vec<age::x25519::Recipient>> 
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(parse_recipient)
+        .map(|line| parse_recipient(line).map_err(|e| e.context(format!("recipients file {}", path.display()))))
         .collect::<Result<_>>()?;
     if recipients.is_empty() {
         return Err(Error::usage(format!(

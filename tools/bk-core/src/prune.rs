@@ -10,6 +10,7 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Datelike, LocalResult, NaiveDate, NaiveDateTime, Offset, TimeDelta, TimeZone, Utc};
 use clap::Parser;
+use serde_json::Value;
 
 pub use crate::cli::Format;
 use crate::cli::{LockOpts, S3Opts};
@@ -143,7 +144,42 @@ impl Zone {
         }
         chrono_tz::Tz::from_str(name)
             .map(Zone::Named)
-            .map_err(|_| format!("unknown time zone {name:?}: use an IANA name such as Europe/Berlin or UTC"))
+            .map_err(|_| format!("unknown time zone {name:?}: {USE_A_ZONE}"))
+    }
+
+    /// The machine's zone as `TZ` names it. A value that names no zone is refused (78):
+    /// libc and chrono would count in UTC, or /etc/localtime's zone, without a word. Read as
+    /// chrono (which does the counting) and libc read it: unset is /etc/localtime; empty is
+    /// UTC; `:NAME` or `NAME` is a TZif file (an absolute path, or one under the zoneinfo
+    /// directories), or an IANA name chrono-tz knows when no such file is installed; any
+    /// other value must be a POSIX TZ string (`UTC0`, `CET-1CEST,M3.5.0,M10.5.0/3`).
+    pub fn from_env() -> Result<Zone> {
+        let Some(value) = std::env::var_os("TZ") else {
+            return Ok(Zone::Local);
+        };
+        let zone = value.to_str().and_then(|tz| {
+            if tz.is_empty() {
+                return Some(Zone::Local);
+            }
+            let name = tz.strip_prefix(':').unwrap_or(tz);
+            match tz_file(name) {
+                // A name that opens is read as a file, never as a POSIX string.
+                Some(mut file) => is_tzif(&mut file).then_some(Zone::Local),
+                None => match chrono_tz::Tz::from_str(name) {
+                    Ok(tz) => Some(Zone::Named(tz)),
+                    Err(_) if name == tz && posix_tz(tz.trim_matches(|c: char| c.is_ascii_whitespace())) => {
+                        Some(Zone::Local)
+                    }
+                    Err(_) => None,
+                },
+            }
+        });
+        zone.ok_or_else(|| {
+            Error::config(format!(
+                "TZ={:?} names no time zone: {USE_A_ZONE} (or a POSIX TZ string such as CET-1CEST,M3.5.0,M10.5.0/3), unset TZ to use /etc/localtime, or pass --tz ZONE",
+                value.to_string_lossy()
+            ))
+        })
     }
 
     pub fn name(&self) -> String {
@@ -168,6 +204,111 @@ impl Zone {
             Zone::Local => resolve_in(&chrono::Local, wall),
             Zone::Named(tz) => resolve_in(tz, wall),
         }
+    }
+}
+
+/// How to name a zone, in messages.
+const USE_A_ZONE: &str = "use an IANA name such as Europe/Berlin or UTC";
+
+/// The directories chrono (and libc) look for a relative zone file in.
+const ZONEINFO_DIRS: [&str; 4] = [
+    "/usr/share/zoneinfo",
+    "/share/zoneinfo",
+    "/etc/zoneinfo",
+    "/usr/share/lib/zoneinfo",
+];
+
+/// The zone file `TZ` names, opened as chrono opens it.
+fn tz_file(name: &str) -> Option<std::fs::File> {
+    if name.starts_with('/') {
+        return std::fs::File::open(name).ok();
+    }
+    ZONEINFO_DIRS
+        .iter()
+        .find_map(|dir| std::fs::File::open(std::path::Path::new(dir).join(name)).ok())
+}
+
+fn is_tzif(file: &mut std::fs::File) -> bool {
+    let mut magic = [0u8; 4];
+    std::io::Read::read_exact(file, &mut magic).is_ok() && &magic == b"TZif"
+}
+
+/// Whether `tz` is a POSIX TZ string as chrono reads one: `std offset [dst [offset] ,start[/time]
+/// ,end[/time]]`, names of 3 to 7 letters (or `<...>` quoted), offsets within ±23:59:59, and a
+/// DST zone only with its rules.
+fn posix_tz(tz: &str) -> bool {
+    let mut c = TzCursor(tz.as_bytes());
+    if !(c.name() && c.offset()) {
+        return false;
+    }
+    if c.0.is_empty() {
+        return true;
+    }
+    c.name() && (c.0.first() == Some(&b',') || c.offset()) && c.rule() && c.rule() && c.0.is_empty()
+}
+
+/// What is left of a POSIX TZ string being read.
+struct TzCursor<'a>(&'a [u8]);
+
+impl TzCursor<'_> {
+    fn eat(&mut self, byte: u8) -> bool {
+        let found = self.0.first() == Some(&byte);
+        if found {
+            self.0 = &self.0[1..];
+        }
+        found
+    }
+
+    fn take_while(&mut self, keep: impl Fn(u8) -> bool) -> usize {
+        let n = self.0.iter().take_while(|b| keep(**b)).count();
+        self.0 = &self.0[n..];
+        n
+    }
+
+    fn number(&mut self, range: std::ops::RangeInclusive<u32>) -> bool {
+        let digits = &self.0[..self.0.iter().take_while(|b| b.is_ascii_digit()).count()];
+        self.0 = &self.0[digits.len()..];
+        std::str::from_utf8(digits)
+            .ok()
+            .and_then(|d| d.parse().ok())
+            .is_some_and(|n| range.contains(&n))
+    }
+
+    fn name(&mut self) -> bool {
+        let len = if self.eat(b'<') {
+            let len = self.take_while(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'-');
+            if !self.eat(b'>') {
+                return false;
+            }
+            len
+        } else {
+            self.take_while(|b| b.is_ascii_alphabetic())
+        };
+        (3..=7).contains(&len)
+    }
+
+    fn hhmmss(&mut self, hours: u32) -> bool {
+        self.number(0..=hours) && (!self.eat(b':') || (self.number(0..=59) && (!self.eat(b':') || self.number(0..=59))))
+    }
+
+    fn offset(&mut self) -> bool {
+        let _signed = self.eat(b'+') || self.eat(b'-');
+        self.hhmmss(23)
+    }
+
+    /// `,Mm.w.d`, `,Jn` or `,n`, then an optional `/time`.
+    fn rule(&mut self) -> bool {
+        if !self.eat(b',') {
+            return false;
+        }
+        let day = if self.eat(b'M') {
+            self.number(1..=12) && self.eat(b'.') && self.number(1..=5) && self.eat(b'.') && self.number(0..=6)
+        } else if self.eat(b'J') {
+            self.number(1..=365)
+        } else {
+            self.number(0..=365)
+        };
+        day && (!self.eat(b'/') || self.hhmmss(24))
     }
 }
 
@@ -351,7 +492,8 @@ struct Window<'a> {
 /// - a counted rule keeps a backup when its period differs from that of the last backup the
 ///   rule kept, and the rule has count left; `--keep-last` counts backups, not periods;
 /// - each rule counts on its own, also backups that another rule keeps already;
-/// - a rule with count left when it reaches the oldest backup keeps that one too;
+/// - a rule with count left when it reaches the oldest backup keeps that one too, and so
+///   does a `within-<period>` rule whose span reaches back to it (restic >= 0.16);
 /// - `within` rules are measured back from the newest backup, not from `now`;
 /// - a backup after `now` is kept (reason "in the future") and takes no part in the rules;
 /// - an empty policy keeps everything, and the newest backup is always kept.
@@ -459,9 +601,14 @@ pub fn decide(policy: &Policy, zone: &Zone, now: DateTime<Utc>, backups: &[(&str
                 continue;
             }
             let (key, name) = w.period.bucket(wall);
-            if w.last != Some(key) {
+            let new_period = w.last != Some(key);
+            if new_period || pos == oldest {
                 w.last = Some(key);
-                keep.push(format!("{adjective} {name} within {}", w.span));
+                keep.push(if new_period {
+                    format!("{adjective} {name} within {}", w.span)
+                } else {
+                    format!("oldest ({adjective} within {})", w.span)
+                });
             } else {
                 not.push(format!("{adjective} {name} within {} has a newer backup", w.span));
             }
@@ -497,14 +644,21 @@ pub fn decide(policy: &Policy, zone: &Zone, now: DateTime<Utc>, backups: &[(&str
 /// still has count left when it reaches the oldest backup keeps that one too. -1 means
 /// unlimited. --keep-within DURATION keeps every backup made less than DURATION before the
 /// newest backup (not before now); --keep-within-daily DURATION (and -hourly, -weekly,
-/// -monthly, -yearly) keeps the newest backup of each day within DURATION. Periods are
-/// those of --tz ZONE, the machine's zone by default; stamps stay UTC.
+/// -monthly, -yearly) keeps the newest backup of each day within DURATION, and the oldest
+/// backup when it is within DURATION. Periods are those of --tz ZONE, the machine's zone by
+/// default (a TZ that names no zone is refused); stamps stay UTC.
 ///
 /// Prints a kept or pruned record for each backup, with reasons: every rule that keeps it
 /// (["daily 2026-11-21","weekly 2026-W47"]), or why no rule does. The newest backup of a
 /// name is never deleted; an empty policy deletes nothing; a backup dated in the future is
 /// kept, with a warning. A backup is deleted manifest first, then artifact. Temporary files
 /// of killed runs older than a day are removed and reported on stderr.
+///
+/// Only backups whose artifact is there, of the size its manifest says, are counted. A
+/// broken one (a missing or resized artifact, an unreadable manifest) is an error record
+/// (exit 65) and is never deleted; so is a backup a verified record with "ok":false earlier
+/// in the pipeline names, which is kept and not counted. While such a backup is at least as
+/// new as the newest good one, nothing of its name is deleted.
 ///
 /// With artifact records on stdin (bk-dump ... | bk-prune --keep-daily 7) only their names
 /// are pruned, in the stores the records came from (in STORE if one is given), and every
@@ -547,19 +701,24 @@ pub struct Cli {
     /// (months), w, d, h, e.g. 30d, 2w, 1y6m, 36h
     #[arg(long, value_name = "DURATION", value_parser = Span::parse)]
     pub keep_within: Option<Span>,
-    /// Keep the newest backup of each hour within DURATION of the newest backup
+    /// Keep the newest backup of each hour within DURATION of the newest backup, and the
+    /// oldest backup if it is within DURATION
     #[arg(long, value_name = "DURATION", value_parser = Span::parse)]
     pub keep_within_hourly: Option<Span>,
-    /// Keep the newest backup of each day within DURATION of the newest backup
+    /// Keep the newest backup of each day within DURATION of the newest backup, and the
+    /// oldest backup if it is within DURATION
     #[arg(long, value_name = "DURATION", value_parser = Span::parse)]
     pub keep_within_daily: Option<Span>,
-    /// Keep the newest backup of each ISO week within DURATION of the newest backup
+    /// Keep the newest backup of each ISO week within DURATION of the newest backup, and the
+    /// oldest backup if it is within DURATION
     #[arg(long, value_name = "DURATION", value_parser = Span::parse)]
     pub keep_within_weekly: Option<Span>,
-    /// Keep the newest backup of each month within DURATION of the newest backup
+    /// Keep the newest backup of each month within DURATION of the newest backup, and the
+    /// oldest backup if it is within DURATION
     #[arg(long, value_name = "DURATION", value_parser = Span::parse)]
     pub keep_within_monthly: Option<Span>,
-    /// Keep the newest backup of each year within DURATION of the newest backup
+    /// Keep the newest backup of each year within DURATION of the newest backup, and the
+    /// oldest backup if it is within DURATION
     #[arg(long, value_name = "DURATION", value_parser = Span::parse)]
     pub keep_within_yearly: Option<Span>,
     /// The preset --keep-daily 6 --keep-weekly 4 --keep-monthly 1 (backup-container's
@@ -570,7 +729,8 @@ pub struct Cli {
     #[arg(long, short = 'n')]
     pub dry_run: bool,
     /// The time zone whose days, weeks, months and years the rules count, e.g.
-    /// Europe/Berlin or UTC [default: the machine's zone, from TZ or /etc/localtime]
+    /// Europe/Berlin or UTC [default: the machine's zone, from TZ or /etc/localtime; a TZ
+    /// that names no zone is refused]
     #[arg(long, value_name = "ZONE", value_parser = Zone::parse)]
     pub tz: Option<Zone>,
     /// Take TIME as the current time, for tests and teaching: it decides which backups are
@@ -634,6 +794,36 @@ struct Row {
     reasons: String,
 }
 
+/// A backup that a `verified` record earlier in the pipeline says is bad: its id, and the
+/// copy it was (`location`) if the record says.
+struct FailedCheck {
+    id: String,
+    location: Option<String>,
+}
+
+impl FailedCheck {
+    /// A `verified` record whose `ok` is anything but true, and that names a backup.
+    fn of(input: &Input) -> Option<FailedCheck> {
+        let Record::Verified(v) = &input.record else {
+            return None;
+        };
+        if v.get("ok").and_then(Value::as_bool) == Some(true) {
+            return None;
+        }
+        Some(FailedCheck {
+            id: v.get("id")?.as_str()?.to_string(),
+            location: v.get("location").and_then(Value::as_str).map(str::to_string),
+        })
+    }
+
+    fn names(&self, a: &Artifact) -> bool {
+        self.id == a.id && self.location.as_ref().is_none_or(|l| *l == a.location)
+    }
+}
+
+/// The reason of a backup kept and not counted because its verification failed.
+pub const FAILED_CHECK: &str = "not counted: its verification failed earlier in the pipeline";
+
 /// What one run does, shared by every name it prunes.
 struct Pruner {
     policy: Policy,
@@ -642,11 +832,15 @@ struct Pruner {
     /// Nothing is deleted: --dry-run, or an empty policy.
     dry_run: bool,
     format: Format,
+    failed_checks: Vec<FailedCheck>,
     rows: Vec<Row>,
 }
 
 impl Pruner {
-    /// Prunes one name in one store; the caller holds the name's lock.
+    /// Prunes one name in one store; the caller holds the name's lock. Only backups whose
+    /// artifact is there with its size, and whose verification did not fail, are counted;
+    /// the others are never deleted, and while one of them is at least as new as the newest
+    /// counted backup, nothing of the name is.
     fn prune(&mut self, store: &dyn Store, name: &str, out: &mut Output) -> Result<()> {
         let tool = out.tool().to_string();
         let older_than: std::time::SystemTime = (self.now - LEFTOVER_AGE).into();
@@ -660,18 +854,64 @@ impl Pruner {
         for leftover in &listing.leftovers {
             eprintln!("{tool}: warning: {leftover}");
         }
-        let artifacts: Vec<Artifact> = listing.artifacts.into_iter().filter(|a| a.name == name).collect();
-        let mut dated = Vec::with_capacity(artifacts.len());
-        for a in &artifacts {
-            dated.push((a.id.as_str(), backup_time(a)?));
+        // Backups that cannot be trusted, with when they were made (None: cannot tell) and
+        // what is wrong, newest first.
+        let mut suspects: Vec<(&str, Option<DateTime<Utc>>, &str)> = Vec::new();
+        for b in listing.broken.iter().filter(|b| b.name == name) {
+            out.error(&b.error())?;
+            suspects.push((&b.id, stamp_time(&b.id), "is broken"));
         }
-        let decisions = decide(&self.policy, &self.zone, self.now, &dated);
-        for ((a, (_, time)), d) in artifacts.iter().zip(&dated).zip(decisions) {
+        let artifacts: Vec<Artifact> = listing.artifacts.into_iter().filter(|a| a.name == name).collect();
+        let mut times = Vec::with_capacity(artifacts.len());
+        let mut counted = Vec::with_capacity(artifacts.len());
+        for a in &artifacts {
+            let time = backup_time(a)?;
+            let failed = self.failed_checks.iter().any(|f| f.names(a));
+            times.push((time, !failed));
+            if failed {
+                suspects.push((&a.id, Some(time), "failed its verification"));
+            } else {
+                counted.push((a.id.as_str(), time));
+            }
+        }
+        let mut decisions = decide(&self.policy, &self.zone, self.now, &counted).into_iter();
+        // The newest backup failing means something is failing now (the disk, the dump, the
+        // transfer): the older backups are what is left, so none is deleted.
+        let newest_counted = counted.iter().map(|(_, t)| *t).filter(|t| *t <= self.now).max();
+        suspects.sort_by_key(|s| std::cmp::Reverse(s.1));
+        let hold = suspects
+            .iter()
+            .find(|(_, t, _)| t.is_none_or(|t| newest_counted.is_none_or(|n| t >= n)))
+            .map(|(id, _, what)| {
+                format!(
+                    "held: the newest backup {id} {what}; nothing of {name} is deleted until it is repaired or removed"
+                )
+            });
+        let mut held = 0;
+        for (a, (time, is_counted)) in artifacts.iter().zip(times) {
+            let d = if is_counted {
+                let d = decisions.next().expect("a decision per counted backup");
+                match &hold {
+                    Some(reason) if !d.keep => {
+                        held += 1;
+                        Decision {
+                            keep: true,
+                            reasons: vec![reason.clone()],
+                        }
+                    }
+                    _ => d,
+                }
+            } else {
+                Decision {
+                    keep: true,
+                    reasons: vec![FAILED_CHECK.to_string()],
+                }
+            };
             if d.reasons.iter().any(|r| r == IN_THE_FUTURE) {
                 eprintln!(
                     "{tool}: warning: {name}: {} is dated in the future ({} is after {}): kept; check the clocks",
                     a.id,
-                    crate::name::rfc3339(*time),
+                    crate::name::rfc3339(time),
                     crate::name::rfc3339(self.now)
                 );
             }
@@ -699,8 +939,14 @@ impl Pruner {
             };
             match self.format {
                 Format::Json => out.emit(&record)?,
-                Format::Table => self.rows.push(row(&record, self.zone.civil(*time))),
+                Format::Table => self.rows.push(row(&record, self.zone.civil(time))),
             }
+        }
+        if let (Some(reason), true) = (&hold, held > 0) {
+            eprintln!(
+                "{tool}: warning: {name}: {held} backup(s) the policy would delete are kept: {}",
+                reason.trim_start_matches("held: ")
+            );
         }
         Ok(())
     }
@@ -711,15 +957,19 @@ fn backup_time(a: &Artifact) -> Result<DateTime<Utc>> {
     if let Ok(t) = DateTime::parse_from_rfc3339(&a.started) {
         return Ok(t.with_timezone(&Utc));
     }
-    a.id.rsplit_once('.')
+    stamp_time(&a.id).ok_or_else(|| {
+        Error::data(format!(
+            "{}: cannot tell when it was made: started {:?} is not an RFC 3339 time",
+            a.id, a.started
+        ))
+    })
+}
+
+/// The time in an id's stamp (`<name>.<stamp>`), if it has one.
+fn stamp_time(id: &str) -> Option<DateTime<Utc>> {
+    id.rsplit_once('.')
         .and_then(|(_, stamp)| NaiveDateTime::parse_from_str(stamp, STAMP_FORMAT).ok())
         .map(|n| Utc.from_utc_datetime(&n))
-        .ok_or_else(|| {
-            Error::data(format!(
-                "{}: cannot tell when it was made: started {:?} is not an RFC 3339 time",
-                a.id, a.started
-            ))
-        })
 }
 
 fn row(record: &Record, wall: NaiveDateTime) -> Row {
@@ -772,6 +1022,10 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     if let Some(n) = &cli.name {
         validate_name(n)?;
     }
+    let zone = match cli.tz {
+        Some(zone) => zone,
+        None => Zone::from_env()?,
+    };
     let named_store = cli.store.as_deref().map(store::open).transpose()?;
     // Everything on stdin is read before anything is done: a malformed line stops the run.
     let inputs: Vec<Input> = if named_store.is_some() {
@@ -822,7 +1076,13 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
             incoming.iter().map(|a| a.name.clone()).collect()
         } else {
             let listing = s.list(cli.name.as_deref())?;
-            let names: BTreeSet<String> = listing.artifacts.into_iter().map(|a| a.name).collect();
+            // A name whose backups are all broken is pruned too: that is where they are reported.
+            let names: BTreeSet<String> = listing
+                .artifacts
+                .into_iter()
+                .map(|a| a.name)
+                .chain(listing.broken.into_iter().map(|b| b.name))
+                .collect();
             if let (Some(n), true) = (&cli.name, names.is_empty()) {
                 return Err(Error::no_input(format!("no backup of {n} in {}", s.url())).named(n));
             }
@@ -860,9 +1120,10 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     let mut pruner = Pruner {
         dry_run: cli.dry_run || policy.is_empty(),
         policy,
-        zone: cli.tz.unwrap_or(Zone::Local),
+        zone,
         now: cli.now.unwrap_or_else(Utc::now),
         format: cli.format,
+        failed_checks: inputs.iter().filter_map(FailedCheck::of).collect(),
         rows: Vec::new(),
     };
     for (name, urls) in &plan {
@@ -870,7 +1131,9 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
             eprintln!("{tool}: {name}: nothing pruned: its backup failed upstream (error record passed on)");
             continue;
         }
-        // A dry run deletes nothing, so it need not wait for a dump of the name.
+        // A dry run deletes nothing, so it need not wait for a dump of the name. `name` is a
+        // valid name (a lock file name inside the lock directory): it came from --name
+        // (validate_name), a parsed artifact record, or a store's listing, each validated.
         let _lock = if pruner.dry_run {
             None
         } else {

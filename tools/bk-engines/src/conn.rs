@@ -40,10 +40,13 @@ pub struct Mysql<'a> {
     pub opts: &'a MysqlOpts,
 }
 
+/// `$HOME/<name>`, whether or not it exists.
+pub fn home_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("HOME").map(|h| Path::new(&h).join(name))
+}
+
 fn home_file(name: &str) -> Option<PathBuf> {
-    std::env::var_os("HOME")
-        .map(|h| Path::new(&h).join(name))
-        .filter(|p| p.exists())
+    home_path(name).filter(|p| p.exists())
 }
 
 impl Mysql<'_> {

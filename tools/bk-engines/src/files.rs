@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, Metadata};
 use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -131,6 +132,7 @@ impl DumpJob for FilesJob {
         };
         archiver.builder.mode(HeaderMode::Complete);
         for root in &self.roots {
+            // A named root that is gone fails the dump, as it would have when the job began.
             let meta = fs::metadata(root).map_err(|e| Error::io(format!("reading {}", root.display()), e))?;
             archiver.add(root, &meta, meta.dev())?;
         }
@@ -176,37 +178,56 @@ impl Archiver<'_> {
         if !kind.is_file() {
             header.set_size(0);
         }
-        let written = if kind.is_dir() {
-            if !name.as_os_str().is_empty() {
-                self.builder.append_data(&mut header, &name, io::empty())
-            } else {
-                Ok(()) // "/" itself has no entry; its children do
-            }
-        } else if kind.is_symlink() {
-            let target = fs::read_link(path).map_err(|e| vanished_or(path, e))?;
-            self.builder.append_link(&mut header, &name, target)
-        } else if kind.is_file() {
-            if meta.nlink() > 1 {
-                if let Some(first) = self.hard_links.get(&(meta.dev(), meta.ino())) {
-                    header.set_entry_type(EntryType::Link);
-                    header.set_size(0);
-                    let first = first.clone();
-                    self.entries += 1;
-                    return self
-                        .builder
-                        .append_link(&mut header, &name, first)
-                        .map_err(|e| from_io("writing", e));
+        let archiving = |e| from_io(format!("archiving {}", path.display()), e);
+        if kind.is_dir() {
+            let descend = !(self.one_file_system && meta.dev() != root_dev);
+            // Listed before its entry is written: a directory gone by now is not archived.
+            let children = if descend {
+                match vanished(path, list_dir(path))? {
+                    Some(children) => children,
+                    None => return Ok(()),
                 }
-                self.hard_links.insert((meta.dev(), meta.ino()), name.clone());
-            }
-            let file = File::open(path).map_err(|e| vanished_or(path, e))?;
-            let data = ExactSize {
-                inner: file,
-                remaining: meta.len(),
-                path,
-                grew_checked: false,
+            } else {
+                Vec::new()
             };
-            self.builder.append_data(&mut header, &name, data)
+            if !name.as_os_str().is_empty() {
+                self.builder
+                    .append_data(&mut header, &name, io::empty())
+                    .map_err(archiving)?;
+                self.entries += 1;
+            } // "/" itself has no entry; its children do
+            return self.add_children(children, root_dev);
+        }
+        if kind.is_symlink() {
+            let Some(target) = vanished(path, fs::read_link(path))? else {
+                return Ok(());
+            };
+            self.builder
+                .append_link(&mut header, &name, target)
+                .map_err(archiving)?;
+        } else if kind.is_file() {
+            let inode = (meta.dev(), meta.ino());
+            if let Some(first) = self.hard_links.get(&inode).filter(|_| meta.nlink() > 1) {
+                header.set_entry_type(EntryType::Link);
+                header.set_size(0);
+                let first = first.clone();
+                self.builder.append_link(&mut header, &name, first).map_err(archiving)?;
+            } else {
+                let Some(file) = vanished(path, File::open(path))? else {
+                    return Ok(());
+                };
+                let data = ExactSize {
+                    inner: file,
+                    remaining: meta.len(),
+                    path,
+                    grew_checked: false,
+                    shrank: false,
+                };
+                self.builder.append_data(&mut header, &name, data).map_err(archiving)?;
+                if meta.nlink() > 1 {
+                    self.hard_links.insert(inode, name);
+                }
+            }
         } else if kind.is_socket() {
             eprintln!("bk-dump: warning: {}: socket ignored", path.display());
             return Ok(());
@@ -217,27 +238,20 @@ impl Archiver<'_> {
                 let device = |n: u64| n.try_into().unwrap_or(u32::MAX);
                 header
                     .set_device_major(device(nix::sys::stat::major(rdev)))
-                    .map_err(|e| from_io("archiving", e))?;
+                    .map_err(archiving)?;
                 header
                     .set_device_minor(device(nix::sys::stat::minor(rdev)))
-                    .map_err(|e| from_io("archiving", e))?;
+                    .map_err(archiving)?;
             }
-            self.builder.append_data(&mut header, &name, io::empty())
-        };
-        written.map_err(|e| from_io(format!("archiving {}", path.display()), e))?;
-        self.entries += 1;
-        if kind.is_dir() && !(self.one_file_system && meta.dev() != root_dev) {
-            self.add_children(path, root_dev)?;
+            self.builder
+                .append_data(&mut header, &name, io::empty())
+                .map_err(archiving)?;
         }
+        self.entries += 1;
         Ok(())
     }
 
-    fn add_children(&mut self, dir: &Path, root_dev: u64) -> Result<()> {
-        let mut children = Vec::new();
-        for entry in fs::read_dir(dir).map_err(|e| vanished_or(dir, e))? {
-            children.push(entry.map_err(|e| vanished_or(dir, e))?.path());
-        }
-        children.sort();
+    fn add_children(&mut self, children: Vec<PathBuf>, root_dev: u64) -> Result<()> {
         for child in children {
             if self.exclude.matches(&child) {
                 continue;
@@ -249,33 +263,49 @@ impl Archiver<'_> {
                 );
                 continue;
             }
-            let meta = fs::symlink_metadata(&child).map_err(|e| vanished_or(&child, e))?;
-            self.add(&child, &meta, root_dev)?;
+            if let Some(meta) = vanished(&child, fs::symlink_metadata(&child))? {
+                self.add(&child, &meta, root_dev)?;
+            }
         }
         Ok(())
     }
 }
 
-/// A file listed a moment ago and gone now is an error: the backup would not be what the
-/// directory held.
-fn vanished_or(path: &Path, e: io::Error) -> Error {
-    if e.kind() == io::ErrorKind::NotFound {
-        Error::new(
-            bk_core::Kind::Io,
-            format!("{} vanished while being backed up", path.display()),
-        )
-    } else {
-        Error::io(format!("reading {}", path.display()), e)
+/// The paths in `dir`, sorted.
+fn list_dir(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut children = fs::read_dir(dir)?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<io::Result<Vec<_>>>()?;
+    children.sort();
+    Ok(children)
+}
+
+/// A busy tree changes while it is read: an entry listed a moment ago and gone now is left
+/// out with a warning (None), as tar and restic do; the backup holds what was there when
+/// the dump reached each entry. Any other failure to read fails the dump.
+fn vanished<T>(path: &Path, read: io::Result<T>) -> Result<Option<T>> {
+    match read {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            eprintln!(
+                "bk-dump: warning: {} vanished while being read: not in the backup",
+                path.display()
+            );
+            Ok(None)
+        }
+        Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
     }
 }
 
-/// Yields exactly the size the tar header announced: a file that grew is cut at that size,
-/// one that shrank is padded with zeros (as GNU tar does); both are reported.
+/// Yields exactly the size the tar header announced, so that the tar stays valid: a file
+/// that grew is cut at that size, one that shrank is padded with zeros (as GNU tar does);
+/// both are reported once.
 struct ExactSize<'a> {
     inner: File,
     remaining: u64,
     path: &'a Path,
     grew_checked: bool,
+    shrank: bool,
 }
 
 impl Read for ExactSize<'_> {
@@ -283,7 +313,7 @@ impl Read for ExactSize<'_> {
         if self.remaining == 0 {
             if !self.grew_checked {
                 self.grew_checked = true;
-                if self.inner.read(&mut [0u8])? > 0 {
+                if !self.shrank && self.inner.read(&mut [0u8])? > 0 {
                     eprintln!(
                         "bk-dump: warning: {} grew while being read; backed up as it was when the dump reached it",
                         self.path.display()
@@ -293,13 +323,20 @@ impl Read for ExactSize<'_> {
             return Ok(0);
         }
         let want = buf.len().min(self.remaining.try_into().unwrap_or(usize::MAX));
-        let mut n = self.inner.read(&mut buf[..want])?;
+        let mut n = if self.shrank {
+            0
+        } else {
+            self.inner.read(&mut buf[..want])?
+        };
         if n == 0 {
-            eprintln!(
-                "bk-dump: warning: {} shrank by {} bytes while being read; padded with zeros",
-                self.path.display(),
-                self.remaining
-            );
+            if !self.shrank {
+                self.shrank = true;
+                eprintln!(
+                    "bk-dump: warning: {} shrank by {} bytes while being read; padded with zeros",
+                    self.path.display(),
+                    self.remaining
+                );
+            }
             buf[..want].fill(0);
             n = want;
         }
@@ -312,8 +349,12 @@ impl Read for ExactSize<'_> {
 /// checked (sha256, entry count), then moved into place.
 pub fn restore(artifact: &Artifact, decoder: Decoder, target: &Path, opts: &RestoreOptions) -> Result<RestoredInfo> {
     let include = PathGlobs::new(&opts.include, "--include")?;
-    let created_target = !target.exists();
-    if !created_target {
+    // The target and its missing parents, innermost first: removed again if the restore fails.
+    let created: Vec<&Path> = target
+        .ancestors()
+        .take_while(|dir| !dir.as_os_str().is_empty() && !dir.exists())
+        .collect();
+    if created.is_empty() {
         if !target.is_dir() {
             return Err(Error::cant_create(format!(
                 "{} exists and is not a directory",
@@ -348,8 +389,8 @@ pub fn restore(artifact: &Artifact, decoder: Decoder, target: &Path, opts: &Rest
             complete: include.empty,
         }),
         Err(e) => {
-            if created_target {
-                let _ = fs::remove_dir(target);
+            for dir in created {
+                let _ = fs::remove_dir(dir);
             }
             Err(e)
         }
@@ -371,6 +412,8 @@ fn check_entries(artifact: &Artifact, found: u64, complete: bool) -> Result<()> 
 /// Unpacks every entry (or those `include` matches), directories last so their modes and
 /// mtimes are not disturbed by what is written inside them; then checks the stored bytes.
 /// Returns the number of entries and the staged paths of the directories the archive holds.
+/// Every entry is checked before anything is written for it (see `Staging`): the first one
+/// that could land outside the staging directory fails the whole restore.
 fn unpack(
     artifact: &Artifact,
     decoder: Decoder,
@@ -382,62 +425,189 @@ fn unpack(
     archive.set_preserve_mtime(true);
     archive.set_preserve_ownerships(nix::unistd::geteuid().is_root());
     archive.set_overwrite(true);
+    let staging = Staging {
+        dir: staging,
+        file: &artifact.file,
+        partial: !include.empty,
+    };
     let mut count = 0;
     let mut archived_dirs = HashSet::new();
     {
         let mut dirs = Vec::new();
+        // The directory above the last entry, already found to be a chain of real
+        // directories: nothing an archive holds can turn a directory into a link later
+        // (tar-rs, like unpack_special, only ever removes non-directories).
+        let mut checked_parent = PathBuf::new();
         let reading = |e| from_io(format!("reading {}", artifact.file), e);
         for entry in archive.entries().map_err(reading)? {
             let mut entry = entry.map_err(reading)?;
             let path = entry.path().map_err(reading)?.into_owned();
-            let is_dir = entry.header().entry_type() == EntryType::Directory;
-            if !include.empty && !is_dir && !include.matches(&Path::new("/").join(&path)) {
+            let kind = entry.header().entry_type();
+            let is_dir = kind == EntryType::Directory;
+            if staging.partial && !is_dir && !include.matches(&Path::new("/").join(&path)) {
                 continue;
             }
             count += 1;
-            let kind = entry.header().entry_type();
+            let dst = staging.dst(&path)?;
+            let parent = dst.parent().expect("below the staging directory");
+            if parent != checked_parent {
+                staging.check_dirs_above(&path, &dst, true)?;
+                checked_parent = parent.to_path_buf();
+            }
             if is_dir {
-                dirs.push(entry);
-            } else if kind.is_fifo() || kind.is_character_special() || kind.is_block_special() {
+                dirs.push((entry, path, dst));
+                continue;
+            }
+            if fs::symlink_metadata(&dst).is_ok_and(|m| m.is_dir()) {
+                return Err(staging.refuse(&path, "would replace a directory of the same archive"));
+            }
+            let restoring = |e| from_io(format!("restoring {}", path.display()), e);
+            if kind.is_hard_link() {
+                staging.check_hard_link(&path, entry.link_name().map_err(reading)?.as_deref())?;
+            }
+            if kind.is_fifo() || kind.is_character_special() || kind.is_block_special() {
                 // tar-rs would make these regular files.
-                if let Some(dst) = staged_path(staging, &path) {
-                    unpack_special(entry.header(), staging, &dst)
-                        .map_err(|e| from_io(format!("restoring {}", path.display()), e))?;
-                }
+                unpack_special(entry.header(), &dst).map_err(restoring)?;
             } else {
-                entry
-                    .unpack_in(staging)
-                    .map_err(|e| from_io(format!("restoring {}", path.display()), e))?;
+                entry.unpack_in(staging.dir).map_err(restoring)?;
             }
         }
-        for mut dir in dirs.into_iter().rev() {
-            let path = dir.path().map_err(reading)?.into_owned();
-            let restoring = |e| from_io(format!("restoring {}", path.display()), e);
-            if dir.unpack_in(staging).map_err(restoring)? {
-                // tar-rs sets a directory's mode and owner, not its mtime.
-                if let Some(dst) = staged_path(staging, &path) {
-                    set_mtime(&dst, dir.header()).map_err(restoring)?;
-                    archived_dirs.insert(dst);
-                }
+        for (mut dir, path, dst) in dirs.into_iter().rev() {
+            if fs::symlink_metadata(&dst).is_ok_and(|m| !m.is_dir()) {
+                return Err(staging.refuse(&path, "is a directory and another entry of the same archive is not"));
             }
+            let restoring = |e| from_io(format!("restoring {}", path.display()), e);
+            dir.unpack_in(staging.dir).map_err(restoring)?;
+            // tar-rs sets a directory's mode and owner, not its mtime.
+            set_mtime(&dst, dir.header()).map_err(restoring)?;
+            archived_dirs.insert(dst);
         }
     }
     archive.into_inner().finish(artifact)?;
     Ok((count, archived_dirs))
 }
 
-/// Where an entry lands below `staging`, as tar-rs places it: leading '/' and '.' dropped;
-/// None for a path with '..' (tar-rs skips those).
-fn staged_path(staging: &Path, path: &Path) -> Option<PathBuf> {
+/// Where an entry lands below `staging`: '.' components dropped; refused (with the reason)
+/// for what bk-dump never writes: a '..' component, an absolute path, a path that names no
+/// file. The result is always strictly inside `staging`.
+fn staged_path(staging: &Path, path: &Path) -> std::result::Result<PathBuf, &'static str> {
     let mut dst = staging.to_path_buf();
     for part in path.components() {
         match part {
             Component::Normal(p) => dst.push(p),
-            Component::ParentDir => return None,
-            _ => {}
+            Component::CurDir => {}
+            Component::ParentDir => return Err("has a '..' component"),
+            Component::RootDir | Component::Prefix(_) => return Err("is an absolute path"),
         }
     }
-    (dst != staging).then_some(dst)
+    if dst == staging {
+        return Err("names no file");
+    }
+    Ok(dst)
+}
+
+/// An entry that bk-dump never writes: the artifact is bad (65).
+fn bad_entry(file: &str, entry: &Path, why: impl std::fmt::Display) -> Error {
+    // {:?}: a name with a newline or bytes that are not UTF-8 still makes one line.
+    Error::data(format!("{file}: entry {entry:?} {why}: refused"))
+}
+
+/// The rules of `Staging` that the names alone show, for bk-verify, which unpacks nothing:
+/// a path that `staged_path` accepts, below no symlink of the archive (`symlinks`, the
+/// entries seen so far), and a hard link to such a path.
+fn check_entry_name<R: Read>(
+    entry: &tar::Entry<R>,
+    symlinks: &mut HashSet<PathBuf>,
+) -> std::result::Result<(), String> {
+    let path = entry.path().map_err(|e| e.to_string())?;
+    let rel = staged_path(Path::new(""), &path)?;
+    if let Some(link) = rel.ancestors().skip(1).find(|dir| symlinks.contains(*dir)) {
+        return Err(format!(
+            "goes through {link:?}, which is a symbolic link in the archive"
+        ));
+    }
+    let kind = entry.header().entry_type();
+    if kind.is_hard_link() {
+        let target = entry
+            .link_name()
+            .map_err(|e| e.to_string())?
+            .ok_or("is a hard link to nothing")?;
+        staged_path(Path::new(""), &target).map_err(|why| format!("is a hard link to {target:?}, which {why}"))?;
+    } else if kind.is_symlink() {
+        symlinks.insert(rel);
+    }
+    Ok(())
+}
+
+/// The staging directory of one restore, and the rules that keep every entry inside it.
+/// An entry that breaks them is one bk-dump never writes: the artifact is bad data (65),
+/// whoever made it, and the restore stops before anything reaches the target.
+struct Staging<'a> {
+    dir: &'a Path,
+    /// The artifact's file name, for messages.
+    file: &'a str,
+    /// --include leaves entries out.
+    partial: bool,
+}
+
+impl Staging<'_> {
+    fn refuse(&self, entry: &Path, why: impl std::fmt::Display) -> Error {
+        bad_entry(self.file, entry, why)
+    }
+
+    fn dst(&self, entry: &Path) -> Result<PathBuf> {
+        staged_path(self.dir, entry).map_err(|why| self.refuse(entry, why))
+    }
+
+    /// Checks that the directories above `dst` are real directories, and with `create`
+    /// makes those not there yet (0700 whatever the umask: they are bk's until an entry of
+    /// the archive gives one its own mode). A symbolic link of the archive on the way
+    /// (`dir -> /etc`, then `dir/passwd`) would lead outside the target.
+    fn check_dirs_above(&self, entry: &Path, dst: &Path, create: bool) -> Result<()> {
+        let above = dst.parent().and_then(|p| p.strip_prefix(self.dir).ok());
+        let mut dir = self.dir.to_path_buf();
+        for part in above.expect("below the staging directory").components() {
+            dir.push(part);
+            match fs::symlink_metadata(&dir) {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(meta) => {
+                    let what = if meta.file_type().is_symlink() {
+                        "a symbolic link"
+                    } else {
+                        "not a directory"
+                    };
+                    let rel = dir.strip_prefix(self.dir).expect("below the staging directory");
+                    return Err(self.refuse(entry, format!("goes through {rel:?}, which is {what} in the archive")));
+                }
+                // Nothing below a missing directory exists either.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && !create => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => create_private_dir(&dir)?,
+                Err(e) => return Err(Error::io(format!("restoring {}", entry.display()), e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// A hard link names a file that an earlier entry restored, inside the staging
+    /// directory: never a file of the system (`/etc/shadow`, `../../etc/shadow`).
+    fn check_hard_link(&self, entry: &Path, link: Option<&Path>) -> Result<()> {
+        let link = link.ok_or_else(|| self.refuse(entry, "is a hard link to nothing"))?;
+        let src = staged_path(self.dir, link)
+            .map_err(|why| self.refuse(entry, format!("is a hard link to {link:?}, which {why}")))?;
+        self.check_dirs_above(entry, &src, false)?;
+        if fs::symlink_metadata(&src).is_ok_and(|m| m.is_file()) {
+            return Ok(());
+        }
+        if self.partial {
+            return Err(Error::usage(format!(
+                "{entry:?} is a hard link to {link:?}, which --include leaves out: include both"
+            )));
+        }
+        Err(self.refuse(
+            entry,
+            format!("is a hard link to {link:?}, which no earlier entry restored as a file"),
+        ))
+    }
 }
 
 fn set_mtime(dst: &Path, header: &Header) -> io::Result<()> {
@@ -446,16 +616,11 @@ fn set_mtime(dst: &Path, header: &Header) -> io::Result<()> {
     filetime::set_symlink_file_times(dst, mtime, mtime)
 }
 
-/// A FIFO or device node, with its mode, owner (as root) and mtime.
-fn unpack_special(header: &Header, staging: &Path, dst: &Path) -> io::Result<()> {
+/// A FIFO or device node, with its mode, owner (as root) and mtime, at `dst` (checked by
+/// `Staging`: the directories above it are real ones).
+fn unpack_special(header: &Header, dst: &Path) -> io::Result<()> {
     use nix::sys::stat::{makedev, mknod, Mode, SFlag};
     use std::os::unix::fs::PermissionsExt;
-    let parent = dst.parent().expect("below staging");
-    fs::create_dir_all(parent)?;
-    // As tar-rs does for files: never follow a symlink out of the staging directory.
-    if !parent.canonicalize()?.starts_with(staging.canonicalize()?) {
-        return Err(io::Error::other(format!("{} is outside the target", dst.display())));
-    }
     if fs::symlink_metadata(dst).is_ok() {
         fs::remove_file(dst)?;
     }
@@ -561,8 +726,13 @@ pub fn derive_counts(artifact: &Artifact, decoder: &mut Decoder) -> Result<BTree
                 Error::data(format!("{}: not a valid tar archive: {e}", artifact.file))
             }
         };
+        let mut symlinks = HashSet::new();
         for entry in archive.entries().map_err(reading)? {
             let mut entry = entry.map_err(reading)?;
+            check_entry_name(&entry, &mut symlinks).map_err(|why| {
+                let path = entry.path_bytes();
+                bad_entry(&artifact.file, Path::new(std::ffi::OsStr::from_bytes(&path)), why)
+            })?;
             io::copy(&mut entry, &mut io::sink()).map_err(reading)?;
             entries += 1;
         }
@@ -593,5 +763,46 @@ impl Read for TailReader<'_> {
             self.tail.drain(..self.tail.len() - 1024);
         }
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::ffi::OsStr;
+
+    /// Entry names as a hostile tar may hold them: '..', '.', '/', empty and long parts,
+    /// bytes that are not UTF-8 (never NUL, which ends a name in a tar header).
+    fn entry_name() -> impl Strategy<Value = Vec<u8>> {
+        let part = prop_oneof![
+            Just(b"..".to_vec()),
+            Just(b".".to_vec()),
+            Just(b"/".to_vec()),
+            Just(Vec::new()),
+            "[a-z.]{1,6}".prop_map(String::into_bytes),
+            proptest::collection::vec(1..=u8::MAX, 1..300),
+        ];
+        proptest::collection::vec(part, 0..8).prop_map(|parts| parts.join(&b'/'))
+    }
+
+    proptest! {
+        // 256 cases by default; PROPTEST_CASES=100000 for a longer run.
+        #[test]
+        fn an_entry_is_refused_or_lands_strictly_inside_the_staging_directory(name in entry_name()) {
+            let staging = Path::new("/target/.bk-restore-0123abcd");
+            let name = Path::new(OsStr::from_bytes(&name));
+            let escapes = name.has_root() || name.components().any(|c| c == Component::ParentDir);
+            let empty = name.components().all(|c| c == Component::CurDir);
+            match staged_path(staging, name) {
+                Ok(dst) => {
+                    prop_assert!(!escapes && !empty, "{name:?} accepted as {dst:?}");
+                    let below = dst.strip_prefix(staging).expect("below the staging directory");
+                    prop_assert!(below.components().next().is_some());
+                    prop_assert!(below.components().all(|c| matches!(c, Component::Normal(_))), "{dst:?}");
+                }
+                Err(_) => prop_assert!(escapes || empty, "{name:?} refused"),
+            }
+        }
     }
 }

@@ -5,6 +5,7 @@ pub mod conn;
 pub mod dump;
 pub mod files;
 pub mod mysql;
+pub mod mysql_swap;
 pub mod pgscan;
 pub mod postgres;
 pub mod process;
