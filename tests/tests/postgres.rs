@@ -1314,3 +1314,349 @@ fn a_service_file_selects_the_server_and_its_tls_settings() {
     std::fs::write(&service_file, "[bktest]\nport = 5432\n").unwrap();
     assert_dump_fails(&t, service_cmd("bktest"), 78, "syntax error in service file");
 }
+
+// ---------------------------------------------------------------------------------------
+// --replace: the old database stays until the new one is loaded and checked.
+
+/// A role of a test, dropped at the end with any database it still owns.
+struct PgRole {
+    pg: PgServer,
+    name: String,
+}
+
+impl PgRole {
+    fn create(pg: &PgServer, prefix: &str) -> PgRole {
+        let name = pg_unique_name(prefix);
+        pg.execute("postgres", &format!("CREATE ROLE {}", pg_ident(&name)));
+        PgRole { pg: pg.clone(), name }
+    }
+}
+
+impl Drop for PgRole {
+    fn drop(&mut self) {
+        for db in databases_of(&self.pg, &self.name) {
+            drop(self.pg.database(&db));
+        }
+        let _ = self
+            .pg
+            .client("postgres")
+            .batch_execute(&format!("DROP ROLE IF EXISTS {}", pg_ident(&self.name)));
+    }
+}
+
+/// The databases `role` owns: a --replace creates its new database with the old target's
+/// owner, so this finds the target and, while a restore runs or if it left it, the new one.
+fn databases_of(pg: &PgServer, role: &str) -> Vec<String> {
+    pg.strings(
+        "postgres",
+        &format!(
+            "SELECT datname FROM pg_database WHERE pg_get_userbyid(datdba) = '{}' ORDER BY 1",
+            role.replace('\'', "''")
+        ),
+    )
+}
+
+/// A live database to replace: owned by a role of its own, with data unlike any backup's,
+/// a grant, settings for everyone and for one role, a comment and a connection limit.
+/// Fields drop in order: the database before the roles.
+struct OldTarget {
+    db: PgDatabase,
+    owner: PgRole,
+    _reader: PgRole,
+}
+
+fn old_target(pg: &PgServer) -> OldTarget {
+    let owner = PgRole::create(pg, "bk_owner_");
+    let reader = PgRole::create(pg, "bk_reader_");
+    let name = odd_name();
+    let (db, o, r) = (pg_ident(&name), pg_ident(&owner.name), pg_ident(&reader.name));
+    pg.execute(
+        "postgres",
+        &format!("CREATE DATABASE {db} OWNER {o} CONNECTION LIMIT 7 TEMPLATE template0 ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C'"),
+    );
+    let guard = pg.database(&name);
+    pg.execute(
+        &name,
+        "CREATE TABLE precious(id int PRIMARY KEY, v text);
+         INSERT INTO precious SELECT g, 'keep me ' || g FROM generate_series(1, 500) g;
+         CREATE SCHEMA app; CREATE TABLE app.people(name text); INSERT INTO app.people VALUES ('old');",
+    );
+    pg.execute(
+        "postgres",
+        &format!(
+            "REVOKE ALL ON DATABASE {db} FROM PUBLIC; GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {r};
+             ALTER DATABASE {db} SET work_mem = '7MB';
+             ALTER DATABASE {db} SET search_path = \"$user\", public, \"No Such Schema\";
+             ALTER ROLE {r} IN DATABASE {db} SET statement_timeout = '5s';
+             COMMENT ON DATABASE {db} IS 'the live one''s';"
+        ),
+    );
+    OldTarget {
+        db: guard,
+        owner,
+        _reader: reader,
+    }
+}
+
+/// What a database is besides its data: owner, encoding, locale, grants, settings, comment.
+fn database_settings(pg: &PgServer, name: &str) -> Vec<String> {
+    let this = format!(
+        "(SELECT oid FROM pg_database WHERE datname = '{}')",
+        name.replace('\'', "''")
+    );
+    let mut settings = pg.strings(
+        "postgres",
+        &format!(
+            "SELECT concat_ws(' | ', pg_get_userbyid(datdba), pg_encoding_to_char(encoding), datcollate, datctype,
+                    datconnlimit, shobj_description(oid, 'pg_database'),
+                    (SELECT string_agg(a::text, ',' ORDER BY a::text) FROM aclexplode(datacl) a))
+             FROM pg_database WHERE oid = {this}"
+        ),
+    );
+    settings.extend(pg.strings(
+        "postgres",
+        &format!(
+            "SELECT coalesce(pg_get_userbyid(nullif(setrole, 0))::text, '') || ' ' || setconfig::text
+             FROM pg_db_role_setting WHERE setdatabase = {this} ORDER BY 1"
+        ),
+    ));
+    settings
+}
+
+#[test]
+fn replace_loads_exactly_the_backup_and_keeps_the_database_settings() {
+    let Some(t) = setup("replace_loads_exactly_the_backup_and_keeps_the_database_settings") else {
+        return;
+    };
+    let name = odd_name();
+    let _source = create_sample(&t.pg, &name);
+    for format in ["custom", "plain"] {
+        let artifact = t.dump(&["--dbname", &name, "--format", format]).ok().artifact();
+        let old = old_target(&t.pg);
+        let settings = database_settings(&t.pg, &old.db.name);
+        assert_eq!(settings.len(), 3, "{settings:?}");
+        let restored = t
+            .restore(&artifact, &["--database", &old.db.name, "--replace"])
+            .ok()
+            .restored();
+        assert_eq!(restored.counts, artifact.counts, "{format}");
+        assert!(restored.complete);
+        assert_eq!(restored.target["database"], old.db.name.as_str());
+        assert_same(&t.pg, &name, &old.db.name);
+        assert_eq!(
+            database_settings(&t.pg, &old.db.name),
+            settings,
+            "{format}: the old target's owner, encoding, grants and settings"
+        );
+        assert_eq!(
+            databases_of(&t.pg, &old.owner.name),
+            [old.db.name.as_str()],
+            "{format}: neither the new database's temporary name nor the old database is left"
+        );
+    }
+}
+
+/// A copy of a plain artifact with its SQL edited, recompressed, its record's size and
+/// sha256 made to match: only loading it can tell.
+fn edited(artifact: &Artifact, tag: &str, edit: impl Fn(&str) -> String) -> Artifact {
+    use sha2::Digest;
+    use std::io::Write;
+    let sql = String::from_utf8(zstd_dc(&artifact.location)).unwrap();
+    let mut zstd = Command::new("zstd")
+        .args(["-q", "-c"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    zstd.stdin.take().unwrap().write_all(edit(&sql).as_bytes()).unwrap();
+    let bytes = zstd.wait_with_output().unwrap().stdout;
+    let mut a = artifact.clone();
+    a.file = artifact
+        .file
+        .replacen(&artifact.id, &format!("{}.{tag}", artifact.id), 1);
+    a.location = artifact.location.replace(&artifact.file, &a.file);
+    std::fs::write(&a.location, &bytes).unwrap();
+    a.bytes = bytes.len() as u64;
+    a.sha256 = hex::encode(sha2::Sha256::digest(&bytes));
+    a
+}
+
+#[test]
+fn a_replace_that_fails_leaves_the_old_database_as_it_was() {
+    let Some(t) = setup("a_replace_that_fails_leaves_the_old_database_as_it_was") else {
+        return;
+    };
+    // A backup whose table belongs to a role that is gone by the time it is restored.
+    let gone = PgRole::create(&t.pg, "bk_gone_");
+    let source = t.pg.create_database(&odd_name());
+    t.pg.execute(
+        &source.name,
+        "CREATE TABLE a(v int); INSERT INTO a SELECT generate_series(1, 100);
+             CREATE TABLE b(v text); INSERT INTO b SELECT 'b' || g FROM generate_series(1, 50) g;",
+    );
+    let plain = t.dump(&["--dbname", &source.name, "--format", "plain"]).ok().artifact();
+    t.pg.execute(
+        &source.name,
+        &format!("ALTER TABLE b OWNER TO {}", pg_ident(&gone.name)),
+    );
+    let custom = t.dump(&["--dbname", &source.name]).ok().artifact();
+    drop(source);
+    drop(gone);
+
+    let mut lying = custom.clone();
+    *lying.counts.get_mut("public.a").unwrap() += 1;
+    let truncated = edited(&plain, "truncated", |sql| {
+        sql[..sql.rfind("\nCOPY ").unwrap()].to_string()
+    });
+    let fails_late = edited(&plain, "late", |sql| {
+        sql.replace(
+            "-- PostgreSQL database dump complete",
+            "SELECT 1/0;\n-- PostgreSQL database dump complete",
+        )
+    });
+    // (case, artifact, extra arguments, exit code, the error says)
+    let cases: [(&str, &Artifact, &[&str], i32, &str); 5] = [
+        ("a role that does not exist", &custom, &[], 78, "does not exist"),
+        (
+            "a statement that fails at the end",
+            &fails_late,
+            &[],
+            74,
+            "division by zero",
+        ),
+        (
+            "a truncated backup",
+            &truncated,
+            &[],
+            65,
+            "b: 50 rows expected, 0 found",
+        ),
+        (
+            "counts unlike the manifest's",
+            &lying,
+            &["--no-owner"],
+            65,
+            "a: 101 rows expected, 100 found",
+        ),
+        (
+            "--table",
+            &custom,
+            &["--no-owner", "--table", "a"],
+            64,
+            "--table with --replace",
+        ),
+    ];
+    for (case, artifact, extra, code, says) in cases {
+        let old = old_target(&t.pg);
+        let (data, settings) = (fingerprint(&t.pg, &old.db.name), database_settings(&t.pg, &old.db.name));
+        let mut args = vec!["--database", &old.db.name, "--replace"];
+        args.extend(extra);
+        let run = t.restore(artifact, &args).code(code);
+        let message = run.error().message;
+        assert!(message.contains(says), "{case}: {message}");
+        assert!(
+            run.records().iter().all(|r| matches!(r, Record::Error(_))),
+            "{case}: nothing restored: {}",
+            run.stdout
+        );
+        assert_eq!(fingerprint(&t.pg, &old.db.name), data, "{case}: the old data");
+        assert_eq!(database_settings(&t.pg, &old.db.name), settings, "{case}");
+        assert_eq!(
+            databases_of(&t.pg, &old.owner.name),
+            [old.db.name.as_str()],
+            "{case}: the new database was dropped"
+        );
+    }
+}
+
+#[test]
+fn a_connected_session_makes_replace_fail_with_the_old_data_intact() {
+    let Some(t) = setup("a_connected_session_makes_replace_fail_with_the_old_data_intact") else {
+        return;
+    };
+    let source = t.pg.create_database(&odd_name());
+    t.pg.execute(&source.name, "CREATE TABLE a(v int); INSERT INTO a VALUES (1), (2);");
+    let artifact = t.dump(&["--dbname", &source.name]).ok().artifact();
+    let old = old_target(&t.pg);
+    let data = fingerprint(&t.pg, &old.db.name);
+    let session = t.pg.client(&old.db.name);
+    let run = t
+        .restore(&artifact, &["--database", &old.db.name, "--replace"])
+        .code(75);
+    let message = run.error().message;
+    assert!(
+        message.contains(&format!("1 session(s) are connected to {}", old.db.name)),
+        "{message}"
+    );
+    assert!(!session.is_closed(), "the session was not killed");
+    assert_eq!(fingerprint(&t.pg, &old.db.name), data);
+    assert_eq!(databases_of(&t.pg, &old.owner.name), [old.db.name.as_str()]);
+
+    drop(session);
+    t.restore(&artifact, &["--database", &old.db.name, "--replace"]).ok();
+    assert_same(&t.pg, &source.name, &old.db.name);
+}
+
+#[test]
+fn sigterm_mid_replace_leaves_the_old_database_as_it_was() {
+    let Some(t) = setup("sigterm_mid_replace_leaves_the_old_database_as_it_was") else {
+        return;
+    };
+    let source = t.pg.create_database(&odd_name());
+    t.pg.execute(
+        &source.name,
+        "CREATE TABLE big(id int PRIMARY KEY, v text);
+         INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 600000) g;",
+    );
+    let artifact = t.dump(&["--dbname", &source.name]).ok().artifact();
+    let old = old_target(&t.pg);
+    let data = fingerprint(&t.pg, &old.db.name);
+    let mut child =
+        t.pg.cmd(
+            &t.sb,
+            &t.pgpass,
+            "bk-restore",
+            &["--database", &old.db.name, "--replace"],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(line(&artifact).as_bytes())
+            .unwrap();
+    }
+    // Wait for pg_restore's COPY into the database being loaded (whatever its name).
+    let loading = format!(
+        "SELECT count(*) FROM pg_stat_activity a JOIN pg_database d ON d.datname = a.datname
+         WHERE a.application_name = 'pg_restore' AND a.query LIKE 'COPY %'
+           AND (d.datname = '{}' OR pg_get_userbyid(d.datdba) = '{}')",
+        old.db.name.replace('\'', "''"),
+        old.owner.name
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while t.pg.strings("postgres", &loading) == ["0"] {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "bk-restore ended before its load was seen"
+        );
+        assert!(Instant::now() < deadline, "no load seen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM).unwrap();
+    let run = Run::from(child.wait_with_output().unwrap());
+    assert_eq!(run.code, 143, "128 + SIGTERM\nstderr: {}", run.stderr);
+    assert!(run.stderr.contains("interrupted by signal 15"), "{}", run.stderr);
+    assert_eq!(fingerprint(&t.pg, &old.db.name), data, "the old data");
+    assert_eq!(
+        databases_of(&t.pg, &old.owner.name),
+        [old.db.name.as_str()],
+        "the new database was dropped"
+    );
+}

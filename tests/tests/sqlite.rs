@@ -290,3 +290,125 @@ fn a_manifest_count_that_lies_fails_the_restore_and_writes_nothing() {
     );
     assert!(files_below(&sb.path("out")).is_empty(), "nothing left at the target");
 }
+
+#[test]
+fn replace_refuses_a_side_file_it_cannot_remove_and_removes_symlinks_not_their_targets() {
+    let sb = Sandbox::new();
+    let db = sb.path("app.db");
+    create_sample(&db, "wal");
+    let artifact = sb.dump(&["sqlite", db.to_str().unwrap()]);
+    let line = bk_core::record::Record::Artifact(artifact).to_line();
+    let outside = sb.path("outside.txt");
+    std::fs::write(&outside, "not the database's").unwrap();
+
+    // (side file, what is made there, expected exit code)
+    type Make = fn(&Path, &Path);
+    let cases: [(&str, Make, i32); 3] = [
+        (
+            "-wal",
+            |side, _| {
+                std::fs::create_dir(side).unwrap();
+                std::fs::write(side.join("inside"), "x").unwrap();
+            },
+            73,
+        ),
+        ("-journal", |side, _| std::fs::create_dir(side).unwrap(), 73),
+        (
+            "-wal",
+            |side, outside| std::os::unix::fs::symlink(outside, side).unwrap(),
+            0,
+        ),
+    ];
+    for (suffix, make, code) in cases {
+        let dir = sb.path(&format!("live{suffix}{code}"));
+        std::fs::create_dir(&dir).unwrap();
+        let target = dir.join("live.db");
+        std::fs::write(&target, "precious").unwrap();
+        std::fs::write(dir.join("live.db-shm"), "old shm").unwrap();
+        let side = dir.join(format!("live.db{suffix}"));
+        make(&side, &outside);
+        let run = sb.run_with_stdin("bk-restore", &["--to", target.to_str().unwrap(), "--replace"], &line);
+        if code == 0 {
+            run.ok();
+            assert!(
+                std::fs::symlink_metadata(&side).is_err(),
+                "the symlink {suffix} was removed"
+            );
+            assert_eq!(content(&target), content(&db));
+        } else {
+            let run = run.code(code);
+            let message = run.error().message;
+            assert!(
+                message.contains(side.to_str().unwrap()) && message.contains("directory"),
+                "{message}"
+            );
+            assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious", "{suffix}");
+            assert!(side.is_dir(), "{suffix}");
+            assert_eq!(
+                std::fs::read_to_string(dir.join("live.db-shm")).unwrap(),
+                "old shm",
+                "a side file moved before the refusal is put back"
+            );
+        }
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("bk-restore"))
+            .collect();
+        left.sort();
+        assert_eq!(left, Vec::<String>::new(), "no temporary file left ({suffix})");
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "not the database's");
+    }
+}
+
+/// As on /tmp: a sticky directory where the restoring user may replace its own database but
+/// not remove a `-wal` another user owns. The restore fails (77) before replacing anything.
+#[test]
+fn replace_refuses_a_side_file_it_has_no_permission_to_remove() {
+    use std::os::unix::fs::{chown, PermissionsExt};
+    if !bk_tests::have_root("replace_refuses_a_side_file_it_has_no_permission_to_remove") {
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let sb = Sandbox::new();
+    let db = sb.path("app.db");
+    create_sample(&db, "wal");
+    let artifact = sb.dump(&["sqlite", db.to_str().unwrap()]);
+    let line = bk_core::record::Record::Artifact(artifact).to_line();
+    std::fs::set_permissions(sb.root(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let store = sb.path("store");
+    let mut owned_by_nobody = files_below(&store);
+    owned_by_nobody.extend([store.clone(), store.join("sqlite-app")]);
+    std::fs::create_dir_all(sb.path("locks")).unwrap();
+    owned_by_nobody.push(sb.path("locks"));
+    let shared = sb.path("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let target = shared.join("live.db");
+    std::fs::write(&target, "precious").unwrap();
+    owned_by_nobody.push(target.clone());
+    for p in &owned_by_nobody {
+        chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let wal = shared.join("live.db-wal");
+    std::fs::write(&wal, "root's wal").unwrap();
+
+    let cmd = sb.cmd_via(
+        &bk_tests::AS_NOBODY,
+        "bk-restore",
+        &["--to", target.to_str().unwrap(), "--replace"],
+    );
+    let run = run_cmd(cmd, &line).code(77);
+    let message = run.error().message;
+    assert!(
+        message.contains(wal.to_str().unwrap()) && message.contains("not replaced"),
+        "{message}"
+    );
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
+    assert_eq!(std::fs::read_to_string(&wal).unwrap(), "root's wal");
+    assert_eq!(
+        files_below(&shared),
+        [target.clone(), wal.clone()],
+        "no temporary file left"
+    );
+}

@@ -50,7 +50,9 @@ pub struct Cli {
     /// Restore into a target that is not empty (files are overwritten, directories merged;
     /// a SQLite file is replaced; a database is replaced: MySQL loads and checks a
     /// bk_restore_* copy first, then swaps its tables in with one RENAME TABLE, the old ones
-    /// kept in bk_old_* until the end; with --table only those tables are replaced)
+    /// kept in bk_old_* until the end; with --table only those tables are replaced).
+    /// PostgreSQL: loaded and checked in a new database that takes the target's name only
+    /// then, the old one dropped after; refused (75) while sessions are connected to it
     #[arg(long)]
     pub replace: bool,
     /// Database backups: restore into this database [default: the source's name]

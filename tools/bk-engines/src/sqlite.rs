@@ -13,7 +13,7 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 
 use bk_core::codec::Decoder;
-use bk_core::error::{from_io, Error, Kind, Result};
+use bk_core::error::{describe_io, from_io, Error, Kind, Result};
 use bk_core::name::sanitize;
 use bk_core::record::{Artifact, Source, ToolInfo};
 
@@ -180,6 +180,8 @@ pub fn restore(
         file_name.to_string_lossy(),
         rand::random::<u32>()
     ));
+    let removed = temp.clone();
+    let _remove_temp = bk_core::cleanup::on_exit(move || remove_with_side_files(&removed));
     let result = write_checked(artifact, &mut decoder, &temp)
         .and_then(|()| decoder.finish(artifact))
         .and_then(|_| {
@@ -190,23 +192,83 @@ pub fn restore(
                     artifact.file
                 )));
             }
-            for suffix in ["-wal", "-shm", "-journal"] {
-                let mut stale = target.as_os_str().to_owned();
-                stale.push(suffix);
-                let _ = fs::remove_file(PathBuf::from(stale));
-            }
-            fs::rename(&temp, target)
-                .map_err(|e| Error::io(format!("moving the database to {}", target.display()), e))?;
+            replace_with(&temp, target)?;
             Ok(counts)
         });
-    if result.is_err() {
-        let _ = fs::remove_file(&temp);
-    }
     Ok(RestoredInfo {
         target: path_target(target),
         counts: result?,
         complete: true,
     })
+}
+
+/// Moves the target's `-wal`, `-shm` and `-journal` files aside, then the restored file
+/// into place: SQLite would replay a stale WAL or hot journal onto the restored database.
+/// A symlink is moved itself (what it points to is left alone). A directory, or a side
+/// file that cannot be moved (a directory others own, read-only), fails the restore with
+/// the old database and its side files as they were, as does a failed final rename.
+fn replace_with(temp: &Path, target: &Path) -> Result<()> {
+    let mut moved: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let put_back = |moved: &[(PathBuf, PathBuf)]| {
+        for (side, aside) in moved.iter().rev() {
+            if let Err(e) = fs::rename(aside, side) {
+                eprintln!(
+                    "bk-restore: warning: could not put {} back from {}: {}",
+                    side.display(),
+                    aside.display(),
+                    describe_io(&e)
+                );
+            }
+        }
+    };
+    let not_replaced = format!("{} was not replaced", target.display());
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let side = with_suffix(target, suffix);
+        let aside = with_suffix(temp, &format!(".old{suffix}"));
+        let moved_aside = match fs::symlink_metadata(&side) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Ok(meta) if meta.is_dir() => Err(Error::cant_create(format!(
+                "{not_replaced}: {} is a directory where SQLite keeps a side file; remove it",
+                side.display()
+            ))),
+            Err(e) => Err(Error::io(format!("{not_replaced}: looking at {}", side.display()), e)),
+            Ok(_) => fs::rename(&side, &aside)
+                .map_err(|e| Error::io(format!("{not_replaced}: cannot remove {}", side.display()), e)),
+        };
+        if let Err(e) = moved_aside {
+            put_back(&moved);
+            return Err(e);
+        }
+        moved.push((side, aside));
+    }
+    if let Err(e) = fs::rename(temp, target) {
+        put_back(&moved);
+        return Err(Error::io(format!("moving the database to {}", target.display()), e));
+    }
+    for (_, aside) in &moved {
+        if let Err(e) = fs::remove_file(aside) {
+            eprintln!(
+                "bk-restore: warning: could not remove {}, the old database's side file: {}",
+                aside.display(),
+                describe_io(&e)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Removes a temporary database and whatever side files SQLite left beside it.
+fn remove_with_side_files(path: &Path) {
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let _ = fs::remove_file(with_suffix(path, suffix));
+    }
+}
+
+/// `path` with `suffix` appended to its file name (`app.db` → `app.db-wal`).
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
 }
 
 fn write_checked(artifact: &Artifact, decoder: &mut Decoder, temp: &Path) -> Result<()> {
@@ -248,13 +310,7 @@ pub fn check_database(path: &Path) -> Result<BTreeMap<String, u64>> {
 pub fn derive_counts(artifact: &Artifact, decoder: &mut Decoder, dir: &Path) -> Result<BTreeMap<String, u64>> {
     let temp = dir.join(format!(".bk-verify-{}-{:08x}.db", artifact.id, rand::random::<u32>()));
     let removed = temp.clone();
-    let _remove = bk_core::cleanup::on_exit(move || {
-        for suffix in ["", "-wal", "-shm", "-journal"] {
-            let mut p = removed.as_os_str().to_owned();
-            p.push(suffix);
-            let _ = fs::remove_file(PathBuf::from(p));
-        }
-    });
+    let _remove = bk_core::cleanup::on_exit(move || remove_with_side_files(&removed));
     write_checked(artifact, decoder, &temp)?;
     check_database(&temp).map_err(|e| match e.kind {
         Kind::Data => e.context(format!("{}: not a sound SQLite database", artifact.file)),
