@@ -169,7 +169,8 @@ fn records_on_stdin_that_leave_the_store_are_refused() {
 #[test]
 fn stores_others_can_write_are_refused() {
     // Each case makes one directory of the store loose; every tool refuses with 77.
-    let cases: [(&str, &str, fn(&Path)); 4] = [
+    type Loosen = fn(&Path);
+    let cases: [(&str, &str, Loosen); 4] = [
         ("", "chmod go-w", |d| {
             fs::set_permissions(d, fs::Permissions::from_mode(0o777)).unwrap()
         }),
