@@ -47,29 +47,29 @@ impl LocalStore {
             return Err(Error::cant_create(format!("store {} is not a directory", self.url())));
         }
         create_private_dir(&self.root)?;
-        check_trusted(&self.root, true)?;
+        check_trusted(&self.root, Dir::Root, Access::Write)?;
         let dir = self.name_dir(name);
         if fs::symlink_metadata(&dir).is_err() {
             create_private_dir(&dir)?;
         }
-        check_trusted(&dir, false)?;
+        check_trusted(&dir, Dir::Name, Access::Write)?;
         Ok(dir)
     }
 
-    /// The name's directory, checked, if the store has one: for reading and deleting.
-    fn existing_name_dir(&self, name: &str) -> Result<Option<PathBuf>> {
-        self.check_root()?;
+    /// The name's directory, checked, if the store has one: for reading or deleting.
+    fn existing_name_dir(&self, name: &str, access: Access) -> Result<Option<PathBuf>> {
+        self.check_root(access)?;
         let dir = self.name_dir(name);
         match fs::symlink_metadata(&dir) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io(format!("reading {}", dir.display()), e)),
-            Ok(_) => check_trusted(&dir, false).map(|()| Some(dir)),
+            Ok(_) => check_trusted(&dir, Dir::Name, access).map(|()| Some(dir)),
         }
     }
 
-    fn check_root(&self) -> Result<()> {
+    fn check_root(&self, access: Access) -> Result<()> {
         match fs::metadata(&self.root) {
-            Ok(meta) if meta.is_dir() => check_trusted(&self.root, true),
+            Ok(meta) if meta.is_dir() => check_trusted(&self.root, Dir::Root, access),
             Ok(_) => Err(Error::no_input(format!("store {} is not a directory", self.url()))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 Err(Error::no_input(format!("no store at {}", self.url())))
@@ -79,16 +79,32 @@ impl LocalStore {
     }
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum Dir {
+    /// The store's root, which may be a symlink the administrator made.
+    Root,
+    /// A name's directory, which must be a real directory, not a symlink out of the store.
+    Name,
+}
+
+/// What an operation does in a store.
+#[derive(Clone, Copy, PartialEq)]
+enum Access {
+    Read,
+    /// Creates, replaces or deletes files.
+    Write,
+}
+
 /// Refuses (77) a store directory that someone else could change, as ssh refuses a loose
-/// key: one writable by group or others, or owned by another user than the one running bk
-/// (or root). Anyone who can write there can plant manifests that bk would act on. A name's
-/// directory must also be a real directory, not a symlink out of the store; the root may be
-/// a symlink the administrator made.
-fn check_trusted(dir: &Path, is_root: bool) -> Result<()> {
-    let meta = if is_root {
-        fs::metadata(dir)
-    } else {
-        fs::symlink_metadata(dir)
+/// key: one writable by group or others, who could plant manifests that bk would act on.
+/// Writing or deleting also needs the directory to be owned by the user running bk (or
+/// root): otherwise its owner could swap a directory for a symlink under bk's feet, and a
+/// root bk-prune would delete elsewhere. Reading another account's store (root restoring
+/// what the backup user wrote) is fine.
+fn check_trusted(dir: &Path, kind: Dir, access: Access) -> Result<()> {
+    let meta = match kind {
+        Dir::Root => fs::metadata(dir),
+        Dir::Name => fs::symlink_metadata(dir),
     }
     .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
     if !meta.is_dir() {
@@ -101,11 +117,11 @@ fn check_trusted(dir: &Path, is_root: bool) -> Result<()> {
         ));
     }
     let me = nix::unistd::geteuid().as_raw();
-    if meta.uid() != me && meta.uid() != 0 {
+    if access == Access::Write && meta.uid() != me && meta.uid() != 0 {
         return Err(Error::new(
             Kind::NoPerm,
             format!(
-                "store directory {} is owned by uid {}, not by you (uid {me}) or root; run: chown {me} {}",
+                "store directory {} is owned by uid {}, not by you (uid {me}) or root, so bk will not write there; run bk as its owner, or: chown {me} {}",
                 dir.display(),
                 meta.uid(),
                 dir.display()
@@ -281,14 +297,14 @@ impl Store for LocalStore {
         if !self.root.is_dir() {
             return Ok(false); // a store yet to be made (or a file: creating says so)
         }
-        let Some(dir) = self.existing_name_dir(name)? else {
+        let Some(dir) = self.existing_name_dir(name, Access::Read)? else {
             return Ok(false);
         };
         Ok(fs::symlink_metadata(dir.join(manifest_file(id))).is_ok())
     }
 
     fn list(&self, name: Option<&str>) -> Result<Listing> {
-        self.check_root()?;
+        self.check_root(Access::Read)?;
         let names: Vec<String> = match name {
             Some(n) => vec![n.to_string()],
             None => {
@@ -308,7 +324,7 @@ impl Store for LocalStore {
         };
         let mut listing = Listing::default();
         for n in names {
-            if let Some(dir) = self.existing_name_dir(&n)? {
+            if let Some(dir) = self.existing_name_dir(&n, Access::Read)? {
                 list_name(&dir, &n, &mut listing)?;
             }
         }
@@ -318,14 +334,14 @@ impl Store for LocalStore {
 
     fn open(&self, artifact: &Artifact) -> Result<Box<dyn Read>> {
         let dir = self
-            .existing_name_dir(&artifact.name)?
+            .existing_name_dir(&artifact.name, Access::Read)?
             .ok_or_else(|| Error::no_input(format!("no backups of {} in {}", artifact.name, self.url())))?;
         let file = open_regular(&dir.join(&artifact.file))?;
         Ok(Box::new(BufReader::with_capacity(256 * 1024, file)))
     }
 
     fn delete(&self, artifact: &Artifact) -> Result<()> {
-        let Some(dir) = self.existing_name_dir(&artifact.name)? else {
+        let Some(dir) = self.existing_name_dir(&artifact.name, Access::Write)? else {
             return Ok(());
         };
         remove_if_present(&dir.join(manifest_file(&artifact.id)))?;
@@ -334,7 +350,7 @@ impl Store for LocalStore {
     }
 
     fn remove_leftovers(&self, name: &str, older_than: SystemTime, dry_run: bool) -> Result<Vec<String>> {
-        let Some(dir) = self.existing_name_dir(name)? else {
+        let Some(dir) = self.existing_name_dir(name, Access::Write)? else {
             return Ok(Vec::new());
         };
         let entries = match fs::read_dir(&dir) {
