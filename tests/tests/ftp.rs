@@ -126,11 +126,7 @@ fn push_to_ftp_and_ftps_then_every_tool_works_on_both() {
     let shipped = run("bk-ship", &["--to", &plain, "--to", &secure], &line).ok();
     let records = shipped.artifacts();
     assert_eq!(records.len(), 3, "{}", shipped.stdout);
-    assert_eq!(
-        shipped.lines()[0],
-        line.trim_end(),
-        "the input is passed on unchanged"
-    );
+    assert_eq!(shipped.lines()[0], line.trim_end(), "the input is passed on unchanged");
     for (copy, store) in records[1..].iter().zip([&plain, &secure]) {
         assert_eq!(copy.location, format!("{store}/web/{}", records[0].file));
         assert_eq!((&copy.id, &copy.sha256), (&records[0].id, &records[0].sha256));

@@ -173,10 +173,18 @@ fn stores_others_can_write_are_refused() {
     // another account wrote, as root restoring the backup user's store, is fine).
     type Loosen = fn(&Path);
     let cases: [(&str, &str, bool, Loosen); 4] = [
-        ("", "chmod go-w", true, |d| fs::set_permissions(d, fs::Permissions::from_mode(0o777)).unwrap()),
-        ("", "chmod go-w", true, |d| fs::set_permissions(d, fs::Permissions::from_mode(0o770)).unwrap()),
-        ("job", "chmod go-w", true, |d| fs::set_permissions(d, fs::Permissions::from_mode(0o757)).unwrap()),
-        ("job", "chown", false, |d| std::os::unix::fs::chown(d, Some(65534), Some(65534)).unwrap()),
+        ("", "chmod go-w", true, |d| {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o777)).unwrap()
+        }),
+        ("", "chmod go-w", true, |d| {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o770)).unwrap()
+        }),
+        ("job", "chmod go-w", true, |d| {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o757)).unwrap()
+        }),
+        ("job", "chown", false, |d| {
+            std::os::unix::fs::chown(d, Some(65534), Some(65534)).unwrap()
+        }),
     ];
     for (dir, fix, reads_refused, loosen) in cases {
         let scene = Scene::new();
@@ -199,7 +207,11 @@ fn stores_others_can_write_are_refused() {
                 continue;
             }
             let e = r.code(77).error();
-            assert!(e.message.contains(s(&loose).trim_end_matches('/')), "{tool}: {}", e.message);
+            assert!(
+                e.message.contains(s(&loose).trim_end_matches('/')),
+                "{tool}: {}",
+                e.message
+            );
             assert!(e.message.contains(fix), "{tool}: {}", e.message);
         }
         let _ = fs::remove_dir_all(&target);
@@ -510,6 +522,23 @@ fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
     }
 }
 
+/// A source directory with 24 MiB of incompressible bytes, so that every tool is busy for a
+/// while with it.
+fn noisy_source(sb: &Sandbox) -> PathBuf {
+    let src = sb.path("src");
+    fs::create_dir_all(&src).unwrap();
+    let mut noise = vec![0u8; 24 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for chunk in noise.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    fs::write(src.join("noise"), &noise).unwrap();
+    src
+}
+
 /// `bk-dump | bk-ship | bk-prune | bk-verify` under /bin/sh, as cron runs it (no pipefail,
 /// stdin empty): whichever tool is killed, by SIGTERM or SIGKILL, at the point where it is
 /// busy, the pipeline's status is non-zero, no file outside the stores changes, and no
@@ -520,18 +549,7 @@ fn killed_pipelines_end_non_zero_under_sh() {
     for victim in ["bk-dump", "bk-ship", "bk-prune", "bk-verify"] {
         for signal in [Signal::SIGTERM, Signal::SIGKILL] {
             let sb = Sandbox::new();
-            let src = sb.path("src");
-            fs::create_dir_all(&src).unwrap();
-            // Incompressible, so that every tool is busy for a while with it.
-            let mut noise = vec![0u8; 24 << 20];
-            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-            for chunk in noise.chunks_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-            }
-            fs::write(src.join("noise"), &noise).unwrap();
+            let src = noisy_source(&sb);
             let (store, store2) = (sb.store(), sb.path("store2").display().to_string());
             // An older backup for bk-prune to consider.
             write_backup(&store2, "job", "20200101T000000Z");
@@ -611,4 +629,75 @@ fn killed_pipelines_end_non_zero_under_sh() {
             }
         }
     }
+}
+
+/// A file in /etc/cron.d for as long as it lives.
+struct CronFile(PathBuf);
+
+impl Drop for CronFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// The real cron daemon starts a `bk-dump | bk-prune` job; the test kills bk-dump with
+/// SIGKILL mid-dump. cron's job must end non-zero, and bk-prune must have seen why.
+#[test]
+fn a_job_started_by_cron_fails_when_its_dump_is_killed() {
+    if !bk_tests::have_root("a_job_started_by_cron_fails_when_its_dump_is_killed") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let src = noisy_source(&sb);
+    let store = sb.store();
+    write_backup(&store, "job", "20200101T000000Z");
+    // cron runs at most one daemon; start one unless it runs already.
+    let running = Command::new("pgrep").args(["-x", "cron"]).status().unwrap().success();
+    let mut daemon = (!running).then(|| Command::new("/usr/sbin/cron").arg("-f").spawn().expect("cron -f"));
+    let cron_d = CronFile(PathBuf::from(format!("/etc/cron.d/bk-hostile-{}", std::process::id())));
+    fs::write(
+        &cron_d.0,
+        format!(
+            "SHELL=/bin/sh\nPATH=/usr/bin:/bin\nMAILTO=\"\"\nBK_LOCK_DIR={locks}\n\
+             * * * * * root cd {root} && {dump} files {src} --name job --to {store} | {prune} --keep-last 1 > out 2> err; echo $? > status\n",
+            locks = s(&sb.path("locks")),
+            root = s(sb.root()),
+            dump = s(&bin("bk-dump")),
+            prune = s(&bin("bk-prune")),
+            src = s(&src),
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&cron_d.0, fs::Permissions::from_mode(0o644)).unwrap();
+    let mut pid = None;
+    wait_for(
+        "cron to start the job and bk-dump to be busy",
+        Duration::from_secs(150),
+        || {
+            pid = pid_of("bk-dump", sb.root());
+            pid.is_some_and(|p| has_open(p, "/store/job/.job."))
+        },
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid.unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_for("the job to end", Duration::from_secs(120), || {
+        sb.path("status").exists()
+    });
+    drop(cron_d);
+    if let Some(d) = daemon.as_mut() {
+        let _ = d.kill();
+        let _ = d.wait();
+    }
+    std::thread::sleep(Duration::from_millis(100)); // the status line is written
+    let status = fs::read_to_string(sb.path("status")).unwrap();
+    assert_ne!(status.trim(), "0", "cron's job ended 0");
+    let out = fs::read_to_string(sb.path("out")).unwrap();
+    assert!(out.contains("began but never ended"), "{out}");
+    assert!(
+        Path::new(&store).join("job").read_dir().unwrap().count() == 3,
+        "nothing pruned, the temporary file left"
+    );
 }
