@@ -158,7 +158,7 @@ fn pick(store: &dyn Store, cli: &Cli) -> Result<Artifact> {
     } else {
         (listing.artifacts.into_iter().next_back(), listing.broken)
     };
-    broken.retain(|b| is_newer(b, found.as_ref()));
+    broken.retain(|b| b.is_newer_than(found.as_ref()));
     let Some(found) = found else {
         // Nothing good to restore: the newest broken one says why.
         if let Some(b) = broken.last() {
@@ -180,12 +180,6 @@ fn pick(store: &dyn Store, cli: &Cli) -> Result<Artifact> {
         );
     }
     Ok(found)
-}
-
-/// Whether a broken backup is newer than a good one of its name (ids are `<name>.<stamp>`),
-/// or there is no good one.
-pub(crate) fn is_newer(broken: &Broken, good: Option<&Artifact>) -> bool {
-    good.is_none_or(|a| broken.id > a.id)
 }
 
 fn restore(store: &dyn Store, artifact: &Artifact, cli: &Cli, identities: &Identities, out: &mut Output) -> Result<()> {

@@ -20,7 +20,6 @@ use bk_core::progress::Progress;
 use bk_core::record::{Artifact, Output, Record};
 use bk_core::store::{self, Broken, Store};
 
-use crate::restore::is_newer;
 use crate::{files, mysql, postgres, sqlite, ReadOpts, RestoreOptions};
 
 const SCRATCH_PREFIX: &str = "bk_verify_";
@@ -141,10 +140,10 @@ fn pick(store: &dyn Store, cli: &Cli) -> Result<Picked> {
         let broken: Vec<Broken> = if cli.sample.is_some() {
             broken
         } else {
-            broken.into_iter().filter(|b| is_newer(b, newest_of(&b.name))).collect()
+            broken.into_iter().filter(|b| b.is_newer_than(newest_of(&b.name))).collect()
         };
         for a in &newest {
-            if let Some(b) = broken.iter().rfind(|b| b.name == a.name && is_newer(b, Some(a))) {
+            if let Some(b) = broken.iter().rfind(|b| b.name == a.name && b.is_newer_than(Some(a))) {
                 eprintln!(
                     "bk-verify: {}: the newest backup {} is broken; verifying {} instead",
                     a.name, b.id, a.id

@@ -45,6 +45,12 @@ pub struct Broken {
 }
 
 impl Broken {
+    /// Whether it is newer than a good backup of its name (ids are `<name>.<stamp>`), or
+    /// there is no good one: then the newest backup of the name is the broken one.
+    pub fn is_newer_than(&self, good: Option<&Artifact>) -> bool {
+        good.is_none_or(|a| self.id > a.id)
+    }
+
     /// The error every tool reports for it (65: the store's data is bad).
     pub fn error(&self) -> Error {
         Error::data(format!(
