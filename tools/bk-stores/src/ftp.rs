@@ -62,30 +62,22 @@ pub struct FtpStore {
 
 impl FtpStore {
     pub fn open(url: &str) -> Result<Self> {
-        let (scheme, rest) = url.split_once("://").expect("an ftp:// or ftps:// URL");
+        crate::refuse_secret_in_url(
+            "store",
+            url,
+            true,
+            "put it in ~/.netrc (machine HOST login USER password PASS, chmod 600) or a file named by BK_FTP_CREDENTIALS",
+        )?;
+        let (scheme, rest) = url
+            .split_once("://")
+            .filter(|(s, _)| ["ftp", "ftps"].contains(s))
+            .ok_or_else(|| Error::usage(format!("store {url}: not an ftp:// or ftps:// URL")))?;
         let secure = scheme == "ftps";
+        let bad = |why: &str| Error::usage(format!("store {url}: {why} ({scheme}://[user@]host[:port]/path)"));
         let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
         let (userinfo, hostport) = match authority.rsplit_once('@') {
             Some((u, h)) => (Some(u), h),
             None => (None, authority),
-        };
-        let shown = |userinfo: Option<&str>| {
-            format!(
-                "{scheme}://{}{hostport}{path}",
-                userinfo.map_or(String::new(), |u| format!("{u}@"))
-            )
-        };
-        if let Some((user, _)) = userinfo.and_then(|u| u.split_once(':')) {
-            return Err(Error::usage(format!(
-                "store {}: a password in the URL would show in ps, logs and records; put it in ~/.netrc (machine HOST login USER password PASS, chmod 600) or a file named by BK_FTP_CREDENTIALS",
-                shown(Some(user))
-            )));
-        }
-        let bad = |why: &str| {
-            Error::usage(format!(
-                "store {}: {why} ({scheme}://[user@]host[:port]/path)",
-                shown(userinfo)
-            ))
         };
         let (host, port) = match hostport.strip_prefix('[') {
             Some(v6) => {

@@ -50,8 +50,45 @@ pub fn main<C: bk_core::cli::Tool>(run: fn(C, &mut Output) -> Result<()>) -> std
     bk_core::cli::main(run)
 }
 
-/// The artifact files and manifests of a listing of `<name>/<file>` entries, shared by the
-/// remote stores: which manifests parse, which files are claimed by none.
+/// Refuses (64) a URL that carries a secret in its userinfo, with a message that does not
+/// repeat it: a password (`user:password@`) after any `://` in it (an rclone connection
+/// string may hold a URL), or any userinfo at all unless `user_allowed` (an S3 endpoint
+/// names no user). A URL shows in `ps`, logs, records and the argv of the programs a store
+/// runs; `advice` says where the secret belongs instead. `what` names the URL ("store").
+pub(crate) fn refuse_secret_in_url(what: &str, url: &str, user_allowed: bool, advice: &str) -> Result<()> {
+    let mut shown = String::with_capacity(url.len());
+    let mut rest = url;
+    let mut secret = false;
+    while let Some(at) = rest.find("://") {
+        let start = at + 3;
+        // RFC 3986: the authority ends at the path, query or fragment; a connection
+        // string's quote or comma ends it too.
+        let end = rest[start..]
+            .find(|c: char| "/?#\"',".contains(c) || c.is_whitespace())
+            .map_or(rest.len(), |i| start + i);
+        shown.push_str(&rest[..start]);
+        match rest[start..end].rsplit_once('@') {
+            Some((userinfo, host)) if userinfo.contains(':') || !user_allowed => {
+                secret = true;
+                match userinfo.split_once(':') {
+                    Some((user, _)) if user_allowed => shown.push_str(&format!("{user}@{host}")),
+                    _ => shown.push_str(host),
+                }
+            }
+            _ => shown.push_str(&rest[start..end]),
+        }
+        rest = &rest[end..];
+    }
+    if !secret {
+        return Ok(());
+    }
+    shown.push_str(rest);
+    let carried = if user_allowed { "a password" } else { "credentials" };
+    Err(bk_core::Error::usage(format!(
+        "{what} {shown}: {carried} in the URL would show in ps, logs and records, and is refused; {advice}"
+    )))
+}
+
 /// Reads a child program's stderr on a thread, so that it never blocks on a full pipe.
 pub(crate) fn collect_stderr(child: &mut std::process::Child) -> std::thread::JoinHandle<Vec<u8>> {
     let mut stderr = child.stderr.take().expect("stderr piped");
@@ -148,4 +185,47 @@ pub(crate) fn build_listing(
     }
     listing.sort();
     listing
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_in_urls_are_refused_without_showing_them() {
+        // (URL, a user alone allowed, the URL as the message shows it)
+        for (url, user_allowed, shown) in [
+            ("ssh://bk:hunter2@host:22/srv/bk", true, "ssh://bk@host:22/srv/bk"),
+            ("ftp://bk:@host/x", true, "ftp://bk@host/x"),
+            (
+                "rclone::http,url='http://u:hunter2@h/':bk",
+                true,
+                "rclone::http,url='http://u@h/':bk",
+            ),
+            ("http://AKIAKEY:hunter2@127.0.0.1:9000", false, "http://127.0.0.1:9000"),
+            ("https://AKIAKEY@s3.example/", false, "https://s3.example/"),
+        ] {
+            let e = refuse_secret_in_url("store", url, user_allowed, "put it elsewhere").unwrap_err();
+            assert_eq!(e.exit_code(), 64, "{url}");
+            assert!(
+                e.message.starts_with(&format!("store {shown}: ")) && e.message.ends_with("put it elsewhere"),
+                "{}",
+                e.message
+            );
+            assert!(
+                !e.message.contains("hunter2") && !e.message.contains("AKIAKEY"),
+                "{}",
+                e.message
+            );
+        }
+        for (url, user_allowed) in [
+            ("ssh://bk@host/srv/a@b", true),
+            ("ftps://[::1]:990/x", true),
+            ("http://127.0.0.1:9000", false),
+            ("s3://bucket/pre@fix", false),
+            ("/var/backups/bk", false),
+        ] {
+            assert!(refuse_secret_in_url("store", url, user_allowed, "").is_ok(), "{url}");
+        }
+    }
 }

@@ -39,7 +39,16 @@ pub struct RcloneStore {
 
 impl RcloneStore {
     pub fn open(url: &str) -> Result<Self> {
-        let rest = url.strip_prefix("rclone:").expect("an rclone: URL");
+        let advice = "keep credentials in rclone's config (rclone config, or RCLONE_CONFIG_<REMOTE>_<OPTION> variables), where they never reach a command line";
+        crate::refuse_secret_in_url("store", url, true, advice)?;
+        let rest = url
+            .strip_prefix("rclone:")
+            .ok_or_else(|| Error::usage(format!("store {url}: not an rclone: URL")))?;
+        if let Some(option) = secret_option(rest) {
+            return Err(Error::usage(format!(
+                "store rclone:...: the connection string's option {option} holds a secret, which would show in ps, logs and records, and is refused; {advice}"
+            )));
+        }
         let Some((remote, _)) = rest.split_once(':') else {
             return Err(Error::usage(format!(
                 "store {url}: no remote (rclone:REMOTE:path, REMOTE as in `rclone listremotes`)"
@@ -199,6 +208,19 @@ impl RcloneStore {
         }
         Ok(files)
     }
+}
+
+/// The first option of an rclone connection string (`remote,option=value:path` or
+/// `:backend,option=value:path`) that holds a secret (a password, key or token), as
+/// `option=`; a file that holds one (`key_file=`) is no secret.
+fn secret_option(rest: &str) -> Option<String> {
+    rest.split(',').skip(1).find_map(|part| {
+        let (option, _) = part.split_once('=')?;
+        let option = option.trim().to_ascii_lowercase();
+        let secret =
+            ["pass", "secret", "token", "key"].iter().any(|s| option.contains(s)) && !option.ends_with("_file");
+        secret.then(|| format!("{option}="))
+    })
 }
 
 fn spawn_error(doing: &str, e: io::Error) -> Error {
@@ -383,6 +405,26 @@ mod tests {
         assert_eq!(s.path(&["db", "f"]), "b2:db/f");
         assert!(RcloneStore::open("rclone:nocolon").is_err());
         assert!(RcloneStore::open("rclone:-x:y").is_err());
+    }
+
+    #[test]
+    fn secrets_in_the_url_are_refused_without_showing_them() {
+        for (url, option) in [
+            (":sftp,host=h,pass=hunter2:/srv/bk", "pass="),
+            ("s3x,secret_access_key=hunter2:b/bk", "secret_access_key="),
+            (":webdav,url='http://u:hunter2@h/':/bk", ""),
+            (":http,url=http://u:hunter2@h:bk", ""),
+        ] {
+            let e = RcloneStore::open(&format!("rclone:{url}")).unwrap_err();
+            assert_eq!(e.exit_code(), 64, "{url}");
+            assert!(!e.message.contains("hunter2"), "{}", e.message);
+            assert!(
+                e.message.contains(option) && e.message.contains("rclone's config"),
+                "{}",
+                e.message
+            );
+        }
+        assert!(RcloneStore::open("rclone::sftp,host=h,key_file=/k:/srv/bk").is_ok());
     }
 
     #[test]

@@ -35,7 +35,7 @@ use bk_core::record::{Artifact, Record};
 use bk_core::store::{manifest_file, Listing, Store, Upload};
 use futures::{StreamExt, TryStreamExt};
 use md5::Md5;
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
@@ -125,6 +125,10 @@ fn aws_file(var: &str, default: &str) -> Option<PathBuf> {
         .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".aws").join(default)))
 }
 
+/// Where S3 credentials belong: never in a URL.
+const CREDENTIALS_ADVICE: &str =
+    "give them by AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or in ~/.aws/credentials (chmod 600)";
+
 /// The builder from the environment and the AWS files, without bucket.
 fn builder() -> Result<AmazonS3Builder> {
     let mut b = AmazonS3Builder::from_env();
@@ -163,10 +167,22 @@ fn builder() -> Result<AmazonS3Builder> {
         .or_else(|| env("AWS_ENDPOINT_URL_S3"))
         .or_else(|| env("AWS_ENDPOINT_URL"))
         .or_else(|| section.and_then(|s| s.get("endpoint_url").cloned()));
-    let allow_http = endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
     if let Some(endpoint) = endpoint {
-        b = b.with_endpoint(endpoint.trim_end_matches('/'));
+        // Both keys: object_store prefers AWS_ENDPOINT_URL_S3, read from the environment,
+        // to the endpoint, and bk's own settings come first.
+        let endpoint = endpoint.trim_end_matches('/');
+        b = b
+            .with_endpoint(endpoint)
+            .with_config(AmazonS3ConfigKey::S3Endpoint, endpoint);
     }
+    // The endpoint in effect, from whichever variable or file object_store read it.
+    let endpoint = b
+        .get_config_value(&AmazonS3ConfigKey::S3Endpoint)
+        .or_else(|| b.get_config_value(&AmazonS3ConfigKey::Endpoint));
+    if let Some(endpoint) = &endpoint {
+        crate::refuse_secret_in_url("S3 endpoint", endpoint, false, CREDENTIALS_ADVICE)?;
+    }
+    let allow_http = endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
     let retries = env("BK_S3_RETRIES").and_then(|r| r.parse().ok()).unwrap_or(5);
     // No sha256 of each request's body for its signature (UNSIGNED-PAYLOAD): an upload's
     // bytes are checked once, after it, by the ETags or a read-back, which spares the client
@@ -193,7 +209,10 @@ fn builder() -> Result<AmazonS3Builder> {
 
 impl S3Store {
     pub fn open(url: &str) -> Result<Self> {
-        let rest = url.strip_prefix("s3://").expect("an s3:// URL");
+        crate::refuse_secret_in_url("store", url, false, CREDENTIALS_ADVICE)?;
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| Error::usage(format!("store {url}: not an s3:// URL")))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
             return Err(Error::usage(format!("store {url}: no bucket (s3://bucket/prefix)")));

@@ -52,8 +52,14 @@ const REMOTE_NO_PERM: i32 = 77;
 
 impl SshStore {
     pub fn open(url: &str) -> Result<Self> {
+        crate::refuse_secret_in_url(
+            "store",
+            url,
+            true,
+            "bk's ssh runs in batch mode and never sends a password: give ssh a key (ssh-agent, IdentityFile in ~/.ssh/config, or BK_SSH_COMMAND='ssh -i KEY')",
+        )?;
         let bad = |why: &str| Error::usage(format!("store {url}: {why} (ssh://user@host[:port]/absolute/path)"));
-        let rest = url.strip_prefix("ssh://").expect("an ssh:// URL");
+        let rest = url.strip_prefix("ssh://").ok_or_else(|| bad("not an ssh:// URL"))?;
         let slash = rest.find('/').ok_or_else(|| bad("no path"))?;
         let (authority, path) = rest.split_at(slash);
         let (userhost, port) = match authority.rsplit_once(':') {
