@@ -686,7 +686,13 @@ impl FtpUpload {
     /// Closes the data connection and reads the server's word on the transfer.
     fn finish_transfer(&mut self) -> Result<()> {
         let doing = format!("writing {}", self.location);
-        let (data, unsent) = match self.data.take().expect("finished once").into_inner() {
+        let Some(data) = self.data.take() else {
+            return Err(Error::io(
+                doing,
+                io::Error::new(io::ErrorKind::BrokenPipe, "the transfer has ended"),
+            ));
+        };
+        let (data, unsent) = match data.into_inner() {
             Ok(data) => (data, None),
             Err(e) => {
                 let why = io::Error::new(e.error().kind(), e.error().to_string());

@@ -49,6 +49,8 @@ const REMOTE_NO_INPUT: i32 = 66;
 const REMOTE_CANT_CREATE: i32 = 73;
 const REMOTE_MISMATCH: i32 = 65;
 const REMOTE_NO_PERM: i32 = 77;
+/// A file that could be created but not written in full (a full disk, a quota, cat killed).
+const REMOTE_IO: i32 = 74;
 
 impl SshStore {
     pub fn open(url: &str) -> Result<Self> {
@@ -168,6 +170,7 @@ impl SshStore {
                 Some(REMOTE_CANT_CREATE) => Kind::CantCreate,
                 Some(REMOTE_MISMATCH) => Kind::Data,
                 Some(REMOTE_NO_PERM) => Kind::NoPerm,
+                Some(REMOTE_IO) => Kind::Io,
                 _ if has("Permission denied") && default == Kind::CantCreate => Kind::CantCreate,
                 _ if has("Permission denied") => Kind::NoPerm,
                 _ if has("No such file") => Kind::NoInput,
@@ -191,10 +194,11 @@ impl SshStore {
         let dir = self.dir(name);
         let temp = format!("{dir}/{}", crate::temp_name(file));
         let script = format!(
-            "umask 077; mkdir -p {d} || exit {c}; cat > {t} || {{ rm -f {t}; exit {c}; }}",
+            "umask 077; mkdir -p {d} || exit {c}; : > {t} || exit {c}; cat > {t} || {{ rm -f {t}; exit {e}; }}",
             d = sh_quote(&dir),
             t = sh_quote(&temp),
             c = REMOTE_CANT_CREATE,
+            e = REMOTE_IO,
         );
         let location = self.location(name, file);
         let mut cmd = self.command(&script);
