@@ -582,7 +582,6 @@ impl Store for S3Store {
 
     fn create(&self, name: &str, file: &str) -> Result<Box<dyn Upload>> {
         bk_core::name::validate_name(name)?;
-        crate::check_file_name(file)?;
         let path = self.key(name, file);
         let url = self.location(name, file);
         // An earlier run's unfinished uploads of this file are of no more use; one that
@@ -655,7 +654,7 @@ impl Store for S3Store {
             .rt
             .block_on(self.s3.list(Some(&prefix)).try_collect())
             .map_err(|e| s3_error(format!("listing store {}", self.url), e))?;
-        let mut files: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut files = crate::Files::new();
         for o in objects {
             let key = o.location.to_string();
             let Some(rel) = key.strip_prefix(&base) else { continue };
@@ -663,7 +662,10 @@ impl Store for S3Store {
             if f.contains('/') || bk_core::name::validate_name(n).is_err() || name.is_some_and(|w| w != n) {
                 continue;
             }
-            files.entry(n.to_string()).or_default().push(f.to_string());
+            files
+                .entry(n.to_string())
+                .or_default()
+                .insert(f.to_string(), Some(o.size));
         }
         Ok(crate::build_listing(
             files,
@@ -676,7 +678,6 @@ impl Store for S3Store {
     }
 
     fn open(&self, artifact: &Artifact) -> Result<Box<dyn Read>> {
-        crate::check_file_name(&artifact.file)?;
         Ok(Box::new(io::BufReader::with_capacity(
             256 * 1024,
             self.reader(&self.key(&artifact.name, &artifact.file))?,
@@ -713,7 +714,9 @@ mod tests {
         let peak = |index: usize| (parts_in_flight(part_size(index)) + 1) * part_size(index);
         assert_eq!(peak(0), 40 * MIB);
         assert!((0..MAX_PARTS).all(|i| peak(i) <= 2 * 1293 * MIB));
-        assert!((0..MAX_PARTS).filter(|&i| part_size(i) <= 32 * MIB).all(|i| peak(i) <= 96 * MIB));
+        assert!((0..MAX_PARTS)
+            .filter(|&i| part_size(i) <= 32 * MIB)
+            .all(|i| peak(i) <= 96 * MIB));
     }
 
     #[test]
