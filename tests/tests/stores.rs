@@ -391,7 +391,7 @@ ln -s {dir}/outside/evil {dir}/store/evil"
 fn hostile_manifests(good: &Artifact, victim: &str) -> Vec<(String, &'static str, String)> {
     let with = |stamp: &str, field: &str, value: &str| {
         let id = format!("db.{stamp}");
-        let mut m = serde_json::to_value(Record::Artifact(good.clone())).unwrap();
+        let mut m: serde_json::Value = serde_json::from_str(&Record::Artifact(good.clone()).to_line()).unwrap();
         m["id"] = id.clone().into();
         m["file"] = format!("{id}.tar").into();
         m[field] = value.into();
