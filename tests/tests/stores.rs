@@ -212,6 +212,27 @@ fn digest_around_store(dir: &Path) -> BTreeMap<String, String> {
     digest
 }
 
+/// A directory on the test sshd, `/tmp/<prefix><unique>`, removed however the test ends.
+struct RemoteDir<'a> {
+    remote: &'a Remote,
+    path: String,
+}
+
+impl<'a> RemoteDir<'a> {
+    fn new(remote: &'a Remote, prefix: &str) -> Self {
+        RemoteDir {
+            remote,
+            path: format!("/tmp/{}", unique_name(prefix)),
+        }
+    }
+}
+
+impl Drop for RemoteDir<'_> {
+    fn drop(&mut self) {
+        self.remote.shell(&format!("rm -rf {}", self.path), b"");
+    }
+}
+
 /// The ids bk-prune kept.
 fn kept(run: &Run) -> Vec<String> {
     run.records()
@@ -263,7 +284,8 @@ fn a_remote_child_dying_mid_upload_is_a_clean_error_not_a_panic() {
     )
     .unwrap();
     std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let dir = format!("/tmp/{}", unique_name("bk-dies-"));
+    let remote_dir = RemoteDir::new(&r, "bk-dies-");
+    let dir = remote_dir.path.clone();
     let big = sb.path("big").display().to_string();
     for compress in ["gzip", "zstd", "none"] {
         let store = r.ssh_url(&format!("{dir}/{compress}"));
@@ -286,7 +308,6 @@ fn a_remote_child_dying_mid_upload_is_a_clean_error_not_a_panic() {
         let left = r.shell(&format!("find {dir}/{compress} -type f"), b"");
         assert_eq!(left, "", "{compress}: files left in the store");
     }
-    r.shell(&format!("rm -rf {dir}"), b"");
 }
 
 /// An ssh store's listing sees each file's size and type: a truncated artifact, one replaced
@@ -306,7 +327,8 @@ fn ssh_listings_see_sizes_and_never_follow_symlinks_or_open_fifos() {
         "20250104T000000Z",
     ];
     let local = local_backups(&sb, &stamps);
-    let dir = format!("/tmp/{}", unique_name("bk-sizes-"));
+    let remote_dir = RemoteDir::new(&r, "bk-sizes-");
+    let dir = remote_dir.path.clone();
     let store = r.ssh_url(&format!("{dir}/store"));
     let run = |tool: &str, args: &[&str], stdin: &str| run_within_a_minute(r.cmd(&sb, tool, args), stdin);
     let shipped = run("bk-ship", &["--from", &local, "--all", "--to", &store], "").ok();
@@ -381,7 +403,6 @@ ln -s {dir}/outside/evil {dir}/store/evil"
         before,
         "something outside the store changed"
     );
-    r.shell(&format!("rm -rf {dir}"), b"");
 }
 
 /// Manifests planted in a remote store whose `file`, `name` or `id` leave it, each older than
@@ -448,7 +469,8 @@ fn hostile_manifests_in_an_ssh_store_are_broken_and_nothing_outside_is_touched()
     let Some(r) = Remote::from_env(test) else { return };
     let sb = Sandbox::new();
     let local = local_backups(&sb, &["20250101T000000Z"]);
-    let dir = format!("/tmp/{}", unique_name("bk-hostile-"));
+    let remote_dir = RemoteDir::new(&r, "bk-hostile-");
+    let dir = remote_dir.path.clone();
     let store = r.ssh_url(&format!("{dir}/store"));
     let run = |tool: &str, args: &[&str]| run_within_a_minute(r.cmd(&sb, tool, args), "");
     let good = artifacts(&run("bk-ship", &["--from", &local, "--all", "--to", &store]).ok()).remove(0);
@@ -466,7 +488,6 @@ fn hostile_manifests_in_an_ssh_store_are_broken_and_nothing_outside_is_touched()
         digest
     };
     hostile_manifests_are_broken(&run, &store, &hostile, &around);
-    r.shell(&format!("rm -rf {dir}"), b"");
 }
 
 #[test]
