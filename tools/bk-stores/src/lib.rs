@@ -244,8 +244,10 @@ mod tests {
 
     #[test]
     fn listings_see_missing_and_resized_artifacts_and_oversized_manifests() {
-        // (stamp, the artifact file's listed size: None not listed, Some(None) size unknown)
-        let cases: [(&str, Option<Option<u64>>, Option<&str>); 5] = [
+        /// The artifact file as listed: None not listed, Some(None) of a size not known.
+        type Listed = Option<Option<u64>>;
+        // (stamp, the artifact file as listed, why the backup is broken)
+        let cases: [(&str, Listed, Option<&str>); 5] = [
             ("20260101T000000Z", Some(Some(10)), None),
             ("20260102T000000Z", Some(None), None),
             (
