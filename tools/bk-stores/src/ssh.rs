@@ -372,7 +372,11 @@ impl Store for SshStore {
     fn has_manifest(&self, name: &str, id: &str) -> Result<bool> {
         let path = format!("{}/{}", self.dir(name), manifest_file(id));
         let out = self.run(
-            &format!("if [ -f {} ]; then echo yes; else echo no; fi", sh_quote(&path)),
+            // A regular file, as the listing sees one: not a symlink.
+            &format!(
+                "if [ -f {p} ] && [ ! -h {p} ]; then echo yes; else echo no; fi",
+                p = sh_quote(&path)
+            ),
             &format!("looking for {}", self.location(name, &manifest_file(id))),
             Kind::Io,
         )?;
