@@ -563,3 +563,86 @@ fn s3_listings_see_truncated_artifacts_and_retention_keeps_the_good_backup() {
         ["db.20250101T000000Z"]
     );
 }
+
+/// rclone (its sftp backend, on the test sshd) and FTP (the test pyftpdlib) listings see sizes
+/// too: a truncated newest artifact is a broken backup (65), and bk-prune --keep-last 1 keeps
+/// the older good backup.
+#[test]
+fn rclone_and_ftp_listings_see_truncated_artifacts() {
+    let test = "rclone_and_ftp_listings_see_truncated_artifacts";
+    let Some(r) = Remote::from_env(test) else { return };
+    let var = |k: &str| {
+        std::env::var(k).unwrap_or_else(|_| panic!("{test}: {k} is not set: source $(tests/services.sh env)"))
+    };
+    let sb = Sandbox::new();
+    let local = local_backups(&sb, &["20250101T000000Z", "20250102T000000Z"]);
+    let rclone_config = sb.path("rclone.conf");
+    std::fs::write(
+        &rclone_config,
+        format!(
+            "[bktest]\ntype = sftp\nhost = 127.0.0.1\nport = {}\nuser = {}\nkey_file = {}\nknown_hosts_file =\n",
+            r.ssh_port, r.ssh_user, r.ssh_key
+        ),
+    )
+    .unwrap();
+    let ftp_credentials = sb.path("netrc");
+    std::fs::write(
+        &ftp_credentials,
+        format!(
+            "machine {} login {} password {}\n",
+            var("TEST_FTP_HOST"),
+            var("TEST_FTP_USER"),
+            var("TEST_FTP_PASSWORD")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&ftp_credentials, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let rclone_dir = RemoteDir::new(&r, "bk-rclone-sizes-");
+    let ftp_dir = unique_name("bk-ftp-sizes-");
+    let ftp_files = Path::new(&var("TEST_FTP_HOME")).join(&ftp_dir);
+    let newest = "db/db.20250102T000000Z.tar";
+    let stores = [
+        (
+            format!("rclone:bktest:{}", rclone_dir.path),
+            Path::new(&rclone_dir.path).join(newest),
+        ),
+        (
+            format!(
+                "ftp://{}@{}:{}/{ftp_dir}",
+                var("TEST_FTP_USER"),
+                var("TEST_FTP_HOST"),
+                var("TEST_FTP_PORT")
+            ),
+            ftp_files.join(newest),
+        ),
+    ];
+    for (store, newest) in &stores {
+        let run = |tool: &str, args: &[&str]| {
+            let mut cmd = r.cmd(&sb, tool, args);
+            cmd.env("RCLONE_CONFIG", &rclone_config)
+                .env("BK_FTP_CREDENTIALS", &ftp_credentials);
+            run_within_a_minute(cmd, "")
+        };
+        run("bk-ship", &["--from", &local, "--all", "--to", store]).ok();
+        // The servers keep the files on this machine.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(newest)
+            .unwrap()
+            .set_len(3)
+            .unwrap();
+        let listed = run("bk-ls", &[store]).code(65);
+        assert_eq!(ids(&listed), ["db.20250101T000000Z"], "{store}: {}", listed.stdout);
+        let e = listed.error();
+        assert!(
+            e.message.starts_with("db.20250102T000000Z: broken backup: ")
+                && e.message
+                    .contains("db.20250102T000000Z.tar is 3 bytes, the manifest says"),
+            "{store}: {}",
+            e.message
+        );
+        let pruned = run("bk-prune", &[store, "--keep-last", "1"]);
+        assert_eq!(kept(&pruned), ["db.20250101T000000Z"], "{store}: {}", pruned.stdout);
+    }
+    let _ = std::fs::remove_dir_all(ftp_files);
+}
