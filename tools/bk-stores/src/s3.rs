@@ -5,15 +5,16 @@
 //! (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION` /
 //! `AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL`, `AWS_PROFILE`), then `~/.aws/credentials`
 //! and `~/.aws/config` of the profile. Requests are path-style unless
-//! `AWS_VIRTUAL_HOSTED_STYLE_REQUEST=true`.
+//! `AWS_VIRTUAL_HOSTED_STYLE_REQUEST=true`. Credentials never come from a URL: an `s3://`
+//! store or an endpoint with user info is refused (64) without showing it.
 //!
 //! Uploads are multipart, streamed without a temporary file in parts that grow with the
 //! stream, since S3 takes at most 10,000 parts of one object (see [`part_size`]: 8 MiB
 //! parts up to 7.8 GiB, 10,000 parts hold 5.59 TiB, beyond S3's 5 TiB limit of an object).
 //! Parts are sent while the next fills, at most 64 MiB of them at once (4 parts of 8 MiB,
-//! always at least one), which bounds an upload's memory (see [`parts_in_flight`]). A stream
-//! beyond 10,000 parts fails when it gets there (73). The object appears only when the upload completes,
-//! and a dropped upload is aborted. After completing, the stored object is checked against
+//! always at least one), which bounds an upload's memory (see [`parts_in_flight`]). A
+//! stream beyond 10,000 parts fails when it gets there (73). The object appears only when
+//! the upload completes, and a dropped upload is aborted. After completing, the stored object is checked against
 //! what was sent: by its ETag where the server gives S3's own (each part's the MD5 of the
 //! part, the object's the MD5 of those MD5s, then `-<parts>`), which costs no second
 //! transfer; else it is read back and its sha256 compared. Requests are signed without a
