@@ -3,9 +3,16 @@
 //! (words separated by spaces, as git's `GIT_SSH_COMMAND`) replaces `ssh`, e.g. to add
 //! `-i KEY`. ssh runs in batch mode: it never asks for a password or a host key.
 //!
-//! The remote side needs only a POSIX shell and coreutils: uploads go to a hidden temporary
-//! name (umask 077: files 0600, directories 0700), are checked with `sha256sum` (or
-//! `shasum -a 256`) against what was sent, synced, then renamed into place.
+//! The remote side needs only a POSIX shell, coreutils and `find` (with `-mindepth` and
+//! `-maxdepth`, as GNU's and the BSDs' have): uploads go to a hidden temporary name (umask
+//! 077: files 0600, directories 0700), are checked with `sha256sum` (or `shasum -a 256`)
+//! against what was sent, synced, then renamed into place.
+//!
+//! A password in the URL is refused (64) without showing it (ssh would never send it, and a
+//! URL shows in ps and records). The store touches regular files inside itself only: the
+//! listing is `find -type f` with sizes (a truncated artifact is a broken backup), a name's
+//! directory or an artifact that is a symlink is refused (65), and so is an artifact that
+//! is not a regular file (a FIFO would hang `cat`).
 //!
 //! A file of this machine (bk-ship from a local store) goes by rsync when both sides have
 //! it: to the stable hidden name `.<file>.tmp.partial` with `--partial`, so that a rerun
@@ -13,7 +20,8 @@
 //! Without rsync on either side, it is streamed as above.
 //!
 //! Exit codes: host unreachable or connection refused 69; host key unknown or changed 78;
-//! authentication refused 77; a remote directory that cannot be created 73.
+//! authentication refused 77; a remote directory or file that cannot be created 73; a file
+//! that cannot be written in full 74.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read};
