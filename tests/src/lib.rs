@@ -742,3 +742,140 @@ pub fn write_backup(store: &str, name: &str, stamp: &str) -> Artifact {
     local.put_manifest(&artifact).expect("writing the manifest");
     artifact
 }
+
+/// The remote test servers of tests/services.sh: s3s-fs on TEST_S3_ENDPOINT, and sshd on
+/// 127.0.0.1:TEST_SSH_PORT, logged into as TEST_SSH_USER with the key TEST_SSH_KEY.
+pub struct Remote {
+    pub s3_endpoint: String,
+    pub s3_bucket: String,
+    pub ssh_key: String,
+    pub ssh_port: String,
+    pub ssh_user: String,
+}
+
+impl Remote {
+    /// The servers from the environment (`source $(tests/services.sh env)`); `None` (the
+    /// test skips) without them, a failure if BK_TEST_SERVICES=1 says they are up.
+    pub fn from_env(test: &str) -> Option<Remote> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let found = (|| {
+            Some(Remote {
+                s3_endpoint: var("TEST_S3_ENDPOINT")?,
+                s3_bucket: var("TEST_S3_BUCKET")?,
+                ssh_key: var("TEST_SSH_KEY")?,
+                ssh_port: var("TEST_SSH_PORT")?,
+                ssh_user: var("TEST_SSH_USER")?,
+            })
+        })();
+        if found.is_none() {
+            assert!(
+                !services_required(),
+                "{test}: TEST_S3_ENDPOINT/TEST_SSH_* are not set, and BK_TEST_SERVICES=1 says the servers are up: source $(tests/services.sh env)"
+            );
+            eprintln!("SKIPPED {test}: TEST_S3_ENDPOINT/TEST_SSH_* are not set (source $(tests/services.sh env))");
+        }
+        found
+    }
+
+    /// The ssh store URL of an absolute directory on the test sshd.
+    pub fn ssh_url(&self, dir: &str) -> String {
+        format!("ssh://{}@127.0.0.1:{}{dir}", self.ssh_user, self.ssh_port)
+    }
+
+    /// BK_SSH_COMMAND for the test sshd: its key, any host key accepted.
+    pub fn ssh_command(&self) -> String {
+        format!(
+            "ssh -i {} -o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no -o LogLevel=ERROR",
+            self.ssh_key
+        )
+    }
+
+    /// A tool with the S3 endpoint and the ssh key set up, as a user's environment would.
+    pub fn cmd(&self, sb: &Sandbox, tool: &str, args: &[&str]) -> Command {
+        let mut cmd = sb.cmd(tool, args);
+        cmd.env("BK_S3_ENDPOINT", &self.s3_endpoint)
+            .env("BK_SSH_COMMAND", self.ssh_command());
+        cmd
+    }
+
+    /// Runs a script on the test sshd as its user, with `stdin`; its stdout. Panics if it fails.
+    pub fn shell(&self, script: &str, stdin: &[u8]) -> String {
+        let mut child = Command::new("ssh")
+            .args(["-i", &self.ssh_key, "-p", &self.ssh_port])
+            .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=no"])
+            .args(["-o", "LogLevel=ERROR", "-o", "BatchMode=yes"])
+            .arg(format!("{}@127.0.0.1", self.ssh_user))
+            .arg(script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running ssh");
+        child
+            .stdin
+            .take()
+            .expect("stdin piped")
+            .write_all(stdin)
+            .expect("writing to ssh");
+        let out = child.wait_with_output().expect("waiting for ssh");
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("UTF-8 from the remote script")
+    }
+}
+
+/// A private s3s-fs on a free port, serving the bucket `test-bucket` from a directory of the
+/// sandbox (each object a file under `<root>/test-bucket/`), stopped when dropped.
+pub struct PrivateS3 {
+    pub port: u16,
+    pub root: PathBuf,
+    child: Child,
+}
+
+impl PrivateS3 {
+    pub fn start(sb: &Sandbox) -> PrivateS3 {
+        let root = sb.path("s3root");
+        fs::create_dir_all(root.join("test-bucket")).expect("creating the bucket");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let server = Path::new("/tmp/bk-test-tools/bin/s3s-fs");
+        assert!(server.exists(), "s3s-fs is built by tests/services.sh");
+        let key = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is set by tests/services.sh env"));
+        let child = Command::new(server)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", &key("AWS_ACCESS_KEY_ID")])
+            .args(["--secret-key", &key("AWS_SECRET_ACCESS_KEY")])
+            .arg(&root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting s3s-fs");
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < until, "private s3s-fs did not start");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        PrivateS3 { port, root, child }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The directory holding the objects of `test-bucket`.
+    pub fn bucket_dir(&self) -> PathBuf {
+        self.root.join("test-bucket")
+    }
+}
+
+impl Drop for PrivateS3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

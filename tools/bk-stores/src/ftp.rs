@@ -23,7 +23,6 @@
 //! create 73; a copy that differs from what was sent 65; TLS refused or a certificate not
 //! trusted 78.
 
-use std::collections::BTreeMap;
 use std::io::{self, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
@@ -62,30 +61,22 @@ pub struct FtpStore {
 
 impl FtpStore {
     pub fn open(url: &str) -> Result<Self> {
-        let (scheme, rest) = url.split_once("://").expect("an ftp:// or ftps:// URL");
+        crate::refuse_secret_in_url(
+            "store",
+            url,
+            true,
+            "put it in ~/.netrc (machine HOST login USER password PASS, chmod 600) or a file named by BK_FTP_CREDENTIALS",
+        )?;
+        let (scheme, rest) = url
+            .split_once("://")
+            .filter(|(s, _)| ["ftp", "ftps"].contains(s))
+            .ok_or_else(|| Error::usage(format!("store {url}: not an ftp:// or ftps:// URL")))?;
         let secure = scheme == "ftps";
+        let bad = |why: &str| Error::usage(format!("store {url}: {why} ({scheme}://[user@]host[:port]/path)"));
         let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
         let (userinfo, hostport) = match authority.rsplit_once('@') {
             Some((u, h)) => (Some(u), h),
             None => (None, authority),
-        };
-        let shown = |userinfo: Option<&str>| {
-            format!(
-                "{scheme}://{}{hostport}{path}",
-                userinfo.map_or(String::new(), |u| format!("{u}@"))
-            )
-        };
-        if let Some((user, _)) = userinfo.and_then(|u| u.split_once(':')) {
-            return Err(Error::usage(format!(
-                "store {}: a password in the URL would show in ps, logs and records; put it in ~/.netrc (machine HOST login USER password PASS, chmod 600) or a file named by BK_FTP_CREDENTIALS",
-                shown(Some(user))
-            )));
-        }
-        let bad = |why: &str| {
-            Error::usage(format!(
-                "store {}: {why} ({scheme}://[user@]host[:port]/path)",
-                shown(userinfo)
-            ))
         };
         let (host, port) = match hostport.strip_prefix('[') {
             Some(v6) => {
@@ -312,13 +303,21 @@ impl FtpStore {
         };
         Ok(lines
             .iter()
-            .filter_map(|l| ListParser::parse_mlsd(l).ok())
-            .map(Entry::from)
+            .filter_map(|l| {
+                let mut entry = Entry::from(ListParser::parse_mlsd(l).ok()?);
+                // The facts before the first space; a size the server leaves out is unknown.
+                let facts = l.split(' ').next().unwrap_or_default().to_ascii_lowercase();
+                if !facts.split(';').any(|f| f.starts_with("size=")) {
+                    entry.size = None;
+                }
+                Some(entry)
+            })
             .collect())
     }
 
-    /// The files of each name's directory (of one name, or of all).
-    fn files(&self, session: &mut Session, name: Option<&str>) -> Result<BTreeMap<String, Vec<String>>> {
+    /// The regular files of each name's directory (of one name, or of all), with their sizes
+    /// where the server tells them.
+    fn files(&self, session: &mut Session, name: Option<&str>) -> Result<crate::Files> {
         let doing = format!("listing store {}", self.url);
         let names = match name {
             Some(n) => vec![n.to_string()],
@@ -338,12 +337,16 @@ impl FtpStore {
                 Err(e) => return Err(fail(&doing, e, Kind::NoInput)),
             },
         };
-        let mut files = BTreeMap::new();
+        let mut files = crate::Files::new();
         for n in names {
             let list = match self.entries(session, &self.path(&[&n])) {
-                Ok(entries) => entries.into_iter().filter(|e| !e.is_dir).map(|e| e.name).collect(),
+                Ok(entries) => entries
+                    .into_iter()
+                    .filter(|e| e.is_file)
+                    .map(|e| (e.name, e.size))
+                    .collect(),
                 // A name's directory that is not there holds nothing.
-                Err(FtpError::UnexpectedResponse(r)) if no_such_dir(&r) => Vec::new(),
+                Err(FtpError::UnexpectedResponse(r)) if no_such_dir(&r) => Default::default(),
                 Err(e) => return Err(fail(&doing, e, Kind::NoInput)),
             };
             files.insert(n, list);
@@ -397,7 +400,6 @@ impl FtpStore {
     /// Starts a STOR of a temporary name; the upload is published by `commit`.
     fn upload(&self, name: &str, file: &str) -> Result<FtpUpload> {
         bk_core::name::validate_name(name)?;
-        crate::check_file_name(file)?;
         let location = self.location(name, file);
         let doing = format!("writing {location}");
         let mut session = self.connect(&doing)?;
@@ -654,6 +656,10 @@ fn find_netrc(entries: &[NetrcEntry], host: &str, user: Option<&str>) -> Option<
 struct Entry {
     name: String,
     is_dir: bool,
+    /// A regular file: not a directory nor a symlink (LIST says which; MLSD lists no
+    /// symlink as a file).
+    is_file: bool,
+    size: Option<u64>,
 }
 
 impl From<suppaftp::list::File> for Entry {
@@ -662,6 +668,8 @@ impl From<suppaftp::list::File> for Entry {
         let name = f.name().rsplit('/').next().unwrap_or_default().to_string();
         Entry {
             is_dir: f.is_directory(),
+            is_file: f.is_file(),
+            size: Some(f.size() as u64),
             name,
         }
     }
@@ -694,7 +702,13 @@ impl FtpUpload {
     /// Closes the data connection and reads the server's word on the transfer.
     fn finish_transfer(&mut self) -> Result<()> {
         let doing = format!("writing {}", self.location);
-        let (data, unsent) = match self.data.take().expect("finished once").into_inner() {
+        let Some(data) = self.data.take() else {
+            return Err(Error::io(
+                doing,
+                io::Error::new(io::ErrorKind::BrokenPipe, "the transfer has ended"),
+            ));
+        };
+        let (data, unsent) = match data.into_inner() {
             Ok(data) => (data, None),
             Err(e) => {
                 let why = io::Error::new(e.error().kind(), e.error().to_string());
@@ -844,7 +858,7 @@ impl Store for FtpStore {
         let mut session = self.connect(&format!("looking for {}", self.location(name, &file)))?;
         let files = self.files(&mut session, Some(name))?;
         let _ = session.quit();
-        Ok(files.get(name).is_some_and(|f| f.contains(&file)))
+        Ok(files.get(name).is_some_and(|f| f.contains_key(&file)))
     }
 
     fn list(&self, name: Option<&str>) -> Result<Listing> {
@@ -869,8 +883,6 @@ impl Store for FtpStore {
     }
 
     fn open(&self, artifact: &Artifact) -> Result<Box<dyn Read>> {
-        bk_core::name::validate_name(&artifact.name)?;
-        crate::check_file_name(&artifact.file)?;
         let doing = format!("reading {}", self.location(&artifact.name, &artifact.file));
         let mut session = self.connect(&doing)?;
         let data = session
@@ -887,8 +899,6 @@ impl Store for FtpStore {
     }
 
     fn delete(&self, artifact: &Artifact) -> Result<()> {
-        bk_core::name::validate_name(&artifact.name)?;
-        crate::check_file_name(&artifact.file)?;
         let manifest = manifest_file(&artifact.id);
         let mut session = self.connect(&format!("deleting {}", self.location(&artifact.name, &artifact.file)))?;
         for file in [manifest.as_str(), artifact.file.as_str()] {
@@ -905,7 +915,12 @@ impl Store for FtpStore {
         let mut session = self.connect(&doing)?;
         let files = self.files(&mut session, Some(name))?;
         let mut removed = Vec::new();
-        for f in files.get(name).into_iter().flatten().filter(|f| crate::is_temp(f)) {
+        for f in files
+            .get(name)
+            .into_iter()
+            .flat_map(|f| f.keys())
+            .filter(|f| crate::is_temp(f))
+        {
             // The modification time the server keeps, in UTC (MDTM, RFC 3659); a file whose
             // age the server will not tell is kept.
             let Ok(modified) = session.mdtm(self.path(&[name, f])) else {

@@ -50,8 +50,45 @@ pub fn main<C: bk_core::cli::Tool>(run: fn(C, &mut Output) -> Result<()>) -> std
     bk_core::cli::main(run)
 }
 
-/// The artifact files and manifests of a listing of `<name>/<file>` entries, shared by the
-/// remote stores: which manifests parse, which files are claimed by none.
+/// Refuses (64) a URL that carries a secret in its userinfo, with a message that does not
+/// repeat it: a password (`user:password@`) after any `://` in it (an rclone connection
+/// string may hold a URL), or any userinfo at all unless `user_allowed` (an S3 endpoint
+/// names no user). A URL shows in `ps`, logs, records and the argv of the programs a store
+/// runs; `advice` says where the secret belongs instead. `what` names the URL ("store").
+pub(crate) fn refuse_secret_in_url(what: &str, url: &str, user_allowed: bool, advice: &str) -> Result<()> {
+    let mut shown = String::with_capacity(url.len());
+    let mut rest = url;
+    let mut secret = false;
+    while let Some(at) = rest.find("://") {
+        let start = at + 3;
+        // RFC 3986: the authority ends at the path, query or fragment; a connection
+        // string's quote or comma ends it too.
+        let end = rest[start..]
+            .find(|c: char| "/?#\"',".contains(c) || c.is_whitespace())
+            .map_or(rest.len(), |i| start + i);
+        shown.push_str(&rest[..start]);
+        match rest[start..end].rsplit_once('@') {
+            Some((userinfo, host)) if userinfo.contains(':') || !user_allowed => {
+                secret = true;
+                match userinfo.split_once(':') {
+                    Some((user, _)) if user_allowed => shown.push_str(&format!("{user}@{host}")),
+                    _ => shown.push_str(host),
+                }
+            }
+            _ => shown.push_str(&rest[start..end]),
+        }
+        rest = &rest[end..];
+    }
+    if !secret {
+        return Ok(());
+    }
+    shown.push_str(rest);
+    let carried = if user_allowed { "a password" } else { "credentials" };
+    Err(bk_core::Error::usage(format!(
+        "{what} {shown}: {carried} in the URL would show in ps, logs and records, and is refused; {advice}"
+    )))
+}
+
 /// Reads a child program's stderr on a thread, so that it never blocks on a full pipe.
 pub(crate) fn collect_stderr(child: &mut std::process::Child) -> std::thread::JoinHandle<Vec<u8>> {
     let mut stderr = child.stderr.take().expect("stderr piped");
@@ -88,18 +125,18 @@ pub(crate) fn is_temp(file_name: &str) -> bool {
     file_name.starts_with('.') && file_name.contains(".tmp.")
 }
 
-/// Refuses a file name that would leave the name's directory.
-pub(crate) fn check_file_name(file: &str) -> Result<()> {
-    if file.is_empty() || file.contains('/') || file.starts_with('.') {
-        return Err(bk_core::Error::data(format!("invalid artifact file name {file:?}")));
-    }
-    Ok(())
-}
+/// The largest manifest read, as in local stores: a manifest is one line of a few kilobytes.
+pub(crate) const MAX_MANIFEST: u64 = 1 << 20;
+
+/// The regular files of each name's directory, as a remote store lists them: name -> file
+/// name -> its size, where the store tells it.
+pub(crate) type Files = std::collections::BTreeMap<String, std::collections::BTreeMap<String, Option<u64>>>;
 
 /// Builds a listing from the files of each name's directory and a way to read a manifest.
-/// A manifest whose artifact file is not listed is a broken backup, not a backup.
+/// A manifest whose artifact file is not listed, or is listed with another size than the
+/// manifest says, is a broken backup, not a backup.
 pub(crate) fn build_listing(
-    files: std::collections::BTreeMap<String, Vec<String>>,
+    files: Files,
     mut manifest: impl FnMut(&str, &str) -> Result<String>,
     location: impl Fn(&str, &str) -> String,
 ) -> bk_core::store::Listing {
@@ -108,7 +145,7 @@ pub(crate) fn build_listing(
     let mut listing = bk_core::store::Listing::default();
     for (name, names) in files {
         let mut claimed: Vec<&str> = Vec::new();
-        for f in names.iter().filter(|f| f.ends_with(".json") && !is_temp(f)) {
+        for (f, size) in names.iter().filter(|(f, _)| f.ends_with(".json") && !is_temp(f)) {
             claimed.push(f);
             let broken = |reason: String| Broken {
                 name: name.clone(),
@@ -116,14 +153,20 @@ pub(crate) fn build_listing(
                 location: location(&name, f),
                 reason,
             };
-            let parsed = manifest(&name, f).and_then(|text| parse_line(text.trim(), "manifest"));
+            let text = match size {
+                Some(size) if *size > MAX_MANIFEST => {
+                    Err(bk_core::Error::data(format!("{size} bytes, too large for a manifest")))
+                }
+                _ => manifest(&name, f),
+            };
+            let parsed = text.and_then(|text| parse_line(text.trim(), "manifest"));
             match parsed {
                 Ok(Record::Artifact(mut a)) if a.name == name && manifest_file(&a.id) == *f => {
-                    let file = names.iter().find(|n| **n == a.file);
-                    if let Some(file) = file {
+                    let file = names.get_key_value(&a.file);
+                    if let Some((file, _)) = file {
                         claimed.push(file);
                     }
-                    match artifact_problem(&a, file.map(|_| None)) {
+                    match artifact_problem(&a, file.map(|(_, size)| *size)) {
                         Some(reason) => listing.broken.push(broken(reason)),
                         None => {
                             a.location = location(&name, &a.file);
@@ -137,7 +180,7 @@ pub(crate) fn build_listing(
                     .push(broken(format!("unreadable manifest: {}", e.message))),
             }
         }
-        for f in names.iter().filter(|f| !claimed.contains(&f.as_str())) {
+        for f in names.keys().filter(|f| !claimed.contains(&f.as_str())) {
             let why = if is_temp(f) {
                 "temporary file of an unfinished run"
             } else {
@@ -148,4 +191,115 @@ pub(crate) fn build_listing(
     }
     listing.sort();
     listing
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_in_urls_are_refused_without_showing_them() {
+        // (URL, a user alone allowed, the URL as the message shows it)
+        for (url, user_allowed, shown) in [
+            ("ssh://bk:hunter2@host:22/srv/bk", true, "ssh://bk@host:22/srv/bk"),
+            ("ftp://bk:@host/x", true, "ftp://bk@host/x"),
+            (
+                "rclone::http,url='http://u:hunter2@h/':bk",
+                true,
+                "rclone::http,url='http://u@h/':bk",
+            ),
+            ("http://AKIAKEY:hunter2@127.0.0.1:9000", false, "http://127.0.0.1:9000"),
+            ("https://AKIAKEY@s3.example/", false, "https://s3.example/"),
+        ] {
+            let e = refuse_secret_in_url("store", url, user_allowed, "put it elsewhere").unwrap_err();
+            assert_eq!(e.exit_code(), 64, "{url}");
+            assert!(
+                e.message.starts_with(&format!("store {shown}: ")) && e.message.ends_with("put it elsewhere"),
+                "{}",
+                e.message
+            );
+            assert!(
+                !e.message.contains("hunter2") && !e.message.contains("AKIAKEY"),
+                "{}",
+                e.message
+            );
+        }
+        for (url, user_allowed) in [
+            ("ssh://bk@host/srv/a@b", true),
+            ("ftps://[::1]:990/x", true),
+            ("http://127.0.0.1:9000", false),
+            ("s3://bucket/pre@fix", false),
+            ("/var/backups/bk", false),
+        ] {
+            assert!(refuse_secret_in_url("store", url, user_allowed, "").is_ok(), "{url}");
+        }
+    }
+
+    /// A manifest of `<name>.<stamp>` whose artifact file `<id>.tar` is 10 bytes.
+    fn manifest(name: &str, stamp: &str) -> String {
+        format!(
+            r#"{{"bk":1,"type":"artifact","id":"{name}.{stamp}","name":"{name}","engine":"files","source":{{"host":"h","paths":["/etc"]}},"started":"2026-11-22T00:15:00Z","finished":"2026-11-22T00:15:07Z","file":"{name}.{stamp}.tar","format":"tar","compression":"none","encryption":null,"bytes":10,"sha256":"ab","content_bytes":10,"counts":{{}},"tool":{{"program":"bk","version":"0.1.0"}},"bk_version":"0.1.0","location":"x"}}"#
+        )
+    }
+
+    #[test]
+    fn listings_see_missing_and_resized_artifacts_and_oversized_manifests() {
+        /// The artifact file as listed: None not listed, Some(None) of a size not known.
+        type Listed = Option<Option<u64>>;
+        // (stamp, the artifact file as listed, why the backup is broken)
+        let cases: [(&str, Listed, Option<&str>); 5] = [
+            ("20260101T000000Z", Some(Some(10)), None),
+            ("20260102T000000Z", Some(None), None),
+            (
+                "20260103T000000Z",
+                Some(Some(9)),
+                Some("is 9 bytes, the manifest says 10"),
+            ),
+            ("20260104T000000Z", None, Some("is missing")),
+            ("20260105T000000Z", Some(Some(10)), Some("too large for a manifest")),
+        ];
+        let mut files = Files::new();
+        let db = files.entry("db".to_string()).or_default();
+        for (stamp, artifact, _) in &cases {
+            let manifest_size = if stamp.ends_with("5T000000Z") {
+                MAX_MANIFEST + 1
+            } else {
+                900
+            };
+            db.insert(format!("db.{stamp}.json"), Some(manifest_size));
+            if let Some(size) = artifact {
+                db.insert(format!("db.{stamp}.tar"), *size);
+            }
+        }
+        db.insert(".db.x.tar.tmp.1.2".to_string(), Some(3));
+        let listing = build_listing(
+            files,
+            |n, f| Ok(manifest(n, f.trim_start_matches("db.").trim_end_matches(".json"))),
+            |n, f| format!("s://{n}/{f}"),
+        );
+        let usable: Vec<&str> = listing.artifacts.iter().map(|a| a.id.as_str()).collect();
+        assert_eq!(usable, ["db.20260101T000000Z", "db.20260102T000000Z"]);
+        assert_eq!(listing.artifacts[0].location, "s://db/db.20260101T000000Z.tar");
+        let broken: Vec<(String, String)> = listing
+            .broken
+            .iter()
+            .map(|b| (b.id.clone(), b.reason.clone()))
+            .collect();
+        let expected: Vec<(String, &str)> = cases
+            .iter()
+            .filter_map(|(stamp, _, why)| Some((format!("db.{stamp}"), (*why)?)))
+            .collect();
+        assert_eq!(broken.len(), expected.len(), "{broken:?}");
+        for ((id, reason), (want_id, why)) in broken.iter().zip(&expected) {
+            assert!(id == want_id && reason.contains(why), "{id}: {reason}");
+        }
+        // The resized artifact is claimed by its manifest; the oversized manifest claims none.
+        assert_eq!(
+            listing.leftovers,
+            [
+                "s://db/.db.x.tar.tmp.1.2: temporary file of an unfinished run",
+                "s://db/db.20260105T000000Z.tar: no manifest"
+            ]
+        );
+    }
 }

@@ -69,9 +69,20 @@ impl<S: PipedStore> PipedUpload<S> {
         }
     }
 
+    /// The error of a write or commit after the transfer ended (the child failed): the
+    /// first error said why; a compressor's last flush when it is dropped lands here.
+    fn ended(&self) -> Error {
+        Error::io(
+            format!("writing {}", self.location),
+            io::Error::new(io::ErrorKind::BrokenPipe, "the transfer has ended"),
+        )
+    }
+
     fn finish_transfer(&mut self) -> Result<()> {
         drop(self.stdin.take());
-        let mut child = self.child.take().expect("finished once");
+        let Some(mut child) = self.child.take() else {
+            return Err(self.ended());
+        };
         finish(
             &self.store,
             &mut child,
@@ -83,7 +94,9 @@ impl<S: PipedStore> PipedUpload<S> {
 
 impl<S: PipedStore> Write for PipedUpload<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let stdin = self.stdin.as_mut().expect("written only before commit");
+        let Some(stdin) = self.stdin.as_mut() else {
+            return Err(self.ended().into());
+        };
         match stdin.write_all(buf) {
             Ok(()) => {
                 self.hasher.update(buf);

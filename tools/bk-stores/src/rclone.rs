@@ -12,7 +12,6 @@
 //! Exit codes: rclone not installed, or the remote unreachable, 69; no such store or file 66;
 //! a remote missing from rclone's config 78.
 
-use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::process::{Child, Command, Stdio};
 use std::time::SystemTime;
@@ -39,7 +38,16 @@ pub struct RcloneStore {
 
 impl RcloneStore {
     pub fn open(url: &str) -> Result<Self> {
-        let rest = url.strip_prefix("rclone:").expect("an rclone: URL");
+        let advice = "keep credentials in rclone's config (rclone config, or RCLONE_CONFIG_<REMOTE>_<OPTION> variables), where they never reach a command line";
+        crate::refuse_secret_in_url("store", url, true, advice)?;
+        let rest = url
+            .strip_prefix("rclone:")
+            .ok_or_else(|| Error::usage(format!("store {url}: not an rclone: URL")))?;
+        if let Some(option) = secret_option(rest) {
+            return Err(Error::usage(format!(
+                "store rclone:...: the connection string's option {option} holds a secret, which would show in ps, logs and records, and is refused; {advice}"
+            )));
+        }
         let Some((remote, _)) = rest.split_once(':') else {
             return Err(Error::usage(format!(
                 "store {url}: no remote (rclone:REMOTE:path, REMOTE as in `rclone listremotes`)"
@@ -127,7 +135,6 @@ impl RcloneStore {
     /// Starts `rclone rcat` of a temporary name; the upload is published by `commit`.
     fn upload(&self, name: &str, file: &str) -> Result<PipedUpload<RcloneStore>> {
         bk_core::name::validate_name(name)?;
-        crate::check_file_name(file)?;
         let temp = self.path(&[name, &crate::temp_name(file)]);
         let location = self.location(name, file);
         let doing = format!("writing {location}");
@@ -143,8 +150,9 @@ impl RcloneStore {
         ))
     }
 
-    /// The files under the root (or one name's directory), as `name -> files`.
-    fn files(&self, name: Option<&str>, min_age: Option<u64>) -> Result<BTreeMap<String, Vec<String>>> {
+    /// The files under the root (or one name's directory), with their sizes where the
+    /// backend knows them.
+    fn files(&self, name: Option<&str>, min_age: Option<u64>) -> Result<crate::Files> {
         let dir = match name {
             Some(n) => self.path(&[n]),
             None => self.root.clone(),
@@ -164,7 +172,7 @@ impl RcloneStore {
         let out = match self.run(&args, &format!("listing store {}", self.url)) {
             Ok(out) => out,
             // A name's directory that is not there holds nothing.
-            Err(e) if e.kind == Kind::NoInput && name.is_some() => return Ok(BTreeMap::new()),
+            Err(e) if e.kind == Kind::NoInput && name.is_some() => return Ok(crate::Files::new()),
             Err(e) if e.kind == Kind::NoInput => {
                 return Err(Error::new(Kind::NoInput, format!("no store at {}", self.url)))
             }
@@ -176,7 +184,7 @@ impl RcloneStore {
                 self.url
             ))
         })?;
-        let mut files: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut files = crate::Files::new();
         for entry in entries {
             let Some(path) = entry.get("Path").and_then(|p| p.as_str()) else {
                 continue;
@@ -192,13 +200,25 @@ impl RcloneStore {
             if bk_core::name::validate_name(n).is_err() {
                 continue;
             }
-            files.entry(n.to_string()).or_default().push(f.to_string());
-        }
-        for list in files.values_mut() {
-            list.sort();
+            // -1: a size the backend does not know.
+            let size = entry.get("Size").and_then(|s| s.as_u64());
+            files.entry(n.to_string()).or_default().insert(f.to_string(), size);
         }
         Ok(files)
     }
+}
+
+/// The first option of an rclone connection string (`remote,option=value:path` or
+/// `:backend,option=value:path`) that holds a secret (a password, key or token), as
+/// `option=`; a file that holds one (`key_file=`) is no secret.
+fn secret_option(rest: &str) -> Option<String> {
+    rest.split(',').skip(1).find_map(|part| {
+        let (option, _) = part.split_once('=')?;
+        let option = option.trim().to_ascii_lowercase();
+        let secret =
+            ["pass", "secret", "token", "key"].iter().any(|s| option.contains(s)) && !option.ends_with("_file");
+        secret.then(|| format!("{option}="))
+    })
 }
 
 fn spawn_error(doing: &str, e: io::Error) -> Error {
@@ -297,7 +317,6 @@ impl Store for RcloneStore {
     fn has_manifest(&self, name: &str, id: &str) -> Result<bool> {
         bk_core::name::validate_name(name)?;
         let file = manifest_file(id);
-        crate::check_file_name(&file)?;
         let path = self.path(&[name, &file]);
         match self.run(
             &["lsjson", "--stat", "--no-mimetype", &path],
@@ -329,16 +348,12 @@ impl Store for RcloneStore {
     }
 
     fn open(&self, artifact: &Artifact) -> Result<Box<dyn Read>> {
-        bk_core::name::validate_name(&artifact.name)?;
-        crate::check_file_name(&artifact.file)?;
         let doing = format!("reading {}", self.location(&artifact.name, &artifact.file));
         let reader = self.reader(&self.path(&[&artifact.name, &artifact.file]), doing)?;
         Ok(Box::new(io::BufReader::with_capacity(256 * 1024, reader)))
     }
 
     fn delete(&self, artifact: &Artifact) -> Result<()> {
-        bk_core::name::validate_name(&artifact.name)?;
-        crate::check_file_name(&artifact.file)?;
         let manifest = manifest_file(&artifact.id);
         self.delete_file(
             &self.path(&[&artifact.name, &manifest]),
@@ -355,7 +370,12 @@ impl Store for RcloneStore {
         let age = SystemTime::now().duration_since(older_than).unwrap_or_default();
         let files = self.files(Some(name), Some(age.as_secs()))?;
         let mut removed = Vec::new();
-        for f in files.get(name).into_iter().flatten().filter(|f| crate::is_temp(f)) {
+        for f in files
+            .get(name)
+            .into_iter()
+            .flat_map(|f| f.keys())
+            .filter(|f| crate::is_temp(f))
+        {
             let location = self.location(name, f);
             if !dry_run {
                 self.delete_file(&self.path(&[name, f]), &format!("removing {location}"))?;
@@ -383,6 +403,26 @@ mod tests {
         assert_eq!(s.path(&["db", "f"]), "b2:db/f");
         assert!(RcloneStore::open("rclone:nocolon").is_err());
         assert!(RcloneStore::open("rclone:-x:y").is_err());
+    }
+
+    #[test]
+    fn secrets_in_the_url_are_refused_without_showing_them() {
+        for (url, option) in [
+            (":sftp,host=h,pass=hunter2:/srv/bk", "pass="),
+            ("s3x,secret_access_key=hunter2:b/bk", "secret_access_key="),
+            (":webdav,url='http://u:hunter2@h/':/bk", ""),
+            (":http,url=http://u:hunter2@h:bk", ""),
+        ] {
+            let e = RcloneStore::open(&format!("rclone:{url}")).unwrap_err();
+            assert_eq!(e.exit_code(), 64, "{url}");
+            assert!(!e.message.contains("hunter2"), "{}", e.message);
+            assert!(
+                e.message.contains(option) && e.message.contains("rclone's config"),
+                "{}",
+                e.message
+            );
+        }
+        assert!(RcloneStore::open("rclone::sftp,host=h,key_file=/k:/srv/bk").is_ok());
     }
 
     #[test]

@@ -5,11 +5,16 @@
 //! (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION` /
 //! `AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL`, `AWS_PROFILE`), then `~/.aws/credentials`
 //! and `~/.aws/config` of the profile. Requests are path-style unless
-//! `AWS_VIRTUAL_HOSTED_STYLE_REQUEST=true`.
+//! `AWS_VIRTUAL_HOSTED_STYLE_REQUEST=true`. Credentials never come from a URL: an `s3://`
+//! store or an endpoint with user info is refused (64) without showing it.
 //!
-//! Uploads are multipart, streamed in 8 MiB parts with at most 4 in flight (memory bounded
-//! whatever the size, no temporary file); the object appears only when the upload completes,
-//! and a dropped upload is aborted. After completing, the stored object is checked against
+//! Uploads are multipart, streamed without a temporary file in parts that grow with the
+//! stream, since S3 takes at most 10,000 parts of one object (see [`part_size`]: 8 MiB
+//! parts up to 7.8 GiB, 10,000 parts hold 5.59 TiB, beyond S3's 5 TiB limit of an object).
+//! Parts are sent while the next fills, at most 64 MiB of them at once (4 parts of 8 MiB,
+//! always at least one), which bounds an upload's memory (see [`parts_in_flight`]). A
+//! stream beyond 10,000 parts fails when it gets there (73). The object appears only when
+//! the upload completes, and a dropped upload is aborted. After completing, the stored object is checked against
 //! what was sent: by its ETag where the server gives S3's own (each part's the MD5 of the
 //! part, the object's the MD5 of those MD5s, then `-<parts>`), which costs no second
 //! transfer; else it is read back and its sha256 compared. Requests are signed without a
@@ -35,17 +40,42 @@ use bk_core::record::{Artifact, Record};
 use bk_core::store::{manifest_file, Listing, Store, Upload};
 use futures::{StreamExt, TryStreamExt};
 use md5::Md5;
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 use sha2::{Digest, Sha256};
 use tokio::runtime::Runtime;
 
-/// Part size of multipart uploads: 8 MiB parts allow objects of up to 78 GiB.
-const PART_SIZE: usize = 8 * 1024 * 1024;
-/// Parts uploaded at once; with the part being filled, what bounds an upload's memory.
-const PARTS_IN_FLIGHT: usize = 4;
+/// The size of the first parts of a multipart upload, and of each part of a small one.
+const FIRST_PART_SIZE: usize = 8 << 20;
+/// How many parts keep the first size (7.8 GiB) before parts grow.
+const PARTS_OF_FIRST_SIZE: usize = 1000;
+/// Past those, each part is 1 MiB larger every this many parts.
+const PARTS_PER_MIB_MORE: usize = 7;
+/// S3's limit of parts of one object.
+const MAX_PARTS: usize = 10_000;
+/// The bytes of the parts being sent at once, at most (and at least one part): with the part
+/// being filled, what bounds an upload's memory.
+const BYTES_IN_FLIGHT: usize = 64 << 20;
+const MAX_PARTS_IN_FLIGHT: usize = 4;
+
+/// The size of the part of 0-based `index`: 8 MiB for the first 1,000 parts, then 1 MiB
+/// more every 7 parts, up to 1,293 MiB for the 10,000th: 10,000 parts hold 5.59 TiB, S3's
+/// 5 TiB limit of an object and more, while a stream's first 7.8 GiB (most backups) go in
+/// 8 MiB parts. Every part but the last is over S3's 5 MiB minimum and under its 5 GiB
+/// maximum. A fixed size would need 525 MiB parts from the start to reach 5 TiB.
+fn part_size(index: usize) -> usize {
+    FIRST_PART_SIZE + ((index.saturating_sub(PARTS_OF_FIRST_SIZE) / PARTS_PER_MIB_MORE) << 20)
+}
+
+/// How many parts of `part_size` may be sent at once: 4 of up to 16 MiB, 3 of up to 21 MiB,
+/// 2 of up to 32 MiB, then 1. An upload holds those and the part being filled: 40 MiB up to
+/// 7.8 GiB, at most 96 MiB up to 11.2 GiB, then twice the part size (2 GiB from 3.5 TiB on,
+/// at most 2.5 GiB near S3's 5 TiB limit).
+fn parts_in_flight(part_size: usize) -> usize {
+    (BYTES_IN_FLIGHT / part_size).clamp(1, MAX_PARTS_IN_FLIGHT)
+}
 
 pub struct S3Store {
     url: String,
@@ -87,7 +117,9 @@ fn s3_error(doing: impl std::fmt::Display, e: object_store::Error) -> Error {
         kind
     };
     if message.len() > 600 {
-        message.truncate(600);
+        // At a character's boundary: a server's words need not be ASCII.
+        let end = (0..=600).rev().find(|&i| message.is_char_boundary(i)).unwrap_or(0);
+        message.truncate(end);
     }
     Error::new(kind, format!("{doing}: {message}"))
 }
@@ -124,6 +156,10 @@ fn aws_file(var: &str, default: &str) -> Option<PathBuf> {
         .map(PathBuf::from)
         .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".aws").join(default)))
 }
+
+/// Where S3 credentials belong: never in a URL.
+const CREDENTIALS_ADVICE: &str =
+    "give them by AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or in ~/.aws/credentials (chmod 600)";
 
 /// The builder from the environment and the AWS files, without bucket.
 fn builder() -> Result<AmazonS3Builder> {
@@ -163,10 +199,22 @@ fn builder() -> Result<AmazonS3Builder> {
         .or_else(|| env("AWS_ENDPOINT_URL_S3"))
         .or_else(|| env("AWS_ENDPOINT_URL"))
         .or_else(|| section.and_then(|s| s.get("endpoint_url").cloned()));
-    let allow_http = endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
     if let Some(endpoint) = endpoint {
-        b = b.with_endpoint(endpoint.trim_end_matches('/'));
+        // Both keys: object_store prefers AWS_ENDPOINT_URL_S3, read from the environment,
+        // to the endpoint, and bk's own settings come first.
+        let endpoint = endpoint.trim_end_matches('/');
+        b = b
+            .with_endpoint(endpoint)
+            .with_config(AmazonS3ConfigKey::S3Endpoint, endpoint);
     }
+    // The endpoint in effect, from whichever variable or file object_store read it.
+    let endpoint = b
+        .get_config_value(&AmazonS3ConfigKey::S3Endpoint)
+        .or_else(|| b.get_config_value(&AmazonS3ConfigKey::Endpoint));
+    if let Some(endpoint) = &endpoint {
+        crate::refuse_secret_in_url("S3 endpoint", endpoint, false, CREDENTIALS_ADVICE)?;
+    }
+    let allow_http = endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
     let retries = env("BK_S3_RETRIES").and_then(|r| r.parse().ok()).unwrap_or(5);
     // No sha256 of each request's body for its signature (UNSIGNED-PAYLOAD): an upload's
     // bytes are checked once, after it, by the ETags or a read-back, which spares the client
@@ -193,7 +241,10 @@ fn builder() -> Result<AmazonS3Builder> {
 
 impl S3Store {
     pub fn open(url: &str) -> Result<Self> {
-        let rest = url.strip_prefix("s3://").expect("an s3:// URL");
+        crate::refuse_secret_in_url("store", url, false, CREDENTIALS_ADVICE)?;
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| Error::usage(format!("store {url}: not an s3:// URL")))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
             return Err(Error::usage(format!("store {url}: no bucket (s3://bucket/prefix)")));
@@ -360,14 +411,15 @@ struct S3Upload {
 }
 
 impl S3Upload {
-    /// Sends the part filled so far, first waiting while `in_flight` parts are being sent.
-    fn send_part(&mut self, in_flight: usize) -> Result<()> {
-        while self.sending.len() >= in_flight.max(1) {
+    /// Sends the part filled so far, first waiting while as many parts as may be in flight
+    /// are being sent.
+    fn send_part(&mut self) -> Result<()> {
+        let index = self.sent.len();
+        while self.sending.len() >= parts_in_flight(part_size(index)) {
             self.wait_for_part()?;
         }
-        let index = self.sent.len();
         self.sent.push(None);
-        let data = std::mem::replace(&mut self.part, Vec::with_capacity(PART_SIZE));
+        let data = std::mem::replace(&mut self.part, Vec::with_capacity(part_size(index + 1)));
         let (s3, path, id) = (self.s3.clone(), self.path.clone(), self.id.clone());
         let _inside = self.rt.enter();
         self.sending.spawn(async move {
@@ -381,8 +433,13 @@ impl S3Upload {
         let Some(joined) = self.rt.block_on(self.sending.join_next()) else {
             return Ok(());
         };
-        // Tasks are cancelled only when the upload is dropped.
-        let (index, md5, sent) = joined.expect("a part upload does not panic");
+        // Tasks are cancelled only when the upload is dropped; one that panicked failed.
+        let (index, md5, sent) = joined.map_err(|e| {
+            Error::new(
+                Kind::Internal,
+                format!("uploading {}: a part's upload failed: {e}", self.url),
+            )
+        })?;
         let part = sent.map_err(|e| s3_error(format!("uploading {}", self.url), e))?;
         self.sent[index] = Some((part, md5));
         Ok(())
@@ -391,12 +448,23 @@ impl S3Upload {
 
 impl Write for S3Upload {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = buf.len().min(PART_SIZE - self.part.len());
+        let index = self.sent.len();
+        if index >= MAX_PARTS {
+            return Err(Error::new(
+                Kind::CantCreate,
+                format!(
+                    "uploading {}: the stream is larger than one S3 object may be ({MAX_PARTS} parts, {} bytes)",
+                    self.url, self.bytes
+                ),
+            )
+            .into());
+        }
+        let n = buf.len().min(part_size(index) - self.part.len());
         self.part.extend_from_slice(&buf[..n]);
         self.hasher.update(&buf[..n]);
         self.bytes += n as u64;
-        if self.part.len() == PART_SIZE {
-            self.send_part(PARTS_IN_FLIGHT)?;
+        if self.part.len() == part_size(index) {
+            self.send_part()?;
         }
         Ok(n)
     }
@@ -409,7 +477,7 @@ impl Upload for S3Upload {
     fn commit(mut self: Box<Self>) -> Result<()> {
         // The last part, which may be short (or empty, for an empty file).
         if !self.part.is_empty() || self.sent.is_empty() {
-            self.send_part(PARTS_IN_FLIGHT)?;
+            self.send_part()?;
         }
         while !self.sending.is_empty() {
             self.wait_for_part()?;
@@ -515,7 +583,6 @@ impl Store for S3Store {
 
     fn create(&self, name: &str, file: &str) -> Result<Box<dyn Upload>> {
         bk_core::name::validate_name(name)?;
-        crate::check_file_name(file)?;
         let path = self.key(name, file);
         let url = self.location(name, file);
         // An earlier run's unfinished uploads of this file are of no more use; one that
@@ -535,7 +602,7 @@ impl Store for S3Store {
             url,
             id: id.clone(),
             marker: marker.clone(),
-            part: Vec::with_capacity(PART_SIZE),
+            part: Vec::with_capacity(part_size(0)),
             sending: tokio::task::JoinSet::new(),
             sent: Vec::new(),
             finished: false,
@@ -588,7 +655,7 @@ impl Store for S3Store {
             .rt
             .block_on(self.s3.list(Some(&prefix)).try_collect())
             .map_err(|e| s3_error(format!("listing store {}", self.url), e))?;
-        let mut files: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut files = crate::Files::new();
         for o in objects {
             let key = o.location.to_string();
             let Some(rel) = key.strip_prefix(&base) else { continue };
@@ -596,7 +663,10 @@ impl Store for S3Store {
             if f.contains('/') || bk_core::name::validate_name(n).is_err() || name.is_some_and(|w| w != n) {
                 continue;
             }
-            files.entry(n.to_string()).or_default().push(f.to_string());
+            files
+                .entry(n.to_string())
+                .or_default()
+                .insert(f.to_string(), Some(o.size));
         }
         Ok(crate::build_listing(
             files,
@@ -609,7 +679,6 @@ impl Store for S3Store {
     }
 
     fn open(&self, artifact: &Artifact) -> Result<Box<dyn Read>> {
-        crate::check_file_name(&artifact.file)?;
         Ok(Box::new(io::BufReader::with_capacity(
             256 * 1024,
             self.reader(&self.key(&artifact.name, &artifact.file))?,
@@ -630,6 +699,26 @@ impl Store for S3Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parts_grow_to_hold_s3s_largest_object_in_bounded_memory() {
+        const MIB: usize = 1 << 20;
+        let sizes: Vec<usize> = (0..MAX_PARTS).map(part_size).collect();
+        let total: u64 = sizes.iter().map(|&s| s as u64).sum();
+        assert!(total >= 5u64 << 40, "10,000 parts hold {total} bytes, not 5 TiB");
+        assert!(sizes[..PARTS_OF_FIRST_SIZE].iter().all(|&s| s == 8 * MIB));
+        assert!(sizes.windows(2).all(|w| w[0] <= w[1]), "sizes never shrink");
+        // S3: every part but the last at least 5 MiB, none over 5 GiB.
+        assert!(sizes.iter().all(|&s| (5 * MIB..=5 << 30).contains(&s)));
+        assert_eq!(sizes[MAX_PARTS - 1], 1293 * MIB, "the largest part, as documented");
+        // Memory: the parts in flight and the one being filled, as documented.
+        let peak = |index: usize| (parts_in_flight(part_size(index)) + 1) * part_size(index);
+        assert_eq!(peak(0), 40 * MIB);
+        assert!((0..MAX_PARTS).all(|i| peak(i) <= 2 * 1293 * MIB));
+        assert!((0..MAX_PARTS)
+            .filter(|&i| part_size(i) <= 32 * MIB)
+            .all(|i| peak(i) <= 96 * MIB));
+    }
 
     #[test]
     fn multipart_etags_are_s3s() {

@@ -3,9 +3,16 @@
 //! (words separated by spaces, as git's `GIT_SSH_COMMAND`) replaces `ssh`, e.g. to add
 //! `-i KEY`. ssh runs in batch mode: it never asks for a password or a host key.
 //!
-//! The remote side needs only a POSIX shell and coreutils: uploads go to a hidden temporary
-//! name (umask 077: files 0600, directories 0700), are checked with `sha256sum` (or
-//! `shasum -a 256`) against what was sent, synced, then renamed into place.
+//! The remote side needs only a POSIX shell, coreutils and `find` (with `-mindepth` and
+//! `-maxdepth`, as GNU's and the BSDs' have): uploads go to a hidden temporary name (umask
+//! 077: files 0600, directories 0700), are checked with `sha256sum` (or `shasum -a 256`)
+//! against what was sent, synced, then renamed into place.
+//!
+//! A password in the URL is refused (64) without showing it (ssh would never send it, and a
+//! URL shows in ps and records). The store touches regular files inside itself only: the
+//! listing is `find -type f` with sizes (a truncated artifact is a broken backup), a name's
+//! directory or an artifact that is a symlink is refused (65), and so is an artifact that
+//! is not a regular file (a FIFO would hang `cat`).
 //!
 //! A file of this machine (bk-ship from a local store) goes by rsync when both sides have
 //! it: to the stable hidden name `.<file>.tmp.partial` with `--partial`, so that a rerun
@@ -13,7 +20,8 @@
 //! Without rsync on either side, it is streamed as above.
 //!
 //! Exit codes: host unreachable or connection refused 69; host key unknown or changed 78;
-//! authentication refused 77; a remote directory that cannot be created 73.
+//! authentication refused 77; a remote directory or file that cannot be created 73; a file
+//! that cannot be written in full 74.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read};
@@ -39,6 +47,16 @@ pub struct SshStore {
     root: String,
 }
 
+/// A remote script's first line that refuses (65) a name's directory that is a symlink:
+/// the store never reads, writes or deletes out of itself through one.
+fn refuse_symlinked_dir(dir: &str) -> String {
+    format!(
+        "if [ -h {d} ]; then echo {m} >&2; exit {REMOTE_BAD_DATA}; fi",
+        d = sh_quote(dir),
+        m = sh_quote(&format!("{dir} is a symlink: not followed")),
+    )
+}
+
 /// Single-quotes a word for a POSIX shell.
 pub fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -47,13 +65,22 @@ pub fn sh_quote(s: &str) -> String {
 /// Exit codes the remote scripts use to say what failed.
 const REMOTE_NO_INPUT: i32 = 66;
 const REMOTE_CANT_CREATE: i32 = 73;
-const REMOTE_MISMATCH: i32 = 65;
+/// A copy that differs from what was sent, a symlink or a file that is not a regular one.
+const REMOTE_BAD_DATA: i32 = 65;
 const REMOTE_NO_PERM: i32 = 77;
+/// A file that could be created but not written in full (a full disk, a quota, cat killed).
+const REMOTE_IO: i32 = 74;
 
 impl SshStore {
     pub fn open(url: &str) -> Result<Self> {
+        crate::refuse_secret_in_url(
+            "store",
+            url,
+            true,
+            "bk's ssh runs in batch mode and never sends a password: give ssh a key (ssh-agent, IdentityFile in ~/.ssh/config, or BK_SSH_COMMAND='ssh -i KEY')",
+        )?;
         let bad = |why: &str| Error::usage(format!("store {url}: {why} (ssh://user@host[:port]/absolute/path)"));
-        let rest = url.strip_prefix("ssh://").expect("an ssh:// URL");
+        let rest = url.strip_prefix("ssh://").ok_or_else(|| bad("not an ssh:// URL"))?;
         let slash = rest.find('/').ok_or_else(|| bad("no path"))?;
         let (authority, path) = rest.split_at(slash);
         let (userhost, port) = match authority.rsplit_once(':') {
@@ -160,8 +187,9 @@ impl SshStore {
             let kind = match code {
                 Some(REMOTE_NO_INPUT) => Kind::NoInput,
                 Some(REMOTE_CANT_CREATE) => Kind::CantCreate,
-                Some(REMOTE_MISMATCH) => Kind::Data,
+                Some(REMOTE_BAD_DATA) => Kind::Data,
                 Some(REMOTE_NO_PERM) => Kind::NoPerm,
+                Some(REMOTE_IO) => Kind::Io,
                 _ if has("Permission denied") && default == Kind::CantCreate => Kind::CantCreate,
                 _ if has("Permission denied") => Kind::NoPerm,
                 _ if has("No such file") => Kind::NoInput,
@@ -181,14 +209,15 @@ impl SshStore {
     /// Starts `cat > tmp` on the remote host; the upload is published by `commit`.
     fn upload(&self, name: &str, file: &str) -> Result<PipedUpload<SshStore>> {
         bk_core::name::validate_name(name)?;
-        crate::check_file_name(file)?;
         let dir = self.dir(name);
         let temp = format!("{dir}/{}", crate::temp_name(file));
         let script = format!(
-            "umask 077; mkdir -p {d} || exit {c}; cat > {t} || {{ rm -f {t}; exit {c}; }}",
+            "{l}\numask 077; mkdir -p {d} || exit {c}; : > {t} || exit {c}; cat > {t} || {{ rm -f {t}; exit {e}; }}",
+            l = refuse_symlinked_dir(&dir),
             d = sh_quote(&dir),
             t = sh_quote(&temp),
             c = REMOTE_CANT_CREATE,
+            e = REMOTE_IO,
         );
         let location = self.location(name, file);
         let mut cmd = self.command(&script);
@@ -223,7 +252,7 @@ sync {d} 2>/dev/null || true"#,
             e = sh_quote(expected),
             f = sh_quote(target),
             d = sh_quote(target.rsplit_once('/').map_or("/", |(d, _)| d)),
-            m = REMOTE_MISMATCH,
+            m = REMOTE_BAD_DATA,
             c = REMOTE_CANT_CREATE,
         );
         self.run(&script, &format!("publishing {location}"), Kind::Io).map(drop)
@@ -259,7 +288,11 @@ sync {d} 2>/dev/null || true"#,
         let location = self.location(name, file);
         let doing = format!("writing {location}");
         self.run(
-            &format!("umask 077; mkdir -p {} || exit {REMOTE_CANT_CREATE}", sh_quote(&dir)),
+            &format!(
+                "{}\numask 077; mkdir -p {} || exit {REMOTE_CANT_CREATE}",
+                refuse_symlinked_dir(&dir),
+                sh_quote(&dir)
+            ),
             &doing,
             Kind::CantCreate,
         )?;
@@ -338,7 +371,6 @@ impl Store for SshStore {
 
     fn put_file(&self, name: &str, file: &str, path: &std::path::Path, sha256: &str) -> Result<Option<u64>> {
         bk_core::name::validate_name(name)?;
-        crate::check_file_name(file)?;
         if !self.has_rsync()? {
             return Ok(None);
         }
@@ -348,7 +380,11 @@ impl Store for SshStore {
     fn has_manifest(&self, name: &str, id: &str) -> Result<bool> {
         let path = format!("{}/{}", self.dir(name), manifest_file(id));
         let out = self.run(
-            &format!("if [ -f {} ]; then echo yes; else echo no; fi", sh_quote(&path)),
+            // A regular file, as the listing sees one: not a symlink.
+            &format!(
+                "if [ -f {p} ] && [ ! -h {p} ]; then echo yes; else echo no; fi",
+                p = sh_quote(&path)
+            ),
             &format!("looking for {}", self.location(name, &manifest_file(id))),
             Kind::Io,
         )?;
@@ -359,43 +395,58 @@ impl Store for SshStore {
         if let Some(n) = name {
             bk_core::name::validate_name(n)?;
         }
-        let dirs = name.map_or("*".to_string(), sh_quote);
+        // Regular files only (`find -type f`: no symlink, FIFO or directory, and find does
+        // not follow a symlinked name's directory), with their sizes; a manifest's content
+        // follows its path, at most MAX_MANIFEST bytes of it.
+        let start = match name {
+            Some(n) => format!(
+                "[ -d ./{n} ] || exit 0; find ./{n} -mindepth 1 -maxdepth 1",
+                n = sh_quote(n)
+            ),
+            None => "find . -mindepth 2 -maxdepth 2".to_string(),
+        };
         let script = format!(
             r#"cd {root} 2>/dev/null || {{ if [ -e {root} ]; then echo "cannot enter {root}: permission denied" >&2; exit {p}; fi; echo "no store at {root}" >&2; exit {n}; }}
-for d in {dirs}; do
-  [ -d "$d" ] || continue
-  for f in "$d"/* "$d"/.[!.]*; do
-    [ -f "$f" ] || continue
-    case "$f" in
-      *.json) printf 'M %s\t' "$f"; tr -d '\n' < "$f"; echo ;;
-      *) printf 'F %s\n' "$f" ;;
-    esac
-  done
-done"#,
+{start} -type f -exec sh -c '
+for f; do
+  s=$(wc -c < "$f") || continue
+  case "$f" in
+    *.json) printf "M %s %s	" $((s)) "$f"; head -c {max} < "$f" | tr -d "
+"; echo ;;
+    *) printf "F %s %s
+" $((s)) "$f" ;;
+  esac
+done' sh {{}} +"#,
             root = sh_quote(&self.root),
             p = REMOTE_NO_PERM,
             n = REMOTE_NO_INPUT,
+            max = crate::MAX_MANIFEST,
         );
         let out = self.run(&script, &format!("listing store {}", self.url), Kind::Io)?;
         let text = String::from_utf8_lossy(&out);
-        let mut files: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut files = crate::Files::new();
         let mut manifests: BTreeMap<(String, String), String> = BTreeMap::new();
         for line in text.lines() {
-            let (path, content) = match line.strip_prefix("M ") {
-                Some(rest) => match rest.split_once('\t') {
-                    Some((p, c)) => (p, Some(c)),
-                    None => (rest, Some("")),
-                },
-                None => match line.strip_prefix("F ") {
-                    Some(p) => (p, None),
-                    None => continue,
-                },
+            let Some((kind, rest)) = line.split_once(' ') else {
+                continue;
             };
-            let Some((n, f)) = path.split_once('/') else { continue };
-            if bk_core::name::validate_name(n).is_err() {
+            let Some((size, rest)) = rest.split_once(' ') else {
+                continue;
+            };
+            let (path, content) = match (kind, rest.split_once('\t')) {
+                ("M", Some((p, c))) => (p, Some(c)),
+                ("M", None) => (rest, Some("")),
+                ("F", _) => (rest, None),
+                _ => continue,
+            };
+            let Some((n, f)) = path.strip_prefix("./").and_then(|p| p.split_once('/')) else {
+                continue;
+            };
+            if f.contains('/') || bk_core::name::validate_name(n).is_err() {
                 continue;
             }
-            files.entry(n.to_string()).or_default().push(f.to_string());
+            let files = files.entry(n.to_string()).or_default();
+            files.insert(f.to_string(), size.parse().ok());
             if let Some(c) = content {
                 manifests.insert((n.to_string(), f.to_string()), c.to_string());
             }
@@ -413,11 +464,22 @@ done"#,
     }
 
     fn open(&self, artifact: &Artifact) -> Result<Box<dyn Read>> {
-        crate::check_file_name(&artifact.file)?;
-        let path = format!("{}/{}", self.dir(&artifact.name), artifact.file);
+        let dir = self.dir(&artifact.name);
+        let path = format!("{dir}/{}", artifact.file);
         let doing = format!("reading {}", self.location(&artifact.name, &artifact.file));
+        // A symlink is not followed, and a FIFO would never end: regular files only.
+        let script = format!(
+            r#"{l}
+f={f}
+if [ -h "$f" ]; then echo "$f is a symlink: not followed" >&2; exit {d}; fi
+if [ -e "$f" ] && [ ! -f "$f" ]; then echo "$f is not a regular file" >&2; exit {d}; fi
+exec cat "$f""#,
+            l = refuse_symlinked_dir(&dir),
+            f = sh_quote(&path),
+            d = REMOTE_BAD_DATA,
+        );
         let child = self
-            .command(&format!("exec cat {}", sh_quote(&path)))
+            .command(&script)
             .spawn()
             .map_err(|e| Error::new(Kind::Unavailable, format!("{doing}: cannot run ssh: {e}")))?;
         Ok(Box::new(io::BufReader::with_capacity(
@@ -427,10 +489,10 @@ done"#,
     }
 
     fn delete(&self, artifact: &Artifact) -> Result<()> {
-        crate::check_file_name(&artifact.file)?;
         let dir = self.dir(&artifact.name);
         let script = format!(
-            "cd {d} 2>/dev/null || exit 0; rm -f {m} && rm -f {f} && {{ sync . 2>/dev/null || true; }}",
+            "{l}\ncd {d} 2>/dev/null || exit 0; rm -f {m} && rm -f {f} && {{ sync . 2>/dev/null || true; }}",
+            l = refuse_symlinked_dir(&dir),
             d = sh_quote(&dir),
             m = sh_quote(&manifest_file(&artifact.id)),
             f = sh_quote(&artifact.file),
@@ -448,9 +510,11 @@ done"#,
         let age = SystemTime::now().duration_since(older_than).unwrap_or_default();
         let minutes = age.as_secs().div_ceil(60);
         let action = if dry_run { "-print" } else { "-print -exec rm -f {} +" };
+        let dir = self.dir(name);
         let script = format!(
-            "cd {d} 2>/dev/null || exit 0; find . -maxdepth 1 -type f -name '.*.tmp.*' -mmin +{minutes} {action}",
-            d = sh_quote(&self.dir(name)),
+            "{l}\ncd {d} 2>/dev/null || exit 0; find . -maxdepth 1 -type f -name '.*.tmp.*' -mmin +{minutes} {action}",
+            l = refuse_symlinked_dir(&dir),
+            d = sh_quote(&dir),
         );
         let out = self.run(
             &script,
