@@ -226,13 +226,19 @@ fn dump_one(job: &dyn DumpJob, name: &str, store: &dyn Store, options: &EncodeOp
 /// Ids are `<name>.<UTC second>`: a second backup of a name within the same second waits
 /// for the next one rather than overwrite the first.
 fn unused_stamp(store: &dyn Store, name: &str) -> Result<DateTime<Utc>> {
-    loop {
+    // A few seconds at most: a store that holds every second's id is not waited out.
+    for _ in 0..50 {
         let now = Utc::now().trunc_subsecs(0);
         if !store.has_manifest(name, &artifact_id(name, now))? {
             return Ok(now);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    Err(Error::cant_create(format!(
+        "{name}: {} holds a backup for every second of the last 5 s (the clock, or planted manifests?)",
+        store.url()
+    ))
+    .named(name))
 }
 
 /// The bk-dump program.

@@ -125,8 +125,7 @@ pub(crate) fn is_temp(file_name: &str) -> bool {
     file_name.starts_with('.') && file_name.contains(".tmp.")
 }
 
-/// The largest manifest read, as in local stores: a manifest is one line of a few kilobytes.
-pub(crate) const MAX_MANIFEST: u64 = 1 << 20;
+pub(crate) use bk_core::store::MAX_MANIFEST;
 
 /// The regular files of each name's directory, as a remote store lists them: name -> file
 /// name -> its size, where the store tells it.

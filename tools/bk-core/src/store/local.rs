@@ -6,7 +6,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use super::{artifact_problem, manifest_file, Broken, Listing, Store, Upload};
+use super::{artifact_problem, manifest_file, Broken, Listing, Store, Upload, MAX_MANIFEST};
 use crate::error::{Error, Kind, Result};
 use crate::name::validate_name;
 use crate::private::create_private_dir;
@@ -163,8 +163,7 @@ pub(crate) fn open_regular(path: &Path) -> Result<File> {
     Ok(file)
 }
 
-/// The largest manifest read: a manifest is one line of a few kilobytes.
-const MAX_MANIFEST: u64 = 1 << 20;
+
 
 /// A hidden name no listing mistakes for an artifact: `.<file>.tmp.<pid>.<random>`.
 fn temp_path(dir: &Path, file: &str) -> PathBuf {

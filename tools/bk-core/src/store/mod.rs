@@ -202,6 +202,9 @@ pub fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The largest manifest any store reads: a manifest is one line of a few kilobytes.
+pub const MAX_MANIFEST: u64 = 1 << 20;
+
 /// The manifest's file name of an artifact id.
 pub fn manifest_file(id: &str) -> String {
     format!("{id}.json")
