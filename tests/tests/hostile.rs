@@ -287,6 +287,12 @@ fn a_missing_artifact_is_no_backup() {
         .stdout
         .lines()
         .any(|l| l.starts_with(&phantom.id) && l.contains("BROKEN")));
+    assert!(
+        !table.stdout.contains('{'),
+        "a table holds no records: {}",
+        table.stdout
+    );
+    assert!(table.stderr.contains("is missing"), "{}", table.stderr);
     // A truncated artifact is as broken.
     fs::write(&scene.good[1].location, "cut").unwrap();
     let r = scene.sb.run("bk-ls", &[&scene.store]).code(65);

@@ -52,6 +52,7 @@ pub fn main<C: Tool>(run: fn(C, &mut Output) -> Result<()>) -> ExitCode {
     let ran = if cli.prints_records() {
         out.begin().and_then(|()| run(cli, &mut out))
     } else {
+        out.print_tables();
         run(cli, &mut out)
     };
     let ended = match ran {

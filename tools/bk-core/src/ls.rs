@@ -70,12 +70,7 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
         }
         Format::Table => {
             print_table(&artifacts, &listing.broken, out)?;
-            for b in &listing.broken {
-                let e = b.error();
-                eprintln!("{}: {}: {}", out.tool(), b.name, e.message);
-                out.fail(e.exit_code());
-            }
-            Ok(())
+            listing.broken.iter().try_for_each(|b| out.error(&b.error()))
         }
     }
 }

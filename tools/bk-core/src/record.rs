@@ -313,6 +313,8 @@ pub struct Output {
     out: Box<dyn Write>,
     exit_code: u8,
     began: bool,
+    /// False when stdout is a table for people: errors then go to stderr only.
+    records: bool,
 }
 
 impl Output {
@@ -326,7 +328,13 @@ impl Output {
             out,
             exit_code: 0,
             began: false,
+            records: true,
         }
+    }
+
+    /// Makes stdout a table for people: no records on it, errors on stderr only.
+    pub fn print_tables(&mut self) {
+        self.records = false;
     }
 
     /// Announces the run with a `begin` record, before any work.
@@ -379,6 +387,9 @@ impl Output {
             name.map(|n| format!("{n}: ")).unwrap_or_default(),
         );
         self.fail(e.exit_code());
+        if !self.records {
+            return Ok(());
+        }
         let record = Record::Error(ErrorRecord {
             tool: self.tool.clone(),
             name: name.map(str::to_string),
@@ -399,8 +410,7 @@ impl Output {
         self.write_line(line)
     }
 
-    /// Makes the run fail with `code` without printing a record (a table was printed instead).
-    pub fn fail(&mut self, code: u8) {
+    fn fail(&mut self, code: u8) {
         // A local failure outranks an upstream one; otherwise the first code stays.
         if self.exit_code == 0 || (self.exit_code == Kind::Upstream.exit_code() && code != self.exit_code) {
             self.exit_code = code;
@@ -583,7 +593,12 @@ mod tests {
     /// or every path built from them stays in the name's directory of the store.
     fn hostile_artifact() -> impl proptest::strategy::Strategy<Value = String> {
         use proptest::prelude::*;
-        let text = prop_oneof!["\\PC{0,24}", "[a-z0-9./_-]{0,24}", Just("..".to_string()), Just("/".to_string())];
+        let text = prop_oneof![
+            "\\PC{0,24}",
+            "[a-z0-9./_-]{0,24}",
+            Just("..".to_string()),
+            Just("/".to_string())
+        ];
         (text.clone(), text.clone(), text, 0..3usize).prop_map(|(name, id, file, prefixed)| {
             let mut v: Value = serde_json::from_str(&artifact_line()).unwrap();
             // Often keep the required prefixes, to get past them to what follows.

@@ -140,7 +140,10 @@ fn pick(store: &dyn Store, cli: &Cli) -> Result<Picked> {
         let broken: Vec<Broken> = if cli.sample.is_some() {
             broken
         } else {
-            broken.into_iter().filter(|b| b.is_newer_than(newest_of(&b.name))).collect()
+            broken
+                .into_iter()
+                .filter(|b| b.is_newer_than(newest_of(&b.name)))
+                .collect()
         };
         for a in &newest {
             if let Some(b) = broken.iter().rfind(|b| b.name == a.name && b.is_newer_than(Some(a))) {

@@ -163,8 +163,6 @@ pub(crate) fn open_regular(path: &Path) -> Result<File> {
     Ok(file)
 }
 
-
-
 /// A hidden name no listing mistakes for an artifact: `.<file>.tmp.<pid>.<random>`.
 fn temp_path(dir: &Path, file: &str) -> PathBuf {
     dir.join(format!(
