@@ -55,7 +55,12 @@ pub fn install(tool: &str) {
     INSTALL.call_once(|| {
         let panic_tool = tool.clone();
         std::panic::set_hook(Box::new(move |info| {
-            let what = info.payload_as_str().unwrap_or("a panic");
+            let payload = info.payload();
+            let what = payload
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("a panic");
             let at = info.location().map(|l| format!(" at {l}")).unwrap_or_default();
             let message = format!("internal error (a bug in bk, please report it): {what}{at}");
             abort_run(&panic_tool, &message, crate::Kind::Internal.exit_code());
