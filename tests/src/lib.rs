@@ -751,6 +751,9 @@ pub struct Remote {
     pub ssh_key: String,
     pub ssh_port: String,
     pub ssh_user: String,
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY with their values, for an environment
+    /// that is cleared.
+    pub aws_keys: [(String, String); 2],
 }
 
 impl Remote {
@@ -758,6 +761,7 @@ impl Remote {
     /// test skips) without them, a failure if BK_TEST_SERVICES=1 says they are up.
     pub fn from_env(test: &str) -> Option<Remote> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let key = |k: &str| Some((k.to_string(), var(k)?));
         let found = (|| {
             Some(Remote {
                 s3_endpoint: var("TEST_S3_ENDPOINT")?,
@@ -765,14 +769,17 @@ impl Remote {
                 ssh_key: var("TEST_SSH_KEY")?,
                 ssh_port: var("TEST_SSH_PORT")?,
                 ssh_user: var("TEST_SSH_USER")?,
+                aws_keys: [key("AWS_ACCESS_KEY_ID")?, key("AWS_SECRET_ACCESS_KEY")?],
             })
         })();
         if found.is_none() {
             assert!(
                 !services_required(),
-                "{test}: TEST_S3_ENDPOINT/TEST_SSH_* are not set, and BK_TEST_SERVICES=1 says the servers are up: source $(tests/services.sh env)"
+                "{test}: TEST_S3_ENDPOINT/TEST_SSH_*/AWS_* are not set, and BK_TEST_SERVICES=1 says the servers are up: source $(tests/services.sh env)"
             );
-            eprintln!("SKIPPED {test}: TEST_S3_ENDPOINT/TEST_SSH_* are not set (source $(tests/services.sh env))");
+            eprintln!(
+                "SKIPPED {test}: TEST_S3_ENDPOINT/TEST_SSH_*/AWS_* are not set (source $(tests/services.sh env))"
+            );
         }
         found
     }
@@ -782,10 +789,29 @@ impl Remote {
         format!("ssh://{}@127.0.0.1:{}{dir}", self.ssh_user, self.ssh_port)
     }
 
+    /// A new store on the test sshd: the URL of a directory of /tmp no other test uses.
+    pub fn ssh_store(&self, prefix: &str) -> String {
+        self.ssh_url(&format!("/tmp/{}", unique_name(&format!("{prefix}-"))))
+    }
+
+    /// A new store on the test S3 server: a prefix of its bucket no other test uses.
+    pub fn s3_store(&self, prefix: &str) -> String {
+        format!("s3://{}/{}", self.s3_bucket, unique_name(&format!("{prefix}-")))
+    }
+
     /// BK_SSH_COMMAND for the test sshd: its key, any host key accepted.
     pub fn ssh_command(&self) -> String {
+        self.ssh_command_with("/dev/null", "no")
+    }
+
+    /// BK_SSH_COMMAND for the test sshd that accepts only a host key of `known_hosts`.
+    pub fn ssh_command_checking(&self, known_hosts: &Path) -> String {
+        self.ssh_command_with(&known_hosts.display().to_string(), "yes")
+    }
+
+    fn ssh_command_with(&self, known_hosts: &str, strict: &str) -> String {
         format!(
-            "ssh -i {} -o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no -o LogLevel=ERROR",
+            "ssh -i {} -o UserKnownHostsFile={known_hosts} -o StrictHostKeyChecking={strict} -o LogLevel=ERROR",
             self.ssh_key
         )
     }
@@ -796,6 +822,11 @@ impl Remote {
         cmd.env("BK_S3_ENDPOINT", &self.s3_endpoint)
             .env("BK_SSH_COMMAND", self.ssh_command());
         cmd
+    }
+
+    /// [`Remote::cmd`] run with `stdin`.
+    pub fn run(&self, sb: &Sandbox, tool: &str, args: &[&str], stdin: &str) -> Run {
+        run_cmd(self.cmd(sb, tool, args), stdin)
     }
 
     /// Runs a script on the test sshd as its user, with `stdin`; its stdout. Panics if it fails.
@@ -828,11 +859,12 @@ impl Remote {
 }
 
 /// A private s3s-fs on a free port, serving the bucket `test-bucket` from a directory of the
-/// sandbox (each object a file under `<root>/test-bucket/`), stopped when dropped.
+/// sandbox (each object a file under `<root>/test-bucket/`), stopped when dropped; to kill and
+/// restart.
 pub struct PrivateS3 {
     pub port: u16,
     pub root: PathBuf,
-    child: Child,
+    child: Option<Child>,
 }
 
 impl PrivateS3 {
@@ -843,24 +875,43 @@ impl PrivateS3 {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
+        let mut s3 = PrivateS3 {
+            port,
+            root,
+            child: None,
+        };
+        s3.restart();
+        s3
+    }
+
+    /// Starts the server (again, after [`PrivateS3::kill`]) and waits until it listens.
+    pub fn restart(&mut self) {
         let server = Path::new("/tmp/bk-test-tools/bin/s3s-fs");
         assert!(server.exists(), "s3s-fs is built by tests/services.sh");
         let key = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is set by tests/services.sh env"));
         let child = Command::new(server)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--access-key", &key("AWS_ACCESS_KEY_ID")])
             .args(["--secret-key", &key("AWS_SECRET_ACCESS_KEY")])
-            .arg(&root)
+            .arg(&self.root)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("starting s3s-fs");
+        self.child = Some(child);
         let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(std::time::Instant::now() < until, "private s3s-fs did not start");
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        PrivateS3 { port, root, child }
+    }
+
+    /// Stops the server, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("killing s3s-fs");
+            child.wait().expect("waiting for s3s-fs");
+        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -871,11 +922,26 @@ impl PrivateS3 {
     pub fn bucket_dir(&self) -> PathBuf {
         self.root.join("test-bucket")
     }
+
+    /// The multipart uploads the server holds: s3s-fs keeps one `.upload-<id>.json` each in
+    /// its root (it cannot list them over S3: no ListMultipartUploads).
+    pub fn multipart_uploads(&self) -> usize {
+        fs::read_dir(&self.root)
+            .expect("reading the s3s-fs root")
+            .filter(|e| {
+                let name = e.as_ref().expect("a directory entry").file_name();
+                let name = name.to_string_lossy();
+                name.starts_with(".upload-") && name.ends_with(".json")
+            })
+            .count()
+    }
 }
 
 impl Drop for PrivateS3 {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use bk_core::record::Artifact;
 use bk_tests::cron::{has_bare_percent, is_operator, parse, valid_file_name, words, CronFile, Job};
 use bk_tests::{
-    bin_dir, mysql_server, mysql_unique_name, pg_server, pg_unique_name, run_cmd, services_required, MysqlGuard,
-    MysqlServer, PgDatabase, PgServer, Run, Sandbox,
+    bin_dir, mysql_server, mysql_unique_name, pg_server, pg_unique_name, run_cmd, MysqlGuard, MysqlServer, PgDatabase,
+    PgServer, Remote, Run, Sandbox,
 };
 
 /// The tools whose path a job must spell out in full.
@@ -124,31 +124,6 @@ fn cron_files_are_what_cron_accepts() {
     }
 }
 
-/// The test servers: the sshd and S3 server from tests/services.sh's variables.
-struct Remotes {
-    ssh_user: String,
-    ssh_port: String,
-    ssh_key: String,
-    s3_endpoint: String,
-    s3_bucket: String,
-    aws_keys: [(String, String); 2],
-}
-
-impl Remotes {
-    fn from_env() -> Option<Remotes> {
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let key = |k: &str| Some((k.to_string(), var(k)?));
-        Some(Remotes {
-            ssh_user: var("TEST_SSH_USER")?,
-            ssh_port: var("TEST_SSH_PORT")?,
-            ssh_key: var("TEST_SSH_KEY")?,
-            s3_endpoint: var("TEST_S3_ENDPOINT")?,
-            s3_bucket: var("TEST_S3_BUCKET")?,
-            aws_keys: [key("AWS_ACCESS_KEY_ID")?, key("AWS_SECRET_ACCESS_KEY")?],
-        })
-    }
-}
-
 /// What a file's jobs need of the test servers.
 #[derive(Default)]
 struct Needs {
@@ -178,7 +153,7 @@ struct SandboxedFile {
     sandbox: Sandbox,
     file: CronFile,
     name: String,
-    remotes: Option<Remotes>,
+    remote: Option<Remote>,
     mysql: Option<(MysqlServer, PathBuf)>,
     pg: Option<(PgServer, PathBuf)>,
     stores: BTreeMap<String, String>,
@@ -204,17 +179,8 @@ impl SandboxedFile {
         let needs = needs(&file);
         let test = format!("cron.d/{name}");
         let sandbox = Sandbox::new();
-        let remotes = if needs.remote {
-            let found = Remotes::from_env();
-            if found.is_none() {
-                assert!(
-                    !services_required(),
-                    "{test}: TEST_SSH_*/TEST_S3_* are not set, and BK_TEST_SERVICES=1 says the servers are up"
-                );
-                eprintln!("SKIPPED {test}: TEST_SSH_*/TEST_S3_* are not set (source $(tests/services.sh env))");
-                return None;
-            }
-            found
+        let remote = if needs.remote {
+            Some(Remote::from_env(&test)?)
         } else {
             None
         };
@@ -236,7 +202,7 @@ impl SandboxedFile {
             sandbox,
             file,
             name,
-            remotes,
+            remote,
             mysql,
             pg,
             stores: BTreeMap::new(),
@@ -253,10 +219,8 @@ impl SandboxedFile {
         let n = self.stores.len();
         // Short: s3s-fs names a multipart upload's file after the whole key (255 bytes at most).
         let unique = format!("cron{n}-{}", pg_unique_name(""));
-        let replaced = match &self.remotes {
-            Some(r) if original.starts_with("ssh://") => {
-                format!("ssh://{}@127.0.0.1:{}/tmp/{unique}", r.ssh_user, r.ssh_port)
-            }
+        let replaced = match &self.remote {
+            Some(r) if original.starts_with("ssh://") => r.ssh_url(&format!("/tmp/{unique}")),
             Some(r) if original.starts_with("s3://") => format!("s3://{}/{unique}", r.s3_bucket),
             _ => self.sandbox.path(&format!("store-{n}")).display().to_string(),
         };
@@ -272,14 +236,8 @@ impl SandboxedFile {
             ("PATH".into(), format!("{}:{file_path}", bin_dir().display())),
             ("BK_LOCK_DIR".into(), self.sandbox.path("locks").display().to_string()),
         ];
-        if let Some(r) = &self.remotes {
-            env.push((
-                "BK_SSH_COMMAND".into(),
-                format!(
-                    "ssh -i {} -o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no -o LogLevel=ERROR",
-                    r.ssh_key
-                ),
-            ));
+        if let Some(r) = &self.remote {
+            env.push(("BK_SSH_COMMAND".into(), r.ssh_command()));
             env.push(("BK_S3_ENDPOINT".into(), r.s3_endpoint.clone()));
             env.extend(r.aws_keys.iter().cloned());
         }

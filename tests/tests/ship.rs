@@ -2,84 +2,17 @@
 //! on TEST_S3_ENDPOINT and sshd on 127.0.0.1:TEST_SSH_PORT. With BK_TEST_SERVICES=1 a
 //! missing server is a failure, not a skip.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bk_core::record::Record;
-use bk_tests::{services_required, write_backup, Run, Sandbox};
+use bk_tests::{services_required, unique_name, write_backup, PrivateS3, Remote, Run, Sandbox};
 
 /// The restored data, without the parent directories a restore creates.
-fn tree_digest(root: &std::path::Path) -> std::collections::BTreeMap<String, String> {
+fn restored_data(root: &std::path::Path) -> std::collections::BTreeMap<String, String> {
     let mut t = bk_tests::tree_digest(root);
     t.retain(|k, _| k.contains("/data"));
     t
-}
-
-struct Remote {
-    s3_endpoint: String,
-    s3_bucket: String,
-    ssh_key: String,
-    ssh_port: String,
-    ssh_user: String,
-}
-
-fn remote(test: &str) -> Option<Remote> {
-    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    let found = (|| {
-        Some(Remote {
-            s3_endpoint: var("TEST_S3_ENDPOINT")?,
-            s3_bucket: var("TEST_S3_BUCKET")?,
-            ssh_key: var("TEST_SSH_KEY")?,
-            ssh_port: var("TEST_SSH_PORT")?,
-            ssh_user: var("TEST_SSH_USER")?,
-        })
-    })();
-    if found.is_none() {
-        assert!(
-            !services_required(),
-            "{test}: TEST_S3_ENDPOINT/TEST_SSH_* are not set, and BK_TEST_SERVICES=1 says the servers are up: source $(tests/services.sh env)"
-        );
-        eprintln!("SKIPPED {test}: TEST_S3_ENDPOINT/TEST_SSH_* are not set (source $(tests/services.sh env))");
-    }
-    found
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!("{prefix}-{}-{nanos:08x}", std::process::id())
-}
-
-impl Remote {
-    fn s3(&self, prefix: &str) -> String {
-        format!("s3://{}/{}", self.s3_bucket, unique(prefix))
-    }
-    fn ssh(&self, prefix: &str) -> String {
-        format!(
-            "ssh://{}@127.0.0.1:{}/tmp/{}",
-            self.ssh_user,
-            self.ssh_port,
-            unique(prefix)
-        )
-    }
-    fn ssh_command(&self, known_hosts: &str, strict: &str) -> String {
-        format!(
-            "ssh -i {} -o UserKnownHostsFile={known_hosts} -o StrictHostKeyChecking={strict} -o LogLevel=ERROR",
-            self.ssh_key
-        )
-    }
-    /// A tool with the S3 endpoint and ssh key set up, as a user's environment would.
-    fn cmd(&self, sb: &Sandbox, tool: &str, args: &[&str]) -> Command {
-        let mut cmd = sb.cmd(tool, args);
-        cmd.env("BK_S3_ENDPOINT", &self.s3_endpoint)
-            .env("BK_SSH_COMMAND", self.ssh_command("/dev/null", "no"));
-        cmd
-    }
-    fn run(&self, sb: &Sandbox, tool: &str, args: &[&str], stdin: &str) -> Run {
-        bk_tests::run_cmd(self.cmd(sb, tool, args), stdin)
-    }
 }
 
 fn artifacts(run: &Run) -> Vec<bk_core::record::Artifact> {
@@ -105,12 +38,12 @@ fn dump(sb: &Sandbox) -> String {
 
 #[test]
 fn push_to_s3_and_ssh_then_every_tool_works_on_both() {
-    let Some(r) = remote("push_to_s3_and_ssh_then_every_tool_works_on_both") else {
+    let Some(r) = Remote::from_env("push_to_s3_and_ssh_then_every_tool_works_on_both") else {
         return;
     };
     let sb = Sandbox::new();
     let dumped = dump(&sb);
-    let (s3, ssh) = (r.s3("push"), r.ssh("push"));
+    let (s3, ssh) = (r.s3_store("push"), r.ssh_store("push"));
     let shipped = r.run(&sb, "bk-ship", &["--to", &s3, "--to", &ssh], &dumped).ok();
     let records = artifacts(&shipped);
     assert_eq!(records.len(), 3, "{}", shipped.stdout);
@@ -138,7 +71,7 @@ fn push_to_s3_and_ssh_then_every_tool_works_on_both() {
         "bk-restore",
         &["--from", &sb.store(), "--name", "web", "--latest", "--to", "r-local"],
     );
-    let expected = tree_digest(&sb.path("r-local"));
+    let expected = restored_data(&sb.path("r-local"));
     assert!(local.code == 0 && !expected.is_empty());
     for (i, store) in [&s3, &ssh].into_iter().enumerate() {
         let listed = r.run(&sb, "bk-ls", &[store], "").ok();
@@ -157,12 +90,12 @@ fn push_to_s3_and_ssh_then_every_tool_works_on_both() {
             "",
         )
         .ok();
-        assert_eq!(tree_digest(&sb.path(&target)), expected, "restored from {store}");
+        assert_eq!(restored_data(&sb.path(&target)), expected, "restored from {store}");
         // A record whose location is remote: bk-restore and bk-verify open its store.
         let line = Record::Artifact(records[i + 1].clone()).to_line();
         let target = format!("s{i}");
         r.run(&sb, "bk-restore", &["--to", &target], &line).ok();
-        assert_eq!(tree_digest(&sb.path(&target)), expected);
+        assert_eq!(restored_data(&sb.path(&target)), expected);
         r.run(&sb, "bk-verify", &[], &line).ok();
     }
     // bk-prune works there too; an empty policy deletes nothing.
@@ -174,13 +107,13 @@ fn push_to_s3_and_ssh_then_every_tool_works_on_both() {
 
 #[test]
 fn an_upstream_error_is_passed_on_and_its_name_not_shipped() {
-    let Some(r) = remote("an_upstream_error_is_passed_on_and_its_name_not_shipped") else {
+    let Some(r) = Remote::from_env("an_upstream_error_is_passed_on_and_its_name_not_shipped") else {
         return;
     };
     let sb = Sandbox::new();
     let dumped = dump(&sb);
     let error = r#"{"bk":1,"type":"error","tool":"bk-dump","name":"web","code":69,"message":"down"}"#;
-    let s3 = r.s3("upstream");
+    let s3 = r.s3_store("upstream");
     let run = r
         .run(&sb, "bk-ship", &["--to", &s3], &format!("{dumped}{error}\n"))
         .code(1);
@@ -190,7 +123,7 @@ fn an_upstream_error_is_passed_on_and_its_name_not_shipped() {
 
 #[test]
 fn pull_mode_is_idempotent_and_refuses_a_differing_copy() {
-    let Some(r) = remote("pull_mode_is_idempotent_and_refuses_a_differing_copy") else {
+    let Some(r) = Remote::from_env("pull_mode_is_idempotent_and_refuses_a_differing_copy") else {
         return;
     };
     let sb = Sandbox::new();
@@ -198,7 +131,11 @@ fn pull_mode_is_idempotent_and_refuses_a_differing_copy() {
     write_backup(&source, "db", "20261120T010000Z");
     write_backup(&source, "db", "20261121T010000Z");
     write_backup(&source, "other", "20261121T010000Z");
-    let (s3, ssh, local) = (r.s3("pull"), r.ssh("pull"), sb.path("mirror").display().to_string());
+    let (s3, ssh, local) = (
+        r.s3_store("pull"),
+        r.ssh_store("pull"),
+        sb.path("mirror").display().to_string(),
+    );
 
     let latest = r
         .run(
@@ -251,7 +188,7 @@ fn pull_mode_is_idempotent_and_refuses_a_differing_copy() {
 
     // A source file that no longer matches its manifest is not shipped.
     std::fs::write(sb.path("store/other/other.20261121T010000Z.tar"), "tampered\n").unwrap();
-    let fresh = r.ssh("corrupt");
+    let fresh = r.ssh_store("corrupt");
     r.run(
         &sb,
         "bk-ship",
@@ -264,7 +201,7 @@ fn pull_mode_is_idempotent_and_refuses_a_differing_copy() {
     assert!(artifacts(&listed).is_empty(), "{}", listed.stdout);
 
     // --delete-source: the source goes once the copy is checked.
-    let moved = r.ssh("moved");
+    let moved = r.ssh_store("moved");
     let run = r
         .run(
             &sb,
@@ -280,12 +217,12 @@ fn pull_mode_is_idempotent_and_refuses_a_differing_copy() {
 
 #[test]
 fn unreachable_stores_and_refused_hosts_have_clear_exit_codes() {
-    let Some(r) = remote("unreachable_stores_and_refused_hosts_have_clear_exit_codes") else {
+    let Some(r) = Remote::from_env("unreachable_stores_and_refused_hosts_have_clear_exit_codes") else {
         return;
     };
     let sb = Sandbox::new();
     let dumped = dump(&sb);
-    let s3 = r.s3("down");
+    let s3 = r.s3_store("down");
     let mut cmd = r.cmd(
         &sb,
         "bk-ship",
@@ -316,8 +253,8 @@ fn unreachable_stores_and_refused_hosts_have_clear_exit_codes() {
         ),
     )
     .unwrap();
-    let mut cmd = r.cmd(&sb, "bk-ls", &[&r.ssh("hostkey")]);
-    cmd.env("BK_SSH_COMMAND", r.ssh_command(&known.display().to_string(), "yes"));
+    let mut cmd = r.cmd(&sb, "bk-ls", &[&r.ssh_store("hostkey")]);
+    cmd.env("BK_SSH_COMMAND", r.ssh_command_checking(&known));
     let run = bk_tests::run_cmd(cmd, "").code(78);
     assert!(run.error().message.contains("host key"), "{}", run.error().message);
 
@@ -329,12 +266,10 @@ fn unreachable_stores_and_refused_hosts_have_clear_exit_codes() {
         .status()
         .unwrap();
     assert!(made.success());
-    let mut cmd = r.cmd(&sb, "bk-ls", &[&r.ssh("auth")]);
+    let mut cmd = r.cmd(&sb, "bk-ls", &[&r.ssh_store("auth")]);
     cmd.env_remove("SSH_AUTH_SOCK").env(
         "BK_SSH_COMMAND",
-        r.ssh_command("/dev/null", "no")
-            .replacen(&r.ssh_key, &key.display().to_string(), 1)
-            + " -o IdentitiesOnly=yes",
+        r.ssh_command().replacen(&r.ssh_key, &key.display().to_string(), 1) + " -o IdentitiesOnly=yes",
     );
     let run = bk_tests::run_cmd(cmd, "").code(77);
     assert!(
@@ -345,7 +280,7 @@ fn unreachable_stores_and_refused_hosts_have_clear_exit_codes() {
     assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
 
     // A remote path the user may not write: 73.
-    let forbidden = format!("ssh://{}@127.0.0.1:{}/root/bk-forbidden", r.ssh_user, r.ssh_port);
+    let forbidden = r.ssh_url("/root/bk-forbidden");
     r.run(&sb, "bk-ship", &["--to", &forbidden, "--retries", "0"], &dumped)
         .code(73);
 }
@@ -390,7 +325,7 @@ fn rclone_installed(test: &str) -> bool {
 #[test]
 fn push_to_rclone_sftp_then_every_tool_works_on_it() {
     let test = "push_to_rclone_sftp_then_every_tool_works_on_it";
-    let Some(r) = remote(test) else { return };
+    let Some(r) = Remote::from_env(test) else { return };
     if !rclone_installed(test) {
         return;
     }
@@ -399,7 +334,7 @@ fn push_to_rclone_sftp_then_every_tool_works_on_it() {
     let run =
         |tool: &str, args: &[&str], stdin: &str| bk_tests::run_cmd(rclone_cmd(&r, &sb, &config, tool, args), stdin);
     let dumped = dump(&sb);
-    let store = format!("rclone:bktest:/home/{}/{}", r.ssh_user, unique("bk-rclone"));
+    let store = format!("rclone:bktest:/home/{}/{}", r.ssh_user, unique_name("bk-rclone-"));
     let shipped = run("bk-ship", &["--to", &store], &dumped).ok();
     let records = artifacts(&shipped);
     assert_eq!(records.len(), 2, "{}", shipped.stdout);
@@ -418,7 +353,7 @@ fn push_to_rclone_sftp_then_every_tool_works_on_it() {
         &["--from", &sb.store(), "--name", "web", "--latest", "--to", "r-local"],
     )
     .ok();
-    let expected = tree_digest(&sb.path("r-local"));
+    let expected = restored_data(&sb.path("r-local"));
     assert!(!expected.is_empty());
     let verified = run("bk-verify", &["--from", &store, "--name", "web", "--latest"], "").ok();
     assert!(verified.stdout.contains(r#""ok":true"#), "{}", verified.stdout);
@@ -428,17 +363,14 @@ fn push_to_rclone_sftp_then_every_tool_works_on_it() {
         "",
     )
     .ok();
-    assert_eq!(tree_digest(&sb.path("r-rclone")), expected);
+    assert_eq!(restored_data(&sb.path("r-rclone")), expected);
     // A record whose location is the rclone store: bk-restore and bk-verify open it.
     let line = Record::Artifact(copy.clone()).to_line();
     run("bk-restore", &["--to", "s-rclone"], &line).ok();
-    assert_eq!(tree_digest(&sb.path("s-rclone")), expected);
+    assert_eq!(restored_data(&sb.path("s-rclone")), expected);
     run("bk-verify", &[], &line).ok();
     // The same files are there through the ssh store: bk's layout, nothing rclone-specific.
-    let over_ssh = store.replace(
-        "rclone:bktest:",
-        &format!("ssh://{}@127.0.0.1:{}", r.ssh_user, r.ssh_port),
-    );
+    let over_ssh = r.ssh_url(store.strip_prefix("rclone:bktest:").unwrap());
     assert_eq!(artifacts(&r.run(&sb, "bk-ls", &[&over_ssh], "").ok()).len(), 1);
 
     // Pull from it into a local mirror; bk-prune keeps the one artifact.
@@ -453,7 +385,7 @@ fn push_to_rclone_sftp_then_every_tool_works_on_it() {
 #[test]
 fn rclone_unreachable_or_missing_has_clear_exit_codes() {
     let test = "rclone_unreachable_or_missing_has_clear_exit_codes";
-    let Some(r) = remote(test) else { return };
+    let Some(r) = Remote::from_env(test) else { return };
     if !rclone_installed(test) {
         return;
     }
@@ -469,93 +401,17 @@ fn rclone_unreachable_or_missing_has_clear_exit_codes() {
     assert_eq!(run.lines().first(), Some(&dumped_line(&dumped)), "{}", run.stdout);
     bk_tests::run_cmd(rclone_cmd(&r, &sb, &config, "bk-ls", &[down]), "").code(69);
     // No store there yet: 66.
-    let missing = format!("rclone:bktest:/home/{}/{}", r.ssh_user, unique("bk-rclone-missing"));
+    let missing = format!(
+        "rclone:bktest:/home/{}/{}",
+        r.ssh_user,
+        unique_name("bk-rclone-missing-")
+    );
     bk_tests::run_cmd(rclone_cmd(&r, &sb, &config, "bk-ls", &[&missing]), "").code(66);
     // rclone not installed: 69, saying so.
     let mut cmd = rclone_cmd(&r, &sb, &config, "bk-ls", &[&missing]);
     cmd.env("BK_RCLONE", "/nonexistent/rclone");
     let run = bk_tests::run_cmd(cmd, "").code(69);
     assert!(run.error().message.contains("not installed"), "{}", run.error().message);
-}
-
-/// A private s3s-fs on a free port and its own root in the sandbox, to kill and restart.
-struct PrivateS3 {
-    port: u16,
-    root: std::path::PathBuf,
-    child: Option<Child>,
-}
-
-impl PrivateS3 {
-    /// Started, with the bucket `test-bucket`.
-    fn start(sb: &Sandbox) -> PrivateS3 {
-        let root = sb.path("s3root");
-        std::fs::create_dir_all(root.join("test-bucket")).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut s3 = PrivateS3 {
-            port,
-            root,
-            child: None,
-        };
-        s3.restart();
-        s3
-    }
-
-    fn restart(&mut self) {
-        let server = std::path::Path::new("/tmp/bk-test-tools/bin/s3s-fs");
-        assert!(server.exists(), "s3s-fs is built by tests/services.sh");
-        let child = Command::new(server)
-            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--access-key", &std::env::var("AWS_ACCESS_KEY_ID").unwrap()])
-            .args(["--secret-key", &std::env::var("AWS_SECRET_ACCESS_KEY").unwrap()])
-            .arg(&self.root)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let until = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < until, "private s3s-fs did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// The multipart uploads the server holds: s3s-fs keeps one `.upload-<id>.json` each in
-    /// its root (it cannot list them over S3: no ListMultipartUploads).
-    fn multipart_uploads(&self) -> usize {
-        std::fs::read_dir(&self.root)
-            .unwrap()
-            .filter(|e| {
-                let name = e.as_ref().unwrap().file_name();
-                let name = name.to_string_lossy();
-                name.starts_with(".upload-") && name.ends_with(".json")
-            })
-            .count()
-    }
-}
-
-impl Drop for PrivateS3 {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 /// A files backup `big` of `mib` MiB of incompressible data in the sandbox's store; its
@@ -595,7 +451,7 @@ fn dump_random(sb: &Sandbox, mib: usize) -> (String, Vec<u8>) {
 /// aborted by bk-prune (once old enough) or by the next upload of the same file.
 #[test]
 fn s3_server_killed_mid_upload_leaves_no_manifest_and_a_rerun_completes() {
-    let Some(r) = remote("s3_server_killed_mid_upload_leaves_no_manifest_and_a_rerun_completes") else {
+    let Some(r) = Remote::from_env("s3_server_killed_mid_upload_leaves_no_manifest_and_a_rerun_completes") else {
         return;
     };
     let sb = Sandbox::new();
@@ -758,7 +614,7 @@ impl CuttingProxy {
 /// resumes from where it stopped (a range request), and the restore is whole.
 #[test]
 fn an_s3_download_cut_in_the_middle_resumes_where_it_stopped() {
-    let Some(r) = remote("an_s3_download_cut_in_the_middle_resumes_where_it_stopped") else {
+    let Some(r) = Remote::from_env("an_s3_download_cut_in_the_middle_resumes_where_it_stopped") else {
         return;
     };
     let sb = Sandbox::new();
@@ -843,37 +699,11 @@ fn remote_root(store: &str) -> &str {
     &rest[rest.find('/').unwrap()..]
 }
 
-impl Remote {
-    /// Runs a script on the test sshd, with `stdin`; its stdout.
-    fn shell(&self, script: &str, stdin: &[u8]) -> String {
-        use std::io::Write;
-        let mut child = Command::new("ssh")
-            .args(["-i", &self.ssh_key, "-p", &self.ssh_port])
-            .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=no"])
-            .args(["-o", "LogLevel=ERROR", "-o", "BatchMode=yes"])
-            .arg(format!("{}@127.0.0.1", self.ssh_user))
-            .arg(script)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(stdin).unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{script}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-}
-
 /// bk-ship copies a local file to an ssh store with rsync: a copy interrupted on the way
 /// (bk-ship stopped, as a service manager stops it) is resumed, not sent again.
 #[test]
 fn ssh_copies_of_local_files_go_by_rsync_and_resume_an_interrupted_copy() {
-    let Some(r) = remote("ssh_copies_of_local_files_go_by_rsync_and_resume_an_interrupted_copy") else {
+    let Some(r) = Remote::from_env("ssh_copies_of_local_files_go_by_rsync_and_resume_an_interrupted_copy") else {
         return;
     };
     let sb = Sandbox::new();
@@ -882,7 +712,7 @@ fn ssh_copies_of_local_files_go_by_rsync_and_resume_an_interrupted_copy() {
     let size = std::fs::metadata(sb.path(&format!("store/big/{}", original.file)))
         .unwrap()
         .len();
-    let store = r.ssh("rsync");
+    let store = r.ssh_store("rsync");
     let dir = format!("{}/big", remote_root(&store));
     // An rsync slowed to 2 MiB/s, so that the copy is stopped on its way.
     let slow = sb.path("slow-bin");
@@ -959,13 +789,13 @@ fn ssh_copies_of_local_files_go_by_rsync_and_resume_an_interrupted_copy() {
 /// file under rsync's name is neither used nor touched.
 #[test]
 fn without_rsync_ssh_copies_are_streamed() {
-    let Some(r) = remote("without_rsync_ssh_copies_are_streamed") else {
+    let Some(r) = Remote::from_env("without_rsync_ssh_copies_are_streamed") else {
         return;
     };
     let sb = Sandbox::new();
     let dumped = dump(&sb);
     let original = dumped_artifact(&dumped);
-    let store = r.ssh("norsync");
+    let store = r.ssh_store("norsync");
     let partial = format!("{}/web/.{}.tmp.partial", remote_root(&store), original.file);
     r.shell(
         &format!("mkdir -p {}/web && cat > {partial}", remote_root(&store)),
@@ -974,10 +804,8 @@ fn without_rsync_ssh_copies_are_streamed() {
     let ssh = program_path("ssh");
     std::fs::create_dir_all(sb.path("no-rsync")).unwrap();
     let mut cmd = r.cmd(&sb, "bk-ship", &["--to", &store]);
-    cmd.env("PATH", sb.path("no-rsync")).env(
-        "BK_SSH_COMMAND",
-        r.ssh_command("/dev/null", "no").replacen("ssh", &ssh, 1),
-    );
+    cmd.env("PATH", sb.path("no-rsync"))
+        .env("BK_SSH_COMMAND", r.ssh_command().replacen("ssh", &ssh, 1));
     let shipped = bk_tests::run_cmd(cmd, &dumped).ok();
     assert_eq!(artifacts(&shipped).len(), 2, "{}", shipped.stdout);
     assert!(!shipped.stderr.contains("resumed"), "{}", shipped.stderr);
@@ -989,7 +817,7 @@ fn without_rsync_ssh_copies_are_streamed() {
 /// AWS_SHARED_CREDENTIALS_FILE and AWS_CONFIG_FILE name), of the profile AWS_PROFILE names.
 #[test]
 fn s3_settings_come_from_the_aws_files_of_the_profile() {
-    let Some(r) = remote("s3_settings_come_from_the_aws_files_of_the_profile") else {
+    let Some(r) = Remote::from_env("s3_settings_come_from_the_aws_files_of_the_profile") else {
         return;
     };
     let sb = Sandbox::new();
@@ -1011,7 +839,7 @@ fn s3_settings_come_from_the_aws_files_of_the_profile() {
     );
     write_private(sb.path("home/.aws/credentials"), credentials.clone());
     write_private(sb.path("home/.aws/config"), config.clone());
-    let s3 = r.s3("aws-files");
+    let s3 = r.s3_store("aws-files");
     let cmd = |tool: &str, args: &[&str], home: &str| {
         let mut cmd = sb.cmd(tool, args);
         for var in [
@@ -1067,13 +895,13 @@ fn s3_settings_come_from_the_aws_files_of_the_profile() {
 
 #[test]
 fn every_tool_takes_the_s3_endpoint_as_an_option() {
-    let Some(r) = remote("every_tool_takes_the_s3_endpoint_as_an_option") else {
+    let Some(r) = Remote::from_env("every_tool_takes_the_s3_endpoint_as_an_option") else {
         return;
     };
     let sb = Sandbox::new();
     std::fs::create_dir_all(sb.path("data")).unwrap();
     std::fs::write(sb.path("data/a.txt"), "alpha\n").unwrap();
-    let s3 = r.s3("option");
+    let s3 = r.s3_store("option");
     let data = sb.path("data").display().to_string();
     let restored = sb.path("restored").display().to_string();
     // Only the options say where the server is.
@@ -1109,12 +937,12 @@ fn every_tool_takes_the_s3_endpoint_as_an_option() {
 #[test]
 fn s3_uploads_are_checked_by_their_md5_etags() {
     use md5::{Digest, Md5};
-    let Some(r) = remote("s3_uploads_are_checked_by_their_md5_etags") else {
+    let Some(r) = Remote::from_env("s3_uploads_are_checked_by_their_md5_etags") else {
         return;
     };
     let sb = Sandbox::new();
     let (dumped, _) = dump_random(&sb, 20);
-    let s3 = r.s3("etag");
+    let s3 = r.s3_store("etag");
     let shipped = r.run(&sb, "bk-ship", &["--to", &s3], &dumped).ok();
     let copy = &artifacts(&shipped)[1];
     let key = copy.location.strip_prefix(&format!("s3://{}/", r.s3_bucket)).unwrap();
