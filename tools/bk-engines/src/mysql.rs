@@ -428,7 +428,7 @@ fn warn_leftovers(client: &Path, server: &Mysql) -> Result<()> {
             );
         } else if db.starts_with(OLD_PREFIX) {
             eprintln!(
-                "bk-restore: warning: {db} holds the old tables of a --replace that was interrupted while it swapped; see \"Restoring a database\" in bk's README before dropping it"
+                "bk-restore: warning: {db} holds the old tables of a --replace that was interrupted while it swapped; see \"Restoring a database\" in bk's docs/engines.md before dropping it"
             );
         }
     }
