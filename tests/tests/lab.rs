@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bk_core::record::{parse_line, Artifact, Record};
+use bk_core::record::{parse_line, Artifact, ErrorRecord, Record};
 use bk_tests::{bin_dir, mysql_server, mysql_unique_name, MysqlServer, Sandbox};
 
 /// What docs/lab.md's setup block says, replaced by the test's values.
@@ -127,14 +127,30 @@ fn run_block(sb: &Sandbox, block: &Block, env: &Path, setup: bool) -> Outcome {
     outcome
 }
 
+/// The one error record a block printed.
+fn error_record(outcome: &Outcome, at: &str) -> ErrorRecord {
+    let mut errors: Vec<ErrorRecord> = outcome
+        .records()
+        .into_iter()
+        .filter_map(|r| if let Record::Error(e) = r { Some(e) } else { None })
+        .collect();
+    assert_eq!(errors.len(), 1, "{at}: one error record\n{}", outcome.stdout);
+    errors.remove(0)
+}
+
 /// The backups of `name` bk-ls lists in `store`.
 fn backups(sb: &Sandbox, store: &Path, name: &str) -> Vec<Artifact> {
-    sb.run("bk-ls", &[store.to_str().unwrap(), "--name", name]).ok().artifacts()
+    sb.run("bk-ls", &[store.to_str().unwrap(), "--name", name])
+        .ok()
+        .artifacts()
 }
 
 /// Every row of the lab's table, as the server sees it: count and checksum.
 fn rows(server: &MysqlServer, admin: &Path, db: &str) -> String {
-    server.sql(admin, &format!("SELECT COUNT(*) FROM `{db}`.orders; CHECKSUM TABLE `{db}`.orders EXTENDED"))
+    server.sql(
+        admin,
+        &format!("SELECT COUNT(*) FROM `{db}`.orders; CHECKSUM TABLE `{db}`.orders EXTENDED"),
+    )
 }
 
 #[test]
@@ -159,11 +175,11 @@ fn the_lab_runs_as_written() {
     assert!(blocks.len() >= 8, "docs/lab.md has only {} ```sh blocks", blocks.len());
 
     let env = sb.path("lab.env");
-    let (mut corrupted, mut killed, mut restored) = (false, false, false);
+    let (mut corrupted, mut killed, mut restored, mut replaced) = (false, false, false, false);
     let mut good: Option<Artifact> = None;
     for (i, block) in blocks.iter().enumerate() {
         let is = |s: &str| block.script.contains(s);
-        let before = if is("DROP DATABASE") && is("bk-restore") {
+        let before = if is("bk-restore") {
             Some(rows(&server, &admin, &db))
         } else {
             None
@@ -171,22 +187,16 @@ fn the_lab_runs_as_written() {
         let outcome = run_block(&sb, block, &env, i == 0);
         let at = format!("docs/lab.md:{}", block.line);
 
-        if is("bk-dump mysql") && !is("kill -9") {
+        if is("bk-dump mysql") && good.is_none() {
             let made = backups(&sb, &store, &name);
             assert_eq!(made.len(), 1, "{at}: one backup of the database");
             good = made.into_iter().next();
         }
         if is("dd of=") {
             assert_eq!(block.exit, 65, "{at}: a corrupt artifact is bad data");
-            let errors: Vec<_> = outcome
-                .records()
-                .into_iter()
-                .filter_map(|r| if let Record::Error(e) = r { Some(e) } else { None })
-                .collect();
-            assert_eq!(errors.len(), 1, "{at}: one error record\n{}", outcome.stdout);
-            assert_eq!(errors[0].name.as_deref(), Some("lab-files"), "{at}");
-            assert_eq!(errors[0].code, 65, "{at}");
-            assert!(errors[0].message.contains("sha256 mismatch"), "{at}: {}", errors[0].message);
+            let error = error_record(&outcome, &at);
+            assert_eq!((error.name.as_deref(), error.code), (Some("lab-files"), 65), "{at}");
+            assert!(error.message.contains("sha256 mismatch"), "{at}: {}", error.message);
             corrupted = true;
         }
         if is("kill -9") {
@@ -205,15 +215,35 @@ fn the_lab_runs_as_written() {
             );
             killed = true;
         }
-        if let Some(before) = before {
-            assert_eq!(rows(&server, &admin, &db), before, "{at}: the dropped database comes back as it was");
-            assert!(outcome.stdout.contains("\n131072\n"), "{at}: the count shown\n{}", outcome.stdout);
+        if is("--replace") {
+            assert_eq!(block.exit, 65, "{at}: a damaged backup is bad data");
+            let error = error_record(&outcome, &at);
+            assert_eq!((error.name, error.code), (Some(name.clone()), 65), "{at}");
+            let after = rows(&server, &admin, &db);
+            assert_eq!(
+                after,
+                before.expect("rows"),
+                "{at}: a failed --replace leaves the live database as it was"
+            );
+            replaced = true;
+        } else if let Some(before) = before {
+            assert_eq!(
+                rows(&server, &admin, &db),
+                before,
+                "{at}: the dropped database comes back as it was"
+            );
+            assert!(
+                outcome.stdout.contains("\n131072\n"),
+                "{at}: the count shown\n{}",
+                outcome.stdout
+            );
             restored = true;
         }
     }
     assert!(
-        corrupted && killed && restored,
-        "docs/lab.md should corrupt an artifact ({corrupted}), kill a dump ({killed}) and restore a dropped database ({restored})"
+        corrupted && killed && restored && replaced,
+        "docs/lab.md should corrupt an artifact ({corrupted}), kill a dump ({killed}), restore a dropped database \
+         ({restored}) and fail a --replace ({replaced})"
     );
     assert!(!lab.exists(), "the lab's last block cleans up");
 }
