@@ -192,7 +192,7 @@ fn the_lab_runs_as_written() {
             assert_eq!(made.len(), 1, "{at}: one backup of the database");
             good = made.into_iter().next();
         }
-        if is("dd of=") {
+        if is("dd of=") && is("bk-verify") {
             assert_eq!(block.exit, 65, "{at}: a corrupt artifact is bad data");
             let error = error_record(&outcome, &at);
             assert_eq!((error.name.as_deref(), error.code), (Some("lab-files"), 65), "{at}");
