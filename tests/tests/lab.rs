@@ -15,8 +15,8 @@ use bk_core::record::{parse_line, Artifact, ErrorRecord, Record};
 use bk_tests::{bin_dir, mysql_server, mysql_unique_name, MysqlServer, Sandbox};
 
 /// What docs/lab.md's setup block says, replaced by the test's values.
-const LAB_DIR: &str = "export LAB=/tmp/bk-lab";
-const DB_NAME: &str = "DB=bk_lab_shop";
+const LAB_DIR: &str = "export LAB=/tmp/bk-lab\n";
+const DB_NAME: &str = " DB=bk_lab_shop\n";
 const CLIENT_SECTION: &str = "[client]\nuser=root\npassword=change-me\nhost=127.0.0.1\nport=3306\n";
 
 /// Longest a block may take (the setup inserts 131072 rows) before the test gives up.
@@ -63,7 +63,7 @@ fn substitute(text: &str, from: &str, to: &str) -> String {
     assert_eq!(
         text.matches(from).count(),
         1,
-        "docs/lab.md should contain `{from}` once: the test substitutes it"
+        "docs/lab.md should contain `{from:?}` once: the test substitutes it"
     );
     text.replacen(from, to, 1)
 }
@@ -168,8 +168,8 @@ fn the_lab_runs_as_written() {
     let name = format!("mysql-{db}");
 
     let text = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/lab.md")).expect("docs/lab.md");
-    let text = substitute(&text, LAB_DIR, &format!("export LAB={}", lab.display()));
-    let text = substitute(&text, DB_NAME, &format!("DB={db}"));
+    let text = substitute(&text, LAB_DIR, &format!("export LAB={}\n", lab.display()));
+    let text = substitute(&text, DB_NAME, &format!(" DB={db}\n"));
     let text = substitute(&text, CLIENT_SECTION, &client_section);
     let blocks = sh_blocks(&text);
     assert!(blocks.len() >= 8, "docs/lab.md has only {} ```sh blocks", blocks.len());
