@@ -4,7 +4,8 @@
 //! section); each block must end with the exit status its last line states (`# exit: N`,
 //! else 0), and the outcomes the lab teaches are checked: the corrupted artifact fails
 //! bk-verify with 65, the killed pipeline ends non-zero and leaves no backup, the dropped
-//! database comes back with the same rows.
+//! database comes back with the same rows, a failed `--replace` leaves the live rows as they
+//! were.
 
 use std::fs;
 use std::path::Path;
