@@ -17,7 +17,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 say "building the tools (cargo build --release)"
+build_start=$SECONDS
 cargo build --release --quiet --bins
+echo "built in $((SECONDS - build_start)) s"
 bin=$PWD/target/release
 
 demo=${BK_DEMO_DIR:-$(mktemp -d /tmp/bk-demo.XXXXXX)}
