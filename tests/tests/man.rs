@@ -97,16 +97,16 @@ fn page(mut cmd: clap::Command, see_also: &[&str]) -> (String, String) {
 /// The tools' commands, each with its page's file name (e.g. `bk-dump-files.1`).
 fn commands() -> Vec<(String, clap::Command)> {
     let mut commands = vec![
-        bk_core::ls::Cli::command(),
-        bk_core::prune::Cli::command(),
-        bk_engines::restore::Cli::command(),
-        bk_engines::verify::Cli::command(),
+        bk_ls::Cli::command(),
+        bk_prune::Cli::command(),
+        bk_restore::Cli::command(),
+        bk_verify::Cli::command(),
         bk_ship::Cli::command(),
     ];
     // As clap_mangen::generate_to does: no `help` subcommand, and a built command, so that
     // the global options (--to, --name, ...) appear on each engine's page, and clap names
     // each engine's page bk-dump-<engine>.
-    let mut dump = bk_engines::dump::Cli::command().disable_help_subcommand(true);
+    let mut dump = bk_dump::Cli::command().disable_help_subcommand(true);
     dump.build();
     for sub in dump.get_subcommands().filter(|s| !s.is_hide_set()) {
         let name = format!("bk-dump-{}", sub.get_name());

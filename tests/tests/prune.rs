@@ -8,8 +8,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use bk_core::prune::{decide, Cli, Zone};
 use bk_core::record::{Artifact, Kept, Pruned, Record};
+use bk_core::retention::{decide, Zone};
+use bk_prune::Cli;
 use bk_tests::{files_below, have_root, run_cmd, services_required, write_backup, Run, Sandbox, AS_NOBODY};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeDelta, Utc};
 use clap::Parser;
@@ -746,6 +747,7 @@ fn the_same_decisions_as_restic_forget() {
             serde_json::from_str(&output).unwrap_or_else(|e| panic!("{policy_text}: {e}: {output}"));
         let policy = Cli::try_parse_from(std::iter::once("bk-prune").chain(policy_text.split_whitespace()))
             .unwrap()
+            .keep
             .policy();
         for (host, tz, zone, walls) in &groups {
             let group = json

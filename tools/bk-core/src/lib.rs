@@ -6,12 +6,11 @@ pub mod cli;
 pub mod codec;
 pub mod error;
 pub mod lock;
-pub mod ls;
 pub mod name;
 pub mod private;
 pub mod progress;
-pub mod prune;
 pub mod record;
+pub mod retention;
 pub mod store;
 
 pub use error::{Error, Kind, Result};

@@ -680,7 +680,7 @@ fn copy_dir_attributes(meta: &Metadata, dst: &Path) -> Result<()> {
 }
 
 /// Removes a tree even where a restored directory is read-only (0555 and the like).
-pub(crate) fn remove_tree(path: &Path) -> io::Result<()> {
+pub fn remove_tree(path: &Path) -> io::Result<()> {
     if fs::remove_dir_all(path).is_ok() {
         return Ok(());
     }

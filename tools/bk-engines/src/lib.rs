@@ -1,19 +1,16 @@
-//! bk's engines: how each kind of source is dumped and restored, and the bk-dump and
-//! bk-restore commands over them. Tools that need no engine (bk-ls, ...) do not link this.
+//! bk's engines: how each kind of source is dumped and restored, shared by bk-dump,
+//! bk-restore and bk-verify. Tools that need no engine (bk-ls, ...) do not link this.
 
 pub mod conn;
-pub mod dump;
 pub mod files;
 pub mod mysql;
 pub mod mysql_swap;
 pub mod pgscan;
 pub mod postgres;
 pub mod process;
-pub mod restore;
 pub mod sqlfilter;
 pub mod sqlite;
 pub mod sqlscan;
-pub mod verify;
 
 use std::collections::BTreeMap;
 use std::io::Write;

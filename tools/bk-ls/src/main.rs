@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    bk_stores::main(bk_core::ls::run)
+    bk_stores::main(bk_ls::run)
 }

@@ -7,9 +7,9 @@ use std::io::{self, Read, Write};
 use std::time::Duration;
 
 use bk_core::error::{from_io, Error, Kind, Result};
-use bk_core::ls::newest_per_name;
 use bk_core::name::validate_name;
 use bk_core::record::{Artifact, Output, Record};
+use bk_core::store::newest_per_name;
 use bk_core::store::{self, Store};
 use chrono::{DateTime, NaiveDate, Utc};
 use clap::Parser;

@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    bk_stores::main(bk_engines::verify::run)
+    bk_stores::main(bk_verify::run)
 }

@@ -74,6 +74,18 @@ pub fn artifact_problem(artifact: &Artifact, found: Option<Option<u64>>) -> Opti
     }
 }
 
+/// Keeps the last artifact of each name in a listing sorted by name, then time.
+pub fn newest_per_name(artifacts: Vec<Artifact>) -> Vec<Artifact> {
+    let mut newest: Vec<Artifact> = Vec::new();
+    for a in artifacts {
+        match newest.last_mut() {
+            Some(last) if last.name == a.name => *last = a,
+            _ => newest.push(a),
+        }
+    }
+    newest
+}
+
 impl Listing {
     /// Sorts every part as documented.
     pub fn sort(&mut self) {

@@ -14,13 +14,13 @@ use serde_json::{json, Map, Value};
 use bk_core::cli::read_stdin_records;
 use bk_core::codec::{check_digest, Decoder, Identities};
 use bk_core::error::{Error, Kind, Result};
-use bk_core::ls::newest_per_name;
 use bk_core::name::validate_name;
 use bk_core::progress::Progress;
 use bk_core::record::{Artifact, Output, Record};
+use bk_core::store::newest_per_name;
 use bk_core::store::{self, Broken, Store};
 
-use crate::{files, mysql, postgres, sqlite, ReadOpts, RestoreOptions};
+use bk_engines::{files, mysql, postgres, sqlite, ReadOpts, RestoreOptions};
 
 const SCRATCH_PREFIX: &str = "bk_verify_";
 /// Scratch targets older than this were left by a killed run.
@@ -483,7 +483,7 @@ fn stored_digest(store: &dyn Store, artifact: &Artifact) -> Result<()> {
     let mut raw = store.open(artifact)?;
     let mut sha = sha2::Sha256::new();
     let mut bytes = 0u64;
-    crate::for_each_chunk(&mut raw, |chunk| {
+    bk_engines::for_each_chunk(&mut raw, |chunk| {
         sha.update(chunk);
         bytes += chunk.len() as u64;
     })
@@ -583,11 +583,6 @@ fn mismatch_error(artifact: &Artifact, what: &str, mismatches: &[Value]) -> Erro
 
 fn round(seconds: f64) -> f64 {
     (seconds * 1000.0).round() / 1000.0
-}
-
-/// The bk-verify program.
-pub fn main() -> std::process::ExitCode {
-    bk_core::cli::main(run)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use bk_core::progress::Progress;
 use bk_core::record::{Artifact, Output, Record};
 use bk_core::store::{self, Store};
 
-use crate::{files, mysql, postgres, sqlite, DumpJob};
+use bk_engines::{files, mysql, postgres, sqlite, DumpJob};
 
 /// Back up a source into a store.
 ///
@@ -239,9 +239,4 @@ fn unused_stamp(store: &dyn Store, name: &str) -> Result<DateTime<Utc>> {
         store.url()
     ))
     .named(name))
-}
-
-/// The bk-dump program.
-pub fn main() -> std::process::ExitCode {
-    bk_core::cli::main(run)
 }

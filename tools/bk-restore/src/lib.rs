@@ -12,7 +12,7 @@ use bk_core::progress::Progress;
 use bk_core::record::{Artifact, Output, Record, Restored};
 use bk_core::store::{self, Broken, Store};
 
-use crate::{count_mismatch, files, mysql, postgres, sqlite, ReadOpts, RestoreOptions};
+use bk_engines::{count_mismatch, files, mysql, postgres, sqlite, ReadOpts, RestoreOptions};
 
 /// Restore a backup.
 ///
@@ -258,9 +258,4 @@ fn check_stored(mut raw: Box<dyn std::io::Read>, artifact: &Artifact) -> Result<
         bytes += n as u64;
     }
     check_digest(artifact, bytes, &hex::encode(sha.finalize()))
-}
-
-/// The bk-restore program.
-pub fn main() -> std::process::ExitCode {
-    bk_core::cli::main(run)
 }

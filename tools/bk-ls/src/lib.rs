@@ -2,12 +2,12 @@
 
 use clap::Parser;
 
-pub use crate::cli::Format;
-use crate::error::{Error, Result};
-use crate::name::validate_name;
-use crate::progress::human_bytes;
-use crate::record::{Artifact, Output, Record};
-use crate::store;
+pub use bk_core::cli::Format;
+use bk_core::error::{Error, Result};
+use bk_core::name::validate_name;
+use bk_core::progress::human_bytes;
+use bk_core::record::{Artifact, Output, Record};
+use bk_core::store::{self, newest_per_name};
 
 /// List the backups in a store.
 ///
@@ -21,7 +21,7 @@ use crate::store;
 #[command(
     name = "bk-ls",
     version,
-    after_help = crate::cli::exit_status_help()
+    after_help = bk_core::cli::exit_status_help()
 )]
 pub struct Cli {
     /// The store: a directory, file:// URL, s3://bucket/prefix, ssh://user@host[:port]/path,
@@ -37,10 +37,10 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = Format::Json)]
     pub format: Format,
     #[command(flatten)]
-    pub s3: crate::cli::S3Opts,
+    pub s3: bk_core::cli::S3Opts,
 }
 
-impl crate::cli::Tool for Cli {
+impl bk_core::cli::Tool for Cli {
     fn prints_records(&self) -> bool {
         self.format == Format::Json
     }
@@ -73,18 +73,6 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
             listing.broken.iter().try_for_each(|b| out.error(&b.error()))
         }
     }
-}
-
-/// Keeps the last artifact of each name in a listing sorted by name, then time.
-pub fn newest_per_name(artifacts: Vec<Artifact>) -> Vec<Artifact> {
-    let mut newest: Vec<Artifact> = Vec::new();
-    for a in artifacts {
-        match newest.last_mut() {
-            Some(last) if last.name == a.name => *last = a,
-            _ => newest.push(a),
-        }
-    }
-    newest
 }
 
 fn print_table(artifacts: &[Artifact], broken: &[store::Broken], out: &mut Output) -> Result<()> {
@@ -123,9 +111,4 @@ fn print_table(artifacts: &[Artifact], broken: &[store::Broken], out: &mut Outpu
         out.text(cells.join("  ").trim_end())?;
     }
     Ok(())
-}
-
-/// The bk-ls program.
-pub fn main() -> std::process::ExitCode {
-    crate::cli::main(run)
 }
