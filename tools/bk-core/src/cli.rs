@@ -10,6 +10,7 @@ use clap::error::ErrorKind;
 use crate::error::{Error, Kind, Result};
 use crate::lock::{default_lock_dir, NameLock};
 use crate::record::{read_all, Input, Output};
+use crate::store::StoreConfig;
 
 /// A tool's parsed command line.
 pub trait Tool: clap::Parser {
@@ -130,8 +131,8 @@ impl LockOpts {
     }
 }
 
-/// Where s3:// stores are, for every tool that opens stores. The options only set
-/// BK_S3_ENDPOINT and BK_S3_REGION for the run, which is where the S3 store reads them.
+/// Where s3:// stores are, for every tool that opens stores: the S3 part of the
+/// [`StoreConfig`] the stores are opened with.
 #[derive(Debug, Clone, clap::Args)]
 pub struct S3Opts {
     /// S3 endpoint URL for s3:// stores, e.g. http://127.0.0.1:3900 for Garage or MinIO
@@ -144,13 +145,11 @@ pub struct S3Opts {
 }
 
 impl S3Opts {
-    /// Makes the options the S3 store's settings for this run; call before opening a store.
-    pub fn apply(&self) {
-        if let Some(endpoint) = &self.s3_endpoint {
-            std::env::set_var("BK_S3_ENDPOINT", endpoint);
-        }
-        if let Some(region) = &self.s3_region {
-            std::env::set_var("BK_S3_REGION", region);
+    /// The configuration every store of the run is opened with.
+    pub fn store_config(&self) -> StoreConfig {
+        StoreConfig {
+            s3_endpoint: self.s3_endpoint.clone().filter(|e| !e.is_empty()),
+            s3_region: self.s3_region.clone().filter(|r| !r.is_empty()),
         }
     }
 }

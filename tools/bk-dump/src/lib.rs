@@ -12,7 +12,7 @@ use bk_core::error::{Error, Result};
 use bk_core::name::{artifact_id, rfc3339, sanitize, validate_name};
 use bk_core::progress::Progress;
 use bk_core::record::{Artifact, Output, Record};
-use bk_core::store::{self, Store};
+use bk_core::store::Store;
 
 use bk_engines::{files, mysql, postgres, sqlite, DumpJob};
 
@@ -118,7 +118,6 @@ impl Engine {
 impl bk_core::cli::Tool for Cli {}
 
 pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
-    cli.s3.apply();
     let to = cli
         .to
         .as_deref()
@@ -133,7 +132,7 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
         )?;
     }
     let options = encode_options(&cli)?;
-    let store = store::open(to)?;
+    let store = bk_stores::open(to, &cli.s3.store_config())?;
     // A failure before the jobs are known still names the job when --name does.
     let literal_name = cli.name.as_deref().filter(|n| !n.contains('{'));
     let jobs = cli.engine.jobs(store.as_ref()).map_err(|e| match literal_name {

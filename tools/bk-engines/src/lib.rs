@@ -58,9 +58,8 @@ pub struct ReadOpts {
 }
 
 impl ReadOpts {
-    /// Applies the S3 options and loads the identities, before any store is opened.
+    /// Loads the identities, before any store is opened.
     pub fn start(&self) -> Result<bk_core::codec::Identities> {
-        self.s3.apply();
         bk_core::codec::load_identity_files(&self.identity)
     }
 }

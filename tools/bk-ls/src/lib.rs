@@ -47,11 +47,10 @@ impl bk_core::cli::Tool for Cli {
 }
 
 pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
-    cli.s3.apply();
     if let Some(n) = &cli.name {
         validate_name(n)?;
     }
-    let store = store::open(&cli.store)?;
+    let store = bk_stores::open(&cli.store, &cli.s3.store_config())?;
     let listing = store.list(cli.name.as_deref())?;
     for leftover in &listing.leftovers {
         eprintln!("{}: warning: {leftover}", out.tool());

@@ -17,7 +17,7 @@ use bk_core::error::{Error, Result};
 use bk_core::name::{parse_time, validate_name, STAMP_FORMAT};
 use bk_core::record::{Artifact, Input, Kept, Output, Pruned, Record};
 use bk_core::retention::{decide, Decision, Policy, PolicyArgs, Zone, IN_THE_FUTURE};
-use bk_core::store::{self, Store};
+use bk_core::store::Store;
 
 /// How long a temporary file of a killed run stays before bk-prune removes it.
 pub const LEFTOVER_AGE: TimeDelta = TimeDelta::days(1);
@@ -326,7 +326,7 @@ impl bk_core::cli::Tool for Cli {
 }
 
 pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
-    cli.s3.apply();
+    let config = cli.s3.store_config();
     let tool = out.tool().to_string();
     if let Some(n) = &cli.name {
         validate_name(n)?;
@@ -335,7 +335,11 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
         Some(zone) => zone,
         None => Zone::from_env()?,
     };
-    let named_store = cli.store.as_deref().map(store::open).transpose()?;
+    let named_store = cli
+        .store
+        .as_deref()
+        .map(|url| bk_stores::open(url, &config))
+        .transpose()?;
     // Everything on stdin is read before anything is done: a malformed line stops the run.
     let inputs: Vec<Input> = if named_store.is_some() {
         bk_core::cli::read_stdin_beside_store(out)?
@@ -403,7 +407,7 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
         stores.insert(s.url(), s);
     } else {
         for a in &incoming {
-            let s = match store::open_location(a) {
+            let s = match bk_stores::open_location(a, &config) {
                 Ok(s) => s,
                 Err(e) => {
                     out.error(&e.named(&a.name))?;

@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    bk_stores::main(bk_prune::run)
+    bk_core::cli::main(bk_prune::run)
 }

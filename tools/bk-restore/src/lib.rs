@@ -10,7 +10,7 @@ use bk_core::error::{from_io, Error, Result};
 use bk_core::name::{parse_time, rfc3339, stamp, validate_name};
 use bk_core::progress::Progress;
 use bk_core::record::{Artifact, Output, Record, Restored};
-use bk_core::store::{self, Broken, Store};
+use bk_core::store::{Broken, Store, StoreConfig};
 
 use bk_engines::{count_mismatch, files, mysql, postgres, sqlite, ReadOpts, RestoreOptions};
 
@@ -84,11 +84,11 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     }
     let (store, artifact) = match &cli.from {
         Some(url) => {
-            let store = store::open(url)?;
+            let store = bk_stores::open(url, &cli.read.s3.store_config())?;
             let artifact = pick(store.as_ref(), &cli)?;
             (store, artifact)
         }
-        None => match from_stdin(out)? {
+        None => match from_stdin(out, &cli.read.s3.store_config())? {
             Some(found) => found,
             None => return Ok(()),
         },
@@ -99,7 +99,7 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
 
 /// Reads the records on stdin: passes on what is not an artifact, and returns the one
 /// artifact to restore, or none when an upstream tool failed.
-fn from_stdin(out: &mut Output) -> Result<Option<(Box<dyn Store>, Artifact)>> {
+fn from_stdin(out: &mut Output, config: &StoreConfig) -> Result<Option<(Box<dyn Store>, Artifact)>> {
     let inputs = read_stdin_records(
         out,
         "pipe an artifact record in (bk-ls STORE --latest | bk-restore ...) or use --from",
@@ -134,7 +134,7 @@ fn from_stdin(out: &mut Output) -> Result<Option<(Box<dyn Store>, Artifact)>> {
         return Ok(None);
     }
     let artifact = chosen.ok_or_else(|| Error::usage("no artifact record on stdin"))?;
-    Ok(Some((store::open_location(&artifact)?, artifact)))
+    Ok(Some((bk_stores::open_location(&artifact, config)?, artifact)))
 }
 
 fn pick(store: &dyn Store, cli: &Cli) -> Result<Artifact> {

@@ -10,7 +10,7 @@ use bk_core::error::{from_io, Error, Kind, Result};
 use bk_core::name::validate_name;
 use bk_core::record::{Artifact, Output, Record};
 use bk_core::store::newest_per_name;
-use bk_core::store::{self, Store};
+use bk_core::store::Store;
 use chrono::{DateTime, NaiveDate, Utc};
 use clap::Parser;
 use sha2::{Digest, Sha256};
@@ -99,8 +99,7 @@ impl Destination {
 impl bk_core::cli::Tool for Cli {}
 
 pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
-    // The S3 options travel to the stores as their variables.
-    cli.s3.apply();
+    let config = cli.s3.store_config();
     if let Some(n) = &cli.name {
         validate_name(n)?;
     }
@@ -108,7 +107,7 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     let mut dests = Vec::new();
     for url in &cli.to {
         dests.push(Destination {
-            store: store::open(url)?,
+            store: bk_stores::open(url, &config)?,
             held: BTreeMap::new(),
         });
     }
@@ -134,14 +133,14 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
                     shipper.say(out, &format!("{}: not shipped: its run failed upstream", a.id));
                     continue;
                 }
-                match store::open_location(a) {
+                match bk_stores::open_location(a, &config) {
                     Ok(source) => shipper.ship(source.as_ref(), a, &mut dests, out)?,
                     Err(e) => out.error(&e.named(&a.name))?,
                 }
             }
         }
         Some(from) => {
-            let source = store::open(from)?;
+            let source = bk_stores::open(from, &config)?;
             let listing = source.list(cli.name.as_deref())?;
             let (mut artifacts, mut broken) = (listing.artifacts, listing.broken);
             if cli.latest {
@@ -412,9 +411,4 @@ fn check_copy(store: &dyn Store, copy: &Artifact) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// The bk-ship program.
-pub fn main() -> std::process::ExitCode {
-    bk_stores::main(run)
 }

@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    bk_ship::main()
+    bk_core::cli::main(bk_ship::run)
 }

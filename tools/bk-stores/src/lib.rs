@@ -3,8 +3,8 @@
 //! `rclone:remote:path` (SPEC §3). Local paths and `file://` stay bk-core's `LocalStore`. The heavy
 //! S3 and async dependencies live here only.
 //!
-//! Every tool that takes stores starts through [`main`], which installs [`open`] as bk-core's
-//! remote opener, so `bk_core::store::open` and `open_location` handle every scheme.
+//! Every tool that takes stores opens them with [`open`] or [`open_location`], passing the
+//! [`StoreConfig`] of its options.
 
 pub mod ftp;
 mod piped;
@@ -12,42 +12,32 @@ pub mod rclone;
 pub mod s3;
 pub mod ssh;
 
-use bk_core::record::Output;
+use bk_core::record::Artifact;
 use bk_core::store::Store;
+pub use bk_core::store::StoreConfig;
 use bk_core::Result;
 
-/// Opens a store from its URL: a path, `file://`, `s3://`, `ssh://`, `ftp://`, `ftps://` or `rclone:`.
-pub fn open(url: &str) -> Result<Box<dyn Store>> {
-    install();
+/// Opens a store from its URL: a path, `file://`, `s3://`, `ssh://`, `ftp://`, `ftps://` or
+/// `rclone:`, with the run's `config`.
+pub fn open(url: &str, config: &StoreConfig) -> Result<Box<dyn Store>> {
+    if url.starts_with("s3://") {
+        return Ok(Box::new(s3::S3Store::open(url, config)?));
+    }
+    if url.starts_with("ssh://") {
+        return Ok(Box::new(ssh::SshStore::open(url)?));
+    }
+    if url.starts_with("ftp://") || url.starts_with("ftps://") {
+        return Ok(Box::new(ftp::FtpStore::open(url)?));
+    }
+    if url.starts_with("rclone:") {
+        return Ok(Box::new(rclone::RcloneStore::open(url)?));
+    }
     bk_core::store::open(url)
 }
 
-/// The remote opener installed into bk-core: `None` for the URLs bk-core handles itself.
-fn open_remote(url: &str) -> Result<Option<Box<dyn Store>>> {
-    if url.starts_with("s3://") {
-        return Ok(Some(Box::new(s3::S3Store::open(url)?)));
-    }
-    if url.starts_with("ssh://") {
-        return Ok(Some(Box::new(ssh::SshStore::open(url)?)));
-    }
-    if url.starts_with("ftp://") || url.starts_with("ftps://") {
-        return Ok(Some(Box::new(ftp::FtpStore::open(url)?)));
-    }
-    if url.starts_with("rclone:") {
-        return Ok(Some(Box::new(rclone::RcloneStore::open(url)?)));
-    }
-    Ok(None)
-}
-
-/// Makes `bk_core::store::open` handle the remote schemes (once per process).
-pub fn install() {
-    bk_core::store::set_remote_opener(open_remote);
-}
-
-/// Runs a tool (as `bk_core::cli::main`) with every kind of store available.
-pub fn main<C: bk_core::cli::Tool>(run: fn(C, &mut Output) -> Result<()>) -> std::process::ExitCode {
-    install();
-    bk_core::cli::main(run)
+/// Opens the store an artifact record's `location` points into.
+pub fn open_location(artifact: &Artifact, config: &StoreConfig) -> Result<Box<dyn Store>> {
+    open(bk_core::store::location_root(artifact)?, config)
 }
 
 /// Refuses (64) a URL that carries a secret in its userinfo, with a message that does not

@@ -1,7 +1,7 @@
 //! `s3://bucket/prefix`: any S3-compatible server, through the object_store crate.
 //!
-//! Configuration, in order of precedence: `BK_S3_ENDPOINT` / `BK_S3_REGION` (bk-ship's
-//! `--s3-endpoint` / `--s3-region` set them for the run), the standard AWS variables
+//! Configuration, in order of precedence: the [`StoreConfig`]'s endpoint and region (the
+//! tools' `--s3-endpoint` / `--s3-region`, or `BK_S3_ENDPOINT` / `BK_S3_REGION`), the standard AWS variables
 //! (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION` /
 //! `AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL`, `AWS_PROFILE`), then `~/.aws/credentials`
 //! and `~/.aws/config` of the profile. Requests are path-style unless
@@ -37,7 +37,7 @@ use std::time::{Duration, SystemTime};
 
 use bk_core::error::{Error, Kind, Result};
 use bk_core::record::{Artifact, Record};
-use bk_core::store::{manifest_file, Listing, Store, Upload};
+use bk_core::store::{manifest_file, Listing, Store, StoreConfig, Upload};
 use futures::{StreamExt, TryStreamExt};
 use md5::Md5;
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
@@ -161,8 +161,8 @@ fn aws_file(var: &str, default: &str) -> Option<PathBuf> {
 const CREDENTIALS_ADVICE: &str =
     "give them by AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or in ~/.aws/credentials (chmod 600)";
 
-/// The builder from the environment and the AWS files, without bucket.
-fn builder() -> Result<AmazonS3Builder> {
+/// The builder from the configuration, the environment and the AWS files, without bucket.
+fn builder(settings: &StoreConfig) -> Result<AmazonS3Builder> {
     let mut b = AmazonS3Builder::from_env();
     let profile = env("AWS_PROFILE").unwrap_or_else(|| "default".into());
     if env("AWS_ACCESS_KEY_ID").is_none() {
@@ -189,13 +189,17 @@ fn builder() -> Result<AmazonS3Builder> {
     } else {
         config.get(&format!("profile {profile}"))
     };
-    let region = env("BK_S3_REGION")
+    let region = settings
+        .s3_region
+        .clone()
         .or_else(|| env("AWS_REGION"))
         .or_else(|| env("AWS_DEFAULT_REGION"))
         .or_else(|| section.and_then(|s| s.get("region").cloned()))
         .unwrap_or_else(|| "us-east-1".into());
     b = b.with_region(region);
-    let endpoint = env("BK_S3_ENDPOINT")
+    let endpoint = settings
+        .s3_endpoint
+        .clone()
         .or_else(|| env("AWS_ENDPOINT_URL_S3"))
         .or_else(|| env("AWS_ENDPOINT_URL"))
         .or_else(|| section.and_then(|s| s.get("endpoint_url").cloned()));
@@ -240,7 +244,7 @@ fn builder() -> Result<AmazonS3Builder> {
 }
 
 impl S3Store {
-    pub fn open(url: &str) -> Result<Self> {
+    pub fn open(url: &str, config: &StoreConfig) -> Result<Self> {
         crate::refuse_secret_in_url("store", url, false, CREDENTIALS_ADVICE)?;
         let rest = url
             .strip_prefix("s3://")
@@ -250,7 +254,7 @@ impl S3Store {
             return Err(Error::usage(format!("store {url}: no bucket (s3://bucket/prefix)")));
         }
         let prefix = prefix.trim_matches('/').to_string();
-        let s3 = builder()?
+        let s3 = builder(config)?
             .with_bucket_name(bucket)
             .build()
             .map_err(|e| Error::config(format!("store {url}: {e}")))?;

@@ -18,7 +18,7 @@ use bk_core::name::validate_name;
 use bk_core::progress::Progress;
 use bk_core::record::{Artifact, Output, Record};
 use bk_core::store::newest_per_name;
-use bk_core::store::{self, Broken, Store};
+use bk_core::store::{Broken, Store};
 
 use bk_engines::{files, mysql, postgres, sqlite, ReadOpts, RestoreOptions};
 
@@ -83,7 +83,7 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     let mut verifier = Verifier::new(&cli, identities);
     match &cli.from {
         Some(url) => {
-            let store = store::open(url)?;
+            let store = bk_stores::open(url, &cli.read.s3.store_config())?;
             let picked = pick(store.as_ref(), &cli)?;
             for broken in &picked.broken {
                 verifier.report(broken.error(), out)?;
@@ -100,7 +100,7 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
                 match &input.record {
                     Record::Artifact(a) if !seen.contains(&a.location) => {
                         seen.push(a.location.clone());
-                        match store::open_location(a) {
+                        match bk_stores::open_location(a, &cli.read.s3.store_config()) {
                             Ok(store) => verifier.verify(store.as_ref(), a, out)?,
                             Err(e) => verifier.report(e.named(&a.name), out)?,
                         }

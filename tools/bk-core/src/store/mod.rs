@@ -143,26 +143,18 @@ pub trait Store {
     }
 }
 
-/// Opens the stores this crate does not know (s3://, ssh://): `Ok(None)` for a URL it does
-/// not handle either. Installed once per process by the crate that links them (bk-stores),
-/// so that bk-core stays free of their dependencies.
-pub type RemoteOpener = fn(&str) -> Result<Option<Box<dyn Store>>>;
-
-static REMOTE_OPENER: std::sync::OnceLock<RemoteOpener> = std::sync::OnceLock::new();
-
-/// Makes `open` (and so every tool) handle the remote schemes of `opener`.
-pub fn set_remote_opener(opener: RemoteOpener) {
-    let _ = REMOTE_OPENER.set(opener);
+/// What opening a store needs besides its URL, from the tools' options: where S3 is.
+#[derive(Debug, Clone, Default)]
+pub struct StoreConfig {
+    /// The S3 endpoint URL [default: the AWS variables and files'].
+    pub s3_endpoint: Option<String>,
+    /// The S3 region [default: the AWS variables and files'].
+    pub s3_region: Option<String>,
 }
 
-/// Opens a store from its URL: a path or `file://` URL, or a remote URL if a remote opener
-/// is installed. Remote schemes nobody handles are refused with exit 64.
+/// Opens a local store from its URL: a path or `file://` URL. Other schemes are bk-stores'
+/// (`bk_stores::open`); here they are refused with exit 64.
 pub fn open(url: &str) -> Result<Box<dyn Store>> {
-    if let Some(opener) = REMOTE_OPENER.get() {
-        if let Some(store) = opener(url)? {
-            return Ok(store);
-        }
-    }
     if let Some(path) = url.strip_prefix("file://") {
         return Ok(Box::new(LocalStore::new(path)?));
     }
@@ -179,8 +171,8 @@ pub fn open(url: &str) -> Result<Box<dyn Store>> {
     Ok(Box::new(LocalStore::new(url)?))
 }
 
-/// The store an artifact record's `location` points into: `<root>/<name>/<file>`.
-pub fn open_location(artifact: &Artifact) -> Result<Box<dyn Store>> {
+/// The URL of the store an artifact record's `location` points into: `<root>/<name>/<file>`.
+pub fn location_root(artifact: &Artifact) -> Result<&str> {
     let suffix = format!("/{}/{}", artifact.name, artifact.file);
     let root = artifact.location.strip_suffix(&suffix).ok_or_else(|| {
         Error::data(format!(
@@ -188,7 +180,7 @@ pub fn open_location(artifact: &Artifact) -> Result<Box<dyn Store>> {
             artifact.id, artifact.location
         ))
     })?;
-    open(if root.is_empty() { "/" } else { root })
+    Ok(if root.is_empty() { "/" } else { root })
 }
 
 /// The `%XX` escapes of a store URL's user or path (or a test server's URL), decoded.
