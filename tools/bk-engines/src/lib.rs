@@ -4,13 +4,9 @@
 pub mod conn;
 pub mod files;
 pub mod mysql;
-pub mod mysql_swap;
-pub mod pgscan;
 pub mod postgres;
 pub mod process;
-pub mod sqlfilter;
 pub mod sqlite;
-pub mod sqlscan;
 
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -2,6 +2,10 @@
 //! artifact per database, rows counted from the stream as it passes; restored through the
 //! mariadb or mysql client into the same or another database.
 
+pub mod filter;
+pub mod scan;
+pub mod swap;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -14,8 +18,8 @@ use bk_core::record::{Artifact, Source, ToolInfo};
 
 use crate::conn::{ConnArgs, Mysql, MysqlOpts};
 use crate::process::{find_program, output_of, stream_from, stream_into, version_line};
-use crate::sqlscan::SqlScanner;
 use crate::{DumpJob, Dumped, RestoreOptions, RestoredInfo};
+use scan::SqlScanner;
 
 /// The database a restore loads into before anything of the target changes.
 const SCRATCH_PREFIX: &str = "bk_restore_";
@@ -387,7 +391,7 @@ pub fn restore(artifact: &Artifact, decoder: Decoder, opts: &RestoreOptions) -> 
         }
     }
     if exists {
-        crate::mysql_swap::Swap {
+        swap::Swap {
             client: &programs.client,
             dump: &programs.dump,
             server: &server,
@@ -411,7 +415,7 @@ pub fn restore(artifact: &Artifact, decoder: Decoder, opts: &RestoreOptions) -> 
     target_info.insert("database".into(), target.clone().into());
     Ok(RestoredInfo {
         target: target_info,
-        counts: crate::mysql_swap::counts_in(counts, &into, &target),
+        counts: swap::counts_in(counts, &into, &target),
         complete: opts.tables.is_empty(),
     })
 }
@@ -452,7 +456,7 @@ fn load(
     if tables.is_empty() {
         stream_into(cmd, &mut scanned, classify)?;
     } else {
-        let mut filtered = crate::sqlfilter::TableFilter::new(&mut scanned, tables);
+        let mut filtered = filter::TableFilter::new(&mut scanned, tables);
         stream_into(cmd, &mut filtered, classify)?;
         let missing = filtered.missing();
         if !missing.is_empty() {

@@ -4,6 +4,8 @@
 //! snapshot, so the counts are exactly what the dump holds. Restored with pg_restore (or
 //! psql for plain dumps) into the same or another database.
 
+pub mod scan;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write};
@@ -1350,18 +1352,18 @@ pub fn derive_counts(artifact: &Artifact, decoder: &mut Decoder) -> Result<BTree
     } else {
         "-- PostgreSQL database dump complete"
     };
-    let scanner = crate::pgscan::CopyScanner::new(marker);
+    let scanner = scan::CopyScanner::new(marker);
     let scanner = if artifact.format == "pgdump" {
         let mut cmd = Command::new(find_program(&["pg_restore"], "postgresql-client")?);
         cmd.args(["--file", "-"]);
-        crate::process::scan_through(cmd, decoder, scanner, crate::pgscan::CopyScanner::feed, |_| Kind::Data).map_err(
-            |e| match e.kind {
+        crate::process::scan_through(cmd, decoder, scanner, scan::CopyScanner::feed, |_| Kind::Data).map_err(|e| {
+            match e.kind {
                 Kind::Data if e.message.starts_with("pg_restore") => {
                     e.context(format!("{}: not a readable pg_dump archive", artifact.file))
                 }
                 _ => e,
-            },
-        )?
+            }
+        })?
     } else {
         let mut scanner = scanner;
         crate::for_each_chunk(decoder, |b| scanner.feed(b))?;
