@@ -21,6 +21,7 @@ build_start=$SECONDS
 cargo build --release --quiet --bins
 echo "built in $((SECONDS - build_start)) s"
 bin=$PWD/target/release
+"$bin/bk" --install-links 2>/dev/null   # bk-dump, bk-ls, ... beside the one binary bk
 
 demo=${BK_DEMO_DIR:-$(mktemp -d /tmp/bk-demo.XXXXXX)}
 mkdir -p "$demo"

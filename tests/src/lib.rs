@@ -15,22 +15,44 @@ use std::process::{Child, Command, Output, Stdio};
 use bk_core::record::{parse_line, Artifact, ErrorRecord, Record, Restored};
 use sha2::{Digest, Sha256};
 
-/// target/<profile>/, where cargo put the tools beside this test binary's deps/ folder.
+/// target/<profile>/, where cargo put the multicall binary `bk` beside this test binary's
+/// deps/ folder, with a link `bk-<tool>` to it for every tool (made once per test process, as
+/// `bk --install-links` does; a leftover single-tool binary there is replaced, never tested).
 pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>")
-        .to_path_buf()
+    static LINKED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    LINKED
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("the test binary's path");
+            let dir = exe
+                .parent()
+                .and_then(Path::parent)
+                .expect("target/<profile>/deps/<test>")
+                .to_path_buf();
+            assert!(
+                dir.join("bk").exists(),
+                "{} is not built: run `cargo build --workspace` first (tests/run.sh does)",
+                dir.join("bk").display()
+            );
+            for tool in &bk::TOOLS {
+                let link = dir.join(format!("bk-{}", tool.name));
+                if fs::read_link(&link).is_ok_and(|t| t == Path::new("bk")) {
+                    continue;
+                }
+                // Test processes run in parallel: each makes its own link, renamed into place.
+                let temp = dir.join(format!(".bk-{}.link-{}", tool.name, std::process::id()));
+                let _ = fs::remove_file(&temp);
+                std::os::unix::fs::symlink("bk", &temp).expect("a link in target/");
+                fs::rename(&temp, &link).expect("renaming a link in target/");
+            }
+            dir
+        })
+        .clone()
 }
 
+/// The path of a tool (`bk-dump`, ...) or of `bk` itself.
 pub fn bin(tool: &str) -> PathBuf {
     let path = bin_dir().join(tool);
-    assert!(
-        path.exists(),
-        "{} is not built: run `cargo build --workspace` first (tests/run.sh does)",
-        path.display()
-    );
+    assert!(path.exists(), "{}: no such tool", path.display());
     path
 }
 
@@ -943,5 +965,46 @@ impl Drop for PrivateS3 {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// The ```sh blocks of a Markdown text, in order: each block's first line's number and its text.
+pub fn sh_blocks(text: &str) -> Vec<(usize, String)> {
+    let mut blocks = Vec::new();
+    let mut open: Option<(usize, String)> = None;
+    for (i, line) in text.lines().enumerate() {
+        match open.as_mut() {
+            None if line == "```sh" => open = Some((i + 2, String::new())),
+            None => {}
+            Some(_) if line == "```" => blocks.push(open.take().expect("an open block")),
+            Some((_, script)) => {
+                script.push_str(line);
+                script.push('\n');
+            }
+        }
+    }
+    assert!(open.is_none(), "the text ends inside a ```sh block");
+    blocks
+}
+
+/// `bk` is installed in `bin`, every tool is a link `bk-<tool>` to it there, and each runs
+/// as that tool.
+#[track_caller]
+pub fn assert_tools_linked(bin: &Path) {
+    assert!(bin.join("bk").is_file(), "{}/bk is not installed", bin.display());
+    for tool in &bk::TOOLS {
+        let link = bin.join(format!("bk-{}", tool.name));
+        let target = fs::read_link(&link).unwrap_or_else(|e| panic!("{}: not a link: {e}", link.display()));
+        assert_eq!(target, Path::new("bk"), "{}", link.display());
+        let mut version = Command::new(&link);
+        version.arg("--version");
+        let run = run_cmd(version, "");
+        assert_eq!(
+            (run.code, run.stdout.trim()),
+            (0, format!("bk-{} {}", tool.name, bk_core::BK_VERSION).as_str()),
+            "{} --version: {}",
+            link.display(),
+            run.stderr
+        );
     }
 }

@@ -15,14 +15,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use bk_core::record::{parse_line, Artifact, Record};
-use bk_tests::{cron, have_root, mysql_server, pg_ident, pg_server, run_cmd, services_required, Run, Sandbox};
+use bk_tests::{
+    assert_tools_linked, cron, have_root, mysql_server, pg_ident, pg_server, run_cmd, services_required, Run, Sandbox,
+};
 use serde_json::json;
 
 /// The backup user of the test: created by the role, removed at the end.
 const USER: &str = "bktest";
-
-/// The tools the role installs (its bk_tools).
-const TOOLS: [&str; 6] = ["bk-dump", "bk-ls", "bk-restore", "bk-prune", "bk-verify", "bk-ship"];
 
 /// Runs a closure when it goes, whatever happens: for what a test changed outside its sandbox.
 struct Cleanup<F: FnMut()>(F);
@@ -104,6 +103,12 @@ impl Ansible<'_> {
 
     /// `ansible-playbook --diff` of a playbook applying the role with `vars` to localhost.
     fn play(&self, vars: &serde_json::Value) -> Play {
+        self.play_tasks("  roles: [bk]\n", vars)
+    }
+
+    /// `ansible-playbook --diff` of a playbook whose play ends with `tasks` (YAML under the
+    /// play) with `vars`, on localhost.
+    fn play_tasks(&self, tasks: &str, vars: &serde_json::Value) -> Play {
         let dir = self.sb.path("playbook");
         fs::create_dir_all(&dir).unwrap();
         fs::write(
@@ -116,7 +121,7 @@ impl Ansible<'_> {
         .unwrap();
         fs::write(
             dir.join("site.yml"),
-            "- name: Back up this host with bk\n  hosts: all\n  gather_facts: false\n  roles: [bk]\n",
+            format!("- name: Back up this host with bk\n  hosts: all\n  gather_facts: false\n{tasks}"),
         )
         .unwrap();
         let vars_file = dir.join("vars.json");
@@ -148,11 +153,9 @@ impl Ansible<'_> {
 fn snapshot_tools(sb: &Sandbox) -> PathBuf {
     let dir = sb.path("built");
     fs::create_dir_all(&dir).unwrap();
-    for tool in TOOLS {
-        let (from, to) = (bk_tests::bin(tool), dir.join(tool));
-        if fs::hard_link(&from, &to).is_err() {
-            fs::copy(&from, &to).unwrap_or_else(|e| panic!("copying {}: {e}", from.display()));
-        }
+    let (from, to) = (bk_tests::bin("bk"), dir.join("bk"));
+    if fs::hard_link(&from, &to).is_err() {
+        fs::copy(&from, &to).unwrap_or_else(|e| panic!("copying {}: {e}", from.display()));
     }
     dir
 }
@@ -334,6 +337,7 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     // 1. The first run sets everything up.
     let first = ansible.play(&vars);
     no_secret(&first, "first");
+    assert_tools_linked(&sb.path("bin"));
     let (uid, gid, user_home) = passwd(USER).expect("the role creates the backup user");
     assert_eq!(user_home, home, "a new backup user gets bk_home");
     for file in [
@@ -497,5 +501,48 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     assert!(
         !fs::read_to_string(&runbook).unwrap().contains("## Job data"),
         "the runbook still has the removed job"
+    );
+}
+
+/// The role's other install path: a release tarball with `bk` at its top, over an older
+/// install whose tools were single binaries; a second run changes nothing.
+#[test]
+fn role_installs_from_a_release_tarball() {
+    let test = "role_installs_from_a_release_tarball";
+    if !have_root(test) {
+        return;
+    }
+    let Some(venv) = ansible_venv(test) else {
+        return;
+    };
+    let sb = Sandbox::new();
+    let ansible = Ansible {
+        sb: &sb,
+        venv,
+        repo: Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
+    };
+    let tarball = sb.path("bk.tar.gz");
+    let mut tar = Command::new("tar");
+    tar.arg("-C")
+        .arg(snapshot_tools(&sb))
+        .arg("-czf")
+        .arg(&tarball)
+        .arg("bk");
+    let made = run_cmd(tar, "");
+    assert_eq!(made.code, 0, "tar: {}", made.stderr);
+    let bin = sb.path("bin");
+    fs::create_dir_all(&bin).unwrap();
+    fs::write(bin.join("bk-dump"), "#!/bin/sh\necho an older bk-dump\n").unwrap();
+    let vars = json!({"bk_install_src": tarball, "bk_bin_dir": bin, "bk_install_packages": false});
+    let tasks =
+        "  tasks:\n    - name: Install bk\n      ansible.builtin.include_role: {name: bk, tasks_from: install}\n";
+    let first = ansible.play_tasks(tasks, &vars);
+    assert!(first.changed > 0, "the first run installed nothing:\n{}", first.output);
+    assert_tools_linked(&bin);
+    let second = ansible.play_tasks(tasks, &vars);
+    assert_eq!(
+        second.changed, 0,
+        "the second run changed something:\n{}",
+        second.output
     );
 }

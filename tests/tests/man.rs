@@ -96,13 +96,10 @@ fn page(mut cmd: clap::Command, see_also: &[&str]) -> (String, String) {
 
 /// The tools' commands, each with its page's file name (e.g. `bk-dump-files.1`).
 fn commands() -> Vec<(String, clap::Command)> {
-    let mut commands = vec![
-        bk_ls::Cli::command(),
-        bk_prune::Cli::command(),
-        bk_restore::Cli::command(),
-        bk_verify::Cli::command(),
-        bk_ship::Cli::command(),
-    ];
+    // The multicall binary's own page, bk(1), and each tool's.
+    let mut commands: Vec<clap::Command> = std::iter::once(bk::command())
+        .chain(bk::TOOLS.iter().filter(|t| t.name != "dump").map(|t| (t.command)()))
+        .collect();
     // As clap_mangen::generate_to does: no `help` subcommand, and a built command, so that
     // the global options (--to, --name, ...) appear on each engine's page, and clap names
     // each engine's page bk-dump-<engine>.
@@ -149,6 +146,7 @@ fn man_pages_are_current() {
     let pages = generated_pages();
     let names: Vec<&str> = pages.iter().map(|(f, _)| f.as_str()).collect();
     for expected in [
+        "bk.1",
         "bk-dump.1",
         "bk-dump-files.1",
         "bk-dump-sqlite.1",

@@ -1,5 +1,6 @@
 //! What every tool's `main` shares: parsing, the exit code, errors printed once.
 
+use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,17 +22,17 @@ pub trait Tool: clap::Parser {
     }
 }
 
-/// Runs a tool: parses its command line (usage errors exit 64), runs it, and turns the
-/// outcome into the exit code. A failure prints an `error` record on stdout and one line on
+/// Runs a tool: parses its command line `args` (the program name first; usage errors exit
+/// 64), runs it, and turns the outcome into the exit code. A failure prints an `error` record on stdout and one line on
 /// stderr, once; a closed stdout ends the run quietly with 0. Records are framed by `begin`
 /// and `end` (bk(7)), so that a reader can tell a stream cut short by a kill.
-pub fn main<C: Tool>(run: fn(C, &mut Output) -> Result<()>) -> ExitCode {
+pub fn main<C: Tool>(args: Vec<OsString>, run: fn(C, &mut Output) -> Result<()>) -> ExitCode {
     let tool = C::command().get_name().to_string();
     // Signals and panics undo unfinished work (temporary files, scratch databases) first,
     // then print an error record.
     crate::cleanup::install(&tool);
     let mut out = Output::stdout(&tool);
-    let cli = match C::try_parse() {
+    let cli = match C::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
             let _ = e.print();

@@ -1,3 +1,0 @@
-fn main() -> std::process::ExitCode {
-    bk_core::cli::main(bk_ls::run)
-}

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    bk::main(std::env::args_os().collect())
+}
