@@ -1,7 +1,8 @@
 //! The documentation: every relative link in the README, CONTRIBUTING.md, ansible/README.md
 //! and docs/*.md names a file or directory of the repository and, with a `#fragment`, a
-//! heading of that Markdown file (as GitHub makes anchors of headings); and the README stays
-//! short enough for a newcomer's ten minutes, depth going to docs/.
+//! heading of that Markdown file (as GitHub makes anchors of headings); the README stays
+//! short enough for a newcomer's ten minutes, depth going to docs/; and CONTRIBUTING.md's
+//! layout table matches the tree.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -213,4 +214,52 @@ fn links_are_read_outside_code_only() {
         let found: Vec<String> = relative_links(text).into_iter().map(|(_, t)| t).collect();
         assert_eq!(found, expected, "{text}");
     }
+}
+
+/// The paths CONTRIBUTING.md's layout table names in backquotes: every one exists, and every
+/// crate under tools/ and every file of a crate's `src/` top level is named (by itself, or
+/// in its crate's row).
+#[test]
+fn the_layout_table_matches_the_tree() {
+    let repo = repo();
+    let text = fs::read_to_string(repo.join("CONTRIBUTING.md")).expect("CONTRIBUTING.md");
+    let section = text
+        .split("\n## ")
+        .find(|s| s.starts_with("Repository layout\n"))
+        .expect("a section `## Repository layout` in CONTRIBUTING.md");
+    let rows: Vec<&str> = section.lines().filter(|l| l.starts_with("| `")).collect();
+    let mut problems = Vec::new();
+    let mut rows_of: std::collections::BTreeMap<String, &str> = Default::default();
+    for row in &rows {
+        let path = row.split('`').nth(1).expect("a path in backquotes");
+        if !repo.join(path).exists() {
+            problems.push(format!("`{path}` is in the layout table but not in the tree"));
+        }
+        rows_of.insert(path.trim_end_matches('/').to_string(), row);
+    }
+    let mut crates: Vec<PathBuf> = fs::read_dir(repo.join("tools"))
+        .expect("tools/")
+        .map(|e| e.expect("a tools/ entry").path())
+        .collect();
+    crates.sort();
+    for krate in crates {
+        let name = format!("tools/{}", krate.file_name().unwrap().to_string_lossy());
+        let Some(row) = rows_of.get(&name) else {
+            problems.push(format!("`{name}/` has no row in the layout table"));
+            continue;
+        };
+        let mut modules: Vec<String> = fs::read_dir(krate.join("src"))
+            .expect("a crate's src/")
+            .map(|e| e.expect("a src/ entry").file_name().to_string_lossy().into_owned())
+            .filter(|f| f != "lib.rs" && f != "main.rs")
+            .collect();
+        modules.sort();
+        for module in modules {
+            let stem = module.trim_end_matches(".rs");
+            if !row.contains(&format!("`{module}`")) && !row.contains(&format!("`{stem}/`")) {
+                problems.push(format!("{name}/src/{module} is not named in its row of the layout table"));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "CONTRIBUTING.md, Repository layout:\n{}", problems.join("\n"));
 }
