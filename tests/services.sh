@@ -528,6 +528,9 @@ cmd_start() {
   install_s3_server
   install_ansible
   install_garage
+  # The servers inherit this directory: not the checkout, which may be removed while they run
+  # (pyftpdlib fails every CWD once its own working directory is gone).
+  cd "$BASE"
   start_mariadb
   start_postgres
   start_mongo

@@ -448,7 +448,7 @@ fn tls_config() -> Result<Arc<ClientConfig>> {
                     "no trusted CA certificates (system store, or SSL_CERT_FILE): {why}"
                 ));
             }
-            let provider = Arc::new(suppaftp::rustls::crypto::aws_lc_rs::default_provider());
+            let provider = Arc::new(suppaftp::rustls::crypto::ring::default_provider());
             let config = ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
                 .map_err(|e| e.to_string())?

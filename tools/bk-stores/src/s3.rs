@@ -163,6 +163,9 @@ const CREDENTIALS_ADVICE: &str =
 
 /// The builder from the configuration, the environment and the AWS files, without bucket.
 fn builder(settings: &StoreConfig) -> Result<AmazonS3Builder> {
+    // reqwest is built without a TLS provider of its own (see Cargo.toml): it takes the
+    // process's, set here once; an error means it is set already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut b = AmazonS3Builder::from_env();
     let profile = env("AWS_PROFILE").unwrap_or_else(|| "default".into());
     if env("AWS_ACCESS_KEY_ID").is_none() {

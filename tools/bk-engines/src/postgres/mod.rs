@@ -418,7 +418,7 @@ fn service_section(text: &str, name: &str) -> std::result::Result<Option<BTreeMa
 /// The TLS client of bk's own connections: the server's chain checked against `root_cert`
 /// when there is one (required by verify-ca and verify-full), its name by verify-full only.
 fn tls_connector(mode: SslMode, root_cert: Option<&Path>) -> Result<MakeRustlsConnect> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = match root_cert.filter(|f| f.exists()) {
         Some(file) => Some(root_verifier(file, &provider)?),
         None if mode.verifies() => {
