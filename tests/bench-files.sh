@@ -10,8 +10,10 @@ work=${BENCH_DIR:-/tmp/bk-bench-files}
 for tool in zstd /usr/bin/time; do
   command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install zstd time)" >&2; exit 69; }
 done
-cargo build --release --quiet --bins
-bin=$PWD/target/release
+# BK_BIN=DIR: the tools of another build (its bk), to compare builds in one run.
+if [ -z "${BK_BIN:-}" ]; then cargo build --release --quiet --bins; fi
+bin=${BK_BIN:-$PWD/target/release}
+"$bin/bk" --install-links 2>/dev/null
 export BK_LOCK_DIR=$work/locks
 
 # Half incompressible, half text-like data, in files of 1 to 64 MiB plus many small ones.

@@ -15,8 +15,10 @@ source "$(tests/services.sh env)"
 for tool in /usr/bin/time rclone "$aws"; do
   command -v "$tool" >/dev/null || { echo "bench: $tool is missing (tests/services.sh installs it)" >&2; exit 69; }
 done
-cargo build --release --quiet --bins
-bin=$PWD/target/release
+# BK_BIN=DIR: the tools of another build (its bk), to compare builds in one run.
+if [ -z "${BK_BIN:-}" ]; then cargo build --release --quiet --bins; fi
+bin=${BK_BIN:-$PWD/target/release}
+"$bin/bk" --install-links 2>/dev/null
 mkdir -p "$work"; chmod 700 "$work"
 export BK_LOCK_DIR=$work/locks
 
