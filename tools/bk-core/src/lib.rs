@@ -11,6 +11,7 @@ pub mod private;
 pub mod progress;
 pub mod record;
 pub mod retention;
+pub mod stderr;
 pub mod store;
 
 pub use error::{Error, Kind, Result};

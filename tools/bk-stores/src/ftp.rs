@@ -406,7 +406,7 @@ impl FtpStore {
         let dir = self.path(&[name]);
         self.ensure_dir(&mut session, &dir)
             .map_err(|e| fail(&format!("creating {}/{name}", self.url), e, Kind::CantCreate))?;
-        let temp = self.path(&[name, &crate::temp_name(file)]);
+        let temp = self.path(&[name, &bk_core::store::temp_name(file)]);
         let data = session
             .put_with_stream(&temp)
             .map_err(|e| fail(&doing, e, Kind::CantCreate))?;
@@ -730,7 +730,7 @@ impl FtpUpload {
             .session
             .retr_as_stream(&self.temp)
             .map_err(|e| fail(&doing, e, Kind::NoInput))?;
-        let copy = crate::sha256_of(&mut data, &doing)?;
+        let (copy, _) = bk_core::codec::sha256_of(&mut data, &doing)?;
         data.finish().map_err(|e| fail(&doing, e, Kind::Io))?;
         Ok(copy)
     }
@@ -919,7 +919,7 @@ impl Store for FtpStore {
             .get(name)
             .into_iter()
             .flat_map(|f| f.keys())
-            .filter(|f| crate::is_temp(f))
+            .filter(|f| bk_core::store::is_temp(f))
         {
             // The modification time the server keeps, in UTC (MDTM, RFC 3659); a file whose
             // age the server will not tell is kept.
