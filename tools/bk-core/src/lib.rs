@@ -13,6 +13,7 @@ pub mod record;
 pub mod retention;
 pub mod stderr;
 pub mod store;
+pub mod table;
 
 pub use error::{Error, Kind, Result};
 

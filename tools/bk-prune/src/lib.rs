@@ -306,15 +306,8 @@ fn print_table(rows: &[Row], zone: &Zone, out: &mut Output) -> Result<()> {
         .iter()
         .map(|r| [r.id.clone(), r.time.clone(), r.decision.to_string(), r.reasons.clone()])
         .collect();
-    let mut widths = header.clone().map(|h| h.len());
-    for row in &cells {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    for row in std::iter::once(&header).chain(&cells) {
-        let line: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out.text(line.join("  ").trim_end())?;
+    for line in bk_core::table::aligned_lines(header, &cells) {
+        out.text(&line)?;
     }
     Ok(())
 }

@@ -844,10 +844,6 @@ impl Store for FtpStore {
         self.url.clone()
     }
 
-    fn location(&self, name: &str, file: &str) -> String {
-        format!("{}/{name}/{file}", self.url)
-    }
-
     fn create(&self, name: &str, file: &str) -> Result<Box<dyn Upload>> {
         Ok(Box::new(self.upload(name, file)?))
     }
@@ -914,30 +910,23 @@ impl Store for FtpStore {
         let doing = format!("removing leftovers of {name} in {}", self.url);
         let mut session = self.connect(&doing)?;
         let files = self.files(&mut session, Some(name))?;
-        let mut removed = Vec::new();
-        for f in files
-            .get(name)
-            .into_iter()
-            .flat_map(|f| f.keys())
-            .filter(|f| bk_core::store::is_temp(f))
-        {
-            // The modification time the server keeps, in UTC (MDTM, RFC 3659); a file whose
-            // age the server will not tell is kept.
-            let Ok(modified) = session.mdtm(self.path(&[name, f])) else {
-                continue;
-            };
-            let modified = SystemTime::UNIX_EPOCH + Duration::from_secs(modified.and_utc().timestamp().max(0) as u64);
-            if modified >= older_than {
-                continue;
-            }
-            let location = self.location(name, f);
-            if !dry_run {
-                self.remove(&mut session, name, f, &format!("removing {location}"))?;
-            }
-            removed.push(location);
-        }
+        // The modification time the server keeps, in UTC (MDTM, RFC 3659); a file whose age
+        // the server will not tell is kept.
+        let old: Vec<&String> = crate::temp_files(&files, name)
+            .filter(|f| {
+                session.mdtm(self.path(&[name, f])).is_ok_and(|modified| {
+                    SystemTime::UNIX_EPOCH + Duration::from_secs(modified.and_utc().timestamp().max(0) as u64)
+                        < older_than
+                })
+            })
+            .collect();
+        let removed = crate::remove_files(
+            old,
+            dry_run,
+            |f| self.location(name, f),
+            |f, doing| self.remove(&mut session, name, f, doing),
+        )?;
         let _ = session.quit();
-        removed.sort();
         Ok(removed)
     }
 }

@@ -85,6 +85,35 @@ pub(crate) use bk_core::store::MAX_MANIFEST;
 /// name -> its size, where the store tells it.
 pub(crate) type Files = std::collections::BTreeMap<String, std::collections::BTreeMap<String, Option<u64>>>;
 
+/// The temporary files of unfinished runs among the listed files of `name`.
+pub(crate) fn temp_files<'a>(files: &'a Files, name: &str) -> impl Iterator<Item = &'a String> {
+    files
+        .get(name)
+        .into_iter()
+        .flat_map(|f| f.keys())
+        .filter(|f| bk_core::store::is_temp(f))
+}
+
+/// What `remove_leftovers` does with the old temporary files it found: removes each
+/// (`remove(file, doing)`) unless `dry_run`, and returns where they were, sorted.
+pub(crate) fn remove_files<'a>(
+    found: impl IntoIterator<Item = &'a String>,
+    dry_run: bool,
+    location: impl Fn(&str) -> String,
+    mut remove: impl FnMut(&str, &str) -> Result<()>,
+) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for f in found {
+        let location = location(f);
+        if !dry_run {
+            remove(f, &format!("removing {location}"))?;
+        }
+        removed.push(location);
+    }
+    removed.sort();
+    Ok(removed)
+}
+
 /// Builds a listing from the files of each name's directory and a way to read a manifest
 /// (see [`bk_core::store::list_name_dir`]).
 pub(crate) fn build_listing(

@@ -369,21 +369,12 @@ impl Store for RcloneStore {
         bk_core::name::validate_name(name)?;
         let age = SystemTime::now().duration_since(older_than).unwrap_or_default();
         let files = self.files(Some(name), Some(age.as_secs()))?;
-        let mut removed = Vec::new();
-        for f in files
-            .get(name)
-            .into_iter()
-            .flat_map(|f| f.keys())
-            .filter(|f| bk_core::store::is_temp(f))
-        {
-            let location = self.location(name, f);
-            if !dry_run {
-                self.delete_file(&self.path(&[name, f]), &format!("removing {location}"))?;
-            }
-            removed.push(location);
-        }
-        removed.sort();
-        Ok(removed)
+        crate::remove_files(
+            crate::temp_files(&files, name),
+            dry_run,
+            |f| self.location(name, f),
+            |f, doing| self.delete_file(&self.path(&[name, f]), doing),
+        )
     }
 }
 

@@ -361,10 +361,6 @@ impl Store for SshStore {
         self.url.clone()
     }
 
-    fn location(&self, name: &str, file: &str) -> String {
-        format!("{}/{name}/{file}", self.url)
-    }
-
     fn create(&self, name: &str, file: &str) -> Result<Box<dyn Upload>> {
         Ok(Box::new(self.upload(name, file)?))
     }

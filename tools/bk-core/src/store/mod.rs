@@ -185,8 +185,11 @@ impl Listing {
 pub trait Store {
     /// The store as the user named it, for messages.
     fn url(&self) -> String;
-    /// Where an artifact file of a name lives, for the `location` field.
-    fn location(&self, name: &str, file: &str) -> String;
+    /// Where an artifact file of a name lives, for the `location` field: by default
+    /// `<url>/<name>/<file>`.
+    fn location(&self, name: &str, file: &str) -> String {
+        format!("{}/{name}/{file}", self.url())
+    }
     fn create(&self, name: &str, file: &str) -> Result<Box<dyn Upload>>;
     /// Writes the manifest, last, which makes the artifact part of the store. By default it
     /// is written and published as an artifact file is (`create`, then `commit`).
