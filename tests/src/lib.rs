@@ -734,7 +734,8 @@ pub fn write_backup(store: &str, name: &str, stamp: &str) -> Artifact {
     let mut upload = local.create(name, &file).expect("creating the artifact");
     upload.write_all(content.as_bytes()).expect("writing the artifact");
     upload.commit().expect("publishing the artifact");
-    let started = bk_core::name::rfc3339(bk_core::name::parse_time(stamp).expect("a stamp"));
+    let started =
+        bk_core::name::rfc3339(bk_core::name::parse_time(stamp, bk_core::name::DateIs::End).expect("a stamp"));
     let artifact = Artifact {
         id,
         name: name.to_string(),

@@ -411,6 +411,40 @@ impl Decoder {
     }
 }
 
+/// Reads `input` to its end, a chunk at a time, handing each to `each` (which may fail, as a
+/// write of the same bytes elsewhere does). `reading` names the input in its errors.
+pub fn read_chunks(input: &mut dyn Read, reading: &str, mut each: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match input.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => each(&buf[..n])?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(from_io(reading, e)),
+        }
+    }
+}
+
+/// The sha256 (hex) and the size of what passes through [`read_chunks`] to `each`.
+pub fn sha256_through(
+    input: &mut dyn Read,
+    reading: &str,
+    mut each: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<(String, u64)> {
+    let (mut sha, mut bytes) = (Sha256::new(), 0u64);
+    read_chunks(input, reading, |chunk| {
+        sha.update(chunk);
+        bytes += chunk.len() as u64;
+        each(chunk)
+    })?;
+    Ok((hex::encode(sha.finalize()), bytes))
+}
+
+/// The sha256 (hex) and the size of what a reader gives, to its end.
+pub fn sha256_of(input: &mut dyn Read, reading: &str) -> Result<(String, u64)> {
+    sha256_through(input, reading, |_| Ok(()))
+}
+
 /// Compares what was read of an artifact with its manifest: exit 65 on any difference.
 pub fn check_digest(artifact: &Artifact, bytes: u64, sha256: &str) -> Result<()> {
     if bytes != artifact.bytes {
@@ -505,6 +539,22 @@ mod tests {
 
     fn sample() -> Vec<u8> {
         (0..300_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn sha256_of_a_reader_gives_digest_and_size() {
+        let data = vec![7u8; 300 * 1024]; // more than one chunk
+        let (sha, bytes) = sha256_of(&mut &data[..], "reading data").unwrap();
+        assert_eq!((sha, bytes), (hex::encode(Sha256::digest(&data)), data.len() as u64));
+        let mut copy = Vec::new();
+        let through = sha256_through(&mut &data[..], "reading data", |b| {
+            copy.extend_from_slice(b);
+            Ok(())
+        });
+        assert_eq!(through.unwrap().1, data.len() as u64);
+        assert_eq!(copy, data);
+        let failing = sha256_through(&mut &data[..], "reading data", |_| Err(Error::data("stop")));
+        assert_eq!(failing.unwrap_err().message, "stop");
     }
 
     #[test]

@@ -11,7 +11,9 @@ pub mod private;
 pub mod progress;
 pub mod record;
 pub mod retention;
+pub mod stderr;
 pub mod store;
+pub mod table;
 
 pub use error::{Error, Kind, Result};
 

@@ -52,9 +52,21 @@ pub fn artifact_id(name: &str, t: DateTime<Utc>) -> String {
     format!("{name}.{}", stamp(t))
 }
 
-/// Reads a time given by a user: RFC 3339, a bk stamp, `YYYY-MM-DD HH:MM[:SS]` (UTC) or a
-/// date (its end, so `--at 2026-11-21` picks that day's last backup).
-pub fn parse_time(text: &str) -> Result<DateTime<Utc>> {
+/// What a date without a time of day stands for. `--at 2026-11-21` picks that day's last
+/// backup, so it is the day's end; `--since 2026-11-01` copies that day's backups too, so it
+/// is the day's start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DateIs {
+    /// Midnight UTC, the day's first second.
+    Start,
+    /// 23:59:59 UTC, the day's last second.
+    End,
+}
+
+/// The time syntax of every `--at`, `--since` and `--now`: RFC 3339, a bk stamp,
+/// `YYYY-MM-DD HH:MM[:SS]` or `YYYY-MM-DDTHH:MM[:SS]` (UTC), or a date `YYYY-MM-DD` (UTC;
+/// its start or end as `date` says).
+pub fn parse_time(text: &str, date: DateIs) -> Result<DateTime<Utc>> {
     let t = text.trim();
     if let Ok(d) = DateTime::parse_from_rfc3339(t) {
         return Ok(d.with_timezone(&Utc));
@@ -71,10 +83,14 @@ pub fn parse_time(text: &str) -> Result<DateTime<Utc>> {
         }
     }
     if let Ok(d) = NaiveDate::parse_from_str(t, "%Y-%m-%d") {
-        return Ok(Utc.from_utc_datetime(&d.and_hms_opt(23, 59, 59).expect("valid time")));
+        let (h, m, s) = match date {
+            DateIs::Start => (0, 0, 0),
+            DateIs::End => (23, 59, 59),
+        };
+        return Ok(Utc.from_utc_datetime(&d.and_hms_opt(h, m, s).expect("valid time")));
     }
     Err(Error::usage(format!(
-        "cannot read time {text:?}: use RFC 3339 (2026-11-22T00:15:00Z), a stamp (20261122T001500Z) or a date"
+        "cannot read time {text:?}: use RFC 3339 (2026-11-22T00:15:00Z), a stamp (20261122T001500Z), YYYY-MM-DD HH:MM[:SS] (UTC) or a date (2026-11-22)"
     )))
 }
 
@@ -96,14 +112,38 @@ mod tests {
     }
 
     #[test]
-    fn times() {
-        let t = parse_time("2026-11-22T00:15:00Z").unwrap();
-        assert_eq!(stamp(t), "20261122T001500Z");
-        assert_eq!(parse_time("20261122T001500Z").unwrap(), t);
-        assert_eq!(parse_time("2026-11-22T01:15:00+01:00").unwrap(), t);
-        assert_eq!(stamp(parse_time("2026-11-21").unwrap()), "20261121T235959Z");
+    fn time_syntax() {
+        use DateIs::{End, Start};
+        // (text, what a bare date means, the stamp it reads as; None: refused)
+        let cases = [
+            ("2026-11-22T00:15:00Z", End, Some("20261122T001500Z")),
+            ("2026-11-22T01:15:00+01:00", Start, Some("20261122T001500Z")),
+            ("20261122T001500Z", End, Some("20261122T001500Z")),
+            ("2026-11-22 00:15:07", End, Some("20261122T001507Z")),
+            ("2026-11-22 00:15", End, Some("20261122T001500Z")),
+            ("2026-11-22T00:15:07", Start, Some("20261122T001507Z")),
+            ("2026-11-22T00:15", Start, Some("20261122T001500Z")),
+            (" 2026-11-22T00:15 ", End, Some("20261122T001500Z")),
+            ("2026-11-21", End, Some("20261121T235959Z")),
+            ("2026-11-21", Start, Some("20261121T000000Z")),
+            ("yesterday", End, None),
+            ("2026-11-31", Start, None),
+            ("20261122", End, None),
+            ("", Start, None),
+        ];
+        for (text, date, want) in cases {
+            match (parse_time(text, date), want) {
+                (Ok(t), Some(want)) => assert_eq!(stamp(t), want, "{text:?} {date:?}"),
+                (Err(e), None) => assert_eq!(e.exit_code(), 64, "{text:?}"),
+                (got, want) => panic!("{text:?} {date:?}: {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn stamps_and_ids() {
+        let t = parse_time("2026-11-22T00:15:00Z", DateIs::End).unwrap();
         assert_eq!(artifact_id("x", t), "x.20261122T001500Z");
         assert_eq!(rfc3339(t), "2026-11-22T00:15:00Z");
-        assert!(parse_time("yesterday").is_err());
     }
 }

@@ -137,13 +137,8 @@ pub fn count_mismatch(
 
 /// Reads `input` to its end in large chunks, giving each to `each`.
 pub fn for_each_chunk(input: &mut dyn std::io::Read, mut each: impl FnMut(&[u8])) -> Result<()> {
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        match input.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => each(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(bk_core::error::from_io("decoding", e)),
-        }
-    }
+    bk_core::codec::read_chunks(input, "decoding", |chunk| {
+        each(chunk);
+        Ok(())
+    })
 }

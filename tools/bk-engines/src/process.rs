@@ -5,14 +5,11 @@
 use std::ffi::OsStr;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
-use std::process::{Child, ChildStderr, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
 
 use bk_core::cleanup;
 use bk_core::error::{from_io, Error, Kind, Result};
-
-/// The last bytes of a program's stderr kept for its error message.
-const STDERR_TAIL: usize = 16 * 1024;
 
 /// The first of `names` found in PATH.
 pub fn find_program(names: &[&str], package: &str) -> Result<PathBuf> {
@@ -60,25 +57,6 @@ fn program_name(cmd: &Command) -> String {
         .into_owned()
 }
 
-/// Collects a child's stderr on a thread, keeping its tail.
-fn collect_stderr(stderr: ChildStderr) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut tail = Vec::new();
-        let mut reader = stderr;
-        let mut buf = [0u8; 8192];
-        while let Ok(n) = reader.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            tail.extend_from_slice(&buf[..n]);
-            if tail.len() > 2 * STDERR_TAIL {
-                tail.drain(..tail.len() - STDERR_TAIL);
-            }
-        }
-        String::from_utf8_lossy(&tail).into_owned()
-    })
-}
-
 fn spawn(cmd: &mut Command) -> Result<Child> {
     cmd.spawn().map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => Error::unavailable(format!("{} not found", program_name(cmd))),
@@ -90,14 +68,14 @@ fn spawn(cmd: &mut Command) -> Result<Child> {
 struct Running {
     child: Child,
     _tracked: cleanup::ChildGuard,
-    stderr: JoinHandle<String>,
+    stderr: JoinHandle<Vec<u8>>,
 }
 
 /// Starts `cmd`, whose stderr must be piped.
 fn start(cmd: &mut Command) -> Result<Running> {
     let mut child = spawn(cmd)?;
     let tracked = cleanup::track_child(child.id());
-    let stderr = collect_stderr(child.stderr.take().expect("stderr piped"));
+    let stderr = bk_core::stderr::collect_tail(child.stderr.take().expect("stderr piped"));
     Ok(Running {
         child,
         _tracked: tracked,
@@ -112,7 +90,8 @@ impl Running {
             .child
             .wait()
             .map_err(|e| Error::io(format!("waiting for {}", program_name(cmd)), e))?;
-        Ok((status, self.stderr.join().unwrap_or_default()))
+        let said = self.stderr.join().unwrap_or_default();
+        Ok((status, String::from_utf8_lossy(&said).into_owned()))
     }
 }
 

@@ -99,15 +99,8 @@ fn print_table(artifacts: &[Artifact], broken: &[store::Broken], out: &mut Outpu
             "-".into(),
         ]
     }));
-    let mut widths = header.clone().map(|h| h.len());
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    for row in std::iter::once(&header).chain(&rows) {
-        let cells: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out.text(cells.join("  ").trim_end())?;
+    for line in bk_core::table::aligned_lines(header, &rows) {
+        out.text(&line)?;
     }
     Ok(())
 }

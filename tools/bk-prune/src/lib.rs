@@ -14,7 +14,7 @@ use serde_json::Value;
 pub use bk_core::cli::Format;
 use bk_core::cli::{LockOpts, S3Opts};
 use bk_core::error::{Error, Result};
-use bk_core::name::{parse_time, validate_name, STAMP_FORMAT};
+use bk_core::name::{parse_time, validate_name, DateIs, STAMP_FORMAT};
 use bk_core::record::{Artifact, Input, Kept, Output, Pruned, Record};
 use bk_core::retention::{decide, Decision, Policy, PolicyArgs, Zone, IN_THE_FUTURE};
 use bk_core::store::Store;
@@ -78,8 +78,8 @@ pub struct Cli {
     #[arg(long, value_name = "ZONE", value_parser = Zone::parse)]
     pub tz: Option<Zone>,
     /// Take TIME as the current time, for tests and teaching: it decides which backups are
-    /// in the future and how old temporary files are (RFC 3339 or a stamp) [default: the
-    /// clock]
+    /// in the future and how old temporary files are (RFC 3339, a stamp, YYYY-MM-DD HH:MM[:SS]
+    /// in UTC, or a date: its end) [default: the clock]
     #[arg(long, value_name = "TIME", env = "BK_NOW", value_parser = parse_now)]
     pub now: Option<DateTime<Utc>>,
     /// Output format
@@ -92,7 +92,7 @@ pub struct Cli {
 }
 
 fn parse_now(text: &str) -> std::result::Result<DateTime<Utc>, String> {
-    parse_time(text).map_err(|e| e.message)
+    parse_time(text, DateIs::End).map_err(|e| e.message)
 }
 
 /// One line of `--format table`.
@@ -306,15 +306,8 @@ fn print_table(rows: &[Row], zone: &Zone, out: &mut Output) -> Result<()> {
         .iter()
         .map(|r| [r.id.clone(), r.time.clone(), r.decision.to_string(), r.reasons.clone()])
         .collect();
-    let mut widths = header.clone().map(|h| h.len());
-    for row in &cells {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    for row in std::iter::once(&header).chain(&cells) {
-        let line: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out.text(line.join("  ").trim_end())?;
+    for line in bk_core::table::aligned_lines(header, &cells) {
+        out.text(&line)?;
     }
     Ok(())
 }

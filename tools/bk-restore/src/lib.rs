@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use bk_core::cli::read_stdin_records;
-use bk_core::codec::{check_digest, Decoder, Identities};
-use bk_core::error::{from_io, Error, Result};
-use bk_core::name::{parse_time, rfc3339, stamp, validate_name};
+use bk_core::codec::{check_digest, sha256_of, Decoder, Identities};
+use bk_core::error::{Error, Result};
+use bk_core::name::{parse_time, rfc3339, stamp, validate_name, DateIs};
 use bk_core::progress::Progress;
 use bk_core::record::{Artifact, Output, Record, Restored};
 use bk_core::store::{Broken, Store, StoreConfig};
@@ -40,7 +40,8 @@ pub struct Cli {
     /// With --from: the backup with this id
     #[arg(long, requires = "from", conflicts_with = "at")]
     pub id: Option<String>,
-    /// With --from: the newest backup started at or before TIME (RFC 3339, a stamp, or a date)
+    /// With --from: the newest backup started at or before TIME (RFC 3339, a stamp,
+    /// YYYY-MM-DD HH:MM[:SS] in UTC, or a date: its end)
     #[arg(long, value_name = "TIME", requires = "from")]
     pub at: Option<String>,
     /// Where to restore: a directory for files backups, a file for SQLite (database backups
@@ -80,7 +81,7 @@ impl bk_core::cli::Tool for Cli {}
 pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     let identities = cli.read.start()?;
     if let Some(at) = &cli.at {
-        parse_time(at)?; // a usage error before any store is opened
+        parse_time(at, DateIs::End)?; // a usage error before any store is opened
     }
     let (store, artifact) = match &cli.from {
         Some(url) => {
@@ -150,7 +151,7 @@ fn pick(store: &dyn Store, cli: &Cli) -> Result<Artifact> {
         let broken = listing.broken.into_iter().filter(|b| &b.id == id).collect();
         (listing.artifacts.into_iter().find(|a| &a.id == id), broken)
     } else if let Some(at) = &cli.at {
-        let at = parse_time(at)?;
+        let at = parse_time(at, DateIs::End)?;
         let limit = format!("{name}.{}", stamp(at));
         let at = rfc3339(at);
         let broken = listing.broken.into_iter().filter(|b| b.id <= limit).collect();
@@ -243,19 +244,6 @@ fn restore(store: &dyn Store, artifact: &Artifact, cli: &Cli, identities: &Ident
 
 /// Reads the stored bytes once, to check their size and sha256 against the manifest.
 fn check_stored(mut raw: Box<dyn std::io::Read>, artifact: &Artifact) -> Result<()> {
-    use sha2::Digest;
-    let mut sha = sha2::Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut bytes = 0u64;
-    loop {
-        let n = raw
-            .read(&mut buf)
-            .map_err(|e| from_io(format!("reading {}", artifact.file), e))?;
-        if n == 0 {
-            break;
-        }
-        sha.update(&buf[..n]);
-        bytes += n as u64;
-    }
-    check_digest(artifact, bytes, &hex::encode(sha.finalize()))
+    let (sha, bytes) = sha256_of(&mut raw, &format!("reading {}", artifact.file))?;
+    check_digest(artifact, bytes, &sha)
 }

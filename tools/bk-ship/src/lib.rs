@@ -6,14 +6,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Write};
 use std::time::Duration;
 
+use bk_core::codec::sha256_through;
 use bk_core::error::{from_io, Error, Kind, Result};
-use bk_core::name::validate_name;
+use bk_core::name::{parse_time, validate_name, DateIs};
 use bk_core::record::{Artifact, Output, Record};
 use bk_core::store::newest_per_name;
 use bk_core::store::Store;
-use chrono::{DateTime, NaiveDate, Utc};
 use clap::Parser;
-use sha2::{Digest, Sha256};
 
 /// Copy backups to other stores, checked.
 ///
@@ -55,7 +54,8 @@ pub struct Cli {
     /// With --from: only the newest backup of each name
     #[arg(long, requires = "from", conflicts_with_all = ["since", "all"])]
     pub latest: bool,
-    /// With --from: only backups started at or after TIME (RFC 3339, or YYYY-MM-DD in UTC)
+    /// With --from: only backups started at or after TIME (RFC 3339, a stamp,
+    /// YYYY-MM-DD HH:MM[:SS] in UTC, or a date: its start)
     #[arg(long, value_name = "TIME", requires = "from", conflicts_with = "all")]
     pub since: Option<String>,
     /// With --from: every backup (the default)
@@ -103,7 +103,7 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     if let Some(n) = &cli.name {
         validate_name(n)?;
     }
-    let since = cli.since.as_deref().map(parse_time).transpose()?;
+    let since = cli.since.as_deref().map(|t| parse_time(t, DateIs::Start)).transpose()?;
     let mut dests = Vec::new();
     for url in &cli.to {
         dests.push(Destination {
@@ -150,10 +150,10 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
                 broken.retain(|b| !artifacts.iter().any(|a| a.name == b.name && a.id >= b.id));
             }
             if let Some(since) = since {
-                artifacts.retain(|a| parse_time(&a.started).is_ok_and(|t| t >= since));
+                artifacts.retain(|a| parse_time(&a.started, DateIs::Start).is_ok_and(|t| t >= since));
                 broken.retain(|b| {
                     let stamp = b.id.rsplit_once('.').map(|(_, stamp)| stamp).unwrap_or_default();
-                    parse_time(stamp).map_or(true, |t| t >= since)
+                    parse_time(stamp, DateIs::Start).map_or(true, |t| t >= since)
                 });
             }
             if let (Some(n), true) = (&cli.name, artifacts.is_empty() && broken.is_empty()) {
@@ -169,22 +169,6 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// RFC 3339, or a date (midnight UTC), or a bk stamp (YYYYMMDDTHHMMSSZ).
-fn parse_time(s: &str) -> Result<DateTime<Utc>> {
-    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Ok(t.with_timezone(&Utc));
-    }
-    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-        return Ok(d.and_hms_opt(0, 0, 0).expect("midnight").and_utc());
-    }
-    if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, "%Y%m%dT%H%M%SZ") {
-        return Ok(t.and_utc());
-    }
-    Err(Error::usage(format!(
-        "bad time {s:?}: use RFC 3339 (2026-11-22T00:15:00Z) or a date (2026-11-22)"
-    )))
 }
 
 struct Shipper {
@@ -360,22 +344,9 @@ fn stream_copy(source: &dyn Store, a: &Artifact, dest: &dyn Store, location: &st
 
 /// Streams `from` into `to`, hashing on the way.
 fn copy_hashing(from: &mut dyn Read, to: &mut dyn Write, src: &str, dst: &str) -> Result<(String, u64)> {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(from_io(format!("reading {src}"), e)),
-        };
-        hasher.update(&buf[..n]);
-        to.write_all(&buf[..n])
-            .map_err(|e| from_io(format!("writing {dst}"), e))?;
-        total += n as u64;
-    }
-    Ok((hex::encode(hasher.finalize()), total))
+    sha256_through(from, &format!("reading {src}"), |chunk| {
+        to.write_all(chunk).map_err(|e| from_io(format!("writing {dst}"), e))
+    })
 }
 
 /// Deleting goes by the source store's own manifest, never by a record alone (whose

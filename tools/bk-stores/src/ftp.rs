@@ -406,7 +406,7 @@ impl FtpStore {
         let dir = self.path(&[name]);
         self.ensure_dir(&mut session, &dir)
             .map_err(|e| fail(&format!("creating {}/{name}", self.url), e, Kind::CantCreate))?;
-        let temp = self.path(&[name, &crate::temp_name(file)]);
+        let temp = self.path(&[name, &bk_core::store::temp_name(file)]);
         let data = session
             .put_with_stream(&temp)
             .map_err(|e| fail(&doing, e, Kind::CantCreate))?;
@@ -730,7 +730,7 @@ impl FtpUpload {
             .session
             .retr_as_stream(&self.temp)
             .map_err(|e| fail(&doing, e, Kind::NoInput))?;
-        let copy = crate::sha256_of(&mut data, &doing)?;
+        let (copy, _) = bk_core::codec::sha256_of(&mut data, &doing)?;
         data.finish().map_err(|e| fail(&doing, e, Kind::Io))?;
         Ok(copy)
     }
@@ -844,10 +844,6 @@ impl Store for FtpStore {
         self.url.clone()
     }
 
-    fn location(&self, name: &str, file: &str) -> String {
-        format!("{}/{name}/{file}", self.url)
-    }
-
     fn create(&self, name: &str, file: &str) -> Result<Box<dyn Upload>> {
         Ok(Box::new(self.upload(name, file)?))
     }
@@ -914,30 +910,23 @@ impl Store for FtpStore {
         let doing = format!("removing leftovers of {name} in {}", self.url);
         let mut session = self.connect(&doing)?;
         let files = self.files(&mut session, Some(name))?;
-        let mut removed = Vec::new();
-        for f in files
-            .get(name)
-            .into_iter()
-            .flat_map(|f| f.keys())
-            .filter(|f| crate::is_temp(f))
-        {
-            // The modification time the server keeps, in UTC (MDTM, RFC 3659); a file whose
-            // age the server will not tell is kept.
-            let Ok(modified) = session.mdtm(self.path(&[name, f])) else {
-                continue;
-            };
-            let modified = SystemTime::UNIX_EPOCH + Duration::from_secs(modified.and_utc().timestamp().max(0) as u64);
-            if modified >= older_than {
-                continue;
-            }
-            let location = self.location(name, f);
-            if !dry_run {
-                self.remove(&mut session, name, f, &format!("removing {location}"))?;
-            }
-            removed.push(location);
-        }
+        // The modification time the server keeps, in UTC (MDTM, RFC 3659); a file whose age
+        // the server will not tell is kept.
+        let old: Vec<&String> = crate::temp_files(&files, name)
+            .filter(|f| {
+                session.mdtm(self.path(&[name, f])).is_ok_and(|modified| {
+                    SystemTime::UNIX_EPOCH + Duration::from_secs(modified.and_utc().timestamp().max(0) as u64)
+                        < older_than
+                })
+            })
+            .collect();
+        let removed = crate::remove_files(
+            old,
+            dry_run,
+            |f| self.location(name, f),
+            |f, doing| self.remove(&mut session, name, f, doing),
+        )?;
         let _ = session.quit();
-        removed.sort();
         Ok(removed)
     }
 }

@@ -79,104 +79,59 @@ pub(crate) fn refuse_secret_in_url(what: &str, url: &str, user_allowed: bool, ad
     )))
 }
 
-/// Reads a child program's stderr on a thread, so that it never blocks on a full pipe.
-pub(crate) fn collect_stderr(child: &mut std::process::Child) -> std::thread::JoinHandle<Vec<u8>> {
-    let mut stderr = child.stderr.take().expect("stderr piped");
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut stderr, &mut buf);
-        buf
-    })
-}
-
-/// The sha256 of what a reader gives, to its end: how the remote stores check a copy they
-/// read back.
-pub(crate) fn sha256_of(reader: &mut dyn std::io::Read, doing: &str) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        match reader.read(&mut buf) {
-            Ok(0) => return Ok(hex::encode(hasher.finalize())),
-            Ok(n) => hasher.update(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(bk_core::error::from_io(doing, e)),
-        }
-    }
-}
-
-/// A hidden temporary name no listing mistakes for an artifact, as the local store's:
-/// `.<file>.tmp.<pid>.<random>`.
-pub(crate) fn temp_name(file: &str) -> String {
-    format!(".{file}.tmp.{}.{:08x}", std::process::id(), rand::random::<u32>())
-}
-
-pub(crate) fn is_temp(file_name: &str) -> bool {
-    file_name.starts_with('.') && file_name.contains(".tmp.")
-}
-
 pub(crate) use bk_core::store::MAX_MANIFEST;
 
 /// The regular files of each name's directory, as a remote store lists them: name -> file
 /// name -> its size, where the store tells it.
 pub(crate) type Files = std::collections::BTreeMap<String, std::collections::BTreeMap<String, Option<u64>>>;
 
-/// Builds a listing from the files of each name's directory and a way to read a manifest.
-/// A manifest whose artifact file is not listed, or is listed with another size than the
-/// manifest says, is a broken backup, not a backup.
+/// The temporary files of unfinished runs among the listed files of `name`.
+pub(crate) fn temp_files<'a>(files: &'a Files, name: &str) -> impl Iterator<Item = &'a String> {
+    files
+        .get(name)
+        .into_iter()
+        .flat_map(|f| f.keys())
+        .filter(|f| bk_core::store::is_temp(f))
+}
+
+/// What `remove_leftovers` does with the old temporary files it found: removes each
+/// (`remove(file, doing)`) unless `dry_run`, and returns where they were, sorted.
+pub(crate) fn remove_files<'a>(
+    found: impl IntoIterator<Item = &'a String>,
+    dry_run: bool,
+    location: impl Fn(&str) -> String,
+    mut remove: impl FnMut(&str, &str) -> Result<()>,
+) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for f in found {
+        let location = location(f);
+        if !dry_run {
+            remove(f, &format!("removing {location}"))?;
+        }
+        removed.push(location);
+    }
+    removed.sort();
+    Ok(removed)
+}
+
+/// Builds a listing from the files of each name's directory and a way to read a manifest
+/// (see [`bk_core::store::list_name_dir`]).
 pub(crate) fn build_listing(
     files: Files,
     mut manifest: impl FnMut(&str, &str) -> Result<String>,
     location: impl Fn(&str, &str) -> String,
 ) -> bk_core::store::Listing {
-    use bk_core::record::{parse_line, Record};
-    use bk_core::store::{artifact_problem, manifest_file, Broken};
+    use bk_core::store::{list_name_dir, Entry};
     let mut listing = bk_core::store::Listing::default();
     for (name, names) in files {
-        let mut claimed: Vec<&str> = Vec::new();
-        for (f, size) in names.iter().filter(|(f, _)| f.ends_with(".json") && !is_temp(f)) {
-            claimed.push(f);
-            let broken = |reason: String| Broken {
-                name: name.clone(),
-                id: f.trim_end_matches(".json").to_string(),
-                location: location(&name, f),
-                reason,
-            };
-            let text = match size {
-                Some(size) if *size > MAX_MANIFEST => {
-                    Err(bk_core::Error::data(format!("{size} bytes, too large for a manifest")))
-                }
-                _ => manifest(&name, f),
-            };
-            let parsed = text.and_then(|text| parse_line(text.trim(), "manifest"));
-            match parsed {
-                Ok(Record::Artifact(mut a)) if a.name == name && manifest_file(&a.id) == *f => {
-                    let file = names.get_key_value(&a.file);
-                    if let Some((file, _)) = file {
-                        claimed.push(file);
-                    }
-                    match artifact_problem(&a, file.map(|(_, size)| *size)) {
-                        Some(reason) => listing.broken.push(broken(reason)),
-                        None => {
-                            a.location = location(&name, &a.file);
-                            listing.artifacts.push(a);
-                        }
-                    }
-                }
-                Ok(_) => listing.broken.push(broken(format!("it is not a manifest of {name}"))),
-                Err(e) => listing
-                    .broken
-                    .push(broken(format!("unreadable manifest: {}", e.message))),
-            }
-        }
-        for f in names.keys().filter(|f| !claimed.contains(&f.as_str())) {
-            let why = if is_temp(f) {
-                "temporary file of an unfinished run"
-            } else {
-                "no manifest"
-            };
-            listing.leftovers.push(format!("{}: {why}", location(&name, f)));
-        }
+        let entries = names.into_iter().map(|(f, size)| (f, Entry::File(size))).collect();
+        list_name_dir(
+            &name,
+            &entries,
+            |f| manifest(&name, f),
+            |f| location(&name, f),
+            &mut listing,
+        );
     }
     listing.sort();
     listing

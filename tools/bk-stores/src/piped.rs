@@ -11,8 +11,6 @@ use bk_core::error::{Error, Result};
 use bk_core::store::Upload;
 use sha2::{Digest, Sha256};
 
-use crate::collect_stderr;
-
 /// What a store backed by a program does around its children.
 pub(crate) trait PipedStore {
     /// The error of a child that ended with `code` (None: killed) after saying `stderr`.
@@ -56,7 +54,9 @@ impl<S: PipedStore> PipedUpload<S> {
     /// `child` writes its stdin to `temp` (its stdin and stderr piped).
     pub(crate) fn new(store: S, mut child: Child, temp: String, target: String, location: String) -> Self {
         let stdin = child.stdin.take();
-        let stderr = Some(collect_stderr(&mut child));
+        let stderr = Some(bk_core::stderr::collect_tail(
+            child.stderr.take().expect("stderr piped"),
+        ));
         PipedUpload {
             store,
             child: Some(child),
@@ -155,7 +155,9 @@ impl<S: PipedStore> PipedReader<S> {
     /// `child` writes the file on its stdout (its stdout and stderr piped).
     pub(crate) fn new(store: S, mut child: Child, doing: String) -> Self {
         let stdout = child.stdout.take().expect("stdout piped");
-        let stderr = Some(collect_stderr(&mut child));
+        let stderr = Some(bk_core::stderr::collect_tail(
+            child.stderr.take().expect("stderr piped"),
+        ));
         PipedReader {
             store,
             child,

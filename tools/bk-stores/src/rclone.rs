@@ -124,7 +124,7 @@ impl RcloneStore {
                 return Ok(h.to_ascii_lowercase());
             }
         }
-        crate::sha256_of(&mut self.reader(path, doing.to_string())?, doing)
+        bk_core::codec::sha256_of(&mut self.reader(path, doing.to_string())?, doing).map(|(sha, _)| sha)
     }
 
     fn reader(&self, path: &str, doing: String) -> Result<PipedReader<RcloneStore>> {
@@ -135,7 +135,7 @@ impl RcloneStore {
     /// Starts `rclone rcat` of a temporary name; the upload is published by `commit`.
     fn upload(&self, name: &str, file: &str) -> Result<PipedUpload<RcloneStore>> {
         bk_core::name::validate_name(name)?;
-        let temp = self.path(&[name, &crate::temp_name(file)]);
+        let temp = self.path(&[name, &bk_core::store::temp_name(file)]);
         let location = self.location(name, file);
         let doing = format!("writing {location}");
         let mut cmd = self.command(&["rcat", &temp]);
@@ -369,21 +369,12 @@ impl Store for RcloneStore {
         bk_core::name::validate_name(name)?;
         let age = SystemTime::now().duration_since(older_than).unwrap_or_default();
         let files = self.files(Some(name), Some(age.as_secs()))?;
-        let mut removed = Vec::new();
-        for f in files
-            .get(name)
-            .into_iter()
-            .flat_map(|f| f.keys())
-            .filter(|f| crate::is_temp(f))
-        {
-            let location = self.location(name, f);
-            if !dry_run {
-                self.delete_file(&self.path(&[name, f]), &format!("removing {location}"))?;
-            }
-            removed.push(location);
-        }
-        removed.sort();
-        Ok(removed)
+        crate::remove_files(
+            crate::temp_files(&files, name),
+            dry_run,
+            |f| self.location(name, f),
+            |f, doing| self.delete_file(&self.path(&[name, f]), doing),
+        )
     }
 }
 

@@ -331,7 +331,7 @@ impl S3Store {
             .map_err(|e| s3_error(format!("listing {}", self.location(name, "")), e))?;
         let mut markers = Vec::new();
         for o in objects {
-            let Some(marker) = o.location.filename().filter(|m| crate::is_temp(m)) else {
+            let Some(marker) = o.location.filename().filter(|m| bk_core::store::is_temp(m)) else {
                 continue;
             };
             // `.<file>.tmp.<pid>.<random>`
@@ -522,20 +522,7 @@ impl Upload for S3Upload {
                 chunk: bytes::Bytes::new(),
                 what: format!("reading back {url}"),
             };
-            let mut hasher = Sha256::new();
-            let mut buf = vec![0u8; 256 * 1024];
-            let mut total = 0u64;
-            loop {
-                let n = reader
-                    .read(&mut buf)
-                    .map_err(|e| bk_core::error::from_io(format!("reading back {url}"), e))?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                total += n as u64;
-            }
-            Ok((hex::encode(hasher.finalize()), total))
+            bk_core::codec::sha256_of(&mut reader, &format!("reading back {url}"))
         };
         let (stored, stored_bytes) = check()?;
         if stored != sent || stored_bytes != self.bytes {
@@ -601,7 +588,7 @@ impl Store for S3Store {
             .rt
             .block_on(self.s3.create_multipart(&path))
             .map_err(|e| s3_error(format!("starting the upload of {url}"), e))?;
-        let marker = self.key(name, &crate::temp_name(file));
+        let marker = self.key(name, &bk_core::store::temp_name(file));
         let upload = S3Upload {
             rt: self.rt.clone(),
             s3: self.s3.clone(),

@@ -210,7 +210,7 @@ impl SshStore {
     fn upload(&self, name: &str, file: &str) -> Result<PipedUpload<SshStore>> {
         bk_core::name::validate_name(name)?;
         let dir = self.dir(name);
-        let temp = format!("{dir}/{}", crate::temp_name(file));
+        let temp = format!("{dir}/{}", bk_core::store::temp_name(file));
         let script = format!(
             "{l}\numask 077; mkdir -p {d} || exit {c}; : > {t} || exit {c}; cat > {t} || {{ rm -f {t}; exit {e}; }}",
             l = refuse_symlinked_dir(&dir),
@@ -359,10 +359,6 @@ impl PipedStore for SshStore {
 impl Store for SshStore {
     fn url(&self) -> String {
         self.url.clone()
-    }
-
-    fn location(&self, name: &str, file: &str) -> String {
-        format!("{}/{name}/{file}", self.url)
     }
 
     fn create(&self, name: &str, file: &str) -> Result<Box<dyn Upload>> {

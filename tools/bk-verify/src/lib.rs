@@ -12,7 +12,7 @@ use clap::Parser;
 use serde_json::{json, Map, Value};
 
 use bk_core::cli::read_stdin_records;
-use bk_core::codec::{check_digest, Decoder, Identities};
+use bk_core::codec::{check_digest, sha256_of, Decoder, Identities};
 use bk_core::error::{Error, Kind, Result};
 use bk_core::name::validate_name;
 use bk_core::progress::Progress;
@@ -479,16 +479,10 @@ impl<'a> Verifier<'a> {
 
 /// Reads the stored bytes as they are and checks their size and sha256 against the manifest.
 fn stored_digest(store: &dyn Store, artifact: &Artifact) -> Result<()> {
-    use sha2::Digest;
     let mut raw = store.open(artifact)?;
-    let mut sha = sha2::Sha256::new();
-    let mut bytes = 0u64;
-    bk_engines::for_each_chunk(&mut raw, |chunk| {
-        sha.update(chunk);
-        bytes += chunk.len() as u64;
-    })
-    .map_err(|e| Error::new(Kind::Io, e.message))?;
-    check_digest(artifact, bytes, &hex::encode(sha.finalize()))
+    let (sha, bytes) =
+        sha256_of(&mut raw, &format!("reading {}", artifact.file)).map_err(|e| Error::new(Kind::Io, e.message))?;
+    check_digest(artifact, bytes, &sha)
 }
 
 /// How an engine lists and drops databases by name.

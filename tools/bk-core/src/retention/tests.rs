@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use clap::Parser;
 
 use super::*;
-use crate::name::{parse_time, STAMP_FORMAT};
+use crate::name::{parse_time, DateIs, STAMP_FORMAT};
 
 /// The command line of the policy's options alone, as bk-prune parses them.
 #[derive(Parser)]
@@ -18,7 +18,7 @@ struct Options {
 
 /// A UTC time: `2021-03-28 01:30` or any form `parse_time` reads.
 fn t(s: &str) -> DateTime<Utc> {
-    parse_time(s).unwrap_or_else(|e| panic!("{s}: {}", e.message))
+    parse_time(s, DateIs::End).unwrap_or_else(|e| panic!("{s}: {}", e.message))
 }
 
 fn zone(name: &str) -> Zone {

@@ -1,16 +1,17 @@
 //! A store on a local (or mounted) filesystem.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use super::{artifact_problem, manifest_file, Broken, Listing, Store, Upload, MAX_MANIFEST};
+use super::{is_temp, list_name_dir, manifest_file, temp_name, Entry, Listing, Store, Upload, MAX_MANIFEST};
 use crate::error::{Error, Kind, Result};
 use crate::name::validate_name;
 use crate::private::create_private_dir;
-use crate::record::{parse_line, Artifact, Record};
+use crate::record::{Artifact, Record};
 
 pub struct LocalStore {
     root: PathBuf,
@@ -163,19 +164,6 @@ pub(crate) fn open_regular(path: &Path) -> Result<File> {
     Ok(file)
 }
 
-/// A hidden name no listing mistakes for an artifact: `.<file>.tmp.<pid>.<random>`.
-fn temp_path(dir: &Path, file: &str) -> PathBuf {
-    dir.join(format!(
-        ".{file}.tmp.{}.{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    ))
-}
-
-fn is_temp(file_name: &str) -> bool {
-    file_name.starts_with('.') && file_name.contains(".tmp.")
-}
-
 /// Writes a new 0600 file under a hidden name; publishes it by fsync and rename.
 struct LocalUpload {
     file: Option<File>,
@@ -187,7 +175,7 @@ struct LocalUpload {
 
 impl LocalUpload {
     fn create(dir: &Path, file: &str) -> Result<Self> {
-        let temp = temp_path(dir, file);
+        let temp = dir.join(temp_name(file));
         let handle = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -389,68 +377,34 @@ fn list_name(dir: &Path, name: &str, listing: &mut Listing) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         other => other.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?,
     };
-    // Each entry with its size if it is a regular file (never followed: a symlink is not one).
-    let mut files: Vec<(String, Option<u64>)> = Vec::new();
+    // Each entry, a regular file with its size or not one (never followed: a symlink is not one).
+    let mut files = BTreeMap::new();
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
         let regular = fs::symlink_metadata(entry.path()).ok().filter(|m| m.is_file());
-        files.push((
+        files.insert(
             entry.file_name().to_string_lossy().into_owned(),
-            regular.map(|m| m.len()),
-        ));
+            regular.map_or(Entry::Other, |m| Entry::File(Some(m.len()))),
+        );
     }
-    let mut claimed = Vec::new();
-    for (f, size) in files.iter().filter(|(f, _)| f.ends_with(".json") && !is_temp(f)) {
-        let path = dir.join(f);
-        claimed.push(f.clone());
-        let broken = |reason: String| Broken {
-            name: name.to_string(),
-            id: f.trim_end_matches(".json").to_string(),
-            location: path.display().to_string(),
-            reason,
-        };
-        if size.is_none() {
-            listing.broken.push(broken("its manifest is not a regular file".into()));
-            continue;
-        }
-        match read_manifest(&path) {
-            Ok(Record::Artifact(mut a)) if a.name == name && manifest_file(&a.id) == *f => {
-                claimed.push(a.file.clone());
-                let found = files.iter().find(|(g, _)| *g == a.file).map(|(_, size)| *size);
-                // A non-regular artifact "file" is as good as missing.
-                match artifact_problem(&a, found.filter(Option::is_some)) {
-                    Some(reason) => listing.broken.push(broken(reason)),
-                    None => {
-                        a.location = dir.join(&a.file).display().to_string();
-                        listing.artifacts.push(a);
-                    }
-                }
-            }
-            Ok(_) => listing.broken.push(broken(format!("it is not a manifest of {name}"))),
-            Err(e) => listing
-                .broken
-                .push(broken(format!("unreadable manifest: {}", e.message))),
-        }
-    }
-    for (f, _) in files.iter().filter(|(f, _)| !claimed.contains(f)) {
-        let why = if is_temp(f) {
-            "temporary file of an unfinished run"
-        } else {
-            "no manifest"
-        };
-        listing.leftovers.push(format!("{}: {why}", dir.join(f).display()));
-    }
+    list_name_dir(
+        name,
+        &files,
+        |f| read_manifest(&dir.join(f)),
+        |f| dir.join(f).display().to_string(),
+        listing,
+    );
     Ok(())
 }
 
-/// Reads and parses a manifest: a regular file of at most a megabyte.
-fn read_manifest(path: &Path) -> Result<Record> {
+/// Reads a manifest: a regular file of at most a megabyte.
+fn read_manifest(path: &Path) -> Result<String> {
     let mut text = String::new();
     open_regular(path)?
         .take(MAX_MANIFEST)
         .read_to_string(&mut text)
         .map_err(|e| Error::data(format!("reading {}: {}", path.display(), crate::error::describe_io(&e))))?;
-    parse_line(text.trim(), "manifest")
+    Ok(text)
 }
 
 #[cfg(test)]

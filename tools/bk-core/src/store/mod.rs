@@ -2,13 +2,14 @@
 
 mod local;
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::time::SystemTime;
 
 pub use local::LocalStore;
 
 use crate::error::{Error, Result};
-use crate::record::Artifact;
+use crate::record::{parse_line, Artifact, Record};
 
 /// An artifact being written. Dropping it without `commit` removes what was written, so a
 /// failed dump never leaves a partial file under a final name.
@@ -62,8 +63,8 @@ impl Broken {
 }
 
 /// Whether a manifest and the artifact file found beside it (`None`: none) make a backup;
-/// `size` is `None` where the store does not tell sizes. Shared by every store's listing.
-pub fn artifact_problem(artifact: &Artifact, found: Option<Option<u64>>) -> Option<String> {
+/// `size` is `None` where the store does not tell sizes.
+fn artifact_problem(artifact: &Artifact, found: Option<Option<u64>>) -> Option<String> {
     match found {
         None => Some(format!("its artifact file {} is missing", artifact.file)),
         Some(Some(size)) if size != artifact.bytes => Some(format!(
@@ -71,6 +72,91 @@ pub fn artifact_problem(artifact: &Artifact, found: Option<Option<u64>>) -> Opti
             artifact.file, artifact.bytes
         )),
         Some(_) => None,
+    }
+}
+
+/// A hidden temporary name no listing mistakes for an artifact, where every store writes
+/// before it publishes: `.<file>.tmp.<pid>.<random>`.
+pub fn temp_name(file: &str) -> String {
+    format!(".{file}.tmp.{}.{:08x}", std::process::id(), rand::random::<u32>())
+}
+
+/// Whether a file name is a [`temp_name`].
+pub fn is_temp(file_name: &str) -> bool {
+    file_name.starts_with('.') && file_name.contains(".tmp.")
+}
+
+/// An entry of a name's directory, as a store lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// A regular file, with its size where the store tells it.
+    File(Option<u64>),
+    /// Anything else (a directory, a symlink): never read as a manifest, as good as missing
+    /// as an artifact file.
+    Other,
+}
+
+/// Sorts the entries of one name's directory into `listing`, as every store lists: each
+/// manifest (`*.json`, not temporary) read with `read_manifest` is a backup when its artifact
+/// file is there with the size it says, else a broken backup; what no manifest claims is a
+/// leftover. `location` gives where a file of the directory is.
+pub fn list_name_dir(
+    name: &str,
+    entries: &BTreeMap<String, Entry>,
+    mut read_manifest: impl FnMut(&str) -> Result<String>,
+    location: impl Fn(&str) -> String,
+    listing: &mut Listing,
+) {
+    let mut claimed: Vec<&str> = Vec::new();
+    for (f, entry) in entries.iter().filter(|(f, _)| f.ends_with(".json") && !is_temp(f)) {
+        claimed.push(f);
+        let broken = |reason: String| Broken {
+            name: name.to_string(),
+            id: f.trim_end_matches(".json").to_string(),
+            location: location(f),
+            reason,
+        };
+        let text = match entry {
+            Entry::Other => {
+                listing.broken.push(broken("its manifest is not a regular file".into()));
+                continue;
+            }
+            Entry::File(Some(size)) if *size > MAX_MANIFEST => {
+                Err(Error::data(format!("{size} bytes, too large for a manifest")))
+            }
+            Entry::File(_) => read_manifest(f),
+        };
+        match text.and_then(|text| parse_line(text.trim(), "manifest")) {
+            Ok(Record::Artifact(mut a)) if a.name == name && manifest_file(&a.id) == *f => {
+                let file = entries.get_key_value(&a.file);
+                if let Some((file, _)) = file {
+                    claimed.push(file);
+                }
+                let found = match file {
+                    Some((_, Entry::File(size))) => Some(*size),
+                    Some((_, Entry::Other)) | None => None,
+                };
+                match artifact_problem(&a, found) {
+                    Some(reason) => listing.broken.push(broken(reason)),
+                    None => {
+                        a.location = location(&a.file);
+                        listing.artifacts.push(a);
+                    }
+                }
+            }
+            Ok(_) => listing.broken.push(broken(format!("it is not a manifest of {name}"))),
+            Err(e) => listing
+                .broken
+                .push(broken(format!("unreadable manifest: {}", e.message))),
+        }
+    }
+    for f in entries.keys().filter(|f| !claimed.contains(&f.as_str())) {
+        let why = if is_temp(f) {
+            "temporary file of an unfinished run"
+        } else {
+            "no manifest"
+        };
+        listing.leftovers.push(format!("{}: {why}", location(f)));
     }
 }
 
@@ -99,8 +185,11 @@ impl Listing {
 pub trait Store {
     /// The store as the user named it, for messages.
     fn url(&self) -> String;
-    /// Where an artifact file of a name lives, for the `location` field.
-    fn location(&self, name: &str, file: &str) -> String;
+    /// Where an artifact file of a name lives, for the `location` field: by default
+    /// `<url>/<name>/<file>`.
+    fn location(&self, name: &str, file: &str) -> String {
+        format!("{}/{name}/{file}", self.url())
+    }
     fn create(&self, name: &str, file: &str) -> Result<Box<dyn Upload>>;
     /// Writes the manifest, last, which makes the artifact part of the store. By default it
     /// is written and published as an artifact file is (`create`, then `commit`).
