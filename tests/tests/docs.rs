@@ -257,9 +257,15 @@ fn the_layout_table_matches_the_tree() {
         for module in modules {
             let stem = module.trim_end_matches(".rs");
             if !row.contains(&format!("`{module}`")) && !row.contains(&format!("`{stem}/`")) {
-                problems.push(format!("{name}/src/{module} is not named in its row of the layout table"));
+                problems.push(format!(
+                    "{name}/src/{module} is not named in its row of the layout table"
+                ));
             }
         }
     }
-    assert!(problems.is_empty(), "CONTRIBUTING.md, Repository layout:\n{}", problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "CONTRIBUTING.md, Repository layout:\n{}",
+        problems.join("\n")
+    );
 }
