@@ -42,16 +42,27 @@ pub fn services_required() -> bool {
 /// Some tests need root (mounting a tmpfs, running a tool as another user). Without root
 /// they are skipped with a note, unless the full suite is running, where that is a failure.
 pub fn have_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        !services_required(),
-        "{test} needs root, and BK_TEST_SERVICES=1 says the full suite is running"
-    );
-    eprintln!("SKIPPED {test}: needs root (tests/run.sh runs as root)");
-    false
+    let root = nix::unistd::geteuid().is_root().then_some(());
+    needs(test, root, || "needs root".into(), "tests/run.sh runs as root").is_some()
 }
+
+/// What a test needs from its machine (a server, a program, root): `found`, or when it is
+/// missing, a failure if the full suite runs (BK_TEST_SERVICES=1 says everything is set up),
+/// else a SKIPPED note and `None`. `why` says what is missing, `hint` how to get it.
+pub fn needs<T>(test: &str, found: Option<T>, why: impl FnOnce() -> String, hint: &str) -> Option<T> {
+    if found.is_none() {
+        let why = why();
+        assert!(
+            !services_required(),
+            "{test}: {why}, and BK_TEST_SERVICES=1 says the full suite is running ({hint})"
+        );
+        eprintln!("SKIPPED {test}: {why} ({hint})");
+    }
+    found
+}
+
+/// The hint of a test that needs the servers of tests/services.sh.
+pub const SERVICES_ENV: &str = "source $(tests/services.sh env)";
 
 /// A private directory per test, with its own lock directory and store.
 pub struct Sandbox {
@@ -341,14 +352,8 @@ pub struct PgServer {
 /// Without the variable: a failure when the full suite runs (BK_TEST_SERVICES=1), else a
 /// SKIPPED note and `None`.
 pub fn pg_server(test: &str) -> Option<PgServer> {
-    let Some(url) = std::env::var("TEST_PG_URL").ok().filter(|u| !u.is_empty()) else {
-        assert!(
-            !services_required(),
-            "{test}: TEST_PG_URL is not set, and BK_TEST_SERVICES=1 says the servers are up: source $(tests/services.sh env)"
-        );
-        eprintln!("SKIPPED {test}: TEST_PG_URL is not set (source $(tests/services.sh env))");
-        return None;
-    };
+    let url = std::env::var("TEST_PG_URL").ok().filter(|u| !u.is_empty());
+    let url = needs(test, url, || "TEST_PG_URL is not set".into(), SERVICES_ENV)?;
     let rest = url
         .strip_prefix("postgres://")
         .or_else(|| url.strip_prefix("postgresql://"))
@@ -533,26 +538,16 @@ pub struct MysqlServer {
 /// variable is missing or the server does not answer: a failure when the full suite runs
 /// (BK_TEST_SERVICES=1), else a SKIPPED note and `None`.
 pub fn mysql_server(test: &str) -> Option<MysqlServer> {
-    let skip = |why: String| -> Option<MysqlServer> {
-        assert!(
-            !services_required(),
-            "{test}: {why}, and BK_TEST_SERVICES=1 says the servers are up: source $(tests/services.sh env)"
-        );
-        eprintln!("SKIPPED {test}: {why} (source $(tests/services.sh env))");
-        None
-    };
-    let Some(url) = std::env::var("TEST_MYSQL_URL").ok().filter(|u| !u.is_empty()) else {
-        return skip("TEST_MYSQL_URL is not set".into());
-    };
+    let url = std::env::var("TEST_MYSQL_URL").ok().filter(|u| !u.is_empty());
+    let url = needs(test, url, || "TEST_MYSQL_URL is not set".into(), SERVICES_ENV)?;
     let server = MysqlServer::from_url(&url)
         .unwrap_or_else(|| panic!("TEST_MYSQL_URL={url}: expected mysql://user:password@host:port"));
     let reachable = std::net::ToSocketAddrs::to_socket_addrs(&(server.host.as_str(), server.port))
         .ok()
         .and_then(|mut addrs| addrs.next())
         .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(5)).is_ok());
-    if !reachable {
-        return skip(format!("no MariaDB server answers at {}:{}", server.host, server.port));
-    }
+    let why = || format!("no MariaDB server answers at {}:{}", server.host, server.port);
+    needs(test, reachable.then_some(()), why, SERVICES_ENV)?;
     Some(server)
 }
 
@@ -772,16 +767,8 @@ impl Remote {
                 aws_keys: [key("AWS_ACCESS_KEY_ID")?, key("AWS_SECRET_ACCESS_KEY")?],
             })
         })();
-        if found.is_none() {
-            assert!(
-                !services_required(),
-                "{test}: TEST_S3_ENDPOINT/TEST_SSH_*/AWS_* are not set, and BK_TEST_SERVICES=1 says the servers are up: source $(tests/services.sh env)"
-            );
-            eprintln!(
-                "SKIPPED {test}: TEST_S3_ENDPOINT/TEST_SSH_*/AWS_* are not set (source $(tests/services.sh env))"
-            );
-        }
-        found
+        let why = || "TEST_S3_ENDPOINT/TEST_SSH_*/AWS_* are not set".into();
+        needs(test, found, why, SERVICES_ENV)
     }
 
     /// The ssh store URL of an absolute directory on the test sshd.

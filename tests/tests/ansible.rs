@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use bk_core::record::{parse_line, Artifact, Record};
-use bk_tests::{cron, have_root, mysql_server, pg_ident, pg_server, run_cmd, services_required, Run, Sandbox};
+use bk_tests::{cron, have_root, mysql_server, needs, pg_ident, pg_server, run_cmd, Run, Sandbox};
 use serde_json::json;
 
 /// The backup user of the test: created by the role, removed at the end.
@@ -36,18 +36,12 @@ impl<F: FnMut()> Drop for Cleanup<F> {
 /// The venv of tests/services.sh with ansible-playbook and ansible-lint (TEST_ANSIBLE_VENV).
 fn ansible_venv(test: &str) -> Option<PathBuf> {
     let venv = std::env::var("TEST_ANSIBLE_VENV").ok().filter(|v| !v.is_empty());
-    match venv.map(PathBuf::from) {
-        Some(v) if v.join("bin/ansible-playbook").is_file() => Some(v),
-        other => {
-            let why = format!("no ansible-playbook in TEST_ANSIBLE_VENV={other:?}");
-            assert!(
-                !services_required(),
-                "{test}: {why}, and BK_TEST_SERVICES=1 says the test tools are installed: run tests/services.sh start"
-            );
-            eprintln!("SKIPPED {test}: {why} (tests/services.sh start installs it)");
-            None
-        }
-    }
+    let found = venv
+        .clone()
+        .map(PathBuf::from)
+        .filter(|v| v.join("bin/ansible-playbook").is_file());
+    let why = || format!("no ansible-playbook in TEST_ANSIBLE_VENV={venv:?}");
+    needs(test, found, why, "tests/services.sh start installs it")
 }
 
 fn env(name: &str) -> String {

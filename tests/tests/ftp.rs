@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use bk_core::record::{Artifact, Record};
-use bk_tests::{services_required, tree_digest, unique_name, write_backup, Sandbox};
+use bk_tests::{needs, tree_digest, unique_name, write_backup, Sandbox, SERVICES_ENV};
 
 /// The FTP test server, from the TEST_FTP_* variables tests/services.sh writes.
 struct Ftp {
@@ -44,14 +44,8 @@ fn ftp(test: &str) -> Option<Ftp> {
             vsftpd_root: PathBuf::from(var("TEST_VSFTPD_ROOT")?),
         })
     })();
-    if found.is_none() {
-        assert!(
-            !services_required(),
-            "{test}: TEST_FTP_* or TEST_VSFTPD_* are not set, and BK_TEST_SERVICES=1 says the servers are up: source $(tests/services.sh env)"
-        );
-        eprintln!("SKIPPED {test}: TEST_FTP_* or TEST_VSFTPD_* are not set (source $(tests/services.sh env))");
-    }
-    found
+    let why = || "TEST_FTP_* or TEST_VSFTPD_* are not set".into();
+    needs(test, found, why, SERVICES_ENV)
 }
 
 impl Ftp {

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bk_core::record::Record;
-use bk_tests::{run_cmd, services_required, tree_digest, Run, Sandbox};
+use bk_tests::{needs, run_cmd, tree_digest, Run, Sandbox};
 use serde_json::{json, Value};
 
 const NODES: usize = 3;
@@ -24,14 +24,8 @@ fn garage_bin(test: &str) -> Option<PathBuf> {
     let found = std::env::var_os("TEST_GARAGE_BIN")
         .map(PathBuf::from)
         .filter(|p| p.is_file());
-    if found.is_none() {
-        assert!(
-            !services_required(),
-            "{test}: TEST_GARAGE_BIN is not set or not a file, and BK_TEST_SERVICES=1 says the test services are set up: source $(tests/services.sh env)"
-        );
-        eprintln!("SKIPPED {test}: TEST_GARAGE_BIN is not set (tests/services.sh builds garage; source $(tests/services.sh env))");
-    }
-    found
+    let why = || "TEST_GARAGE_BIN is not set or not a file".into();
+    needs(test, found, why, "tests/services.sh builds it")
 }
 
 /// A port nobody listens on now: the system's pick, free again once the listener goes.

@@ -658,9 +658,10 @@ fn a_job_started_by_cron_fails_when_its_dump_is_killed() {
     let store = sb.store();
     write_backup(&store, "job", "20200101T000000Z");
     // cron runs at most one daemon; start one unless it runs already.
-    let running = fs::read_dir("/proc").unwrap().flatten().any(|e| {
-        fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "cron")
-    });
+    let running = fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .any(|e| fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "cron"));
     let mut daemon = (!running).then(|| Command::new("/usr/sbin/cron").arg("-f").spawn().expect("cron -f"));
     let cron_d = CronFile(PathBuf::from(format!("/etc/cron.d/bk-hostile-{}", std::process::id())));
     fs::write(

@@ -16,9 +16,7 @@ use std::time::{Duration, Instant};
 
 use bk_core::name::sanitize;
 use bk_core::record::{Artifact, Record};
-use bk_tests::{
-    files_below, pg_ident, pg_server, pg_unique_name, run_cmd, services_required, PgDatabase, PgServer, Run, Sandbox,
-};
+use bk_tests::{files_below, needs, pg_ident, pg_server, pg_unique_name, run_cmd, PgDatabase, PgServer, Run, Sandbox};
 
 /// A test's server, sandbox and password file.
 struct Pg {
@@ -689,11 +687,14 @@ impl Cluster {
     /// root); None (skipped) when PostgreSQL is not installed and the full suite is not running.
     fn start(test: &str) -> Option<Cluster> {
         let bin = PathBuf::from(std::env::var("PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()));
-        if !bin.join("initdb").exists() {
-            assert!(!services_required(), "{test}: no {}/initdb", bin.display());
-            eprintln!("SKIPPED {test}: no {}/initdb", bin.display());
-            return None;
-        }
+        let initdb = bin.join("initdb");
+        let why = || format!("no {}", initdb.display());
+        needs(
+            test,
+            initdb.exists().then_some(()),
+            why,
+            "PG_BIN names the PostgreSQL bin directory",
+        )?;
         let dir = tempfile::Builder::new().prefix("bk-pg-cluster-").tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         let password = pg_unique_name("pw");

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use bk_core::record::{Artifact, Kept, Pruned, Record};
 use bk_core::retention::{decide, Zone};
 use bk_prune::Cli;
-use bk_tests::{files_below, have_root, run_cmd, services_required, write_backup, Run, Sandbox, AS_NOBODY};
+use bk_tests::{files_below, have_root, needs, run_cmd, write_backup, Run, Sandbox, AS_NOBODY};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeDelta, Utc};
 use clap::Parser;
 
@@ -508,14 +508,8 @@ fn restic_available(test: &str) -> bool {
         .arg("version")
         .output()
         .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            !services_required(),
-            "{test}: restic is not installed, and BK_TEST_SERVICES=1 says the full suite is running (tests/services.sh installs it)"
-        );
-        eprintln!("SKIPPED {test}: restic is not installed (apt-get install restic)");
-    }
-    ok
+    let why = || "restic is not installed".into();
+    needs(test, ok.then_some(()), why, "tests/services.sh installs it").is_some()
 }
 
 /// A restic repository in the sandbox.

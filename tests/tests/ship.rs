@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bk_core::record::Record;
-use bk_tests::{services_required, unique_name, write_backup, PrivateS3, Remote, Run, Sandbox};
+use bk_tests::{needs, unique_name, write_backup, PrivateS3, Remote, Run, Sandbox};
 
 /// The restored data, without the parent directories a restore creates.
 fn restored_data(root: &std::path::Path) -> std::collections::BTreeMap<String, String> {
@@ -312,14 +312,8 @@ fn rclone_installed(test: &str) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            !services_required(),
-            "{test}: rclone is not installed, and BK_TEST_SERVICES=1 says the test services are set up"
-        );
-        eprintln!("SKIPPED {test}: rclone is not installed (tests/services.sh installs it)");
-    }
-    found
+    let why = || "rclone is not installed".into();
+    needs(test, found.then_some(()), why, "tests/services.sh installs it").is_some()
 }
 
 #[test]
