@@ -41,17 +41,23 @@ pub fn services_required() -> bool {
 
 /// Some tests need root (mounting a tmpfs, running a tool as another user). Without root
 /// they are skipped with a note, unless the full suite is running, where that is a failure.
-pub fn have_root(test: &str) -> bool {
+pub fn have_root() -> bool {
     let root = nix::unistd::geteuid().is_root().then_some(());
-    needs(test, root, || "needs root".into(), "tests/run.sh runs as root").is_some()
+    needs(root, || "needs root".into(), "tests/run.sh runs as root").is_some()
+}
+
+/// The running test's name, for its notes and failures: libtest names each test's thread
+/// after the test.
+pub fn test_name() -> String {
+    std::thread::current().name().unwrap_or("this test").to_string()
 }
 
 /// What a test needs from its machine (a server, a program, root): `found`, or when it is
 /// missing, a failure if the full suite runs (BK_TEST_SERVICES=1 says everything is set up),
 /// else a SKIPPED note and `None`. `why` says what is missing, `hint` how to get it.
-pub fn needs<T>(test: &str, found: Option<T>, why: impl FnOnce() -> String, hint: &str) -> Option<T> {
+pub fn needs<T>(found: Option<T>, why: impl FnOnce() -> String, hint: &str) -> Option<T> {
     if found.is_none() {
-        let why = why();
+        let (test, why) = (test_name(), why());
         assert!(
             !services_required(),
             "{test}: {why}, and BK_TEST_SERVICES=1 says the full suite is running ({hint})"
@@ -351,9 +357,9 @@ pub struct PgServer {
 /// The PostgreSQL test server from TEST_PG_URL (`postgres://user:password@host:port/db`).
 /// Without the variable: a failure when the full suite runs (BK_TEST_SERVICES=1), else a
 /// SKIPPED note and `None`.
-pub fn pg_server(test: &str) -> Option<PgServer> {
+pub fn pg_server() -> Option<PgServer> {
     let url = std::env::var("TEST_PG_URL").ok().filter(|u| !u.is_empty());
-    let url = needs(test, url, || "TEST_PG_URL is not set".into(), SERVICES_ENV)?;
+    let url = needs(url, || "TEST_PG_URL is not set".into(), SERVICES_ENV)?;
     let rest = url
         .strip_prefix("postgres://")
         .or_else(|| url.strip_prefix("postgresql://"))
@@ -537,9 +543,9 @@ pub struct MysqlServer {
 /// The MariaDB test server from TEST_MYSQL_URL (`mysql://user:password@host:port`). When the
 /// variable is missing or the server does not answer: a failure when the full suite runs
 /// (BK_TEST_SERVICES=1), else a SKIPPED note and `None`.
-pub fn mysql_server(test: &str) -> Option<MysqlServer> {
+pub fn mysql_server() -> Option<MysqlServer> {
     let url = std::env::var("TEST_MYSQL_URL").ok().filter(|u| !u.is_empty());
-    let url = needs(test, url, || "TEST_MYSQL_URL is not set".into(), SERVICES_ENV)?;
+    let url = needs(url, || "TEST_MYSQL_URL is not set".into(), SERVICES_ENV)?;
     let server = MysqlServer::from_url(&url)
         .unwrap_or_else(|| panic!("TEST_MYSQL_URL={url}: expected mysql://user:password@host:port"));
     let reachable = std::net::ToSocketAddrs::to_socket_addrs(&(server.host.as_str(), server.port))
@@ -547,7 +553,7 @@ pub fn mysql_server(test: &str) -> Option<MysqlServer> {
         .and_then(|mut addrs| addrs.next())
         .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(5)).is_ok());
     let why = || format!("no MariaDB server answers at {}:{}", server.host, server.port);
-    needs(test, reachable.then_some(()), why, SERVICES_ENV)?;
+    needs(reachable.then_some(()), why, SERVICES_ENV)?;
     Some(server)
 }
 
@@ -754,7 +760,7 @@ pub struct Remote {
 impl Remote {
     /// The servers from the environment (`source $(tests/services.sh env)`); `None` (the
     /// test skips) without them, a failure if BK_TEST_SERVICES=1 says they are up.
-    pub fn from_env(test: &str) -> Option<Remote> {
+    pub fn from_env() -> Option<Remote> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let key = |k: &str| Some((k.to_string(), var(k)?));
         let found = (|| {
@@ -768,7 +774,7 @@ impl Remote {
             })
         })();
         let why = || "TEST_S3_ENDPOINT/TEST_SSH_*/AWS_* are not set".into();
-        needs(test, found, why, SERVICES_ENV)
+        needs(found, why, SERVICES_ENV)
     }
 
     /// The ssh store URL of an absolute directory on the test sshd.

@@ -34,14 +34,14 @@ impl<F: FnMut()> Drop for Cleanup<F> {
 }
 
 /// The venv of tests/services.sh with ansible-playbook and ansible-lint (TEST_ANSIBLE_VENV).
-fn ansible_venv(test: &str) -> Option<PathBuf> {
+fn ansible_venv() -> Option<PathBuf> {
     let venv = std::env::var("TEST_ANSIBLE_VENV").ok().filter(|v| !v.is_empty());
     let found = venv
         .clone()
         .map(PathBuf::from)
         .filter(|v| v.join("bin/ansible-playbook").is_file());
     let why = || format!("no ansible-playbook in TEST_ANSIBLE_VENV={venv:?}");
-    needs(test, found, why, "tests/services.sh start installs it")
+    needs(found, why, "tests/services.sh start installs it")
 }
 
 fn env(name: &str) -> String {
@@ -194,11 +194,10 @@ fn manifest(dir: &Path, at: &str) -> Artifact {
 
 #[test]
 fn role_converges_and_its_jobs_and_runbook_work() {
-    let test = "role_converges_and_its_jobs_and_runbook_work";
-    if !have_root(test) {
+    if !have_root() {
         return;
     }
-    let (Some(mysql), Some(pg), Some(venv)) = (mysql_server(test), pg_server(test), ansible_venv(test)) else {
+    let (Some(mysql), Some(pg), Some(venv)) = (mysql_server(), pg_server(), ansible_venv()) else {
         return;
     };
     let (s3_endpoint, s3_bucket) = (env("TEST_S3_ENDPOINT"), env("TEST_S3_BUCKET"));

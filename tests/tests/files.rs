@@ -588,7 +588,7 @@ fn exclude_include_and_partial_restore() {
 
 #[test]
 fn one_file_system() {
-    if !have_root("one_file_system") {
+    if !have_root() {
         return;
     }
     let sb = Sandbox::new();
@@ -761,7 +761,7 @@ fn open_sandbox_to_nobody(sb: &Sandbox, dirs: &[&str]) {
 
 #[test]
 fn dump_of_an_unreadable_source_is_77() {
-    if !have_root("dump_of_an_unreadable_source_is_77") {
+    if !have_root() {
         return;
     }
     let sb = Sandbox::new();
@@ -785,7 +785,7 @@ fn dump_of_an_unreadable_source_is_77() {
 
 #[test]
 fn dump_into_an_unwritable_store_is_73() {
-    if !have_root("dump_into_an_unwritable_store_is_73") {
+    if !have_root() {
         return;
     }
     let sb = Sandbox::new();
@@ -809,7 +809,7 @@ fn dump_into_an_unwritable_store_is_73() {
 
 #[test]
 fn disk_full_keeps_older_backups_and_leaves_no_partial_file() {
-    if !have_root("disk_full_keeps_older_backups_and_leaves_no_partial_file") {
+    if !have_root() {
         return;
     }
     let sb = Sandbox::new();
@@ -975,7 +975,7 @@ fn assert_verifies(sb: &Sandbox, name: &str) {
 
 #[test]
 fn entries_that_vanish_during_the_dump_are_left_out_with_a_warning() {
-    if !have_root("entries_that_vanish_during_the_dump_are_left_out_with_a_warning") {
+    if !have_root() {
         return;
     }
     let sb = Sandbox::new();
@@ -1044,7 +1044,7 @@ fn entries_that_vanish_during_the_dump_are_left_out_with_a_warning() {
 
 #[test]
 fn files_that_shrink_or_grow_during_the_dump_keep_their_size_with_a_warning() {
-    if !have_root("files_that_shrink_or_grow_during_the_dump_keep_their_size_with_a_warning") {
+    if !have_root() {
         return;
     }
     let sb = Sandbox::new();

@@ -28,7 +28,7 @@ struct Ftp {
     vsftpd_root: PathBuf,
 }
 
-fn ftp(test: &str) -> Option<Ftp> {
+fn ftp() -> Option<Ftp> {
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let found = (|| {
         Some(Ftp {
@@ -45,7 +45,7 @@ fn ftp(test: &str) -> Option<Ftp> {
         })
     })();
     let why = || "TEST_FTP_* or TEST_VSFTPD_* are not set".into();
-    needs(test, found, why, SERVICES_ENV)
+    needs(found, why, SERVICES_ENV)
 }
 
 impl Ftp {
@@ -108,9 +108,7 @@ fn restored(sb: &Sandbox, target: &str) -> std::collections::BTreeMap<String, St
 
 #[test]
 fn push_to_ftp_and_ftps_then_every_tool_works_on_both() {
-    let Some(f) = ftp("push_to_ftp_and_ftps_then_every_tool_works_on_both") else {
-        return;
-    };
+    let Some(f) = ftp() else { return };
     let sb = Sandbox::new();
     let netrc = f.credentials(&sb, "netrc", &f.user, &f.password, 0o600);
     let run = |tool: &str, args: &[&str], stdin: &str| bk_tests::run_cmd(f.cmd(&sb, &netrc, tool, args), stdin);
@@ -182,9 +180,7 @@ fn push_to_ftp_and_ftps_then_every_tool_works_on_both() {
 
 #[test]
 fn prune_deletes_on_the_ftp_store_manifest_and_file() {
-    let Some(f) = ftp("prune_deletes_on_the_ftp_store_manifest_and_file") else {
-        return;
-    };
+    let Some(f) = ftp() else { return };
     let sb = Sandbox::new();
     let netrc = f.credentials(&sb, "netrc", &f.user, &f.password, 0o600);
     let run = |tool: &str, args: &[&str]| bk_tests::run_cmd(f.cmd(&sb, &netrc, tool, args), "");
@@ -233,9 +229,7 @@ fn prune_deletes_on_the_ftp_store_manifest_and_file() {
 
 #[test]
 fn credentials_come_from_a_private_file_and_failures_have_clear_exit_codes() {
-    let Some(f) = ftp("credentials_come_from_a_private_file_and_failures_have_clear_exit_codes") else {
-        return;
-    };
+    let Some(f) = ftp() else { return };
     let sb = Sandbox::new();
     let (line, _) = dump(&sb);
     let store = f.store("bk-creds");
@@ -331,9 +325,7 @@ fn credentials_come_from_a_private_file_and_failures_have_clear_exit_codes() {
 
 #[test]
 fn prune_removes_old_temporary_files_an_unfinished_upload_left() {
-    let Some(f) = ftp("prune_removes_old_temporary_files_an_unfinished_upload_left") else {
-        return;
-    };
+    let Some(f) = ftp() else { return };
     let sb = Sandbox::new();
     let netrc = f.credentials(&sb, "netrc", &f.user, &f.password, 0o600);
     let run = |tool: &str, args: &[&str]| bk_tests::run_cmd(f.cmd(&sb, &netrc, tool, args), "");
@@ -387,9 +379,7 @@ fn prune_removes_old_temporary_files_an_unfinished_upload_left() {
 
 #[test]
 fn vsftpd_without_mlsd_and_requiring_tls_session_reuse_works_anonymously() {
-    let Some(f) = ftp("vsftpd_without_mlsd_and_requiring_tls_session_reuse_works_anonymously") else {
-        return;
-    };
+    let Some(f) = ftp() else { return };
     let sb = Sandbox::new();
     // No user and no netrc: bk logs in as anonymous.
     let run = |tool: &str, args: &[&str], stdin: &str| {

@@ -20,12 +20,12 @@ const BUCKET: &str = "bk-test";
 /// How long a node may take to start, or the cluster to become healthy.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
-fn garage_bin(test: &str) -> Option<PathBuf> {
+fn garage_bin() -> Option<PathBuf> {
     let found = std::env::var_os("TEST_GARAGE_BIN")
         .map(PathBuf::from)
         .filter(|p| p.is_file());
     let why = || "TEST_GARAGE_BIN is not set or not a file".into();
-    needs(test, found, why, "tests/services.sh builds it")
+    needs(found, why, "tests/services.sh builds it")
 }
 
 /// A port nobody listens on now: the system's pick, free again once the listener goes.
@@ -241,9 +241,7 @@ api_bind_addr = "127.0.0.1:{s3_port}"
 
 #[test]
 fn a_backup_on_a_three_node_garage_survives_a_node_down() {
-    let Some(garage) = garage_bin("a_backup_on_a_three_node_garage_survives_a_node_down") else {
-        return;
-    };
+    let Some(garage) = garage_bin() else { return };
     let sb = Sandbox::new();
     // Declared after the sandbox, so dropped first: the servers stop before their files go.
     let mut cluster = Cluster::start(garage, sb.root());

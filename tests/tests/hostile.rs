@@ -650,7 +650,7 @@ impl Drop for CronFile {
 /// SIGKILL mid-dump. cron's job must end non-zero, and bk-prune must have seen why.
 #[test]
 fn a_job_started_by_cron_fails_when_its_dump_is_killed() {
-    if !bk_tests::have_root("a_job_started_by_cron_fails_when_its_dump_is_killed") {
+    if !bk_tests::have_root() {
         return;
     }
     let sb = Sandbox::new();

@@ -156,9 +156,7 @@ fn rows(server: &MysqlServer, admin: &Path, db: &str) -> String {
 
 #[test]
 fn the_lab_runs_as_written() {
-    let Some(server) = mysql_server("the_lab_runs_as_written") else {
-        return;
-    };
+    let Some(server) = mysql_server() else { return };
     let sb = Sandbox::new();
     let admin = server.option_file(&sb, "admin.cnf");
     let client_section = fs::read_to_string(&admin).expect("the option file");

@@ -30,8 +30,8 @@ struct Env {
 }
 
 impl Env {
-    fn new(test: &str) -> Option<Env> {
-        let server = mysql_server(test)?;
+    fn new() -> Option<Env> {
+        let server = mysql_server()?;
         let sb = Sandbox::new();
         let admin = server.option_file(&sb, "admin.cnf");
         Some(Env { server, sb, admin })
@@ -324,9 +324,7 @@ fn routines_work(env: &Env, db: &str) {
 
 #[test]
 fn round_trip_into_another_database_is_exact() {
-    let Some(env) = Env::new("round_trip_into_another_database_is_exact") else {
-        return;
-    };
+    let Some(env) = Env::new() else { return };
     let db = mysql_unique_name("bk test-db ");
     let _source = env.create_db(&db);
     let rows = create_sample(&env, &db);
@@ -377,9 +375,7 @@ fn round_trip_into_another_database_is_exact() {
 
 #[test]
 fn standard_tools_alone_restore_the_artifact() {
-    let Some(env) = Env::new("standard_tools_alone_restore_the_artifact") else {
-        return;
-    };
+    let Some(env) = Env::new() else { return };
     let db = mysql_unique_name("bk_std ");
     let _source = env.create_db(&db);
     create_sample(&env, &db);
@@ -406,9 +402,7 @@ fn standard_tools_alone_restore_the_artifact() {
 
 #[test]
 fn a_dump_during_writes_is_one_snapshot() {
-    let Some(env) = Env::new("a_dump_during_writes_is_one_snapshot") else {
-        return;
-    };
+    let Some(env) = Env::new() else { return };
     let db = mysql_unique_name("bk_busy_");
     let _source = env.create_db(&db);
     // Every transaction adds two rows to a and one to b: in any consistent snapshot,
@@ -523,9 +517,7 @@ fn scan_processes(secret: &[u8], marker: &str) -> (Vec<String>, bool) {
 
 #[test]
 fn no_password_on_any_command_line_while_dumping() {
-    let Some(env) = Env::new("no_password_on_any_command_line_while_dumping") else {
-        return;
-    };
+    let Some(env) = Env::new() else { return };
     let db = mysql_unique_name("bk_secret_");
     let _source = env.create_db(&db);
     env.sql(&format!(
@@ -582,9 +574,7 @@ fn no_password_on_any_command_line_while_dumping() {
 
 #[test]
 fn a_backup_user_with_minimal_privileges_suffices() {
-    let Some(env) = Env::new("a_backup_user_with_minimal_privileges_suffices") else {
-        return;
-    };
+    let Some(env) = Env::new() else { return };
     let db = mysql_unique_name("bk_lab_");
     let _source = env.create_db(&db);
     create_sample(&env, &db);
@@ -628,9 +618,7 @@ fn assert_failed_cleanly(env: &Env, run: &Run, code: i32) -> String {
 
 #[test]
 fn a_wrong_password_is_a_configuration_error() {
-    let Some(env) = Env::new("a_wrong_password_is_a_configuration_error") else {
-        return;
-    };
+    let Some(env) = Env::new() else { return };
     let wrong = env
         .server
         .option_file_for(&env.sb, "wrong.cnf", &env.server.user, "not-the-password", "");
@@ -642,9 +630,7 @@ fn a_wrong_password_is_a_configuration_error() {
 
 #[test]
 fn an_unknown_database_is_no_input() {
-    let Some(env) = Env::new("an_unknown_database_is_no_input") else {
-        return;
-    };
+    let Some(env) = Env::new() else { return };
     let nope = mysql_unique_name("bk_nope_");
     let run = env.dump(&["--database", &nope]);
     let message = assert_failed_cleanly(&env, &run, 66);
@@ -653,9 +639,7 @@ fn an_unknown_database_is_no_input() {
 
 #[test]
 fn an_option_file_readable_by_others_is_refused() {
-    let Some(env) = Env::new("an_option_file_readable_by_others_is_refused") else {
-        return;
-    };
+    let Some(env) = Env::new() else { return };
     std::fs::set_permissions(&env.admin, std::fs::Permissions::from_mode(0o644)).unwrap();
     let run = env.dump(&["--database", "mysql"]);
     let message = assert_failed_cleanly(&env, &run, 78);
@@ -667,9 +651,7 @@ fn an_option_file_readable_by_others_is_refused() {
 
 #[test]
 fn a_missing_dump_program_is_unavailable() {
-    let Some(env) = Env::new("a_missing_dump_program_is_unavailable") else {
-        return;
-    };
+    let Some(env) = Env::new() else { return };
     let db = mysql_unique_name("bk_nodump_");
     let _source = env.create_db(&db);
     let bin = env.sb.path("bin");
@@ -702,9 +684,7 @@ fn a_missing_dump_program_is_unavailable() {
 
 #[test]
 fn an_unreachable_server_is_unavailable() {
-    let Some(env) = Env::new("an_unreachable_server_is_unavailable") else {
-        return;
-    };
+    let Some(env) = Env::new() else { return };
     let port = closed_port().to_string();
     let run = env.dump(&["--host", "127.0.0.1", "--port", &port, "--database", "mysql"]);
     assert_failed_cleanly(&env, &run, 69);
@@ -803,7 +783,7 @@ impl Drop for PrivateServer {
 
 #[test]
 fn the_server_dying_mid_dump_leaves_nothing() {
-    if !have_root("the_server_dying_mid_dump_leaves_nothing") {
+    if !have_root() {
         return;
     }
     let sb = Sandbox::new();
@@ -868,9 +848,7 @@ fn the_server_dying_mid_dump_leaves_nothing() {
 
 #[test]
 fn restore_refuses_replaces_filters_and_checks_counts() {
-    let Some(env) = Env::new("restore_refuses_replaces_filters_and_checks_counts") else {
-        return;
-    };
+    let Some(env) = Env::new() else { return };
     let db = mysql_unique_name("bk_rs_");
     let _source = env.create_db(&db);
     env.sql(&format!(
@@ -976,9 +954,7 @@ fn restore_refuses_replaces_filters_and_checks_counts() {
 
 #[test]
 fn several_databases_make_one_artifact_each() {
-    let Some(env) = Env::new("several_databases_make_one_artifact_each") else {
-        return;
-    };
+    let Some(env) = Env::new() else { return };
     let dbs = [
         mysql_unique_name("bk_multi_a_"),
         mysql_unique_name("bk Multi-B "),
@@ -1129,9 +1105,7 @@ fn create_live(env: &Env, db: &str) {
 
 #[test]
 fn replace_swaps_in_exactly_the_backup() {
-    let Some(env) = Env::new("replace_swaps_in_exactly_the_backup") else {
-        return;
-    };
+    let Some(env) = Env::new() else { return };
     let db = mysql_unique_name("bk_swap_src_");
     let _source = env.create_db(&db);
     let rows = create_sample(&env, &db);
@@ -1197,9 +1171,7 @@ fn altered(env: &Env, artifact: &Artifact, tag: &str, change: impl Fn(&str) -> S
 
 #[test]
 fn a_failed_replace_leaves_the_live_database_as_it_was() {
-    let Some(env) = Env::new("a_failed_replace_leaves_the_live_database_as_it_was") else {
-        return;
-    };
+    let Some(env) = Env::new() else { return };
     let db = mysql_unique_name("bk_fail_src_");
     let _source = env.create_db(&db);
     create_sample(&env, &db);
@@ -1315,9 +1287,7 @@ fn restore_until_loading(env: &Env, artifact: &Artifact, live: &str, table: &str
 
 #[test]
 fn a_killed_replace_leaves_the_live_database_as_it_was() {
-    let Some(env) = Env::new("a_killed_replace_leaves_the_live_database_as_it_was") else {
-        return;
-    };
+    let Some(env) = Env::new() else { return };
     let db = mysql_unique_name("bk_kill_src_");
     let _source = env.create_db(&db);
     // A table of its own name, so that this test finds its restore's scratch database.

@@ -25,8 +25,8 @@ struct Pg {
     pgpass: PathBuf,
 }
 
-fn setup(test: &str) -> Option<Pg> {
-    let pg = pg_server(test)?;
+fn setup() -> Option<Pg> {
+    let pg = pg_server()?;
     let sb = Sandbox::new();
     let pgpass = pg.write_pgpass(&sb, "pgpass");
     Some(Pg { pg, sb, pgpass })
@@ -300,9 +300,7 @@ fn check_restored_objects_work(pg: &PgServer, db: &str) {
 
 #[test]
 fn custom_format_round_trip_is_exact() {
-    let Some(t) = setup("custom_format_round_trip_is_exact") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     let name = odd_name();
     let _source = create_sample(&t.pg, &name);
     let artifact = t.dump(&["--dbname", &name]).ok().artifact();
@@ -325,9 +323,7 @@ fn custom_format_round_trip_is_exact() {
 
 #[test]
 fn plain_format_round_trip_is_exact() {
-    let Some(t) = setup("plain_format_round_trip_is_exact") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     let name = odd_name();
     let _source = create_sample(&t.pg, &name);
     let artifact = t.dump(&["--dbname", &name, "--format", "plain"]).ok().artifact();
@@ -349,9 +345,7 @@ fn zstd_dc(path: &str) -> Vec<u8> {
 
 #[test]
 fn globals_hold_roles_without_passwords() {
-    let Some(t) = setup("globals_hold_roles_without_passwords") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     let role = pg_unique_name("bk_role_");
     t.pg.execute(
         "postgres",
@@ -391,9 +385,7 @@ fn globals_hold_roles_without_passwords() {
 
 #[test]
 fn standard_tools_alone_restore_the_custom_format() {
-    let Some(t) = setup("standard_tools_alone_restore_the_custom_format") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     let name = odd_name();
     let _source = create_sample(&t.pg, &name);
     let artifact = t.dump(&["--dbname", &name]).ok().artifact();
@@ -419,9 +411,7 @@ fn standard_tools_alone_restore_the_custom_format() {
 
 #[test]
 fn counts_are_the_dumps_own_snapshot_while_another_connection_writes() {
-    let Some(t) = setup("counts_are_the_dumps_own_snapshot_while_another_connection_writes") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     let name = pg_unique_name("bk_busy_");
     let _db = t.pg.create_database(&name);
     t.pg.execute(
@@ -494,9 +484,7 @@ fn all_cmdlines() -> Vec<String> {
 
 #[test]
 fn no_password_on_any_command_line_while_a_dump_runs() {
-    let Some(admin) = setup("no_password_on_any_command_line_while_a_dump_runs") else {
-        return;
-    };
+    let Some(admin) = setup() else { return };
     // A backup user of its own, with a password nothing else uses, and only read rights.
     let user = pg_unique_name("bk_backup_");
     let password = format!("Secret-{}-pw", pg_unique_name(""));
@@ -578,9 +566,7 @@ fn assert_dump_fails(t: &Pg, cmd: Command, code: i32, says: &str) -> Run {
 
 #[test]
 fn a_wrong_password_is_a_configuration_error() {
-    let Some(t) = setup("a_wrong_password_is_a_configuration_error") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     let name = pg_unique_name("bk_pw_");
     let _db = t.pg.create_database(&name);
     let wrong = PgServer {
@@ -615,9 +601,7 @@ fn a_wrong_password_is_a_configuration_error() {
 
 #[test]
 fn an_unknown_database_is_no_input() {
-    let Some(t) = setup("an_unknown_database_is_no_input") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     let nope = pg_unique_name("nope_");
     let run = assert_dump_fails(&t, t.dump_cmd(&["--dbname", &nope]), 66, &nope);
     assert!(run.error().message.contains("does not exist"), "{}", run.stderr);
@@ -625,9 +609,7 @@ fn an_unknown_database_is_no_input() {
 
 #[test]
 fn a_password_file_readable_by_others_is_refused() {
-    let Some(t) = setup("a_password_file_readable_by_others_is_refused") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     let name = pg_unique_name("bk_loose_");
     let _db = t.pg.create_database(&name);
     std::fs::set_permissions(&t.pgpass, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -636,9 +618,7 @@ fn a_password_file_readable_by_others_is_refused() {
 
 #[test]
 fn pg_dump_missing_from_path_is_unavailable() {
-    let Some(t) = setup("pg_dump_missing_from_path_is_unavailable") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     let name = pg_unique_name("bk_nopath_");
     let _db = t.pg.create_database(&name);
     let empty = t.sb.path("empty-bin");
@@ -659,9 +639,7 @@ fn closed_port() -> u16 {
 
 #[test]
 fn an_unreachable_server_is_unavailable() {
-    let Some(t) = setup("an_unreachable_server_is_unavailable") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     let t = Pg {
         pg: PgServer {
             port: closed_port(),
@@ -685,12 +663,11 @@ struct Cluster {
 impl Cluster {
     /// initdb and start on a free port (as user postgres when we are root: initdb refuses
     /// root); None (skipped) when PostgreSQL is not installed and the full suite is not running.
-    fn start(test: &str) -> Option<Cluster> {
+    fn start() -> Option<Cluster> {
         let bin = PathBuf::from(std::env::var("PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()));
         let initdb = bin.join("initdb");
         let why = || format!("no {}", initdb.display());
         needs(
-            test,
             initdb.exists().then_some(()),
             why,
             "PG_BIN names the PostgreSQL bin directory",
@@ -756,7 +733,7 @@ impl Cluster {
             match started {
                 Ok(()) => break,
                 Err(e) if attempt >= 3 => panic!(
-                    "{test}: the private cluster did not start: {e}\n{}",
+                    "the private cluster did not start: {e}\n{}",
                     std::fs::read_to_string(&log).unwrap_or_default()
                 ),
                 Err(_) => continue,
@@ -811,9 +788,7 @@ impl Drop for Cluster {
 
 #[test]
 fn the_server_dying_mid_dump_leaves_nothing() {
-    let Some(cluster) = Cluster::start("the_server_dying_mid_dump_leaves_nothing") else {
-        return;
-    };
+    let Some(cluster) = Cluster::start() else { return };
     let t = Pg::with_server(cluster.server.clone());
     let name = "big one";
     t.pg.execute("postgres", &format!("CREATE DATABASE {}", pg_ident(name)));
@@ -857,9 +832,7 @@ fn the_server_dying_mid_dump_leaves_nothing() {
 
 #[test]
 fn restore_refuses_a_database_that_is_not_empty_unless_replace() {
-    let Some(t) = setup("restore_refuses_a_database_that_is_not_empty_unless_replace") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     let name = odd_name();
     let _source = create_sample(&t.pg, &name);
     let artifact = t.dump(&["--dbname", &name]).ok().artifact();
@@ -895,7 +868,7 @@ fn restore_refuses_a_database_that_is_not_empty_unless_replace() {
 
 #[test]
 fn restore_of_one_table() {
-    let Some(t) = setup("restore_of_one_table") else { return };
+    let Some(t) = setup() else { return };
     let name = odd_name();
     let _source = create_sample(&t.pg, &name);
     let artifact = t.dump(&["--dbname", &name]).ok().artifact();
@@ -949,9 +922,7 @@ fn restore_of_one_table() {
 
 #[test]
 fn table_restore_of_a_plain_backup_is_a_usage_error() {
-    let Some(t) = setup("table_restore_of_a_plain_backup_is_a_usage_error") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     let name = pg_unique_name("bk_plain_");
     let _source = t.pg.create_database(&name);
     t.pg.execute(&name, "CREATE TABLE x(v int); INSERT INTO x VALUES (1);");
@@ -973,9 +944,7 @@ fn table_restore_of_a_plain_backup_is_a_usage_error() {
 
 #[test]
 fn a_manifest_count_that_lies_is_reported_after_the_restore() {
-    let Some(t) = setup("a_manifest_count_that_lies_is_reported_after_the_restore") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     let name = odd_name();
     let _source = create_sample(&t.pg, &name);
     let mut artifact = t.dump(&["--dbname", &name]).ok().artifact();
@@ -1000,9 +969,7 @@ fn a_manifest_count_that_lies_is_reported_after_the_restore() {
 
 #[test]
 fn without_dbname_every_database_but_the_templates() {
-    let Some(cluster) = Cluster::start("without_dbname_every_database_but_the_templates") else {
-        return;
-    };
+    let Some(cluster) = Cluster::start() else { return };
     let t = Pg::with_server(cluster.server.clone());
     for db in ["bk Test-db", "Second_DB", "third"] {
         t.pg.execute("postgres", &format!("CREATE DATABASE {}", pg_ident(db)));
@@ -1111,9 +1078,7 @@ fn with_tls(mut cmd: Command, sslmode: Option<&str>, root_cert: Option<&Path>) -
 
 #[test]
 fn a_tls_only_role_dumps_and_restores_under_every_sslmode_that_allows_tls() {
-    let Some(admin) = pg_server("a_tls_only_role_dumps_and_restores_under_every_sslmode_that_allows_tls") else {
-        return;
-    };
+    let Some(admin) = pg_server() else { return };
     let ca = pg_ca();
     let role = TlsRole::create(&admin);
     let source = role.database();
@@ -1160,9 +1125,7 @@ fn a_tls_only_role_dumps_and_restores_under_every_sslmode_that_allows_tls() {
 
 #[test]
 fn a_tls_only_role_with_sslmode_disable_is_refused() {
-    let Some(admin) = pg_server("a_tls_only_role_with_sslmode_disable_is_refused") else {
-        return;
-    };
+    let Some(admin) = pg_server() else { return };
     let role = TlsRole::create(&admin);
     let source = role.database();
     let t = Pg::with_server(role.server.clone());
@@ -1204,9 +1167,7 @@ fn wrong_ca(sb: &Sandbox) -> PathBuf {
 
 #[test]
 fn verification_against_a_wrong_or_missing_root_certificate_fails() {
-    let Some(t) = setup("verification_against_a_wrong_or_missing_root_certificate_fails") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     let wrong = wrong_ca(&t.sb);
     let missing = t.sb.path("no-such-root.crt");
     let missing_text = missing.display().to_string();
@@ -1242,10 +1203,7 @@ fn verification_against_a_wrong_or_missing_root_certificate_fails() {
 
 #[test]
 fn prefer_falls_back_to_cleartext_on_a_server_without_tls_and_require_does_not() {
-    let Some(cluster) = Cluster::start("prefer_falls_back_to_cleartext_on_a_server_without_tls_and_require_does_not")
-    else {
-        return;
-    };
+    let Some(cluster) = Cluster::start() else { return };
     let t = Pg::with_server(cluster.server.clone());
     t.pg.execute("postgres", "CREATE TABLE t(v int); INSERT INTO t VALUES (1), (2);");
     for sslmode in [None, Some("prefer"), Some("allow"), Some("disable")] {
@@ -1265,9 +1223,7 @@ fn prefer_falls_back_to_cleartext_on_a_server_without_tls_and_require_does_not()
 
 #[test]
 fn a_service_file_selects_the_server_and_its_tls_settings() {
-    let Some(admin) = pg_server("a_service_file_selects_the_server_and_its_tls_settings") else {
-        return;
-    };
+    let Some(admin) = pg_server() else { return };
     let ca = pg_ca();
     let role = TlsRole::create(&admin);
     let source = role.database();
@@ -1426,9 +1382,7 @@ fn database_settings(pg: &PgServer, name: &str) -> Vec<String> {
 
 #[test]
 fn replace_loads_exactly_the_backup_and_keeps_the_database_settings() {
-    let Some(t) = setup("replace_loads_exactly_the_backup_and_keeps_the_database_settings") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     let name = odd_name();
     let _source = create_sample(&t.pg, &name);
     for format in ["custom", "plain"] {
@@ -1484,9 +1438,7 @@ fn edited(artifact: &Artifact, tag: &str, edit: impl Fn(&str) -> String) -> Arti
 
 #[test]
 fn a_replace_that_fails_leaves_the_old_database_as_it_was() {
-    let Some(t) = setup("a_replace_that_fails_leaves_the_old_database_as_it_was") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     // A backup whose table belongs to a role that is gone by the time it is restored.
     let gone = PgRole::create(&t.pg, "bk_gone_");
     let source = t.pg.create_database(&odd_name());
@@ -1572,9 +1524,7 @@ fn a_replace_that_fails_leaves_the_old_database_as_it_was() {
 
 #[test]
 fn a_connected_session_makes_replace_fail_with_the_old_data_intact() {
-    let Some(t) = setup("a_connected_session_makes_replace_fail_with_the_old_data_intact") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     let source = t.pg.create_database(&odd_name());
     t.pg.execute(&source.name, "CREATE TABLE a(v int); INSERT INTO a VALUES (1), (2);");
     let artifact = t.dump(&["--dbname", &source.name]).ok().artifact();
@@ -1600,9 +1550,7 @@ fn a_connected_session_makes_replace_fail_with_the_old_data_intact() {
 
 #[test]
 fn sigterm_mid_replace_leaves_the_old_database_as_it_was() {
-    let Some(t) = setup("sigterm_mid_replace_leaves_the_old_database_as_it_was") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     let source = t.pg.create_database(&odd_name());
     t.pg.execute(
         &source.name,

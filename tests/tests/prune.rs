@@ -464,7 +464,7 @@ fn usage_and_missing_stores() {
 
 #[test]
 fn a_failed_delete_is_an_error_record_and_the_rest_goes_on() {
-    if !have_root("a_failed_delete_is_an_error_record_and_the_rest_goes_on") {
+    if !have_root() {
         return;
     }
     let sb = Sandbox::new();
@@ -503,13 +503,13 @@ fn a_failed_delete_is_an_error_record_and_the_rest_goes_on() {
 // restic as the oracle
 
 /// restic, or a SKIPPED note (a failure when the full suite runs: services.sh installs it).
-fn restic_available(test: &str) -> bool {
+fn restic_available() -> bool {
     let ok = Command::new("restic")
         .arg("version")
         .output()
         .is_ok_and(|o| o.status.success());
     let why = || "restic is not installed".into();
-    needs(test, ok.then_some(()), why, "tests/services.sh installs it").is_some()
+    needs(ok.then_some(()), why, "tests/services.sh installs it").is_some()
 }
 
 /// A restic repository in the sandbox.
@@ -685,7 +685,7 @@ const POLICIES: &[&str] = &[
 
 #[test]
 fn the_same_decisions_as_restic_forget() {
-    if !restic_available("the_same_decisions_as_restic_forget") {
+    if !restic_available() {
         return;
     }
     let sb = Sandbox::new();

@@ -38,9 +38,7 @@ fn dump(sb: &Sandbox) -> String {
 
 #[test]
 fn push_to_s3_and_ssh_then_every_tool_works_on_both() {
-    let Some(r) = Remote::from_env("push_to_s3_and_ssh_then_every_tool_works_on_both") else {
-        return;
-    };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     let dumped = dump(&sb);
     let (s3, ssh) = (r.s3_store("push"), r.ssh_store("push"));
@@ -107,9 +105,7 @@ fn push_to_s3_and_ssh_then_every_tool_works_on_both() {
 
 #[test]
 fn an_upstream_error_is_passed_on_and_its_name_not_shipped() {
-    let Some(r) = Remote::from_env("an_upstream_error_is_passed_on_and_its_name_not_shipped") else {
-        return;
-    };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     let dumped = dump(&sb);
     let error = r#"{"bk":1,"type":"error","tool":"bk-dump","name":"web","code":69,"message":"down"}"#;
@@ -123,9 +119,7 @@ fn an_upstream_error_is_passed_on_and_its_name_not_shipped() {
 
 #[test]
 fn pull_mode_is_idempotent_and_refuses_a_differing_copy() {
-    let Some(r) = Remote::from_env("pull_mode_is_idempotent_and_refuses_a_differing_copy") else {
-        return;
-    };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     let source = sb.store();
     write_backup(&source, "db", "20261120T010000Z");
@@ -217,9 +211,7 @@ fn pull_mode_is_idempotent_and_refuses_a_differing_copy() {
 
 #[test]
 fn unreachable_stores_and_refused_hosts_have_clear_exit_codes() {
-    let Some(r) = Remote::from_env("unreachable_stores_and_refused_hosts_have_clear_exit_codes") else {
-        return;
-    };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     let dumped = dump(&sb);
     let s3 = r.s3_store("down");
@@ -305,7 +297,7 @@ fn rclone_cmd(r: &Remote, sb: &Sandbox, config: &str, tool: &str, args: &[&str])
     cmd
 }
 
-fn rclone_installed(test: &str) -> bool {
+fn rclone_installed() -> bool {
     let found = Command::new("rclone")
         .arg("version")
         .stdout(Stdio::null())
@@ -313,14 +305,13 @@ fn rclone_installed(test: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     let why = || "rclone is not installed".into();
-    needs(test, found.then_some(()), why, "tests/services.sh installs it").is_some()
+    needs(found.then_some(()), why, "tests/services.sh installs it").is_some()
 }
 
 #[test]
 fn push_to_rclone_sftp_then_every_tool_works_on_it() {
-    let test = "push_to_rclone_sftp_then_every_tool_works_on_it";
-    let Some(r) = Remote::from_env(test) else { return };
-    if !rclone_installed(test) {
+    let Some(r) = Remote::from_env() else { return };
+    if !rclone_installed() {
         return;
     }
     let sb = Sandbox::new();
@@ -378,9 +369,8 @@ fn push_to_rclone_sftp_then_every_tool_works_on_it() {
 
 #[test]
 fn rclone_unreachable_or_missing_has_clear_exit_codes() {
-    let test = "rclone_unreachable_or_missing_has_clear_exit_codes";
-    let Some(r) = Remote::from_env(test) else { return };
-    if !rclone_installed(test) {
+    let Some(r) = Remote::from_env() else { return };
+    if !rclone_installed() {
         return;
     }
     let sb = Sandbox::new();
@@ -445,9 +435,7 @@ fn dump_random(sb: &Sandbox, mib: usize) -> (String, Vec<u8>) {
 /// aborted by bk-prune (once old enough) or by the next upload of the same file.
 #[test]
 fn s3_server_killed_mid_upload_leaves_no_manifest_and_a_rerun_completes() {
-    let Some(r) = Remote::from_env("s3_server_killed_mid_upload_leaves_no_manifest_and_a_rerun_completes") else {
-        return;
-    };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     let mut s3 = PrivateS3::start(&sb);
     // 64 MiB: eight parts.
@@ -608,9 +596,7 @@ impl CuttingProxy {
 /// resumes from where it stopped (a range request), and the restore is whole.
 #[test]
 fn an_s3_download_cut_in_the_middle_resumes_where_it_stopped() {
-    let Some(r) = Remote::from_env("an_s3_download_cut_in_the_middle_resumes_where_it_stopped") else {
-        return;
-    };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     let mut s3 = PrivateS3::start(&sb);
     let (dumped, data) = dump_random(&sb, 48);
@@ -697,9 +683,7 @@ fn remote_root(store: &str) -> &str {
 /// (bk-ship stopped, as a service manager stops it) is resumed, not sent again.
 #[test]
 fn ssh_copies_of_local_files_go_by_rsync_and_resume_an_interrupted_copy() {
-    let Some(r) = Remote::from_env("ssh_copies_of_local_files_go_by_rsync_and_resume_an_interrupted_copy") else {
-        return;
-    };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     let (dumped, _) = dump_random(&sb, 16);
     let original = dumped_artifact(&dumped);
@@ -783,9 +767,7 @@ fn ssh_copies_of_local_files_go_by_rsync_and_resume_an_interrupted_copy() {
 /// file under rsync's name is neither used nor touched.
 #[test]
 fn without_rsync_ssh_copies_are_streamed() {
-    let Some(r) = Remote::from_env("without_rsync_ssh_copies_are_streamed") else {
-        return;
-    };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     let dumped = dump(&sb);
     let original = dumped_artifact(&dumped);
@@ -811,9 +793,7 @@ fn without_rsync_ssh_copies_are_streamed() {
 /// AWS_SHARED_CREDENTIALS_FILE and AWS_CONFIG_FILE name), of the profile AWS_PROFILE names.
 #[test]
 fn s3_settings_come_from_the_aws_files_of_the_profile() {
-    let Some(r) = Remote::from_env("s3_settings_come_from_the_aws_files_of_the_profile") else {
-        return;
-    };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     let dumped = dump(&sb);
     let key = std::env::var("AWS_ACCESS_KEY_ID").unwrap();
@@ -889,9 +869,7 @@ fn s3_settings_come_from_the_aws_files_of_the_profile() {
 
 #[test]
 fn every_tool_takes_the_s3_endpoint_as_an_option() {
-    let Some(r) = Remote::from_env("every_tool_takes_the_s3_endpoint_as_an_option") else {
-        return;
-    };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     std::fs::create_dir_all(sb.path("data")).unwrap();
     std::fs::write(sb.path("data/a.txt"), "alpha\n").unwrap();
@@ -931,9 +909,7 @@ fn every_tool_takes_the_s3_endpoint_as_an_option() {
 #[test]
 fn s3_uploads_are_checked_by_their_md5_etags() {
     use md5::{Digest, Md5};
-    let Some(r) = Remote::from_env("s3_uploads_are_checked_by_their_md5_etags") else {
-        return;
-    };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     let (dumped, _) = dump_random(&sb, 20);
     let s3 = r.s3_store("etag");

@@ -366,7 +366,7 @@ fn replace_refuses_a_side_file_it_cannot_remove_and_removes_symlinks_not_their_t
 #[test]
 fn replace_refuses_a_side_file_it_has_no_permission_to_remove() {
     use std::os::unix::fs::{chown, PermissionsExt};
-    if !bk_tests::have_root("replace_refuses_a_side_file_it_has_no_permission_to_remove") {
+    if !bk_tests::have_root() {
         return;
     }
     const NOBODY: u32 = 65534;

@@ -259,8 +259,7 @@ fn local_backups(sb: &Sandbox, stamps: &[&str]) -> String {
 /// file and no manifest are left.
 #[test]
 fn a_remote_child_dying_mid_upload_is_a_clean_error_not_a_panic() {
-    let test = "a_remote_child_dying_mid_upload_is_a_clean_error_not_a_panic";
-    let Some(r) = Remote::from_env(test) else { return };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     std::fs::create_dir_all(sb.path("big")).unwrap();
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -317,8 +316,7 @@ fn a_remote_child_dying_mid_upload_is_a_clean_error_not_a_panic() {
 /// the store changes.
 #[test]
 fn ssh_listings_see_sizes_and_never_follow_symlinks_or_open_fifos() {
-    let test = "ssh_listings_see_sizes_and_never_follow_symlinks_or_open_fifos";
-    let Some(r) = Remote::from_env(test) else { return };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     let stamps = [
         "20250101T000000Z",
@@ -465,8 +463,7 @@ fn hostile_manifests_are_broken(
 
 #[test]
 fn hostile_manifests_in_an_ssh_store_are_broken_and_nothing_outside_is_touched() {
-    let test = "hostile_manifests_in_an_ssh_store_are_broken_and_nothing_outside_is_touched";
-    let Some(r) = Remote::from_env(test) else { return };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     let local = local_backups(&sb, &["20250101T000000Z"]);
     let remote_dir = RemoteDir::new(&r, "bk-hostile-");
@@ -492,8 +489,7 @@ fn hostile_manifests_in_an_ssh_store_are_broken_and_nothing_outside_is_touched()
 
 #[test]
 fn hostile_manifests_in_an_s3_store_are_broken_and_nothing_outside_is_touched() {
-    let test = "hostile_manifests_in_an_s3_store_are_broken_and_nothing_outside_is_touched";
-    if Remote::from_env(test).is_none() {
+    if Remote::from_env().is_none() {
         return;
     }
     let sb = Sandbox::new();
@@ -525,8 +521,7 @@ fn hostile_manifests_in_an_s3_store_are_broken_and_nothing_outside_is_touched() 
 /// and bk-prune --keep-last 1 keeps the older good backup instead of deleting it.
 #[test]
 fn s3_listings_see_truncated_artifacts_and_retention_keeps_the_good_backup() {
-    let test = "s3_listings_see_truncated_artifacts_and_retention_keeps_the_good_backup";
-    if Remote::from_env(test).is_none() {
+    if Remote::from_env().is_none() {
         return;
     }
     let sb = Sandbox::new();
@@ -569,11 +564,8 @@ fn s3_listings_see_truncated_artifacts_and_retention_keeps_the_good_backup() {
 /// the older good backup.
 #[test]
 fn rclone_and_ftp_listings_see_truncated_artifacts() {
-    let test = "rclone_and_ftp_listings_see_truncated_artifacts";
-    let Some(r) = Remote::from_env(test) else { return };
-    let var = |k: &str| {
-        std::env::var(k).unwrap_or_else(|_| panic!("{test}: {k} is not set: source $(tests/services.sh env)"))
-    };
+    let Some(r) = Remote::from_env() else { return };
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set: source $(tests/services.sh env)"));
     let sb = Sandbox::new();
     let local = local_backups(&sb, &["20250101T000000Z", "20250102T000000Z"]);
     let rclone_config = sb.path("rclone.conf");

@@ -830,7 +830,7 @@ fn leftover_scratch_directories_are_removed() {
 
 #[test]
 fn a_restored_read_only_tree_is_removed_when_verifying_as_another_user() {
-    if !have_root("a_restored_read_only_tree_is_removed_when_verifying_as_another_user") {
+    if !have_root() {
         return;
     }
     let sb = Sandbox::new();
@@ -1013,8 +1013,8 @@ struct My {
 }
 
 impl My {
-    fn new(test: &str) -> Option<My> {
-        let server = mysql_server(test)?;
+    fn new() -> Option<My> {
+        let server = mysql_server()?;
         let sb = Sandbox::new();
         let admin = server.option_file(&sb, "admin.cnf");
         Some(My { server, sb, admin })
@@ -1124,9 +1124,7 @@ impl ScratchServer for My {
 
 #[test]
 fn mysql_backup_verifies_at_both_levels_and_the_scratch_database_goes() {
-    let Some(my) = My::new("mysql_backup_verifies_at_both_levels_and_the_scratch_database_goes") else {
-        return;
-    };
+    let Some(my) = My::new() else { return };
     // A dot and a space in the name: its tables are still told apart from the database.
     let (db, _source) = my.sample("bk_vfy.good ");
     let a = my.dump(&db);
@@ -1152,9 +1150,7 @@ fn mysql_backup_verifies_at_both_levels_and_the_scratch_database_goes() {
 
 #[test]
 fn mysql_corruptions_are_caught() {
-    let Some(my) = My::new("mysql_corruptions_are_caught") else {
-        return;
-    };
+    let Some(my) = My::new() else { return };
     let (db, _source) = my.sample("bk_vfy_bad_");
     let _lock = scratch_lock(&MYSQL_SCRATCH);
     let before = my.scratch_dbs();
@@ -1196,9 +1192,7 @@ fn mysql_corruptions_are_caught() {
 
 #[test]
 fn mysql_restore_level_failures_drop_the_scratch_database() {
-    let Some(my) = My::new("mysql_restore_level_failures_drop_the_scratch_database") else {
-        return;
-    };
+    let Some(my) = My::new() else { return };
     let (db, _source) = my.sample("bk_vfy_rl_");
     let a = my.dump(&db);
     let case = RestoreLevelCase {
@@ -1212,9 +1206,7 @@ fn mysql_restore_level_failures_drop_the_scratch_database() {
 
 #[test]
 fn mysql_sigterm_mid_restore_drops_the_scratch_database() {
-    let Some(my) = My::new("mysql_sigterm_mid_restore_drops_the_scratch_database") else {
-        return;
-    };
+    let Some(my) = My::new() else { return };
     let db = mysql_unique_name("bk_vfy_big_");
     let _source = my.server.database(&db);
     my.sql(&format!(
@@ -1228,18 +1220,14 @@ fn mysql_sigterm_mid_restore_drops_the_scratch_database() {
 
 #[test]
 fn mysql_leftover_scratch_databases_are_dropped() {
-    let Some(my) = My::new("mysql_leftover_scratch_databases_are_dropped") else {
-        return;
-    };
+    let Some(my) = My::new() else { return };
     let (db, _source) = my.sample("bk_vfy_lo_");
     leftover_scratch_databases_are_dropped(&my, &my.dump(&db));
 }
 
 #[test]
 fn mysql_verification_never_touches_the_source() {
-    let Some(my) = My::new("mysql_verification_never_touches_the_source") else {
-        return;
-    };
+    let Some(my) = My::new() else { return };
     let (db, _source) = my.sample("bk_vfy_ro_");
     let user = mysql_unique_name("bk_vfy_ro_");
     let password = format!("Pw{}", &hex::encode(Sha256::digest(user.as_bytes()))[..24]);
@@ -1270,9 +1258,7 @@ fn mysql_verification_never_touches_the_source() {
 
 #[test]
 fn mysql_unreachable_scratch_server_is_69() {
-    let Some(my) = My::new("mysql_unreachable_scratch_server_is_69") else {
-        return;
-    };
+    let Some(my) = My::new() else { return };
     let (db, _source) = my.sample("bk_vfy_down_");
     let a = my.dump(&db);
     let closed = closed_port().to_string();
@@ -1326,8 +1312,8 @@ CREATE VIEW public.v AS SELECT id FROM public.items WHERE id < 10;
 ";
 
 impl Pg {
-    fn new(test: &str) -> Option<Pg> {
-        let pg = pg_server(test)?;
+    fn new() -> Option<Pg> {
+        let pg = pg_server()?;
         let sb = Sandbox::new();
         let pgpass = pg.write_pgpass(&sb, "pgpass");
         Some(Pg { pg, sb, pgpass })
@@ -1390,9 +1376,7 @@ fn pg_expected_counts() -> BTreeMap<String, u64> {
 
 #[test]
 fn postgres_backups_verify_at_both_levels_in_both_formats() {
-    let Some(pg) = Pg::new("postgres_backups_verify_at_both_levels_in_both_formats") else {
-        return;
-    };
+    let Some(pg) = Pg::new() else { return };
     let (db, _source) = pg.sample();
     let _lock = scratch_lock(&PG_SCRATCH);
     let before = pg.scratch_dbs();
@@ -1420,9 +1404,7 @@ fn postgres_backups_verify_at_both_levels_in_both_formats() {
 
 #[test]
 fn postgres_corruptions_are_caught() {
-    let Some(pg) = Pg::new("postgres_corruptions_are_caught") else {
-        return;
-    };
+    let Some(pg) = Pg::new() else { return };
     let (db, _source) = pg.sample();
     let _lock = scratch_lock(&PG_SCRATCH);
     let before = pg.scratch_dbs();
@@ -1479,9 +1461,7 @@ fn postgres_corruptions_are_caught() {
 
 #[test]
 fn postgres_restore_level_failures_drop_the_scratch_database() {
-    let Some(pg) = Pg::new("postgres_restore_level_failures_drop_the_scratch_database") else {
-        return;
-    };
+    let Some(pg) = Pg::new() else { return };
     let (db, _source) = pg.sample();
     let a = pg.dump(&db, "plain");
     let case = RestoreLevelCase {
@@ -1495,9 +1475,7 @@ fn postgres_restore_level_failures_drop_the_scratch_database() {
 
 #[test]
 fn postgres_sigterm_mid_restore_drops_the_scratch_database() {
-    let Some(pg) = Pg::new("postgres_sigterm_mid_restore_drops_the_scratch_database") else {
-        return;
-    };
+    let Some(pg) = Pg::new() else { return };
     let name = pg_unique_name("bk_vfy_big_");
     let _source = pg.pg.create_database(&name);
     pg.pg.execute(
@@ -1510,18 +1488,14 @@ fn postgres_sigterm_mid_restore_drops_the_scratch_database() {
 
 #[test]
 fn postgres_leftover_scratch_databases_are_dropped() {
-    let Some(pg) = Pg::new("postgres_leftover_scratch_databases_are_dropped") else {
-        return;
-    };
+    let Some(pg) = Pg::new() else { return };
     let (db, _source) = pg.sample();
     leftover_scratch_databases_are_dropped(&pg, &pg.dump(&db, "custom"));
 }
 
 #[test]
 fn postgres_unreachable_scratch_server_is_69() {
-    let Some(pg) = Pg::new("postgres_unreachable_scratch_server_is_69") else {
-        return;
-    };
+    let Some(pg) = Pg::new() else { return };
     let (db, _source) = pg.sample();
     let a = pg.dump(&db, "custom");
     let closed = closed_port().to_string();
