@@ -70,6 +70,13 @@ pub fn needs<T>(found: Option<T>, why: impl FnOnce() -> String, hint: &str) -> O
 /// The hint of a test that needs the servers of tests/services.sh.
 pub const SERVICES_ENV: &str = "source $(tests/services.sh env)";
 
+/// A port on loopback that nothing listens on now: the system's pick, free again once the
+/// listener goes. For a server a test starts, or for one that must not answer.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("its address").port()
+}
+
 /// A private directory per test, with its own lock directory and store.
 pub struct Sandbox {
     dir: tempfile::TempDir,
@@ -864,10 +871,7 @@ impl PrivateS3 {
     pub fn start(sb: &Sandbox) -> PrivateS3 {
         let root = sb.path("s3root");
         fs::create_dir_all(root.join("test-bucket")).expect("creating the bucket");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_port();
         let mut s3 = PrivateS3 {
             port,
             root,

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bk_core::record::Record;
-use bk_tests::{needs, run_cmd, tree_digest, Run, Sandbox};
+use bk_tests::{free_port, needs, run_cmd, tree_digest, Run, Sandbox};
 use serde_json::{json, Value};
 
 const NODES: usize = 3;
@@ -26,12 +26,6 @@ fn garage_bin() -> Option<PathBuf> {
         .filter(|p| p.is_file());
     let why = || "TEST_GARAGE_BIN is not set or not a file".into();
     needs(found, why, "tests/services.sh builds it")
-}
-
-/// A port nobody listens on now: the system's pick, free again once the listener goes.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-    listener.local_addr().expect("its address").port()
 }
 
 /// `bytes` random bytes, as hex.

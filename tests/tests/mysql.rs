@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use bk_core::record::{Artifact, Record};
 use bk_tests::{
-    files_below, have_root, mysql_ident, mysql_server, mysql_string, mysql_unique_name, run_cmd, MysqlGuard,
+    files_below, free_port, have_root, mysql_ident, mysql_server, mysql_string, mysql_unique_name, run_cmd, MysqlGuard,
     MysqlServer, Run, Sandbox,
 };
 use sha2::{Digest, Sha256};
@@ -226,12 +226,6 @@ fn by_table(counts: &BTreeMap<String, u64>, db: &str) -> BTreeMap<String, u64> {
             (table.to_string(), *v)
         })
         .collect()
-}
-
-/// A closed TCP port on loopback: bound, then released.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
 }
 
 /// A long row for the sample: 6 MiB of text ending in a 4-byte character.
@@ -606,88 +600,105 @@ fn a_backup_user_with_minimal_privileges_suffices() {
     routines_work(&env, &new);
 }
 
-/// A failed run: its error record and exit code, and nothing at all in the store.
-fn assert_failed_cleanly(env: &Env, run: &Run, code: i32) -> String {
-    assert_eq!(run.code, code, "stdout: {}\nstderr: {}", run.stdout, run.stderr);
-    let e = run.error();
-    assert!(run.artifacts().is_empty(), "{}", run.stdout);
-    assert_eq!(files_below(&env.sb.path("store")), Vec::<PathBuf>::new());
-    assert!(!run.stdout.contains(&env.server.password) && !run.stderr.contains(&env.server.password));
-    e.message
+/// The password of the option file a failing dump is given in the wrong-password case.
+const WRONG_PASSWORD: &str = "not-the-password";
+
+/// A dump that must fail: how the case makes it fail (the run, and what its message must
+/// name), and the exit code it must fail with.
+struct DumpFailure {
+    case: &'static str,
+    code: i32,
+    fail: fn(&Env) -> (Run, Vec<String>),
 }
 
+/// Each case in a new sandbox: the error record and exit code, the message naming the cause,
+/// nothing at all in the store, and no password (right or wrong) in the output.
 #[test]
-fn a_wrong_password_is_a_configuration_error() {
-    let Some(env) = Env::new() else { return };
-    let wrong = env
-        .server
-        .option_file_for(&env.sb, "wrong.cnf", &env.server.user, "not-the-password", "");
-    let run = env.dump_to(&wrong, &env.sb.store(), &["--database", "mysql"]);
-    let message = assert_failed_cleanly(&env, &run, 78);
-    assert!(message.contains("Access denied"), "{message}");
-    assert!(!message.contains("not-the-password"));
-}
-
-#[test]
-fn an_unknown_database_is_no_input() {
-    let Some(env) = Env::new() else { return };
-    let nope = mysql_unique_name("bk_nope_");
-    let run = env.dump(&["--database", &nope]);
-    let message = assert_failed_cleanly(&env, &run, 66);
-    assert!(message.contains(&nope), "{message}");
-}
-
-#[test]
-fn an_option_file_readable_by_others_is_refused() {
-    let Some(env) = Env::new() else { return };
-    std::fs::set_permissions(&env.admin, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let run = env.dump(&["--database", "mysql"]);
-    let message = assert_failed_cleanly(&env, &run, 78);
-    assert!(
-        message.contains("admin.cnf") && message.contains("chmod 600"),
-        "{message}"
-    );
-}
-
-#[test]
-fn a_missing_dump_program_is_unavailable() {
-    let Some(env) = Env::new() else { return };
-    let db = mysql_unique_name("bk_nodump_");
-    let _source = env.create_db(&db);
-    let bin = env.sb.path("bin");
-    std::fs::create_dir(&bin).unwrap();
-    let client = ["/usr/bin/mariadb", "/usr/local/bin/mariadb", "/usr/bin/mysql"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("the mariadb client");
-    std::os::unix::fs::symlink(client, bin.join("mariadb")).unwrap();
-    let mut cmd = env.sb.cmd(
-        "bk-dump",
-        &[
-            "mysql",
-            "--defaults-file",
-            env.admin.to_str().unwrap(),
-            "--database",
-            &db,
-            "--to",
-            &env.sb.store(),
-        ],
-    );
-    cmd.env("PATH", &bin);
-    let run = run_cmd(cmd, "");
-    let message = assert_failed_cleanly(&env, &run, 69);
-    assert!(
-        message.contains("mariadb-dump") && message.contains("PATH"),
-        "{message}"
-    );
-}
-
-#[test]
-fn an_unreachable_server_is_unavailable() {
-    let Some(env) = Env::new() else { return };
-    let port = closed_port().to_string();
-    let run = env.dump(&["--host", "127.0.0.1", "--port", &port, "--database", "mysql"]);
-    assert_failed_cleanly(&env, &run, 69);
+fn a_failed_dump_says_why_with_its_exit_code_and_leaves_nothing() {
+    let cases = [
+        DumpFailure {
+            case: "a wrong password is a configuration error",
+            code: 78,
+            fail: |env| {
+                let wrong = env
+                    .server
+                    .option_file_for(&env.sb, "wrong.cnf", &env.server.user, WRONG_PASSWORD, "");
+                let run = env.dump_to(&wrong, &env.sb.store(), &["--database", "mysql"]);
+                (run, vec!["Access denied".into()])
+            },
+        },
+        DumpFailure {
+            case: "an unknown database is no input",
+            code: 66,
+            fail: |env| {
+                let nope = mysql_unique_name("bk_nope_");
+                (env.dump(&["--database", &nope]), vec![nope])
+            },
+        },
+        DumpFailure {
+            case: "an option file readable by others is refused",
+            code: 78,
+            fail: |env| {
+                std::fs::set_permissions(&env.admin, std::fs::Permissions::from_mode(0o644)).unwrap();
+                let run = env.dump(&["--database", "mysql"]);
+                (run, vec!["admin.cnf".into(), "chmod 600".into()])
+            },
+        },
+        DumpFailure {
+            case: "a missing dump program is unavailable",
+            code: 69,
+            fail: |env| {
+                let db = mysql_unique_name("bk_nodump_");
+                let _source = env.create_db(&db);
+                let bin = env.sb.path("bin");
+                std::fs::create_dir(&bin).unwrap();
+                let client = ["/usr/bin/mariadb", "/usr/local/bin/mariadb", "/usr/bin/mysql"]
+                    .into_iter()
+                    .find(|p| Path::new(p).exists())
+                    .expect("the mariadb client");
+                std::os::unix::fs::symlink(client, bin.join("mariadb")).unwrap();
+                let store = env.sb.store();
+                let admin = env.admin.to_str().unwrap();
+                let mut cmd = env.sb.cmd(
+                    "bk-dump",
+                    &["mysql", "--defaults-file", admin, "--database", &db, "--to", &store],
+                );
+                cmd.env("PATH", &bin);
+                (run_cmd(cmd, ""), vec!["mariadb-dump".into(), "PATH".into()])
+            },
+        },
+        DumpFailure {
+            case: "an unreachable server is unavailable",
+            code: 69,
+            fail: |env| {
+                let port = free_port().to_string();
+                let run = env.dump(&["--host", "127.0.0.1", "--port", &port, "--database", "mysql"]);
+                (run, vec![])
+            },
+        },
+    ];
+    for DumpFailure { case, code, fail } in cases {
+        let Some(env) = Env::new() else { return };
+        let (run, says) = fail(&env);
+        assert_eq!(run.code, code, "{case}\nstdout: {}\nstderr: {}", run.stdout, run.stderr);
+        let message = run.error().message;
+        for what in says {
+            assert!(
+                message.contains(&what),
+                "{case}: the message should name {what:?}: {message}"
+            );
+        }
+        assert!(run.artifacts().is_empty(), "{case}: {}", run.stdout);
+        assert_eq!(files_below(&env.sb.path("store")), Vec::<PathBuf>::new(), "{case}");
+        for password in [env.server.password.as_str(), WRONG_PASSWORD] {
+            assert!(
+                !run.stdout.contains(password) && !run.stderr.contains(password),
+                "{case}: a password in the output\nstdout: {}\nstderr: {}",
+                run.stdout,
+                run.stderr
+            );
+        }
+    }
 }
 
 /// A throwaway MariaDB server of one test: its own data directory, on a Unix socket only,

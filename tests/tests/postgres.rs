@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use bk_core::name::sanitize;
 use bk_core::record::{Artifact, Record};
-use bk_tests::{files_below, needs, pg_ident, pg_server, pg_unique_name, run_cmd, PgDatabase, PgServer, Run, Sandbox};
+use bk_tests::{
+    files_below, free_port, needs, pg_ident, pg_server, pg_unique_name, run_cmd, PgDatabase, PgServer, Run, Sandbox,
+};
 
 /// A test's server, sandbox and password file.
 struct Pg {
@@ -55,6 +57,12 @@ impl Pg {
     /// bk-restore with the artifact record on stdin.
     fn restore(&self, artifact: &Artifact, args: &[&str]) -> Run {
         run_cmd(self.pg.cmd(&self.sb, &self.pgpass, "bk-restore", args), &line(artifact))
+    }
+
+    /// A failed restore created nothing: no database of that name.
+    fn assert_no_database(&self, name: &str) {
+        let sql = format!("SELECT count(*) FROM pg_database WHERE datname = '{name}'");
+        assert_eq!(self.pg.strings("postgres", &sql), ["0"], "nothing was created");
     }
 
     fn store_files(&self) -> Vec<PathBuf> {
@@ -547,110 +555,171 @@ fn no_password_on_any_command_line_while_a_dump_runs() {
     drop(db);
 }
 
-/// Runs a dump that must fail: its error record, its exit code, nothing in the store, no
-/// password in the output.
-fn assert_dump_fails(t: &Pg, cmd: Command, code: i32, says: &str) -> Run {
-    let run = run_cmd(cmd, "").code(code);
+/// The password a failing dump or restore is given in the wrong-password cases.
+const WRONG_PASSWORD: &str = "not-the-password";
+
+/// How a case makes a dump fail: the dump, what its message must say, the backup name its
+/// error record must carry (where the case checks it), and the database it made for it.
+struct Failing {
+    cmd: Command,
+    says: Vec<String>,
+    name: Option<String>,
+    db: Option<PgDatabase>,
+}
+
+/// A dump that must fail, with its exit code.
+struct DumpFailure {
+    case: &'static str,
+    code: i32,
+    fail: fn(&mut Pg) -> Failing,
+}
+
+/// Runs a dump that must fail: its error record (bk-dump's, saying all of `says`), its exit
+/// code, nothing in the store, no password (right or wrong) in the output. `case` names it.
+fn assert_dump_fails(case: &str, t: &Pg, cmd: Command, code: i32, says: &[&str]) -> Run {
+    let run = run_cmd(cmd, "");
+    assert_eq!(run.code, code, "{case}\nstdout: {}\nstderr: {}", run.stdout, run.stderr);
     let e = run.error();
-    assert_eq!(e.tool, "bk-dump");
-    assert!(
-        e.message.contains(says),
-        "the message should say {says:?}: {}",
-        e.message
+    assert_eq!(e.tool, "bk-dump", "{case}");
+    for what in says {
+        assert!(
+            e.message.contains(what),
+            "{case}: the message should say {what:?}: {}",
+            e.message
+        );
+    }
+    for password in [t.pg.password.as_str(), WRONG_PASSWORD] {
+        assert!(
+            !run.stdout.contains(password) && !run.stderr.contains(password),
+            "{case}: a password in the output\nstdout: {}\nstderr: {}",
+            run.stdout,
+            run.stderr
+        );
+    }
+    assert_eq!(
+        t.store_files(),
+        Vec::<PathBuf>::new(),
+        "{case}: nothing is left in the store"
     );
-    assert!(!run.stdout.contains(&t.pg.password) && !run.stderr.contains(&t.pg.password));
-    assert_eq!(t.store_files(), Vec::<PathBuf>::new(), "nothing is left in the store");
-    assert!(run.artifacts().is_empty());
+    assert!(run.artifacts().is_empty(), "{case}");
     run
 }
 
+/// A new database of the case (`<prefix><unique>`), and a dump of it that must fail.
+fn failing_dump_of_new_database(t: &Pg, prefix: &str, says: &str) -> Failing {
+    let name = pg_unique_name(prefix);
+    Failing {
+        db: Some(t.pg.create_database(&name)),
+        cmd: t.dump_cmd(&["--dbname", &name]),
+        says: vec![says.into()],
+        name: None,
+    }
+}
+
+/// Each case in a new sandbox: the error record and exit code, the message naming the cause,
+/// nothing in the store, and no password (right or wrong) in the output.
 #[test]
-fn a_wrong_password_is_a_configuration_error() {
+fn a_failed_dump_says_why_with_its_exit_code_and_leaves_nothing() {
+    let cases = [
+        DumpFailure {
+            case: "a wrong password is a configuration error",
+            code: 78,
+            fail: |t| {
+                let mut failing = failing_dump_of_new_database(t, "bk_pw_", "password authentication failed");
+                failing.name = failing.db.as_ref().map(|db| format!("postgres-{}", db.name));
+                let wrong = PgServer {
+                    password: WRONG_PASSWORD.into(),
+                    ..t.pg.clone()
+                };
+                wrong.write_pgpass(&t.sb, "pgpass");
+                failing
+            },
+        },
+        DumpFailure {
+            case: "an unknown database is no input",
+            code: 66,
+            fail: |t| {
+                let nope = pg_unique_name("nope_");
+                Failing {
+                    cmd: t.dump_cmd(&["--dbname", &nope]),
+                    says: vec![nope, "does not exist".into()],
+                    name: None,
+                    db: None,
+                }
+            },
+        },
+        DumpFailure {
+            case: "a password file readable by others is refused",
+            code: 78,
+            fail: |t| {
+                std::fs::set_permissions(&t.pgpass, std::fs::Permissions::from_mode(0o644)).unwrap();
+                failing_dump_of_new_database(t, "bk_loose_", "chmod 600")
+            },
+        },
+        DumpFailure {
+            case: "pg_dump missing from PATH is unavailable",
+            code: 69,
+            fail: |t| {
+                let mut failing = failing_dump_of_new_database(t, "bk_nopath_", "pg_dump");
+                let empty = t.sb.path("empty-bin");
+                std::fs::create_dir(&empty).unwrap();
+                failing.cmd.env("PATH", &empty);
+                failing
+            },
+        },
+        DumpFailure {
+            case: "an unreachable server is unavailable",
+            code: 69,
+            fail: |t| {
+                t.pg.port = free_port();
+                Failing {
+                    cmd: t.dump_cmd(&["--dbname", "postgres"]),
+                    says: vec!["connecting to postgres".into()],
+                    name: Some("postgres-postgres".into()),
+                    db: None,
+                }
+            },
+        },
+        DumpFailure {
+            case: "listing the databases of an unreachable server is unavailable",
+            code: 69,
+            fail: |t| {
+                t.pg.port = free_port();
+                Failing {
+                    cmd: t.dump_cmd(&[]),
+                    says: vec!["connecting".into()],
+                    name: None,
+                    db: None,
+                }
+            },
+        },
+    ];
+    for DumpFailure { case, code, fail } in cases {
+        let Some(mut t) = setup() else { return };
+        let failing = fail(&mut t);
+        let says: Vec<&str> = failing.says.iter().map(String::as_str).collect();
+        let run = assert_dump_fails(case, &t, failing.cmd, code, &says);
+        if let Some(name) = failing.name {
+            assert_eq!(run.error().name, Some(name), "{case}");
+        }
+    }
+}
+
+#[test]
+fn a_wrong_password_stops_a_restore_before_it_creates_anything() {
     let Some(t) = setup() else { return };
     let name = pg_unique_name("bk_pw_");
     let _db = t.pg.create_database(&name);
+    let artifact = t.dump(&["--dbname", &name]).ok().artifact();
     let wrong = PgServer {
-        password: "not-the-password".into(),
+        password: WRONG_PASSWORD.into(),
         ..t.pg.clone()
     };
-    wrong.write_pgpass(&t.sb, "pgpass");
-    let run = assert_dump_fails(
-        &t,
-        t.dump_cmd(&["--dbname", &name]),
-        78,
-        "password authentication failed",
-    );
-    assert_eq!(run.error().name, Some(format!("postgres-{name}")));
-    assert!(!run.stderr.contains("not-the-password"));
-    // The same for bk-restore, before it touches anything.
-    t.pg.write_pgpass(&t.sb, "pgpass");
-    let artifact = t.dump(&["--dbname", &name]).ok().artifact();
     wrong.write_pgpass(&t.sb, "pgpass");
     let target = t.pg.database(&pg_unique_name("bk_pw_r_"));
     let run = t.restore(&artifact, &["--database", &target.name]).code(78);
     run.error();
-    assert_eq!(
-        t.pg.strings(
-            "postgres",
-            &format!("SELECT count(*) FROM pg_database WHERE datname = '{}'", target.name)
-        ),
-        ["0"],
-        "nothing was created"
-    );
-}
-
-#[test]
-fn an_unknown_database_is_no_input() {
-    let Some(t) = setup() else { return };
-    let nope = pg_unique_name("nope_");
-    let run = assert_dump_fails(&t, t.dump_cmd(&["--dbname", &nope]), 66, &nope);
-    assert!(run.error().message.contains("does not exist"), "{}", run.stderr);
-}
-
-#[test]
-fn a_password_file_readable_by_others_is_refused() {
-    let Some(t) = setup() else { return };
-    let name = pg_unique_name("bk_loose_");
-    let _db = t.pg.create_database(&name);
-    std::fs::set_permissions(&t.pgpass, std::fs::Permissions::from_mode(0o644)).unwrap();
-    assert_dump_fails(&t, t.dump_cmd(&["--dbname", &name]), 78, "chmod 600");
-}
-
-#[test]
-fn pg_dump_missing_from_path_is_unavailable() {
-    let Some(t) = setup() else { return };
-    let name = pg_unique_name("bk_nopath_");
-    let _db = t.pg.create_database(&name);
-    let empty = t.sb.path("empty-bin");
-    std::fs::create_dir(&empty).unwrap();
-    let mut cmd = t.dump_cmd(&["--dbname", &name]);
-    cmd.env("PATH", &empty);
-    assert_dump_fails(&t, cmd, 69, "pg_dump");
-}
-
-/// A port on loopback nothing listens on.
-fn closed_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-#[test]
-fn an_unreachable_server_is_unavailable() {
-    let Some(t) = setup() else { return };
-    let t = Pg {
-        pg: PgServer {
-            port: closed_port(),
-            ..t.pg.clone()
-        },
-        ..t
-    };
-    let run = assert_dump_fails(&t, t.dump_cmd(&["--dbname", "postgres"]), 69, "connecting to postgres");
-    assert_eq!(run.error().name.as_deref(), Some("postgres-postgres"));
-    // Listing the databases fails the same way.
-    assert_dump_fails(&t, t.dump_cmd(&[]), 69, "connecting");
+    t.assert_no_database(&target.name);
 }
 
 /// A throwaway PostgreSQL cluster of one test's own, which it may stop at will.
@@ -710,7 +779,7 @@ impl Cluster {
             "--no-sync",
         ]);
         for attempt in 0.. {
-            cluster.server.port = closed_port();
+            cluster.server.port = free_port();
             let options = format!(
                 "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
                 cluster.server.port,
@@ -932,14 +1001,7 @@ fn table_restore_of_a_plain_backup_is_a_usage_error() {
         .restore(&artifact, &["--database", &target.name, "--table", "x"])
         .code(64);
     assert!(run.error().message.contains("custom"), "{}", run.stderr);
-    assert_eq!(
-        t.pg.strings(
-            "postgres",
-            &format!("SELECT count(*) FROM pg_database WHERE datname = '{}'", target.name)
-        ),
-        ["0"],
-        "nothing was created"
-    );
+    t.assert_no_database(&target.name);
 }
 
 #[test]
@@ -1130,7 +1192,7 @@ fn a_tls_only_role_with_sslmode_disable_is_refused() {
     let source = role.database();
     let t = Pg::with_server(role.server.clone());
     let cmd = with_tls(t.dump_cmd(&["--dbname", &source.name]), Some("disable"), None);
-    let run = assert_dump_fails(&t, cmd, 78, "no encryption");
+    let run = assert_dump_fails("sslmode=disable", &t, cmd, 78, &["no encryption"]);
     assert!(
         run.error().message.contains("pg_hba.conf rejects connection"),
         "{}",
@@ -1188,7 +1250,7 @@ fn verification_against_a_wrong_or_missing_root_certificate_fails() {
             Some(sslmode),
             Some(root_cert.as_path()),
         );
-        let run = assert_dump_fails(&t, cmd, code, says);
+        let run = assert_dump_fails(sslmode, &t, cmd, code, &[says]);
         let message = run.error().message;
         assert!(
             message.contains("TLS") || message.contains("root certificate"),
@@ -1217,7 +1279,7 @@ fn prefer_falls_back_to_cleartext_on_a_server_without_tls_and_require_does_not()
     std::fs::remove_dir_all(t.sb.path("store")).unwrap();
     for sslmode in ["require", "verify-full"] {
         let cmd = with_tls(t.dump_cmd(&["--dbname", "postgres"]), Some(sslmode), Some(&pg_ca()));
-        assert_dump_fails(&t, cmd, 69, "does not support TLS");
+        assert_dump_fails(sslmode, &t, cmd, 69, &["does not support TLS"]);
     }
 }
 
@@ -1249,7 +1311,7 @@ fn a_service_file_selects_the_server_and_its_tls_settings() {
         cmd.env("PGPASSFILE", &t.pgpass)
             .env("PGSERVICEFILE", &service_file)
             .env("PGSERVICE", service)
-            .env("PGPORT", closed_port().to_string())
+            .env("PGPORT", free_port().to_string())
             .env("PGSSLMODE", "disable")
             .env_remove("PGHOST")
             .env_remove("PGUSER")
@@ -1261,15 +1323,22 @@ fn a_service_file_selects_the_server_and_its_tls_settings() {
     assert_eq!(artifact.source.database.as_deref(), Some(source.name.as_str()));
     std::fs::remove_dir_all(t.sb.path("store")).unwrap();
     let run = assert_dump_fails(
+        "an unknown service",
         &t,
         service_cmd("nosuch"),
         78,
-        "definition of service \"nosuch\" not found",
+        &["definition of service \"nosuch\" not found"],
     );
     assert!(run.stderr.contains("PGSERVICE"), "{}", run.stderr);
     // libpq refuses a line that is not key=value: so does bk, before pg_dump would.
     std::fs::write(&service_file, "[bktest]\nport = 5432\n").unwrap();
-    assert_dump_fails(&t, service_cmd("bktest"), 78, "syntax error in service file");
+    assert_dump_fails(
+        "a service file with a syntax error",
+        &t,
+        service_cmd("bktest"),
+        78,
+        &["syntax error in service file"],
+    );
 }
 
 // ---------------------------------------------------------------------------------------

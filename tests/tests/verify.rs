@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bk_core::record::{Artifact, Record};
 use bk_tests::{
-    files_below, have_root, mysql_ident, mysql_server, mysql_string, mysql_unique_name, pg_ident, pg_server,
+    files_below, free_port, have_root, mysql_ident, mysql_server, mysql_string, mysql_unique_name, pg_ident, pg_server,
     pg_unique_name, run_cmd, MysqlGuard, MysqlServer, PgDatabase, PgServer, Run, Sandbox, AS_NOBODY,
 };
 use serde_json::{json, Map, Value};
@@ -1261,7 +1261,7 @@ fn mysql_unreachable_scratch_server_is_69() {
     let Some(my) = My::new() else { return };
     let (db, _source) = my.sample("bk_vfy_down_");
     let a = my.dump(&db);
-    let closed = closed_port().to_string();
+    let closed = free_port().to_string();
     let run = my.verify(&["--scratch", "--port", &closed], &line(&a)).code(69);
     let e = run.error();
     assert!(
@@ -1280,12 +1280,6 @@ fn mysql_unreachable_scratch_server_is_69() {
     // Integrity alone needs no server.
     let run = my.verify(&["--port", &closed], &line(&a)).ok();
     assert_good(&verified(&run), &a, "integrity");
-}
-
-/// A closed TCP port on loopback: bound, then released.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1498,7 +1492,7 @@ fn postgres_unreachable_scratch_server_is_69() {
     let Some(pg) = Pg::new() else { return };
     let (db, _source) = pg.sample();
     let a = pg.dump(&db, "custom");
-    let closed = closed_port().to_string();
+    let closed = free_port().to_string();
     let mut cmd = pg.sb.cmd(
         "bk-verify",
         &[
