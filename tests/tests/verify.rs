@@ -222,6 +222,21 @@ fn assert_empty_dir(dir: &Path) {
     assert!(left.is_empty(), "left behind in {}: {left:?}", dir.display());
 }
 
+/// bk-verify of `a` piped in, at the restore level, restoring into `scratch`.
+fn verify_in_scratch(sb: &Sandbox, scratch: &Path, a: &Artifact) -> Run {
+    sb.run_with_stdin("bk-verify", &["--scratch", "--scratch-dir", s(scratch)], &line(a))
+}
+
+/// bk-verify at the restore level, restoring into `scratch`, of the backups that `pick`
+/// (e.g. `--name NAME`) selects in the sandbox's store.
+fn verify_from_store_in_scratch(sb: &Sandbox, scratch: &Path, pick: &[&str]) -> Run {
+    let store = sb.store();
+    let mut args = vec!["--from", &store];
+    args.extend(pick);
+    args.extend(["--scratch", "--scratch-dir", s(scratch)]);
+    sb.run("bk-verify", &args)
+}
+
 // ---------------------------------------------------------------------------------------
 // files and SQLite
 
@@ -293,28 +308,12 @@ fn files_backup_verifies_at_both_levels_and_leaves_nothing() {
 
     // The restore level: a scratch directory, removed afterwards.
     let scratch = scratch_dir(&sb);
-    let run = sb
-        .run_with_stdin("bk-verify", &["--scratch", "--scratch-dir", s(&scratch)], &line(&a))
-        .ok();
+    let run = verify_in_scratch(&sb, &scratch, &a).ok();
     assert_good(&verified(&run), &a, "restore");
     assert_empty_dir(&scratch);
 
     // From the store, by name.
-    let store = sb.store();
-    let run = sb
-        .run(
-            "bk-verify",
-            &[
-                "--from",
-                &store,
-                "--name",
-                "files-good",
-                "--scratch",
-                "--scratch-dir",
-                s(&scratch),
-            ],
-        )
-        .ok();
+    let run = verify_from_store_in_scratch(&sb, &scratch, &["--name", "files-good"]).ok();
     assert_good(&verified(&run), &a, "restore");
     assert_empty_dir(&scratch);
 }
@@ -334,28 +333,11 @@ fn sqlite_backup_verifies_at_both_levels_and_leaves_nothing() {
     assert_good(&verified(&run), &a, "integrity");
     assert_empty_dir(&scratch);
 
-    let run = sb
-        .run_with_stdin("bk-verify", &["--scratch", "--scratch-dir", s(&scratch)], &line(&a))
-        .ok();
+    let run = verify_in_scratch(&sb, &scratch, &a).ok();
     assert_good(&verified(&run), &a, "restore");
     assert_empty_dir(&scratch);
 
-    let store = sb.store();
-    let run = sb
-        .run(
-            "bk-verify",
-            &[
-                "--from",
-                &store,
-                "--name",
-                "sqlite-good",
-                "--scratch",
-                "--scratch-dir",
-                s(&scratch),
-                "-q",
-            ],
-        )
-        .ok();
+    let run = verify_from_store_in_scratch(&sb, &scratch, &["--name", "sqlite-good", "-q"]).ok();
     assert_good(&verified(&run), &a, "restore");
     assert!(run.stderr.is_empty(), "{}", run.stderr);
     assert_empty_dir(&scratch);
@@ -367,7 +349,7 @@ fn files_corruptions_are_caught() {
     let src = sb.path("src");
     small_tree(&src);
     let scratch = scratch_dir(&sb);
-    let verify = |a: &Artifact| sb.run_with_stdin("bk-verify", &["--scratch", "--scratch-dir", s(&scratch)], &line(a));
+    let verify = |a: &Artifact| verify_in_scratch(&sb, &scratch, a);
 
     // One bit flipped in the middle of the stored bytes.
     let a = sb.dump(&["files", s(&src), "--name", "files-flipped"]);
@@ -400,19 +382,7 @@ fn files_corruptions_are_caught() {
     let entries = a.counts["entries"];
     value["counts"]["entries"] = json!(entries + 1);
     fs::write(&manifest, format!("{value}\n")).unwrap();
-    let store = sb.store();
-    let run = sb.run(
-        "bk-verify",
-        &[
-            "--from",
-            &store,
-            "--name",
-            "files-count",
-            "--scratch",
-            "--scratch-dir",
-            s(&scratch),
-        ],
-    );
+    let run = verify_from_store_in_scratch(&sb, &scratch, &["--name", "files-count"]);
     let v = assert_caught(
         &run,
         &a,
@@ -431,7 +401,7 @@ fn sqlite_corruptions_are_caught() {
     let db = sb.path("app.db");
     sqlite_db(&db);
     let scratch = scratch_dir(&sb);
-    let verify = |a: &Artifact| sb.run_with_stdin("bk-verify", &["--scratch", "--scratch-dir", s(&scratch)], &line(a));
+    let verify = |a: &Artifact| verify_in_scratch(&sb, &scratch, a);
 
     let a = sb.dump(&["sqlite", s(&db), "--name", "sqlite-flipped"]);
     flip_middle_bit(&a.location);
@@ -811,9 +781,7 @@ fn leftover_scratch_directories_are_removed() {
         .ok();
     assert!(old.exists());
 
-    let run = sb
-        .run_with_stdin("bk-verify", &["--scratch", "--scratch-dir", s(&scratch)], &line(&a))
-        .ok();
+    let run = verify_in_scratch(&sb, &scratch, &a).ok();
     assert_good(&verified(&run), &a, "restore");
     assert!(!old.exists() && !old_file.exists(), "the old ones are removed");
     for gone in [&old, &old_file] {
