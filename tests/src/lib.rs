@@ -106,6 +106,15 @@ impl Sandbox {
         self.dir.path()
     }
 
+    /// A new sandbox and its source directory `<sandbox>/src`, made by `fill` (a tree of the
+    /// test's, or [`write_files`]).
+    pub fn with_src(fill: impl FnOnce(&Path)) -> (Sandbox, PathBuf) {
+        let sb = Sandbox::new();
+        let src = sb.path("src");
+        fill(&src);
+        (sb, src)
+    }
+
     /// The default store of a test: `<sandbox>/store`.
     pub fn store(&self) -> String {
         self.path("store").display().to_string()
@@ -313,6 +322,20 @@ fn walk(root: &Path, path: &Path, out: &mut BTreeMap<String, String>) {
         for entry in fs::read_dir(path).unwrap() {
             walk(root, &entry.unwrap().path(), out);
         }
+    }
+}
+
+/// A test's path as the `&str` an argument list takes: test paths are UTF-8.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 test paths")
+}
+
+/// Writes files below `dir` (each a relative path and its content), making the directories.
+pub fn write_files(dir: &Path, files: &[(&str, &str)]) {
+    for (rel, content) in files {
+        let path = dir.join(rel);
+        fs::create_dir_all(path.parent().expect("a file below dir")).expect("creating the directories");
+        fs::write(&path, content).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
     }
 }
 

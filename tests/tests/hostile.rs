@@ -11,11 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bk_core::record::{Artifact, Record};
-use bk_tests::{bin, files_below, tree_digest, write_backup, Run, Sandbox};
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 test paths")
-}
+use bk_tests::{bin, files_below, s, tree_digest, write_backup, Run, Sandbox};
 
 /// A sandbox with a store holding two good backups of `job`, and a victim directory beside
 /// the store that no tool may touch.

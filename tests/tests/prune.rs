@@ -11,13 +11,9 @@ use std::process::{Command, Stdio};
 use bk_core::record::{Artifact, Kept, Pruned, Record};
 use bk_core::retention::{decide, Zone};
 use bk_prune::Cli;
-use bk_tests::{files_below, have_root, needs, run_cmd, write_backup, Run, Sandbox, AS_NOBODY};
+use bk_tests::{files_below, have_root, needs, run_cmd, s, write_backup, Run, Sandbox, AS_NOBODY};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeDelta, Utc};
 use clap::Parser;
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 test paths")
-}
 
 /// `n` nightly backups of `name` at 00:15 UTC, the last on `last` (YYYY-MM-DD), oldest first.
 fn nightly(store: &str, name: &str, last: &str, n: i64) -> Vec<Artifact> {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bk_core::record::{Artifact, Record};
 use bk_tests::{
     files_below, free_port, have_root, mysql_ident, mysql_server, mysql_string, mysql_unique_name, pg_ident, pg_server,
-    pg_unique_name, run_cmd, MysqlGuard, MysqlServer, PgDatabase, PgServer, Run, Sandbox, AS_NOBODY,
+    pg_unique_name, run_cmd, s, write_files, MysqlGuard, MysqlServer, PgDatabase, PgServer, Run, Sandbox, AS_NOBODY,
 };
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
@@ -33,10 +33,6 @@ static PG_SCRATCH: Mutex<()> = Mutex::new(());
 /// Held while a test makes or looks at `bk_verify_*` databases on a server.
 fn scratch_lock(lock: &'static Mutex<()>) -> MutexGuard<'static, ()> {
     lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 test paths")
 }
 
 fn line(a: &Artifact) -> String {
@@ -273,9 +269,7 @@ fn sqlite_db(path: &Path) {
 
 #[test]
 fn files_backup_verifies_at_both_levels_and_leaves_nothing() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    small_tree(&src);
+    let (sb, src) = Sandbox::with_src(small_tree);
     let a = sb.dump(&["files", s(&src), "--name", "files-good"]);
 
     // Piped from bk-dump: the artifact is verified, what is not an artifact is passed on.
@@ -345,9 +339,7 @@ fn sqlite_backup_verifies_at_both_levels_and_leaves_nothing() {
 
 #[test]
 fn files_corruptions_are_caught() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    small_tree(&src);
+    let (sb, src) = Sandbox::with_src(small_tree);
     let scratch = scratch_dir(&sb);
     let verify = |a: &Artifact| verify_in_scratch(&sb, &scratch, a);
 
@@ -477,9 +469,7 @@ fn encrypted_and_gzip_backups_verify() {
 
 #[test]
 fn selection_from_a_store_all_id_latest_and_sample() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    small_tree(&src);
+    let (sb, src) = Sandbox::with_src(small_tree);
     let store = sb.store();
     let four: Vec<Artifact> = (0..4).map(|_| sb.dump(&["files", s(&src), "--name", "four"])).collect();
     let other = sb.dump(&["files", s(&src.join("sub")), "--name", "other"]);
@@ -553,9 +543,7 @@ fn selection_from_a_store_all_id_latest_and_sample() {
 
 #[test]
 fn an_upstream_error_is_passed_on_and_fails_the_run() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    small_tree(&src);
+    let (sb, src) = Sandbox::with_src(small_tree);
     let a = sb.dump(&["files", s(&src), "--name", "files-up"]);
     let upstream = r#"{"bk":1,"type":"error","tool":"bk-dump","name":"mysql-x","code":69,"message":"down"}"#;
     let run = sb
@@ -579,9 +567,7 @@ fn errors(run: &Run) -> Vec<bk_core::record::ErrorRecord> {
 
 #[test]
 fn every_backup_is_verified_and_every_failure_reported() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    small_tree(&src);
+    let (sb, src) = Sandbox::with_src(small_tree);
     // A backup whose store is gone (66), a corrupt one (65), a good one: in that order.
     let mut gone = sb.dump(&["files", s(&src), "--name", "files-gone"]);
     gone.location = gone.location.replace(&sb.store(), s(&sb.path("gone")));
@@ -637,9 +623,7 @@ fn remove_artifact(a: &Artifact) {
 
 #[test]
 fn a_broken_backup_is_a_failure_and_the_newest_good_one_is_verified_or_restored() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    small_tree(&src);
+    let (sb, src) = Sandbox::with_src(small_tree);
     let store = sb.store();
     // fresh: two good backups, then a newer one whose artifact file is missing.
     let fresh: Vec<Artifact> = (0..3)
@@ -740,9 +724,7 @@ fn a_broken_backup_is_a_failure_and_the_newest_good_one_is_verified_or_restored(
 
 #[test]
 fn a_fifo_named_like_a_manifest_is_reported_without_hanging() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    small_tree(&src);
+    let (sb, src) = Sandbox::with_src(small_tree);
     let a = sb.dump(&["files", s(&src), "--name", "piped"]);
     let fifo = sb.path("store/piped/piped.29991231T000000Z.json");
     let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
@@ -760,9 +742,7 @@ fn a_fifo_named_like_a_manifest_is_reported_without_hanging() {
 
 #[test]
 fn leftover_scratch_directories_are_removed() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    small_tree(&src);
+    let (sb, src) = Sandbox::with_src(small_tree);
     let a = sb.dump(&["files", s(&src), "--name", "files-left"]);
     let scratch = scratch_dir(&sb);
     let old = scratch.join("bk_verify_1000_abcdef");
@@ -801,9 +781,7 @@ fn a_restored_read_only_tree_is_removed_when_verifying_as_another_user() {
     if !have_root() {
         return;
     }
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    small_tree(&src);
+    let (sb, src) = Sandbox::with_src(small_tree);
     let ro = src.join("sub/deeper");
     fs::set_permissions(&ro, std::os::unix::fs::PermissionsExt::from_mode(0o555)).unwrap();
     fs::set_permissions(src.join("sub"), std::os::unix::fs::PermissionsExt::from_mode(0o500)).unwrap();
@@ -1483,10 +1461,7 @@ fn postgres_unreachable_scratch_server_is_69() {
 
 #[test]
 fn every_copy_a_pipeline_made_is_verified() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    fs::create_dir(&src).unwrap();
-    fs::write(src.join("a"), "one").unwrap();
+    let (sb, src) = Sandbox::with_src(|src| write_files(src, &[("a", "one")]));
     let a = sb.dump(&["files", s(&src), "--name", "copies"]);
     let offsite = sb.path("offsite").display().to_string();
     let shipped = sb.run_with_stdin("bk-ship", &["--to", &offsite], &line(&a)).ok();
