@@ -282,6 +282,40 @@ impl Run {
     }
 }
 
+impl Run {
+    /// A run that failed with `code`, an error record saying each of `says`, and no artifact;
+    /// `case` names it in failures. Its error record.
+    pub fn failed(&self, case: &str, code: i32, says: &[&str]) -> ErrorRecord {
+        assert_eq!(
+            self.code, code,
+            "{case}: exit code\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        let e = self.error();
+        for what in says {
+            assert!(
+                e.message.contains(what),
+                "{case}: the message should say {what:?}: {}",
+                e.message
+            );
+        }
+        assert!(self.artifacts().is_empty(), "{case}: no artifact: {}", self.stdout);
+        e
+    }
+
+    /// Neither stdout nor stderr carries any of `secrets` (passwords); `case` names the run.
+    pub fn assert_hides(&self, case: &str, secrets: &[&str]) {
+        for secret in secrets {
+            assert!(
+                !self.stdout.contains(secret) && !self.stderr.contains(secret),
+                "{case}: a secret in the output\nstdout: {}\nstderr: {}",
+                self.stdout,
+                self.stderr
+            );
+        }
+    }
+}
+
 /// Everything a restore must bring back of a tree: per relative path, the kind, mode,
 /// owner, mtime, and the content's sha256 or the link's target.
 pub fn tree_digest(root: &Path) -> BTreeMap<String, String> {

@@ -680,24 +680,10 @@ fn a_failed_dump_says_why_with_its_exit_code_and_leaves_nothing() {
     for DumpFailure { case, code, fail } in cases {
         let Some(env) = Env::new() else { return };
         let (run, says) = fail(&env);
-        assert_eq!(run.code, code, "{case}\nstdout: {}\nstderr: {}", run.stdout, run.stderr);
-        let message = run.error().message;
-        for what in says {
-            assert!(
-                message.contains(&what),
-                "{case}: the message should name {what:?}: {message}"
-            );
-        }
-        assert!(run.artifacts().is_empty(), "{case}: {}", run.stdout);
+        let says: Vec<&str> = says.iter().map(String::as_str).collect();
+        run.failed(case, code, &says);
         assert_eq!(files_below(&env.sb.path("store")), Vec::<PathBuf>::new(), "{case}");
-        for password in [env.server.password.as_str(), WRONG_PASSWORD] {
-            assert!(
-                !run.stdout.contains(password) && !run.stderr.contains(password),
-                "{case}: a password in the output\nstdout: {}\nstderr: {}",
-                run.stdout,
-                run.stderr
-            );
-        }
+        run.assert_hides(case, &[&env.server.password, WRONG_PASSWORD]);
     }
 }
 
