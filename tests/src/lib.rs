@@ -12,7 +12,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use bk_core::record::{parse_line, Artifact, ErrorRecord, Record, Restored};
+use bk_core::record::{parse_line, Artifact, ErrorRecord, Kept, Pruned, Record, Restored};
 use sha2::{Digest, Sha256};
 
 /// target/<profile>/, where cargo put the tools beside this test binary's deps/ folder.
@@ -262,6 +262,19 @@ impl Run {
         self.only("artifact", |r| if let Record::Artifact(x) = r { Some(x) } else { None })
     }
 
+    /// bk-prune's decisions: the backups it kept, and those it pruned.
+    pub fn decisions(&self) -> (Vec<Kept>, Vec<Pruned>) {
+        let (mut kept, mut pruned) = (Vec::new(), Vec::new());
+        for record in self.records() {
+            match record {
+                Record::Kept(k) => kept.push(k),
+                Record::Pruned(p) => pruned.push(p),
+                _ => {}
+            }
+        }
+        (kept, pruned)
+    }
+
     pub fn restored(&self) -> Restored {
         self.only("restored", |r| if let Record::Restored(x) = r { Some(x) } else { None })
     }
@@ -424,20 +437,42 @@ pub struct PgServer {
 pub fn pg_server() -> Option<PgServer> {
     let url = std::env::var("TEST_PG_URL").ok().filter(|u| !u.is_empty());
     let url = needs(url, || "TEST_PG_URL is not set".into(), SERVICES_ENV)?;
-    let rest = url
-        .strip_prefix("postgres://")
-        .or_else(|| url.strip_prefix("postgresql://"))
-        .unwrap_or_else(|| panic!("TEST_PG_URL={url} is not a postgres:// URL"));
-    let authority = rest.split(['/', '?']).next().unwrap_or_default();
-    let (userinfo, hostport) = authority.rsplit_once('@').unwrap_or(("postgres", authority));
-    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-    let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "5432"));
+    let parts = ServerUrl::parse(&url, &["postgres://", "postgresql://"], "postgres", 5432)
+        .unwrap_or_else(|| panic!("TEST_PG_URL={url}: expected postgres://user:password@host:port/db"));
     Some(PgServer {
-        host: host.to_string(),
-        port: port.parse().unwrap_or_else(|_| panic!("TEST_PG_URL={url}: bad port")),
-        user: user.to_string(),
-        password: password.to_string(),
+        host: parts.host,
+        port: parts.port,
+        user: parts.user,
+        password: parts.password,
     })
+}
+
+/// The parts of a server's URL `scheme://user:password@host:port/...` as they are written.
+struct ServerUrl {
+    host: String,
+    port: u16,
+    user: String,
+    password: String,
+}
+
+impl ServerUrl {
+    /// `None` for another scheme or a bad port; the user and port default to those given.
+    fn parse(url: &str, schemes: &[&str], default_user: &str, default_port: u16) -> Option<ServerUrl> {
+        let rest = schemes.iter().find_map(|scheme| url.strip_prefix(scheme))?;
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        let (userinfo, hostport) = authority.rsplit_once('@').unwrap_or((default_user, authority));
+        let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((host, port)) => (host, port.parse().ok()?),
+            None => (hostport, default_port),
+        };
+        Some(ServerUrl {
+            host: host.to_string(),
+            port,
+            user: user.to_string(),
+            password: password.to_string(),
+        })
+    }
 }
 
 impl PgServer {
@@ -624,18 +659,12 @@ pub fn mysql_server() -> Option<MysqlServer> {
 impl MysqlServer {
     /// Parses `mysql://user:password@host:port` (port 3306 when absent).
     pub fn from_url(url: &str) -> Option<MysqlServer> {
-        let rest = url
-            .strip_prefix("mysql://")
-            .or_else(|| url.strip_prefix("mariadb://"))?;
-        let authority = rest.split(['/', '?']).next().unwrap_or_default();
-        let (userinfo, hostport) = authority.rsplit_once('@').unwrap_or(("root", authority));
-        let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-        let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "3306"));
+        let parts = ServerUrl::parse(url, &["mysql://", "mariadb://"], "root", 3306)?;
         Some(MysqlServer {
-            host: host.to_string(),
-            port: port.parse().ok()?,
-            user: bk_core::store::percent_decode(user),
-            password: bk_core::store::percent_decode(password),
+            host: parts.host,
+            port: parts.port,
+            user: bk_core::store::percent_decode(&parts.user),
+            password: bk_core::store::percent_decode(&parts.password),
         })
     }
 

@@ -197,27 +197,9 @@ fn prune_deletes_on_the_ftp_store_manifest_and_file() {
     );
 
     let pruned = run("bk-prune", &[&store, "--keep-last", "1"]).ok();
-    let records = pruned.records();
-    let kept: Vec<_> = records
-        .iter()
-        .filter_map(|r| {
-            if let Record::Kept(k) = r {
-                Some(k.id.clone())
-            } else {
-                None
-            }
-        })
-        .collect();
-    let gone: Vec<_> = records
-        .iter()
-        .filter_map(|r| {
-            if let Record::Pruned(p) = r {
-                Some(p.location.clone())
-            } else {
-                None
-            }
-        })
-        .collect();
+    let (kept, gone) = pruned.decisions();
+    let kept: Vec<_> = kept.into_iter().map(|k| k.id).collect();
+    let gone: Vec<_> = gone.into_iter().map(|p| p.location).collect();
     assert_eq!(kept, [new.id.as_str()]);
     assert_eq!(gone, [format!("{store}/db/{}", old.file)]);
     let listed: Vec<Artifact> = run("bk-ls", &[&store]).ok().artifacts();

@@ -235,13 +235,7 @@ impl Drop for RemoteDir<'_> {
 
 /// The ids bk-prune kept.
 fn kept(run: &Run) -> Vec<String> {
-    run.records()
-        .into_iter()
-        .filter_map(|r| match r {
-            Record::Kept(k) => Some(k.id),
-            _ => None,
-        })
-        .collect()
+    run.decisions().0.into_iter().map(|k| k.id).collect()
 }
 
 /// Backups of `db` made at `stamps`, in a local store of the sandbox: that store's path.
