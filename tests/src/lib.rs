@@ -372,6 +372,11 @@ fn walk(root: &Path, path: &Path, out: &mut BTreeMap<String, String>) {
     }
 }
 
+/// An artifact's record line as a tool prints it, newline included: to pipe into a tool.
+pub fn artifact_line(a: &Artifact) -> String {
+    format!("{}\n", Record::Artifact(a.clone()).to_line())
+}
+
 /// A test's path as the `&str` an argument list takes: test paths are UTF-8.
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 test paths")

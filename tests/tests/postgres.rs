@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use bk_core::name::sanitize;
 use bk_core::record::{Artifact, Record};
 use bk_tests::{
-    files_below, free_port, needs, pg_ident, pg_server, pg_unique_name, run_cmd, PgDatabase, PgServer, Run, Sandbox,
+    artifact_line, files_below, free_port, needs, pg_ident, pg_server, pg_unique_name, run_cmd, PgDatabase, PgServer,
+    Run, Sandbox,
 };
 
 /// A test's server, sandbox and password file.
@@ -56,7 +57,10 @@ impl Pg {
 
     /// bk-restore with the artifact record on stdin.
     fn restore(&self, artifact: &Artifact, args: &[&str]) -> Run {
-        run_cmd(self.pg.cmd(&self.sb, &self.pgpass, "bk-restore", args), &line(artifact))
+        run_cmd(
+            self.pg.cmd(&self.sb, &self.pgpass, "bk-restore", args),
+            &artifact_line(artifact),
+        )
     }
 
     /// A failed restore created nothing: no database of that name.
@@ -68,10 +72,6 @@ impl Pg {
     fn store_files(&self) -> Vec<PathBuf> {
         files_below(&self.sb.path("store"))
     }
-}
-
-fn line(artifact: &Artifact) -> String {
-    Record::Artifact(artifact.clone()).to_line()
 }
 
 /// A database name with spaces, upper case and a dash: it needs quoting everywhere.
@@ -1156,7 +1156,7 @@ fn a_tls_only_role_dumps_and_restores_under_every_sslmode_that_allows_tls() {
         );
         let target = admin.database(&pg_unique_name("bk_tls_r_"));
         let restore = t.pg.cmd(&t.sb, &t.pgpass, "bk-restore", &["--database", &target.name]);
-        let restored = run_cmd(with_tls(restore, sslmode, root_cert), &line(&artifact))
+        let restored = run_cmd(with_tls(restore, sslmode, root_cert), &artifact_line(&artifact))
             .ok()
             .restored();
         assert_eq!(restored.counts, expected, "sslmode {sslmode:?}");
@@ -1630,7 +1630,7 @@ fn sigterm_mid_replace_leaves_the_old_database_as_it_was() {
             .stdin
             .take()
             .unwrap()
-            .write_all(line(&artifact).as_bytes())
+            .write_all(artifact_line(&artifact).as_bytes())
             .unwrap();
     }
     // Wait for pg_restore's COPY into the database being loaded (whatever its name).

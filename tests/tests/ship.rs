@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bk_core::record::Record;
-use bk_tests::{needs, unique_name, write_backup, PrivateS3, Remote, Run, Sandbox};
+use bk_tests::{artifact_line, needs, unique_name, write_backup, PrivateS3, Remote, Run, Sandbox};
 
 /// The restored data, without the parent directories a restore creates.
 fn restored_data(root: &std::path::Path) -> std::collections::BTreeMap<String, String> {
@@ -951,11 +951,6 @@ fn s3_uploads_are_checked_by_their_md5_etags() {
 // ---------------------------------------------------------------------------------------
 // Local stores only: what bk-ship refuses, deletes and passes on (no server needed).
 
-/// A record's line, as a tool prints it.
-fn record_line(a: &bk_core::record::Artifact) -> String {
-    format!("{}\n", Record::Artifact(a.clone()).to_line())
-}
-
 #[test]
 fn a_destination_that_cannot_be_a_store_fails_at_once() {
     let sb = Sandbox::new();
@@ -971,7 +966,7 @@ fn a_destination_that_cannot_be_a_store_fails_at_once() {
     ];
     for (dest, codes) in cases {
         let started = Instant::now();
-        let run = sb.run_with_stdin("bk-ship", &["--to", dest], &record_line(&backup));
+        let run = sb.run_with_stdin("bk-ship", &["--to", dest], &artifact_line(&backup));
         let took = started.elapsed();
         assert!(codes.contains(&run.code), "{dest}: exit {}\n{}", run.code, run.stderr);
         let e = run.error();
@@ -988,7 +983,7 @@ fn a_destination_that_cannot_be_a_store_fails_at_once() {
         );
         assert_eq!(
             run.lines()[0],
-            record_line(&backup).trim_end(),
+            artifact_line(&backup).trim_end(),
             "the input is passed on"
         );
     }
@@ -1021,7 +1016,7 @@ fn delete_source_goes_by_the_source_stores_own_manifest() {
     let cases = [(&good, 0, false), (&foreign, 66, true), (&rewritten, 65, true)];
     for (record, code, kept) in cases {
         let run = sb
-            .run_with_stdin("bk-ship", &["--to", &dest, "--delete-source"], &record_line(record))
+            .run_with_stdin("bk-ship", &["--to", &dest, "--delete-source"], &artifact_line(record))
             .code(code);
         let source = std::path::Path::new(&record.location);
         assert_eq!(source.exists(), kept, "{}: {}", record.id, run.stderr);
@@ -1057,7 +1052,7 @@ fn a_record_whose_file_leaves_the_store_makes_bk_ship_touch_nothing() {
     hostile["sha256"] = hex::encode(Sha256::digest(b"precious\n")).into();
     hostile["bytes"] = 9.into();
     hostile["bk"] = 1.into();
-    let input = format!("{}\n{hostile}\n", record_line(&good).trim_end());
+    let input = format!("{}\n{hostile}\n", artifact_line(&good).trim_end());
 
     let before = bk_tests::tree_digest(sb.root());
     let run = sb
@@ -1081,8 +1076,8 @@ fn records_of_an_unknown_type_pass_through_unchanged() {
     let backup = sb.dump(&["files", &src.display().to_string(), "--name", "web"]);
     // A newer tool's record: a type and fields this version does not know, keys unsorted.
     let unknown = r#"{"zeta":[1,"two",null],"bk":1,"type":"frobnicated","name":"web","extra":{"b":2,"a":1.5}}"#;
-    let input = format!("{unknown}\n{}{unknown}\n", record_line(&backup));
-    let artifact = record_line(&backup);
+    let input = format!("{unknown}\n{}{unknown}\n", artifact_line(&backup));
+    let artifact = artifact_line(&backup);
     let artifact = artifact.trim_end();
     let dest = sb.path("dest").display().to_string();
     let restored = sb.path("restored").display().to_string();

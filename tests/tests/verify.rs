@@ -19,8 +19,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bk_core::record::{Artifact, Record};
 use bk_tests::{
-    files_below, free_port, have_root, mysql_ident, mysql_server, mysql_string, mysql_unique_name, pg_ident, pg_server,
-    pg_unique_name, run_cmd, s, write_files, MysqlGuard, MysqlServer, PgDatabase, PgServer, Run, Sandbox, AS_NOBODY,
+    artifact_line, files_below, free_port, have_root, mysql_ident, mysql_server, mysql_string, mysql_unique_name,
+    pg_ident, pg_server, pg_unique_name, run_cmd, s, write_files, MysqlGuard, MysqlServer, PgDatabase, PgServer, Run,
+    Sandbox, AS_NOBODY,
 };
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
@@ -33,10 +34,6 @@ static PG_SCRATCH: Mutex<()> = Mutex::new(());
 /// Held while a test makes or looks at `bk_verify_*` databases on a server.
 fn scratch_lock(lock: &'static Mutex<()>) -> MutexGuard<'static, ()> {
     lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn line(a: &Artifact) -> String {
-    format!("{}\n", Record::Artifact(a.clone()).to_line())
 }
 
 fn now() -> u64 {
@@ -220,7 +217,11 @@ fn assert_empty_dir(dir: &Path) {
 
 /// bk-verify of `a` piped in, at the restore level, restoring into `scratch`.
 fn verify_in_scratch(sb: &Sandbox, scratch: &Path, a: &Artifact) -> Run {
-    sb.run_with_stdin("bk-verify", &["--scratch", "--scratch-dir", s(scratch)], &line(a))
+    sb.run_with_stdin(
+        "bk-verify",
+        &["--scratch", "--scratch-dir", s(scratch)],
+        &artifact_line(a),
+    )
 }
 
 /// bk-verify at the restore level, restoring into `scratch`, of the backups that `pick`
@@ -274,7 +275,7 @@ fn files_backup_verifies_at_both_levels_and_leaves_nothing() {
 
     // Piped from bk-dump: the artifact is verified, what is not an artifact is passed on.
     let other = r#"{"bk":1,"type":"notified","name":"files-good","via":"webhook","future":[1,2]}"#;
-    let input = format!("{other}\n{}", line(&a));
+    let input = format!("{other}\n{}", artifact_line(&a));
     let run = sb.run_with_stdin("bk-verify", &[], &input).ok();
     assert_good(&verified(&run), &a, "integrity");
     let lines = run.lines();
@@ -322,7 +323,7 @@ fn sqlite_backup_verifies_at_both_levels_and_leaves_nothing() {
     let scratch = scratch_dir(&sb);
 
     let run = sb
-        .run_with_stdin("bk-verify", &["--scratch-dir", s(&scratch)], &line(&a))
+        .run_with_stdin("bk-verify", &["--scratch-dir", s(&scratch)], &artifact_line(&a))
         .ok();
     assert_good(&verified(&run), &a, "integrity");
     assert_empty_dir(&scratch);
@@ -443,7 +444,7 @@ fn encrypted_and_gzip_backups_verify() {
     let scratch = scratch_dir(&sb);
     let args = ["--scratch", "--scratch-dir", s(&scratch), "--identity", s(&key)];
     let run = sb
-        .run_with_stdin("bk-verify", &args, &(line(&sealed) + &line(&gz)))
+        .run_with_stdin("bk-verify", &args, &(artifact_line(&sealed) + &artifact_line(&gz)))
         .ok();
     let all = verified_all(&run);
     assert_eq!(all.len(), 2);
@@ -452,7 +453,7 @@ fn encrypted_and_gzip_backups_verify() {
     assert_empty_dir(&scratch);
 
     // No identity: a usage error. Another one: it cannot decrypt, 65.
-    let run = sb.run_with_stdin("bk-verify", &[], &line(&sealed)).code(64);
+    let run = sb.run_with_stdin("bk-verify", &[], &artifact_line(&sealed)).code(64);
     assert!(run.error().message.contains("--identity"));
     let other = sb.path("other.txt");
     assert!(Command::new("age-keygen")
@@ -463,7 +464,7 @@ fn encrypted_and_gzip_backups_verify() {
         .status
         .success());
     fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let run = sb.run_with_stdin("bk-verify", &["--identity", s(&other)], &line(&sealed));
+    let run = sb.run_with_stdin("bk-verify", &["--identity", s(&other)], &artifact_line(&sealed));
     assert_caught(&run, &sealed, &["no identity given can decrypt it"]);
 }
 
@@ -547,7 +548,7 @@ fn an_upstream_error_is_passed_on_and_fails_the_run() {
     let a = sb.dump(&["files", s(&src), "--name", "files-up"]);
     let upstream = r#"{"bk":1,"type":"error","tool":"bk-dump","name":"mysql-x","code":69,"message":"down"}"#;
     let run = sb
-        .run_with_stdin("bk-verify", &[], &format!("{upstream}\n{}", line(&a)))
+        .run_with_stdin("bk-verify", &[], &format!("{upstream}\n{}", artifact_line(&a)))
         .code(1);
     assert_good(&verified(&run), &a, "integrity");
     assert!(run.lines().contains(&upstream), "{}", run.stdout);
@@ -576,7 +577,12 @@ fn every_backup_is_verified_and_every_failure_reported() {
     let good = sb.dump(&["files", s(&src), "--name", "files-fine"]);
     let other = r#"{"bk":1,"type":"notified","name":"files-gone","via":"webhook"}"#;
     let later = r#"{"bk":1,"type":"kept","name":"files-fine","id":"files-fine.1","location":"x","reasons":[]}"#;
-    let input = format!("{}{other}\n{}{}{later}\n", line(&gone), line(&corrupt), line(&good));
+    let input = format!(
+        "{}{other}\n{}{}{later}\n",
+        artifact_line(&gone),
+        artifact_line(&corrupt),
+        artifact_line(&good)
+    );
 
     let run = sb.run_with_stdin("bk-verify", &[], &input).code(65);
     let verdicts: Vec<(Value, Value)> = verified_all(&run)
@@ -610,7 +616,11 @@ fn every_backup_is_verified_and_every_failure_reported() {
 
     // Without a bad backup, the first other failure is the exit status.
     let run = sb
-        .run_with_stdin("bk-verify", &[], &format!("{}{}", line(&gone), line(&good)))
+        .run_with_stdin(
+            "bk-verify",
+            &[],
+            &format!("{}{}", artifact_line(&gone), artifact_line(&good)),
+        )
         .code(66);
     assert_eq!(verified_all(&run).len(), 2, "{}", run.stdout);
     assert_eq!(run.error().name.as_deref(), Some(gone.name.as_str()));
@@ -757,7 +767,7 @@ fn leftover_scratch_directories_are_removed() {
     fs::write(&unrelated, "mine").unwrap();
 
     // Only the restore level sweeps.
-    sb.run_with_stdin("bk-verify", &["--scratch-dir", s(&scratch)], &line(&a))
+    sb.run_with_stdin("bk-verify", &["--scratch-dir", s(&scratch)], &artifact_line(&a))
         .ok();
     assert!(old.exists());
 
@@ -800,7 +810,7 @@ fn a_restored_read_only_tree_is_removed_when_verifying_as_another_user() {
         std::os::unix::fs::chown(&p, Some(65534), Some(65534)).unwrap();
     }
     let cmd = sb.cmd_via(&AS_NOBODY, "bk-verify", &["--scratch", "--scratch-dir", s(&scratch)]);
-    let run = run_cmd(cmd, &line(&a)).ok();
+    let run = run_cmd(cmd, &artifact_line(&a)).ok();
     assert_good(&verified(&run), &a, "restore");
     assert!(run.stderr.is_empty(), "{}", run.stderr);
     assert_empty_dir(&scratch);
@@ -862,8 +872,8 @@ fn restore_level_failures_drop_the_scratch_database(server: &dyn ScratchServer, 
     let before = server.scratch_dbs();
 
     let deleting = with_content(a, &edit_lines(&text, |_| false, marker, case.delete_ten_rows));
-    server.verify(&[], &line(&deleting)).ok();
-    let run = server.verify(&["--scratch"], &line(&deleting));
+    server.verify(&[], &artifact_line(&deleting)).ok();
+    let run = server.verify(&["--scratch"], &artifact_line(&deleting));
     let (table, rows) = case.table;
     let expected = format!("{table}: {rows} expected, {} found", rows - 10);
     let v = assert_caught(&run, a, &["restored", &expected]);
@@ -873,7 +883,7 @@ fn restore_level_failures_drop_the_scratch_database(server: &dyn ScratchServer, 
     server.assert_scratch_dbs(&before);
 
     let broken = with_content(a, &edit_lines(&text, |_| false, marker, "THIS IS NOT SQL;\n"));
-    let run = server.verify(&["--scratch"], &line(&broken));
+    let run = server.verify(&["--scratch"], &artifact_line(&broken));
     let v = assert_caught(&run, a, &["does not restore", case.syntax_error]);
     assert_eq!(v["checks"]["restore"]["ok"], json!(false));
     assert!(v["checks"]["restore"]["error"]
@@ -895,7 +905,12 @@ fn sigterm_mid_restore_drops_the_scratch_database(server: &dyn ScratchServer, a:
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(line(a).as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(artifact_line(a).as_bytes())
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     while !server.scratch_dbs().iter().any(|d| !before.contains(d)) {
         assert!(
@@ -935,7 +950,7 @@ fn leftover_scratch_databases_are_dropped(server: &dyn ScratchServer, a: &Artifa
     let before = server.scratch_dbs();
     assert!(before.contains(&old) && before.contains(&young));
 
-    let run = server.verify(&["--scratch"], &line(a)).ok();
+    let run = server.verify(&["--scratch"], &artifact_line(a)).ok();
     assert_good(&verified(&run), a, "restore");
     assert!(
         run.stderr.contains(&format!(
@@ -1077,13 +1092,13 @@ fn mysql_backup_verifies_at_both_levels_and_the_scratch_database_goes() {
     assert_eq!(a.counts.len(), 3, "{:?}", a.counts);
 
     let other = r#"{"bk":1,"type":"kept","id":"x.20260101T000000Z","name":"x","location":"/b/x","reasons":["daily 2026-01-01"]}"#;
-    let run = my.verify(&[], &format!("{}{other}\n", line(&a))).ok();
+    let run = my.verify(&[], &format!("{}{other}\n", artifact_line(&a))).ok();
     assert_good(&verified(&run), &a, "integrity");
     assert_eq!(run.lines().get(1), Some(&other), "passed on unchanged, in input order");
 
     let _lock = scratch_lock(&MYSQL_SCRATCH);
     let before = my.scratch_dbs();
-    let run = my.verify(&["--scratch"], &line(&a)).ok();
+    let run = my.verify(&["--scratch"], &artifact_line(&a)).ok();
     assert_good(&verified(&run), &a, "restore");
     assert!(run.stderr.is_empty(), "{}", run.stderr);
     my.assert_scratch_dbs(&before);
@@ -1100,7 +1115,7 @@ fn mysql_corruptions_are_caught() {
     let (db, _source) = my.sample("bk_vfy_bad_");
     let _lock = scratch_lock(&MYSQL_SCRATCH);
     let before = my.scratch_dbs();
-    let verify = |a: &Artifact| my.verify(&["--scratch"], &line(a));
+    let verify = |a: &Artifact| my.verify(&["--scratch"], &artifact_line(a));
 
     // One bit flipped in the middle.
     let a = my.dump(&db);
@@ -1196,7 +1211,7 @@ fn mysql_verification_never_touches_the_source() {
     let checksum = my.checksum(&db);
     let _lock = scratch_lock(&MYSQL_SCRATCH);
     let before = my.scratch_dbs();
-    let run = my.verify(&["--scratch"], &line(&a)).ok();
+    let run = my.verify(&["--scratch"], &artifact_line(&a)).ok();
     assert_good(&verified(&run), &a, "restore");
     my.assert_scratch_dbs(&before);
     assert_eq!(my.checksum(&db), checksum, "the source is as it was");
@@ -1208,7 +1223,9 @@ fn mysql_unreachable_scratch_server_is_69() {
     let (db, _source) = my.sample("bk_vfy_down_");
     let a = my.dump(&db);
     let closed = free_port().to_string();
-    let run = my.verify(&["--scratch", "--port", &closed], &line(&a)).code(69);
+    let run = my
+        .verify(&["--scratch", "--port", &closed], &artifact_line(&a))
+        .code(69);
     let e = run.error();
     assert!(
         e.message.contains(&closed) || e.message.contains("connect"),
@@ -1224,7 +1241,7 @@ fn mysql_unreachable_scratch_server_is_69() {
     );
     assert_eq!(v["checks"]["restore"]["ok"], json!(false));
     // Integrity alone needs no server.
-    let run = my.verify(&["--port", &closed], &line(&a)).ok();
+    let run = my.verify(&["--port", &closed], &artifact_line(&a)).ok();
     assert_good(&verified(&run), &a, "integrity");
 }
 
@@ -1324,9 +1341,9 @@ fn postgres_backups_verify_at_both_levels_in_both_formats() {
         let a = pg.dump(&db, format);
         assert_eq!(a.format, if format == "custom" { "pgdump" } else { "pgsql" });
         assert_eq!(a.counts, pg_expected_counts());
-        let run = pg.verify(&[], &line(&a)).ok();
+        let run = pg.verify(&[], &artifact_line(&a)).ok();
         assert_good(&verified(&run), &a, "integrity");
-        let run = pg.verify(&["--scratch"], &line(&a)).ok();
+        let run = pg.verify(&["--scratch"], &artifact_line(&a)).ok();
         assert_good(&verified(&run), &a, "restore");
         assert!(run.stderr.is_empty(), "{}", run.stderr);
         pg.assert_scratch_dbs(&before);
@@ -1348,7 +1365,7 @@ fn postgres_corruptions_are_caught() {
     let (db, _source) = pg.sample();
     let _lock = scratch_lock(&PG_SCRATCH);
     let before = pg.scratch_dbs();
-    let verify = |a: &Artifact| pg.verify(&["--scratch"], &line(a));
+    let verify = |a: &Artifact| pg.verify(&["--scratch"], &artifact_line(a));
 
     // One bit flipped in the middle.
     let a = pg.dump(&db, "custom");
@@ -1452,7 +1469,7 @@ fn postgres_unreachable_scratch_server_is_69() {
         ],
     );
     cmd.env("PGPASSFILE", &pg.pgpass);
-    let run = run_cmd(cmd, &line(&a)).code(69);
+    let run = run_cmd(cmd, &artifact_line(&a)).code(69);
     run.error();
     let v = verified(&run);
     assert_eq!(v["checks"]["integrity"]["ok"], json!(true));
@@ -1464,7 +1481,9 @@ fn every_copy_a_pipeline_made_is_verified() {
     let (sb, src) = Sandbox::with_src(|src| write_files(src, &[("a", "one")]));
     let a = sb.dump(&["files", s(&src), "--name", "copies"]);
     let offsite = sb.path("offsite").display().to_string();
-    let shipped = sb.run_with_stdin("bk-ship", &["--to", &offsite], &line(&a)).ok();
+    let shipped = sb
+        .run_with_stdin("bk-ship", &["--to", &offsite], &artifact_line(&a))
+        .ok();
     let copies = shipped.artifacts();
     assert_eq!(copies.len(), 2, "the original and its copy: {}", shipped.stdout);
     let run = sb.run_with_stdin("bk-verify", &[], &shipped.stdout).ok();
