@@ -155,14 +155,23 @@ impl Sandbox {
 }
 
 /// Runs a command to the end with the given stdin.
-pub fn run_cmd(mut cmd: Command, stdin: &str) -> Run {
+pub fn run_cmd(cmd: Command, stdin: &str) -> Run {
+    Run::from(
+        spawn_with_stdin(cmd, stdin)
+            .wait_with_output()
+            .expect("waiting for the tool"),
+    )
+}
+
+/// Starts a command with `stdin` written and closed, its stdout and stderr piped: for a run
+/// that a test watches or signals before it ends.
+pub fn spawn_with_stdin(mut cmd: Command, stdin: &str) -> Child {
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
     let mut pipe = child.stdin.take().expect("stdin piped");
     // A tool may exit before reading all of stdin; that is its business.
     let _ = pipe.write_all(stdin.as_bytes());
-    drop(pipe);
-    Run::from(child.wait_with_output().expect("waiting for the tool"))
+    child
 }
 
 /// What a tool did: exit code, stdout and stderr, kept apart.

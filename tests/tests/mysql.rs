@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use bk_core::record::{Artifact, Record};
 use bk_tests::{
-    files_below, free_port, have_root, mysql_ident, mysql_server, mysql_string, mysql_unique_name, run_cmd, MysqlGuard,
-    MysqlServer, Run, Sandbox,
+    artifact_line, files_below, free_port, have_root, mysql_ident, mysql_server, mysql_string, mysql_unique_name,
+    run_cmd, spawn_with_stdin, MysqlGuard, MysqlServer, Run, Sandbox,
 };
 use sha2::{Digest, Sha256};
 
@@ -81,8 +81,7 @@ impl Env {
     fn restore(&self, artifact: &Artifact, args: &[&str]) -> Run {
         let mut all = vec!["--defaults-file", self.admin.to_str().unwrap()];
         all.extend(args);
-        self.sb
-            .run_with_stdin("bk-restore", &all, &Record::Artifact(artifact.clone()).to_line())
+        self.sb.run_with_stdin("bk-restore", &all, &artifact_line(artifact))
     }
 
     /// Base tables of a database.
@@ -1233,28 +1232,17 @@ fn a_failed_replace_leaves_the_live_database_as_it_was() {
 /// Starts bk-restore --replace of `artifact` into `live` and returns it once it is loading
 /// rows of `table` into its scratch database, with that database's name.
 fn restore_until_loading(env: &Env, artifact: &Artifact, live: &str, table: &str) -> (Child, String) {
-    let mut child = env
-        .sb
-        .cmd(
-            "bk-restore",
-            &[
-                "--defaults-file",
-                env.admin.to_str().unwrap(),
-                "--database",
-                live,
-                "--replace",
-            ],
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin
-        .write_all(Record::Artifact(artifact.clone()).to_line().as_bytes())
-        .unwrap();
-    drop(stdin);
+    let restore = env.sb.cmd(
+        "bk-restore",
+        &[
+            "--defaults-file",
+            env.admin.to_str().unwrap(),
+            "--database",
+            live,
+            "--replace",
+        ],
+    );
+    let mut child = spawn_with_stdin(restore, &artifact_line(artifact));
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let scratch = env.sql(&format!(

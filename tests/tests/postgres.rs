@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use bk_core::name::sanitize;
 use bk_core::record::{Artifact, Record};
 use bk_tests::{
-    artifact_line, files_below, free_port, needs, pg_ident, pg_server, pg_unique_name, run_cmd, PgDatabase, PgServer,
-    Run, Sandbox,
+    artifact_line, files_below, free_port, needs, pg_ident, pg_server, pg_unique_name, run_cmd, spawn_with_stdin,
+    PgDatabase, PgServer, Run, Sandbox,
 };
 
 /// A test's server, sandbox and password file.
@@ -1612,27 +1612,13 @@ fn sigterm_mid_replace_leaves_the_old_database_as_it_was() {
     let artifact = t.dump(&["--dbname", &source.name]).ok().artifact();
     let old = old_target(&t.pg);
     let data = fingerprint(&t.pg, &old.db.name);
-    let mut child =
-        t.pg.cmd(
-            &t.sb,
-            &t.pgpass,
-            "bk-restore",
-            &["--database", &old.db.name, "--replace"],
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(artifact_line(&artifact).as_bytes())
-            .unwrap();
-    }
+    let restore = t.pg.cmd(
+        &t.sb,
+        &t.pgpass,
+        "bk-restore",
+        &["--database", &old.db.name, "--replace"],
+    );
+    let mut child = spawn_with_stdin(restore, &artifact_line(&artifact));
     // Wait for pg_restore's COPY into the database being loaded (whatever its name).
     let loading = format!(
         "SELECT count(*) FROM pg_stat_activity a JOIN pg_database d ON d.datname = a.datname

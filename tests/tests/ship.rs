@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bk_core::record::Record;
-use bk_tests::{artifact_line, needs, unique_name, write_backup, PrivateS3, Remote, Run, Sandbox};
+use bk_tests::{artifact_line, needs, spawn_with_stdin, unique_name, write_backup, PrivateS3, Remote, Run, Sandbox};
 
 /// The restored data, without the parent directories a restore creates.
 fn restored_data(root: &std::path::Path) -> std::collections::BTreeMap<String, String> {
@@ -459,11 +459,7 @@ fn s3_server_killed_mid_upload_leaves_no_manifest_and_a_rerun_completes() {
             .collect()
     };
     let kill_mid_upload = |s3: &mut PrivateS3| {
-        let mut cmd = ship("0");
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        use std::io::Write;
-        child.stdin.take().unwrap().write_all(dumped.as_bytes()).unwrap();
+        let child = spawn_with_stdin(ship("0"), &dumped);
         // Kill the server once the upload has begun: a part is on its disk.
         let until = Instant::now() + Duration::from_secs(30);
         let parts = |root: &std::path::Path| {

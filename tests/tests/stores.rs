@@ -6,11 +6,11 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bk_core::record::{Artifact, Record};
-use bk_tests::{tree_digest, unique_name, write_backup, PrivateS3, Remote, Run, Sandbox};
+use bk_tests::{spawn_with_stdin, tree_digest, unique_name, write_backup, PrivateS3, Remote, Run, Sandbox};
 
 /// A password and an access key id that no output may repeat.
 const PASSWORD: &str = "hunter2pw";
@@ -166,17 +166,15 @@ fn secrets_in_store_urls_are_refused_never_shown_and_never_passed_to_a_child() {
 
 /// Runs a command with `stdin`, failing the test if it has not ended within a minute (a tool
 /// that opened a FIFO would never end).
-fn run_within_a_minute(mut cmd: Command, stdin: &str) -> Run {
-    use std::io::Write;
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
+fn run_within_a_minute(cmd: Command, stdin: &str) -> Run {
+    let what = format!("{cmd:?}");
+    let mut child = spawn_with_stdin(cmd, stdin);
     let until = Instant::now() + Duration::from_secs(60);
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > until {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{cmd:?} did not end within a minute");
+            panic!("{what} did not end within a minute");
         }
         std::thread::sleep(Duration::from_millis(100));
     }

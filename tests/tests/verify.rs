@@ -20,8 +20,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bk_core::record::{Artifact, Record};
 use bk_tests::{
     artifact_line, files_below, free_port, have_root, mysql_ident, mysql_server, mysql_string, mysql_unique_name,
-    pg_ident, pg_server, pg_unique_name, run_cmd, s, write_files, MysqlGuard, MysqlServer, PgDatabase, PgServer, Run,
-    Sandbox, AS_NOBODY,
+    pg_ident, pg_server, pg_unique_name, run_cmd, s, spawn_with_stdin, write_files, MysqlGuard, MysqlServer,
+    PgDatabase, PgServer, Run, Sandbox, AS_NOBODY,
 };
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
@@ -898,19 +898,7 @@ fn restore_level_failures_drop_the_scratch_database(server: &dyn ScratchServer, 
 fn sigterm_mid_restore_drops_the_scratch_database(server: &dyn ScratchServer, a: &Artifact) {
     let _lock = server.scratch_lock();
     let before = server.scratch_dbs();
-    let mut child = server
-        .verify_cmd(&["--scratch"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(artifact_line(a).as_bytes())
-        .unwrap();
+    let mut child = spawn_with_stdin(server.verify_cmd(&["--scratch"]), &artifact_line(a));
     let deadline = Instant::now() + Duration::from_secs(120);
     while !server.scratch_dbs().iter().any(|d| !before.contains(d)) {
         assert!(
