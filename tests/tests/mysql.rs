@@ -51,6 +51,13 @@ impl Env {
         guard
     }
 
+    /// A new empty database named `<prefix><unique>`: its name, and the guard dropping it.
+    fn new_db(&self, prefix: &str) -> (String, MysqlGuard) {
+        let name = mysql_unique_name(prefix);
+        let guard = self.create_db(&name);
+        (name, guard)
+    }
+
     /// An account at 127.0.0.1 with a random password, dropped when the guard goes.
     fn create_user(&self, prefix: &str) -> (String, String, MysqlGuard) {
         let user = mysql_unique_name(prefix);
@@ -318,8 +325,7 @@ fn routines_work(env: &Env, db: &str) {
 #[test]
 fn round_trip_into_another_database_is_exact() {
     let Some(env) = Env::new() else { return };
-    let db = mysql_unique_name("bk test-db ");
-    let _source = env.create_db(&db);
+    let (db, _source) = env.new_db("bk test-db ");
     let rows = create_sample(&env, &db);
 
     let artifact = env
@@ -369,8 +375,7 @@ fn round_trip_into_another_database_is_exact() {
 #[test]
 fn standard_tools_alone_restore_the_artifact() {
     let Some(env) = Env::new() else { return };
-    let db = mysql_unique_name("bk_std ");
-    let _source = env.create_db(&db);
+    let (db, _source) = env.new_db("bk_std ");
     create_sample(&env, &db);
     let artifact = env.dump(&["--database", &db]).ok().artifact();
 
@@ -396,8 +401,7 @@ fn standard_tools_alone_restore_the_artifact() {
 #[test]
 fn a_dump_during_writes_is_one_snapshot() {
     let Some(env) = Env::new() else { return };
-    let db = mysql_unique_name("bk_busy_");
-    let _source = env.create_db(&db);
+    let (db, _source) = env.new_db("bk_busy_");
     // Every transaction adds two rows to a and one to b: in any consistent snapshot,
     // count(a) == 2 * count(b).
     env.sql(&format!(
@@ -511,8 +515,7 @@ fn scan_processes(secret: &[u8], marker: &str) -> (Vec<String>, bool) {
 #[test]
 fn no_password_on_any_command_line_while_dumping() {
     let Some(env) = Env::new() else { return };
-    let db = mysql_unique_name("bk_secret_");
-    let _source = env.create_db(&db);
+    let (db, _source) = env.new_db("bk_secret_");
     env.sql(&format!(
         "USE {};
          CREATE TABLE t (id INT PRIMARY KEY, pad VARCHAR(200)) ENGINE=InnoDB;
@@ -527,25 +530,18 @@ fn no_password_on_any_command_line_while_dumping() {
     ));
     let option_file = env.server.option_file_for(&env.sb, "secret.cnf", &user, &password, "");
     let store = env.sb.store();
-    let mut child = env
-        .sb
-        .cmd(
-            "bk-dump",
-            &[
-                "mysql",
-                "--defaults-file",
-                option_file.to_str().unwrap(),
-                "--database",
-                &db,
-                "--to",
-                &store,
-            ],
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = env.sb.spawn(
+        "bk-dump",
+        &[
+            "mysql",
+            "--defaults-file",
+            option_file.to_str().unwrap(),
+            "--database",
+            &db,
+            "--to",
+            &store,
+        ],
+    );
     let (mut scans, mut saw_dump, mut offenders) = (0, false, Vec::new());
     while child.try_wait().unwrap().is_none() {
         let (found, saw) = scan_processes(password.as_bytes(), &db);
@@ -568,8 +564,7 @@ fn no_password_on_any_command_line_while_dumping() {
 #[test]
 fn a_backup_user_with_minimal_privileges_suffices() {
     let Some(env) = Env::new() else { return };
-    let db = mysql_unique_name("bk_lab_");
-    let _source = env.create_db(&db);
+    let (db, _source) = env.new_db("bk_lab_");
     create_sample(&env, &db);
     let (user, password, _account) = env.create_user("bk_backup_");
     // What a backup user needs. SELECT on mysql.proc: without it MariaDB 10.11's
@@ -647,8 +642,7 @@ fn a_failed_dump_says_why_with_its_exit_code_and_leaves_nothing() {
             case: "a missing dump program is unavailable",
             code: 69,
             fail: |env| {
-                let db = mysql_unique_name("bk_nodump_");
-                let _source = env.create_db(&db);
+                let (db, _source) = env.new_db("bk_nodump_");
                 let bin = env.sb.path("bin");
                 std::fs::create_dir(&bin).unwrap();
                 let client = ["/usr/bin/mariadb", "/usr/local/bin/mariadb", "/usr/bin/mysql"]
@@ -800,26 +794,20 @@ fn the_server_dying_mid_dump_leaves_nothing() {
     // zstd at level 19 is slow enough that the dump is still reading rows when the
     // server goes, however fast the machine.
     let store = sb.store();
-    let child = sb
-        .cmd(
-            "bk-dump",
-            &[
-                "mysql",
-                "--defaults-file",
-                option_file.to_str().unwrap(),
-                "--database",
-                "big",
-                "--level",
-                "19",
-                "--to",
-                &store,
-            ],
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = sb.spawn(
+        "bk-dump",
+        &[
+            "mysql",
+            "--defaults-file",
+            option_file.to_str().unwrap(),
+            "--database",
+            "big",
+            "--level",
+            "19",
+            "--to",
+            &store,
+        ],
+    );
     // Wait until mariadb-dump is reading the table's rows.
     let deadline = Instant::now() + Duration::from_secs(60);
     while server
@@ -845,8 +833,7 @@ fn the_server_dying_mid_dump_leaves_nothing() {
 #[test]
 fn restore_refuses_replaces_filters_and_checks_counts() {
     let Some(env) = Env::new() else { return };
-    let db = mysql_unique_name("bk_rs_");
-    let _source = env.create_db(&db);
+    let (db, _source) = env.new_db("bk_rs_");
     env.sql(&format!(
         "USE {};
          CREATE TABLE t1 (id INT PRIMARY KEY, v VARCHAR(20));
@@ -870,8 +857,7 @@ fn restore_refuses_replaces_filters_and_checks_counts() {
     );
 
     // A target holding a table: refused, and left as it was.
-    let target = mysql_unique_name("bk_rs_live_");
-    let _target = env.create_db(&target);
+    let (target, _target) = env.new_db("bk_rs_live_");
     env.sql(&format!(
         "CREATE TABLE {}.keep (x INT); INSERT INTO {}.keep VALUES (42);",
         mysql_ident(&target),
@@ -883,8 +869,7 @@ fn restore_refuses_replaces_filters_and_checks_counts() {
     assert_eq!(env.count(&target, "keep"), 1);
 
     // A target holding only a routine is not empty either.
-    let routine_only = mysql_unique_name("bk_rs_proc_");
-    let _routine_only = env.create_db(&routine_only);
+    let (routine_only, _routine_only) = env.new_db("bk_rs_proc_");
     env.sql(&format!(
         "CREATE FUNCTION {}.precious() RETURNS INT DETERMINISTIC RETURN 7",
         mysql_ident(&routine_only)
@@ -1102,12 +1087,10 @@ fn create_live(env: &Env, db: &str) {
 #[test]
 fn replace_swaps_in_exactly_the_backup() {
     let Some(env) = Env::new() else { return };
-    let db = mysql_unique_name("bk_swap_src_");
-    let _source = env.create_db(&db);
+    let (db, _source) = env.new_db("bk_swap_src_");
     let rows = create_sample(&env, &db);
     let artifact = env.dump(&["--database", &db]).ok().artifact();
-    let live = mysql_unique_name("bk_swap_live_");
-    let _live = env.create_db(&live);
+    let (live, _live) = env.new_db("bk_swap_live_");
     create_live(&env, &live);
     let before = restore_work_databases(&env);
 
@@ -1120,8 +1103,7 @@ fn replace_swaps_in_exactly_the_backup() {
     assert_no_work_database_left(&env, &before);
 
     // --table with --replace: only that table (and its triggers) is replaced.
-    let partial = mysql_unique_name("bk_swap_part_");
-    let _partial = env.create_db(&partial);
+    let (partial, _partial) = env.new_db("bk_swap_part_");
     create_live(&env, &partial);
     let run = env
         .restore(&artifact, &["--database", &partial, "--replace", "--table", "people"])
@@ -1168,12 +1150,10 @@ fn altered(env: &Env, artifact: &Artifact, tag: &str, change: impl Fn(&str) -> S
 #[test]
 fn a_failed_replace_leaves_the_live_database_as_it_was() {
     let Some(env) = Env::new() else { return };
-    let db = mysql_unique_name("bk_fail_src_");
-    let _source = env.create_db(&db);
+    let (db, _source) = env.new_db("bk_fail_src_");
     create_sample(&env, &db);
     let artifact = env.dump(&["--database", &db, "--compress", "none"]).ok().artifact();
-    let live = mysql_unique_name("bk_fail_live_");
-    let _live = env.create_db(&live);
+    let (live, _live) = env.new_db("bk_fail_live_");
     create_live(&env, &live);
     let live_before = snapshot(&env, &live);
     let before = restore_work_databases(&env);
@@ -1273,8 +1253,7 @@ fn restore_until_loading(env: &Env, artifact: &Artifact, live: &str, table: &str
 #[test]
 fn a_killed_replace_leaves_the_live_database_as_it_was() {
     let Some(env) = Env::new() else { return };
-    let db = mysql_unique_name("bk_kill_src_");
-    let _source = env.create_db(&db);
+    let (db, _source) = env.new_db("bk_kill_src_");
     // A table of its own name, so that this test finds its restore's scratch database.
     let big = mysql_unique_name("big_");
     env.sql(&format!(
@@ -1285,8 +1264,7 @@ fn a_killed_replace_leaves_the_live_database_as_it_was() {
         big = mysql_ident(&big)
     ));
     let artifact = env.dump(&["--database", &db]).ok().artifact();
-    let live = mysql_unique_name("bk_kill_live_");
-    let _live = env.create_db(&live);
+    let (live, _live) = env.new_db("bk_kill_live_");
     create_live(&env, &live);
     let live_before = snapshot(&env, &live);
     let before = restore_work_databases(&env);

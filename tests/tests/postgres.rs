@@ -69,6 +69,17 @@ impl Pg {
         assert_eq!(self.pg.strings("postgres", &sql), ["0"], "nothing was created");
     }
 
+    /// The sample in a new database with an awkward name, and its backup (`dump_args` added):
+    /// the name, the database's guard and the artifact.
+    fn dumped_sample(&self, dump_args: &[&str]) -> (String, PgDatabase, Artifact) {
+        let name = odd_name();
+        let source = create_sample(&self.pg, &name);
+        let mut args = vec!["--dbname", &name];
+        args.extend(dump_args);
+        let artifact = self.dump(&args).ok().artifact();
+        (name, source, artifact)
+    }
+
     fn store_files(&self) -> Vec<PathBuf> {
         files_below(&self.sb.path("store"))
     }
@@ -309,9 +320,7 @@ fn check_restored_objects_work(pg: &PgServer, db: &str) {
 #[test]
 fn custom_format_round_trip_is_exact() {
     let Some(t) = setup() else { return };
-    let name = odd_name();
-    let _source = create_sample(&t.pg, &name);
-    let artifact = t.dump(&["--dbname", &name]).ok().artifact();
+    let (name, _source, artifact) = t.dumped_sample(&[]);
     check_artifact(&artifact, &t.pg, &name, "pgdump");
     let stored = std::fs::read(&artifact.location).unwrap();
     assert_eq!(stored.len() as u64, artifact.bytes);
@@ -332,9 +341,7 @@ fn custom_format_round_trip_is_exact() {
 #[test]
 fn plain_format_round_trip_is_exact() {
     let Some(t) = setup() else { return };
-    let name = odd_name();
-    let _source = create_sample(&t.pg, &name);
-    let artifact = t.dump(&["--dbname", &name, "--format", "plain"]).ok().artifact();
+    let (name, _source, artifact) = t.dumped_sample(&["--format", "plain"]);
     check_artifact(&artifact, &t.pg, &name, "pgsql");
     let restored = restore_and_compare(&t, &artifact, &name, &[]);
     check_restored_objects_work(&t.pg, &restored.name);
@@ -394,9 +401,7 @@ fn globals_hold_roles_without_passwords() {
 #[test]
 fn standard_tools_alone_restore_the_custom_format() {
     let Some(t) = setup() else { return };
-    let name = odd_name();
-    let _source = create_sample(&t.pg, &name);
-    let artifact = t.dump(&["--dbname", &name]).ok().artifact();
+    let (name, _source, artifact) = t.dumped_sample(&[]);
     let target = t.pg.create_database(&odd_name());
     let file = t.sb.path("f.pgdump");
     let mut cmd = Command::new("sh");
@@ -885,9 +890,7 @@ fn the_server_dying_mid_dump_leaves_nothing() {
 #[test]
 fn restore_refuses_a_database_that_is_not_empty_unless_replace() {
     let Some(t) = setup() else { return };
-    let name = odd_name();
-    let _source = create_sample(&t.pg, &name);
-    let artifact = t.dump(&["--dbname", &name]).ok().artifact();
+    let (name, _source, artifact) = t.dumped_sample(&[]);
     let target = t.pg.create_database(&odd_name());
     t.pg.execute(
         &target.name,
@@ -921,9 +924,7 @@ fn restore_refuses_a_database_that_is_not_empty_unless_replace() {
 #[test]
 fn restore_of_one_table() {
     let Some(t) = setup() else { return };
-    let name = odd_name();
-    let _source = create_sample(&t.pg, &name);
-    let artifact = t.dump(&["--dbname", &name]).ok().artifact();
+    let (name, _source, artifact) = t.dumped_sample(&[]);
 
     let target = t.pg.database(&odd_name());
     let run = t
@@ -990,9 +991,7 @@ fn table_restore_of_a_plain_backup_is_a_usage_error() {
 #[test]
 fn a_manifest_count_that_lies_is_reported_after_the_restore() {
     let Some(t) = setup() else { return };
-    let name = odd_name();
-    let _source = create_sample(&t.pg, &name);
-    let mut artifact = t.dump(&["--dbname", &name]).ok().artifact();
+    let (name, _source, mut artifact) = t.dumped_sample(&[]);
     let real = artifact.counts.clone();
     *artifact.counts.get_mut("app.people").unwrap() += 1;
     let target = t.pg.database(&odd_name());
