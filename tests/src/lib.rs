@@ -381,6 +381,47 @@ fn walk(root: &Path, path: &Path, out: &mut BTreeMap<String, String>) {
     }
 }
 
+/// Runs a helper program of a test (not one of bk's tools) that must succeed: its stdout.
+pub fn output_of(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// `zstd -dc FILE`.
+pub fn unzstd(path: &str) -> Vec<u8> {
+    output_of(Command::new("zstd").args(["-dc", path]))
+}
+
+/// Makes an age key pair with age-keygen (apt install age) at `path`, mode 0600: the public key.
+pub fn age_keygen(path: &Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    output_of(Command::new("age-keygen").arg("-o").arg(path));
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).expect("chmod 600");
+    let text = fs::read_to_string(path).expect("reading the age key");
+    text.lines()
+        .find_map(|l| l.strip_prefix("# public key: "))
+        .expect("age-keygen writes the public key in a comment")
+        .to_string()
+}
+
+/// `len` bytes that no compressor can shrink, the same in every run (xorshift64).
+pub fn noise(len: usize) -> Vec<u8> {
+    let mut noise = vec![0u8; len];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for chunk in noise.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    noise
+}
+
 /// An artifact's record line as a tool prints it, newline included: to pipe into a tool.
 pub fn artifact_line(a: &Artifact) -> String {
     format!("{}\n", Record::Artifact(a.clone()).to_line())

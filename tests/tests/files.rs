@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bk_core::codec::{Compression, Encryption};
 use bk_core::record::{Artifact, Record};
-use bk_tests::{files_below, have_root, run_cmd, s, tree_digest, write_files, Run, Sandbox, AS_NOBODY};
+use bk_tests::{age_keygen, files_below, have_root, run_cmd, s, tree_digest, write_files, Run, Sandbox, AS_NOBODY};
 use filetime::FileTime;
 use nix::sys::stat::Mode;
 
@@ -345,26 +345,6 @@ fn standard_tools_read_every_compression() {
             &format!("tar of {compress}"),
         );
     }
-}
-
-/// Makes an age key pair with age-keygen; returns the public key.
-fn age_keygen(path: &Path) -> String {
-    let out = Command::new("age-keygen")
-        .arg("-o")
-        .arg(path)
-        .output()
-        .expect("age-keygen (apt install age)");
-    assert!(
-        out.status.success(),
-        "age-keygen: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
-    let text = fs::read_to_string(path).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("# public key: "))
-        .expect("a public key comment")
-        .to_string()
 }
 
 #[test]

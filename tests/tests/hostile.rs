@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bk_core::record::{Artifact, Record};
-use bk_tests::{bin, files_below, s, tree_digest, write_backup, Run, Sandbox};
+use bk_tests::{bin, files_below, noise, s, tree_digest, write_backup, Run, Sandbox};
 
 /// A sandbox with a store holding two good backups of `job`, and a victim directory beside
 /// the store that no tool may touch.
@@ -529,15 +529,7 @@ fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
 fn noisy_source(sb: &Sandbox) -> PathBuf {
     let src = sb.path("src");
     fs::create_dir_all(&src).unwrap();
-    let mut noise = vec![0u8; 24 << 20];
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for chunk in noise.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    fs::write(src.join("noise"), &noise).unwrap();
+    fs::write(src.join("noise"), noise(24 << 20)).unwrap();
     src
 }
 

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use bk_core::name::sanitize;
 use bk_core::record::{Artifact, Record};
 use bk_tests::{
-    artifact_line, files_below, free_port, needs, pg_ident, pg_server, pg_unique_name, run_cmd, spawn_with_stdin,
-    PgDatabase, PgServer, Run, Sandbox,
+    artifact_line, files_below, free_port, needs, output_of, pg_ident, pg_server, pg_unique_name, run_cmd,
+    spawn_with_stdin, unzstd, PgDatabase, PgServer, Run, Sandbox,
 };
 
 /// A test's server, sandbox and password file.
@@ -347,17 +347,6 @@ fn plain_format_round_trip_is_exact() {
     check_restored_objects_work(&t.pg, &restored.name);
 }
 
-/// Decompresses an artifact with the system's zstd.
-fn zstd_dc(path: &str) -> Vec<u8> {
-    let out = Command::new("zstd").args(["-dc", path]).output().expect("zstd");
-    assert!(
-        out.status.success(),
-        "zstd -dc {path}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
 #[test]
 fn globals_hold_roles_without_passwords() {
     let Some(t) = setup() else { return };
@@ -389,7 +378,7 @@ fn globals_hold_roles_without_passwords() {
     assert!(globals.counts.is_empty());
     assert!(artifacts.iter().any(|a| a.name == format!("postgres-{name}")));
 
-    let content = String::from_utf8(zstd_dc(&globals.location)).unwrap();
+    let content = String::from_utf8(unzstd(&globals.location)).unwrap();
     assert!(content.contains(&format!("CREATE ROLE {role};")), "{content}");
     assert!(content.contains("CONNECTION LIMIT 3"), "the role's attributes are kept");
     assert!(!content.contains("SCRAM-SHA-256$"), "no password hash: {content}");
@@ -1185,26 +1174,21 @@ fn a_tls_only_role_with_sslmode_disable_is_refused() {
 /// A self-signed CA certificate that signed nothing the server holds.
 fn wrong_ca(sb: &Sandbox) -> PathBuf {
     let (key, cert) = (sb.path("wrong-ca.key"), sb.path("wrong-ca.crt"));
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ])
-        .args(["-subj", "/CN=not the server's CA", "-days", "2", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("running openssl");
-    assert!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
+    output_of(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+            ])
+            .args(["-subj", "/CN=not the server's CA", "-days", "2", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
     );
     cert
 }
@@ -1467,7 +1451,7 @@ fn replace_loads_exactly_the_backup_and_keeps_the_database_settings() {
 fn edited(artifact: &Artifact, tag: &str, edit: impl Fn(&str) -> String) -> Artifact {
     use sha2::Digest;
     use std::io::Write;
-    let sql = String::from_utf8(zstd_dc(&artifact.location)).unwrap();
+    let sql = String::from_utf8(unzstd(&artifact.location)).unwrap();
     let mut zstd = Command::new("zstd")
         .args(["-q", "-c"])
         .stdin(Stdio::piped())

@@ -6,7 +6,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bk_core::record::Record;
-use bk_tests::{artifact_line, needs, spawn_with_stdin, unique_name, write_backup, PrivateS3, Remote, Run, Sandbox};
+use bk_tests::{
+    artifact_line, needs, noise, spawn_with_stdin, unique_name, write_backup, PrivateS3, Remote, Run, Sandbox,
+};
 
 /// The restored data, without the parent directories a restore creates.
 fn restored_data(root: &std::path::Path) -> std::collections::BTreeMap<String, String> {
@@ -402,14 +404,7 @@ fn rclone_unreachable_or_missing_has_clear_exit_codes() {
 /// bk-dump output and the data.
 fn dump_random(sb: &Sandbox, mib: usize) -> (String, Vec<u8>) {
     std::fs::create_dir_all(sb.path("big")).unwrap();
-    let mut random = vec![0u8; mib << 20];
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for chunk in random.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
+    let random = noise(mib << 20);
     std::fs::write(sb.path("big/random.bin"), &random).unwrap();
     let big = sb.path("big").display().to_string();
     let dumped = sb

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bk_core::record::{Artifact, Record};
 use bk_tests::{
-    artifact_line, files_below, free_port, have_root, mysql_ident, mysql_server, mysql_string, mysql_unique_name,
-    pg_ident, pg_server, pg_unique_name, run_cmd, s, spawn_with_stdin, write_files, MysqlGuard, MysqlServer,
-    PgDatabase, PgServer, Run, Sandbox, AS_NOBODY,
+    age_keygen, artifact_line, files_below, free_port, have_root, mysql_ident, mysql_server, mysql_string,
+    mysql_unique_name, pg_ident, pg_server, pg_unique_name, run_cmd, s, spawn_with_stdin, unzstd, write_files,
+    MysqlGuard, MysqlServer, PgDatabase, PgServer, Run, Sandbox, AS_NOBODY,
 };
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
@@ -127,17 +127,6 @@ fn flip_middle_bit(path: &str) {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x08;
     fs::write(path, &bytes).unwrap();
-}
-
-/// `zstd -dc FILE`.
-fn unzstd(path: &str) -> Vec<u8> {
-    let out = Command::new("zstd").args(["-dc", path]).output().expect("running zstd");
-    assert!(
-        out.status.success(),
-        "zstd -dc {path}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
 }
 
 /// `zstd -c` of `data`.
@@ -427,18 +416,7 @@ fn encrypted_and_gzip_backups_verify() {
     let db = sb.path("app.db");
     sqlite_db(&db);
     let key = sb.path("key.txt");
-    let out = Command::new("age-keygen")
-        .arg("-o")
-        .arg(&key)
-        .output()
-        .expect("age-keygen (apt install age)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let public = fs::read_to_string(&key)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("# public key: ").map(String::from))
-        .unwrap();
+    let public = age_keygen(&key);
     let sealed = sb.dump(&["sqlite", s(&db), "--name", "sealed", "--encrypt-to", &public]);
     let gz = sb.dump(&["sqlite", s(&db), "--name", "gz", "--compress", "gzip"]);
     let scratch = scratch_dir(&sb);
@@ -456,13 +434,7 @@ fn encrypted_and_gzip_backups_verify() {
     let run = sb.run_with_stdin("bk-verify", &[], &artifact_line(&sealed)).code(64);
     assert!(run.error().message.contains("--identity"));
     let other = sb.path("other.txt");
-    assert!(Command::new("age-keygen")
-        .arg("-o")
-        .arg(&other)
-        .output()
-        .unwrap()
-        .status
-        .success());
+    age_keygen(&other);
     fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let run = sb.run_with_stdin("bk-verify", &["--identity", s(&other)], &artifact_line(&sealed));
     assert_caught(&run, &sealed, &["no identity given can decrypt it"]);
