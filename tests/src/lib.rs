@@ -12,7 +12,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use bk_core::record::{parse_line, Artifact, ErrorRecord, Record, Restored};
+use bk_core::record::{parse_line, Artifact, ErrorRecord, Kept, Pruned, Record, Restored};
 use sha2::{Digest, Sha256};
 
 /// target/<profile>/, where cargo put the multicall binary `bk` beside this test binary's
@@ -63,16 +63,40 @@ pub fn services_required() -> bool {
 
 /// Some tests need root (mounting a tmpfs, running a tool as another user). Without root
 /// they are skipped with a note, unless the full suite is running, where that is a failure.
-pub fn have_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
+pub fn have_root() -> bool {
+    let root = nix::unistd::geteuid().is_root().then_some(());
+    needs(root, || "needs root".into(), "tests/run.sh runs as root").is_some()
+}
+
+/// The running test's name, for its notes and failures: libtest names each test's thread
+/// after the test.
+pub fn test_name() -> String {
+    std::thread::current().name().unwrap_or("this test").to_string()
+}
+
+/// What a test needs from its machine (a server, a program, root): `found`, or when it is
+/// missing, a failure if the full suite runs (BK_TEST_SERVICES=1 says everything is set up),
+/// else a SKIPPED note and `None`. `why` says what is missing, `hint` how to get it.
+pub fn needs<T>(found: Option<T>, why: impl FnOnce() -> String, hint: &str) -> Option<T> {
+    if found.is_none() {
+        let (test, why) = (test_name(), why());
+        assert!(
+            !services_required(),
+            "{test}: {why}, and BK_TEST_SERVICES=1 says the full suite is running ({hint})"
+        );
+        eprintln!("SKIPPED {test}: {why} ({hint})");
     }
-    assert!(
-        !services_required(),
-        "{test} needs root, and BK_TEST_SERVICES=1 says the full suite is running"
-    );
-    eprintln!("SKIPPED {test}: needs root (tests/run.sh runs as root)");
-    false
+    found
+}
+
+/// The hint of a test that needs the servers of tests/services.sh.
+pub const SERVICES_ENV: &str = "source $(tests/services.sh env)";
+
+/// A port on loopback that nothing listens on now: the system's pick, free again once the
+/// listener goes. For a server a test starts, or for one that must not answer.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("its address").port()
 }
 
 /// A private directory per test, with its own lock directory and store.
@@ -102,6 +126,15 @@ impl Sandbox {
 
     pub fn root(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// A new sandbox and its source directory `<sandbox>/src`, made by `fill` (a tree of the
+    /// test's, or [`write_files`]).
+    pub fn with_src(fill: impl FnOnce(&Path)) -> (Sandbox, PathBuf) {
+        let sb = Sandbox::new();
+        let src = sb.path("src");
+        fill(&src);
+        (sb, src)
     }
 
     /// The default store of a test: `<sandbox>/store`.
@@ -144,14 +177,23 @@ impl Sandbox {
 }
 
 /// Runs a command to the end with the given stdin.
-pub fn run_cmd(mut cmd: Command, stdin: &str) -> Run {
+pub fn run_cmd(cmd: Command, stdin: &str) -> Run {
+    Run::from(
+        spawn_with_stdin(cmd, stdin)
+            .wait_with_output()
+            .expect("waiting for the tool"),
+    )
+}
+
+/// Starts a command with `stdin` written and closed, its stdout and stderr piped: for a run
+/// that a test watches or signals before it ends.
+pub fn spawn_with_stdin(mut cmd: Command, stdin: &str) -> Child {
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
     let mut pipe = child.stdin.take().expect("stdin piped");
     // A tool may exit before reading all of stdin; that is its business.
     let _ = pipe.write_all(stdin.as_bytes());
-    drop(pipe);
-    Run::from(child.wait_with_output().expect("waiting for the tool"))
+    child
 }
 
 /// What a tool did: exit code, stdout and stderr, kept apart.
@@ -251,6 +293,19 @@ impl Run {
         self.only("artifact", |r| if let Record::Artifact(x) = r { Some(x) } else { None })
     }
 
+    /// bk-prune's decisions: the backups it kept, and those it pruned.
+    pub fn decisions(&self) -> (Vec<Kept>, Vec<Pruned>) {
+        let (mut kept, mut pruned) = (Vec::new(), Vec::new());
+        for record in self.records() {
+            match record {
+                Record::Kept(k) => kept.push(k),
+                Record::Pruned(p) => pruned.push(p),
+                _ => {}
+            }
+        }
+        (kept, pruned)
+    }
+
     pub fn restored(&self) -> Restored {
         self.only("restored", |r| if let Record::Restored(x) = r { Some(x) } else { None })
     }
@@ -268,6 +323,40 @@ impl Run {
             self.stderr
         );
         e
+    }
+}
+
+impl Run {
+    /// A run that failed with `code`, an error record saying each of `says`, and no artifact;
+    /// `case` names it in failures. Its error record.
+    pub fn failed(&self, case: &str, code: i32, says: &[&str]) -> ErrorRecord {
+        assert_eq!(
+            self.code, code,
+            "{case}: exit code\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        let e = self.error();
+        for what in says {
+            assert!(
+                e.message.contains(what),
+                "{case}: the message should say {what:?}: {}",
+                e.message
+            );
+        }
+        assert!(self.artifacts().is_empty(), "{case}: no artifact: {}", self.stdout);
+        e
+    }
+
+    /// Neither stdout nor stderr carries any of `secrets` (passwords); `case` names the run.
+    pub fn assert_hides(&self, case: &str, secrets: &[&str]) {
+        for secret in secrets {
+            assert!(
+                !self.stdout.contains(secret) && !self.stderr.contains(secret),
+                "{case}: a secret in the output\nstdout: {}\nstderr: {}",
+                self.stdout,
+                self.stderr
+            );
+        }
     }
 }
 
@@ -311,6 +400,66 @@ fn walk(root: &Path, path: &Path, out: &mut BTreeMap<String, String>) {
         for entry in fs::read_dir(path).unwrap() {
             walk(root, &entry.unwrap().path(), out);
         }
+    }
+}
+
+/// Runs a helper program of a test (not one of bk's tools) that must succeed: its stdout.
+pub fn output_of(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// `zstd -dc FILE`.
+pub fn unzstd(path: &str) -> Vec<u8> {
+    output_of(Command::new("zstd").args(["-dc", path]))
+}
+
+/// Makes an age key pair with age-keygen (apt install age) at `path`, mode 0600: the public key.
+pub fn age_keygen(path: &Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    output_of(Command::new("age-keygen").arg("-o").arg(path));
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).expect("chmod 600");
+    let text = fs::read_to_string(path).expect("reading the age key");
+    text.lines()
+        .find_map(|l| l.strip_prefix("# public key: "))
+        .expect("age-keygen writes the public key in a comment")
+        .to_string()
+}
+
+/// `len` bytes that no compressor can shrink, the same in every run (xorshift64).
+pub fn noise(len: usize) -> Vec<u8> {
+    let mut noise = vec![0u8; len];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for chunk in noise.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    noise
+}
+
+/// An artifact's record line as a tool prints it, newline included: to pipe into a tool.
+pub fn artifact_line(a: &Artifact) -> String {
+    format!("{}\n", Record::Artifact(a.clone()).to_line())
+}
+
+/// A test's path as the `&str` an argument list takes: test paths are UTF-8.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 test paths")
+}
+
+/// Writes files below `dir` (each a relative path and its content), making the directories.
+pub fn write_files(dir: &Path, files: &[(&str, &str)]) {
+    for (rel, content) in files {
+        let path = dir.join(rel);
+        fs::create_dir_all(path.parent().expect("a file below dir")).expect("creating the directories");
+        fs::write(&path, content).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
     }
 }
 
@@ -362,29 +511,45 @@ pub struct PgServer {
 /// The PostgreSQL test server from TEST_PG_URL (`postgres://user:password@host:port/db`).
 /// Without the variable: a failure when the full suite runs (BK_TEST_SERVICES=1), else a
 /// SKIPPED note and `None`.
-pub fn pg_server(test: &str) -> Option<PgServer> {
-    let Some(url) = std::env::var("TEST_PG_URL").ok().filter(|u| !u.is_empty()) else {
-        assert!(
-            !services_required(),
-            "{test}: TEST_PG_URL is not set, and BK_TEST_SERVICES=1 says the servers are up: source $(tests/services.sh env)"
-        );
-        eprintln!("SKIPPED {test}: TEST_PG_URL is not set (source $(tests/services.sh env))");
-        return None;
-    };
-    let rest = url
-        .strip_prefix("postgres://")
-        .or_else(|| url.strip_prefix("postgresql://"))
-        .unwrap_or_else(|| panic!("TEST_PG_URL={url} is not a postgres:// URL"));
-    let authority = rest.split(['/', '?']).next().unwrap_or_default();
-    let (userinfo, hostport) = authority.rsplit_once('@').unwrap_or(("postgres", authority));
-    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-    let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "5432"));
+pub fn pg_server() -> Option<PgServer> {
+    let url = std::env::var("TEST_PG_URL").ok().filter(|u| !u.is_empty());
+    let url = needs(url, || "TEST_PG_URL is not set".into(), SERVICES_ENV)?;
+    let parts = ServerUrl::parse(&url, &["postgres://", "postgresql://"], "postgres", 5432)
+        .unwrap_or_else(|| panic!("TEST_PG_URL={url}: expected postgres://user:password@host:port/db"));
     Some(PgServer {
-        host: host.to_string(),
-        port: port.parse().unwrap_or_else(|_| panic!("TEST_PG_URL={url}: bad port")),
-        user: user.to_string(),
-        password: password.to_string(),
+        host: parts.host,
+        port: parts.port,
+        user: parts.user,
+        password: parts.password,
     })
+}
+
+/// The parts of a server's URL `scheme://user:password@host:port/...` as they are written.
+struct ServerUrl {
+    host: String,
+    port: u16,
+    user: String,
+    password: String,
+}
+
+impl ServerUrl {
+    /// `None` for another scheme or a bad port; the user and port default to those given.
+    fn parse(url: &str, schemes: &[&str], default_user: &str, default_port: u16) -> Option<ServerUrl> {
+        let rest = schemes.iter().find_map(|scheme| url.strip_prefix(scheme))?;
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        let (userinfo, hostport) = authority.rsplit_once('@').unwrap_or((default_user, authority));
+        let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((host, port)) => (host, port.parse().ok()?),
+            None => (hostport, default_port),
+        };
+        Some(ServerUrl {
+            host: host.to_string(),
+            port,
+            user: user.to_string(),
+            password: password.to_string(),
+        })
+    }
 }
 
 impl PgServer {
@@ -554,45 +719,29 @@ pub struct MysqlServer {
 /// The MariaDB test server from TEST_MYSQL_URL (`mysql://user:password@host:port`). When the
 /// variable is missing or the server does not answer: a failure when the full suite runs
 /// (BK_TEST_SERVICES=1), else a SKIPPED note and `None`.
-pub fn mysql_server(test: &str) -> Option<MysqlServer> {
-    let skip = |why: String| -> Option<MysqlServer> {
-        assert!(
-            !services_required(),
-            "{test}: {why}, and BK_TEST_SERVICES=1 says the servers are up: source $(tests/services.sh env)"
-        );
-        eprintln!("SKIPPED {test}: {why} (source $(tests/services.sh env))");
-        None
-    };
-    let Some(url) = std::env::var("TEST_MYSQL_URL").ok().filter(|u| !u.is_empty()) else {
-        return skip("TEST_MYSQL_URL is not set".into());
-    };
+pub fn mysql_server() -> Option<MysqlServer> {
+    let url = std::env::var("TEST_MYSQL_URL").ok().filter(|u| !u.is_empty());
+    let url = needs(url, || "TEST_MYSQL_URL is not set".into(), SERVICES_ENV)?;
     let server = MysqlServer::from_url(&url)
         .unwrap_or_else(|| panic!("TEST_MYSQL_URL={url}: expected mysql://user:password@host:port"));
     let reachable = std::net::ToSocketAddrs::to_socket_addrs(&(server.host.as_str(), server.port))
         .ok()
         .and_then(|mut addrs| addrs.next())
         .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(5)).is_ok());
-    if !reachable {
-        return skip(format!("no MariaDB server answers at {}:{}", server.host, server.port));
-    }
+    let why = || format!("no MariaDB server answers at {}:{}", server.host, server.port);
+    needs(reachable.then_some(()), why, SERVICES_ENV)?;
     Some(server)
 }
 
 impl MysqlServer {
     /// Parses `mysql://user:password@host:port` (port 3306 when absent).
     pub fn from_url(url: &str) -> Option<MysqlServer> {
-        let rest = url
-            .strip_prefix("mysql://")
-            .or_else(|| url.strip_prefix("mariadb://"))?;
-        let authority = rest.split(['/', '?']).next().unwrap_or_default();
-        let (userinfo, hostport) = authority.rsplit_once('@').unwrap_or(("root", authority));
-        let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-        let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "3306"));
+        let parts = ServerUrl::parse(url, &["mysql://", "mariadb://"], "root", 3306)?;
         Some(MysqlServer {
-            host: host.to_string(),
-            port: port.parse().ok()?,
-            user: bk_core::store::percent_decode(user),
-            password: bk_core::store::percent_decode(password),
+            host: parts.host,
+            port: parts.port,
+            user: bk_core::store::percent_decode(&parts.user),
+            password: bk_core::store::percent_decode(&parts.password),
         })
     }
 
@@ -782,7 +931,7 @@ pub struct Remote {
 impl Remote {
     /// The servers from the environment (`source $(tests/services.sh env)`); `None` (the
     /// test skips) without them, a failure if BK_TEST_SERVICES=1 says they are up.
-    pub fn from_env(test: &str) -> Option<Remote> {
+    pub fn from_env() -> Option<Remote> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let key = |k: &str| Some((k.to_string(), var(k)?));
         let found = (|| {
@@ -795,16 +944,8 @@ impl Remote {
                 aws_keys: [key("AWS_ACCESS_KEY_ID")?, key("AWS_SECRET_ACCESS_KEY")?],
             })
         })();
-        if found.is_none() {
-            assert!(
-                !services_required(),
-                "{test}: TEST_S3_ENDPOINT/TEST_SSH_*/AWS_* are not set, and BK_TEST_SERVICES=1 says the servers are up: source $(tests/services.sh env)"
-            );
-            eprintln!(
-                "SKIPPED {test}: TEST_S3_ENDPOINT/TEST_SSH_*/AWS_* are not set (source $(tests/services.sh env))"
-            );
-        }
-        found
+        let why = || "TEST_S3_ENDPOINT/TEST_SSH_*/AWS_* are not set".into();
+        needs(found, why, SERVICES_ENV)
     }
 
     /// The ssh store URL of an absolute directory on the test sshd.
@@ -894,10 +1035,7 @@ impl PrivateS3 {
     pub fn start(sb: &Sandbox) -> PrivateS3 {
         let root = sb.path("s3root");
         fs::create_dir_all(root.join("test-bucket")).expect("creating the bucket");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_port();
         let mut s3 = PrivateS3 {
             port,
             root,

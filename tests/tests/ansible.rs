@@ -15,9 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use bk_core::record::{parse_line, Artifact, Record};
-use bk_tests::{
-    assert_tools_linked, cron, have_root, mysql_server, pg_ident, pg_server, run_cmd, services_required, Run, Sandbox,
-};
+use bk_tests::{assert_tools_linked, cron, have_root, mysql_server, needs, pg_ident, pg_server, run_cmd, Run, Sandbox};
 use serde_json::json;
 
 /// The backup user of the test: created by the role, removed at the end.
@@ -33,20 +31,14 @@ impl<F: FnMut()> Drop for Cleanup<F> {
 }
 
 /// The venv of tests/services.sh with ansible-playbook and ansible-lint (TEST_ANSIBLE_VENV).
-fn ansible_venv(test: &str) -> Option<PathBuf> {
+fn ansible_venv() -> Option<PathBuf> {
     let venv = std::env::var("TEST_ANSIBLE_VENV").ok().filter(|v| !v.is_empty());
-    match venv.map(PathBuf::from) {
-        Some(v) if v.join("bin/ansible-playbook").is_file() => Some(v),
-        other => {
-            let why = format!("no ansible-playbook in TEST_ANSIBLE_VENV={other:?}");
-            assert!(
-                !services_required(),
-                "{test}: {why}, and BK_TEST_SERVICES=1 says the test tools are installed: run tests/services.sh start"
-            );
-            eprintln!("SKIPPED {test}: {why} (tests/services.sh start installs it)");
-            None
-        }
-    }
+    let found = venv
+        .clone()
+        .map(PathBuf::from)
+        .filter(|v| v.join("bin/ansible-playbook").is_file());
+    let why = || format!("no ansible-playbook in TEST_ANSIBLE_VENV={venv:?}");
+    needs(found, why, "tests/services.sh start installs it")
 }
 
 fn env(name: &str) -> String {
@@ -170,19 +162,10 @@ fn runbook_blocks(runbook: &str, job: &str, step: &str) -> String {
         .split("\n### ")
         .find(|s| s.starts_with(&format!("{step}\n")))
         .unwrap_or_else(|| panic!("no `### {step}` under `## Job {job}`:\n{section}"));
-    let mut blocks = String::new();
-    let mut inside = false;
-    for line in part.lines() {
-        match (inside, line) {
-            (false, "```sh") => inside = true,
-            (true, "```") => inside = false,
-            (true, l) => {
-                blocks.push_str(l);
-                blocks.push('\n');
-            }
-            _ => {}
-        }
-    }
+    let blocks: String = bk_tests::sh_blocks(part)
+        .into_iter()
+        .map(|(_, script)| script)
+        .collect();
     assert!(!blocks.is_empty(), "no sh block under `### {step}` of job {job}");
     blocks
 }
@@ -203,11 +186,10 @@ fn manifest(dir: &Path, at: &str) -> Artifact {
 
 #[test]
 fn role_converges_and_its_jobs_and_runbook_work() {
-    let test = "role_converges_and_its_jobs_and_runbook_work";
-    if !have_root(test) {
+    if !have_root() {
         return;
     }
-    let (Some(mysql), Some(pg), Some(venv)) = (mysql_server(test), pg_server(test), ansible_venv(test)) else {
+    let (Some(mysql), Some(pg), Some(venv)) = (mysql_server(), pg_server(), ansible_venv()) else {
         return;
     };
     let (s3_endpoint, s3_bucket) = (env("TEST_S3_ENDPOINT"), env("TEST_S3_BUCKET"));
@@ -508,11 +490,10 @@ fn role_converges_and_its_jobs_and_runbook_work() {
 /// install whose tools were single binaries; a second run changes nothing.
 #[test]
 fn role_installs_from_a_release_tarball() {
-    let test = "role_installs_from_a_release_tarball";
-    if !have_root(test) {
+    if !have_root() {
         return;
     }
-    let Some(venv) = ansible_venv(test) else {
+    let Some(venv) = ansible_venv() else {
         return;
     };
     let sb = Sandbox::new();

@@ -2,14 +2,10 @@
 //! and bk-ls's listing and bk-restore's choice of a backup.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use bk_core::record::{Artifact, Record};
-use bk_tests::{files_below, Run, Sandbox};
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 test paths")
-}
+use bk_tests::{files_below, s, write_files, Run, Sandbox};
 
 /// A one-file tree at `<sandbox>/src`, backed up as `name`.
 fn dumped(sb: &Sandbox, name: &str) -> (PathBuf, Artifact) {
@@ -77,10 +73,7 @@ fn an_upstream_error_is_passed_on_and_nothing_restored() {
 
 #[test]
 fn usage_errors_exit_64_with_an_error_record() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    fs::create_dir(&src).unwrap();
-    fs::write(src.join("x"), "x").unwrap();
+    let (sb, src) = Sandbox::with_src(|src| write_files(src, &[("x", "x")]));
     let store = sb.store();
     let target = sb.path("target");
     let (src, target) = (s(&src), s(&target));

@@ -177,22 +177,17 @@ impl SandboxedFile {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let file = parse(path);
         let needs = needs(&file);
-        let test = format!("cron.d/{name}");
         let sandbox = Sandbox::new();
-        let remote = if needs.remote {
-            Some(Remote::from_env(&test)?)
-        } else {
-            None
-        };
+        let remote = if needs.remote { Some(Remote::from_env()?) } else { None };
         let mysql = if needs.mysql {
-            let server = mysql_server(&test)?;
+            let server = mysql_server()?;
             let option_file = server.option_file(&sandbox, "my.cnf");
             Some((server, option_file))
         } else {
             None
         };
         let pg = if needs.pg {
-            let server = pg_server(&test)?;
+            let server = pg_server()?;
             let pgpass = server.write_pgpass(&sandbox, "pgpass");
             Some((server, pgpass))
         } else {

@@ -12,15 +12,11 @@ use std::time::{Duration, Instant};
 
 use bk_core::codec::{Compression, Encryption};
 use bk_core::record::{Artifact, Record};
-use bk_tests::{files_below, have_root, run_cmd, tree_digest, Run, Sandbox, AS_NOBODY};
+use bk_tests::{age_keygen, files_below, have_root, run_cmd, s, tree_digest, write_files, Run, Sandbox, AS_NOBODY};
 use filetime::FileTime;
 use nix::sys::stat::Mode;
 
 const NOBODY: u32 = 65534;
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 test paths")
-}
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
@@ -237,9 +233,7 @@ fn manifest_path(sb: &Sandbox, a: &Artifact) -> PathBuf {
 
 #[test]
 fn round_trip_of_a_rich_tree() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    rich_tree(&src);
+    let (sb, src) = Sandbox::with_src(rich_tree);
     let before = tree_digest(&src);
     let store = sb.store();
 
@@ -326,9 +320,7 @@ fn round_trip_of_a_rich_tree() {
 
 #[test]
 fn standard_tools_read_every_compression() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    rich_tree(&src);
+    let (sb, src) = Sandbox::with_src(rich_tree);
     let before = tree_digest(&src);
     for (compress, suffix, script) in [
         ("zstd", ".tar.zst", r#"zstd -dc "$1" | tar -xpf - -C "$2""#),
@@ -355,31 +347,9 @@ fn standard_tools_read_every_compression() {
     }
 }
 
-/// Makes an age key pair with age-keygen; returns the public key.
-fn age_keygen(path: &Path) -> String {
-    let out = Command::new("age-keygen")
-        .arg("-o")
-        .arg(path)
-        .output()
-        .expect("age-keygen (apt install age)");
-    assert!(
-        out.status.success(),
-        "age-keygen: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
-    let text = fs::read_to_string(path).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("# public key: "))
-        .expect("a public key comment")
-        .to_string()
-}
-
 #[test]
 fn age_encryption() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    small_tree(&src);
+    let (sb, src) = Sandbox::with_src(small_tree);
     let before = tree_digest(&src);
     let store = sb.store();
     let key = sb.path("key.txt");
@@ -520,9 +490,7 @@ fn set(items: &[&str]) -> BTreeSet<String> {
 
 #[test]
 fn exclude_include_and_partial_restore() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    selection_tree(&src);
+    let (sb, src) = Sandbox::with_src(selection_tree);
     let store = sb.store();
     let restores = std::cell::Cell::new(0);
     let restore = |name: &str, extra: &[&str]| -> (PathBuf, Run) {
@@ -588,13 +556,10 @@ fn exclude_include_and_partial_restore() {
 
 #[test]
 fn one_file_system() {
-    if !have_root("one_file_system") {
+    if !have_root() {
         return;
     }
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    fs::create_dir_all(&src).unwrap();
-    fs::write(src.join("here.txt"), "on the root filesystem").unwrap();
+    let (sb, src) = Sandbox::with_src(|src| write_files(src, &[("here.txt", "on the root filesystem")]));
     let _mount = Tmpfs::mount(&src.join("mnt"), "1m");
     fs::write(src.join("mnt/there.txt"), "on another filesystem").unwrap();
     let store = sb.store();
@@ -619,9 +584,7 @@ fn one_file_system() {
 
 #[test]
 fn restore_refuses_a_non_empty_target_unless_replace() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    small_tree(&src);
+    let (sb, src) = Sandbox::with_src(small_tree);
     let before = tree_digest(&src);
     let store = sb.store();
     sb.dump(&["files", s(&src), "--name", "rep"]);
@@ -664,9 +627,7 @@ fn restore_refuses_a_non_empty_target_unless_replace() {
 
 #[test]
 fn corrupt_artifacts_are_refused_with_nothing_written() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    small_tree(&src);
+    let (sb, src) = Sandbox::with_src(small_tree);
     let store = sb.store();
     let target = sb.path("target");
 
@@ -761,7 +722,7 @@ fn open_sandbox_to_nobody(sb: &Sandbox, dirs: &[&str]) {
 
 #[test]
 fn dump_of_an_unreadable_source_is_77() {
-    if !have_root("dump_of_an_unreadable_source_is_77") {
+    if !have_root() {
         return;
     }
     let sb = Sandbox::new();
@@ -785,7 +746,7 @@ fn dump_of_an_unreadable_source_is_77() {
 
 #[test]
 fn dump_into_an_unwritable_store_is_73() {
-    if !have_root("dump_into_an_unwritable_store_is_73") {
+    if !have_root() {
         return;
     }
     let sb = Sandbox::new();
@@ -809,7 +770,7 @@ fn dump_into_an_unwritable_store_is_73() {
 
 #[test]
 fn disk_full_keeps_older_backups_and_leaves_no_partial_file() {
-    if !have_root("disk_full_keeps_older_backups_and_leaves_no_partial_file") {
+    if !have_root() {
         return;
     }
     let sb = Sandbox::new();
@@ -975,7 +936,7 @@ fn assert_verifies(sb: &Sandbox, name: &str) {
 
 #[test]
 fn entries_that_vanish_during_the_dump_are_left_out_with_a_warning() {
-    if !have_root("entries_that_vanish_during_the_dump_are_left_out_with_a_warning") {
+    if !have_root() {
         return;
     }
     let sb = Sandbox::new();
@@ -1044,7 +1005,7 @@ fn entries_that_vanish_during_the_dump_are_left_out_with_a_warning() {
 
 #[test]
 fn files_that_shrink_or_grow_during_the_dump_keep_their_size_with_a_warning() {
-    if !have_root("files_that_shrink_or_grow_during_the_dump_keep_their_size_with_a_warning") {
+    if !have_root() {
         return;
     }
     let sb = Sandbox::new();
@@ -1134,9 +1095,7 @@ fn hold_lock(sb: &Sandbox, name: &str) -> Child {
 
 #[test]
 fn a_held_lock_fails_at_once_or_is_waited_for() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    small_tree(&src);
+    let (sb, src) = Sandbox::with_src(small_tree);
     let store = sb.store();
     let dump = ["files", s(&src), "--name", "locked", "--to", store.as_str()];
     let mut holder = hold_lock(&sb, "locked");
@@ -1239,10 +1198,7 @@ fn two_concurrent_dumps_of_one_name_one_succeeds() {
 
 #[test]
 fn two_dumps_within_a_second_get_distinct_ids() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    fs::create_dir(&src).unwrap();
-    fs::write(src.join("x"), "x").unwrap();
+    let (sb, src) = Sandbox::with_src(|src| write_files(src, &[("x", "x")]));
     let a = sb.dump(&["files", s(&src), "--name", "twice"]);
     let b = sb.dump(&["files", s(&src), "--name", "twice"]);
     assert_ne!(a.id, b.id);
@@ -1475,9 +1431,7 @@ fn hostile_tar_entries_are_refused_as_bad_data_and_nothing_is_written() {
 
 #[test]
 fn directories_a_restore_creates_are_0700_under_umask_000() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    small_tree(&src);
+    let (sb, src) = Sandbox::with_src(small_tree);
     fs::set_permissions(&src, fs::Permissions::from_mode(0o750)).unwrap();
     fs::set_permissions(src.join("sub"), fs::Permissions::from_mode(0o751)).unwrap();
     let store = sb.store();

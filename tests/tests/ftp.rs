@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use bk_core::record::{Artifact, Record};
-use bk_tests::{services_required, tree_digest, unique_name, write_backup, Sandbox};
+use bk_tests::{needs, tree_digest, unique_name, write_backup, Sandbox, SERVICES_ENV};
 
 /// The FTP test server, from the TEST_FTP_* variables tests/services.sh writes.
 struct Ftp {
@@ -28,7 +28,7 @@ struct Ftp {
     vsftpd_root: PathBuf,
 }
 
-fn ftp(test: &str) -> Option<Ftp> {
+fn ftp() -> Option<Ftp> {
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let found = (|| {
         Some(Ftp {
@@ -44,14 +44,8 @@ fn ftp(test: &str) -> Option<Ftp> {
             vsftpd_root: PathBuf::from(var("TEST_VSFTPD_ROOT")?),
         })
     })();
-    if found.is_none() {
-        assert!(
-            !services_required(),
-            "{test}: TEST_FTP_* or TEST_VSFTPD_* are not set, and BK_TEST_SERVICES=1 says the servers are up: source $(tests/services.sh env)"
-        );
-        eprintln!("SKIPPED {test}: TEST_FTP_* or TEST_VSFTPD_* are not set (source $(tests/services.sh env))");
-    }
-    found
+    let why = || "TEST_FTP_* or TEST_VSFTPD_* are not set".into();
+    needs(found, why, SERVICES_ENV)
 }
 
 impl Ftp {
@@ -114,9 +108,7 @@ fn restored(sb: &Sandbox, target: &str) -> std::collections::BTreeMap<String, St
 
 #[test]
 fn push_to_ftp_and_ftps_then_every_tool_works_on_both() {
-    let Some(f) = ftp("push_to_ftp_and_ftps_then_every_tool_works_on_both") else {
-        return;
-    };
+    let Some(f) = ftp() else { return };
     let sb = Sandbox::new();
     let netrc = f.credentials(&sb, "netrc", &f.user, &f.password, 0o600);
     let run = |tool: &str, args: &[&str], stdin: &str| bk_tests::run_cmd(f.cmd(&sb, &netrc, tool, args), stdin);
@@ -188,9 +180,7 @@ fn push_to_ftp_and_ftps_then_every_tool_works_on_both() {
 
 #[test]
 fn prune_deletes_on_the_ftp_store_manifest_and_file() {
-    let Some(f) = ftp("prune_deletes_on_the_ftp_store_manifest_and_file") else {
-        return;
-    };
+    let Some(f) = ftp() else { return };
     let sb = Sandbox::new();
     let netrc = f.credentials(&sb, "netrc", &f.user, &f.password, 0o600);
     let run = |tool: &str, args: &[&str]| bk_tests::run_cmd(f.cmd(&sb, &netrc, tool, args), "");
@@ -207,27 +197,9 @@ fn prune_deletes_on_the_ftp_store_manifest_and_file() {
     );
 
     let pruned = run("bk-prune", &[&store, "--keep-last", "1"]).ok();
-    let records = pruned.records();
-    let kept: Vec<_> = records
-        .iter()
-        .filter_map(|r| {
-            if let Record::Kept(k) = r {
-                Some(k.id.clone())
-            } else {
-                None
-            }
-        })
-        .collect();
-    let gone: Vec<_> = records
-        .iter()
-        .filter_map(|r| {
-            if let Record::Pruned(p) = r {
-                Some(p.location.clone())
-            } else {
-                None
-            }
-        })
-        .collect();
+    let (kept, gone) = pruned.decisions();
+    let kept: Vec<_> = kept.into_iter().map(|k| k.id).collect();
+    let gone: Vec<_> = gone.into_iter().map(|p| p.location).collect();
     assert_eq!(kept, [new.id.as_str()]);
     assert_eq!(gone, [format!("{store}/db/{}", old.file)]);
     let listed: Vec<Artifact> = run("bk-ls", &[&store]).ok().artifacts();
@@ -239,9 +211,7 @@ fn prune_deletes_on_the_ftp_store_manifest_and_file() {
 
 #[test]
 fn credentials_come_from_a_private_file_and_failures_have_clear_exit_codes() {
-    let Some(f) = ftp("credentials_come_from_a_private_file_and_failures_have_clear_exit_codes") else {
-        return;
-    };
+    let Some(f) = ftp() else { return };
     let sb = Sandbox::new();
     let (line, _) = dump(&sb);
     let store = f.store("bk-creds");
@@ -337,9 +307,7 @@ fn credentials_come_from_a_private_file_and_failures_have_clear_exit_codes() {
 
 #[test]
 fn prune_removes_old_temporary_files_an_unfinished_upload_left() {
-    let Some(f) = ftp("prune_removes_old_temporary_files_an_unfinished_upload_left") else {
-        return;
-    };
+    let Some(f) = ftp() else { return };
     let sb = Sandbox::new();
     let netrc = f.credentials(&sb, "netrc", &f.user, &f.password, 0o600);
     let run = |tool: &str, args: &[&str]| bk_tests::run_cmd(f.cmd(&sb, &netrc, tool, args), "");
@@ -393,9 +361,7 @@ fn prune_removes_old_temporary_files_an_unfinished_upload_left() {
 
 #[test]
 fn vsftpd_without_mlsd_and_requiring_tls_session_reuse_works_anonymously() {
-    let Some(f) = ftp("vsftpd_without_mlsd_and_requiring_tls_session_reuse_works_anonymously") else {
-        return;
-    };
+    let Some(f) = ftp() else { return };
     let sb = Sandbox::new();
     // No user and no netrc: bk logs in as anonymous.
     let run = |tool: &str, args: &[&str], stdin: &str| {

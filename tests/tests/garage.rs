@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bk_core::record::Record;
-use bk_tests::{run_cmd, services_required, tree_digest, Run, Sandbox};
+use bk_tests::{free_port, needs, run_cmd, tree_digest, Run, Sandbox};
 use serde_json::{json, Value};
 
 const NODES: usize = 3;
@@ -20,24 +20,12 @@ const BUCKET: &str = "bk-test";
 /// How long a node may take to start, or the cluster to become healthy.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
-fn garage_bin(test: &str) -> Option<PathBuf> {
+fn garage_bin() -> Option<PathBuf> {
     let found = std::env::var_os("TEST_GARAGE_BIN")
         .map(PathBuf::from)
         .filter(|p| p.is_file());
-    if found.is_none() {
-        assert!(
-            !services_required(),
-            "{test}: TEST_GARAGE_BIN is not set or not a file, and BK_TEST_SERVICES=1 says the test services are set up: source $(tests/services.sh env)"
-        );
-        eprintln!("SKIPPED {test}: TEST_GARAGE_BIN is not set (tests/services.sh builds garage; source $(tests/services.sh env))");
-    }
-    found
-}
-
-/// A port nobody listens on now: the system's pick, free again once the listener goes.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-    listener.local_addr().expect("its address").port()
+    let why = || "TEST_GARAGE_BIN is not set or not a file".into();
+    needs(found, why, "tests/services.sh builds it")
 }
 
 /// `bytes` random bytes, as hex.
@@ -247,9 +235,7 @@ api_bind_addr = "127.0.0.1:{s3_port}"
 
 #[test]
 fn a_backup_on_a_three_node_garage_survives_a_node_down() {
-    let Some(garage) = garage_bin("a_backup_on_a_three_node_garage_survives_a_node_down") else {
-        return;
-    };
+    let Some(garage) = garage_bin() else { return };
     let sb = Sandbox::new();
     // Declared after the sandbox, so dropped first: the servers stop before their files go.
     let mut cluster = Cluster::start(garage, sb.root());

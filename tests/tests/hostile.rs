@@ -11,11 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bk_core::record::{Artifact, Record};
-use bk_tests::{bin, files_below, tree_digest, write_backup, Run, Sandbox};
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 test paths")
-}
+use bk_tests::{bin, files_below, noise, s, tree_digest, write_backup, Run, Sandbox};
 
 /// A sandbox with a store holding two good backups of `job`, and a victim directory beside
 /// the store that no tool may touch.
@@ -533,15 +529,7 @@ fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
 fn noisy_source(sb: &Sandbox) -> PathBuf {
     let src = sb.path("src");
     fs::create_dir_all(&src).unwrap();
-    let mut noise = vec![0u8; 24 << 20];
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for chunk in noise.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    fs::write(src.join("noise"), &noise).unwrap();
+    fs::write(src.join("noise"), noise(24 << 20)).unwrap();
     src
 }
 
@@ -650,7 +638,7 @@ impl Drop for CronFile {
 /// SIGKILL mid-dump. cron's job must end non-zero, and bk-prune must have seen why.
 #[test]
 fn a_job_started_by_cron_fails_when_its_dump_is_killed() {
-    if !bk_tests::have_root("a_job_started_by_cron_fails_when_its_dump_is_killed") {
+    if !bk_tests::have_root() {
         return;
     }
     let sb = Sandbox::new();

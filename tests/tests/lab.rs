@@ -31,31 +31,19 @@ struct Block {
     exit: i32,
 }
 
-/// The ```sh blocks of a Markdown text, in order.
-fn sh_blocks(text: &str) -> Vec<Block> {
-    let mut blocks = Vec::new();
-    let mut open: Option<(usize, String)> = None;
-    for (i, line) in text.lines().enumerate() {
-        match open.as_mut() {
-            None if line == "```sh" => open = Some((i + 2, String::new())),
-            None => {}
-            Some(_) if line == "```" => {
-                let (line, script) = open.take().expect("an open block");
-                let last = script.lines().last().unwrap_or_default();
-                let exit = match last.strip_prefix("# exit: ") {
-                    Some(n) => n.parse().unwrap_or_else(|_| panic!("docs/lab.md:{line}: `{last}`")),
-                    None => 0,
-                };
-                blocks.push(Block { script, line, exit });
-            }
-            Some((_, script)) => {
-                script.push_str(line);
-                script.push('\n');
-            }
-        }
-    }
-    assert!(open.is_none(), "docs/lab.md ends inside a ```sh block");
-    blocks
+/// The ```sh blocks of the lab, in order, each with the exit status its last line states.
+fn lab_blocks(text: &str) -> Vec<Block> {
+    bk_tests::sh_blocks(text)
+        .into_iter()
+        .map(|(line, script)| {
+            let last = script.lines().last().unwrap_or_default();
+            let exit = match last.strip_prefix("# exit: ") {
+                Some(n) => n.parse().unwrap_or_else(|_| panic!("docs/lab.md:{line}: `{last}`")),
+                None => 0,
+            };
+            Block { script, line, exit }
+        })
+        .collect()
 }
 
 /// `text` with `from` (which must occur exactly once: a lab that changed its setup fails
@@ -156,9 +144,7 @@ fn rows(server: &MysqlServer, admin: &Path, db: &str) -> String {
 
 #[test]
 fn the_lab_runs_as_written() {
-    let Some(server) = mysql_server("the_lab_runs_as_written") else {
-        return;
-    };
+    let Some(server) = mysql_server() else { return };
     let sb = Sandbox::new();
     let admin = server.option_file(&sb, "admin.cnf");
     let client_section = fs::read_to_string(&admin).expect("the option file");
@@ -172,7 +158,7 @@ fn the_lab_runs_as_written() {
     let text = substitute(&text, LAB_DIR, &format!("export LAB={}\n", lab.display()));
     let text = substitute(&text, DB_NAME, &format!(" DB={db}\n"));
     let text = substitute(&text, CLIENT_SECTION, &client_section);
-    let blocks = sh_blocks(&text);
+    let blocks = lab_blocks(&text);
     assert!(blocks.len() >= 8, "docs/lab.md has only {} ```sh blocks", blocks.len());
 
     let env = sb.path("lab.env");

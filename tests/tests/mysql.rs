@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use bk_core::record::{Artifact, Record};
 use bk_tests::{
-    files_below, have_root, mysql_ident, mysql_server, mysql_string, mysql_unique_name, run_cmd, MysqlGuard,
-    MysqlServer, Run, Sandbox,
+    artifact_line, files_below, free_port, have_root, mysql_ident, mysql_server, mysql_string, mysql_unique_name,
+    run_cmd, spawn_with_stdin, MysqlGuard, MysqlServer, Run, Sandbox,
 };
 use sha2::{Digest, Sha256};
 
@@ -30,8 +30,8 @@ struct Env {
 }
 
 impl Env {
-    fn new(test: &str) -> Option<Env> {
-        let server = mysql_server(test)?;
+    fn new() -> Option<Env> {
+        let server = mysql_server()?;
         let sb = Sandbox::new();
         let admin = server.option_file(&sb, "admin.cnf");
         Some(Env { server, sb, admin })
@@ -49,6 +49,13 @@ impl Env {
             mysql_ident(name)
         ));
         guard
+    }
+
+    /// A new empty database named `<prefix><unique>`: its name, and the guard dropping it.
+    fn new_db(&self, prefix: &str) -> (String, MysqlGuard) {
+        let name = mysql_unique_name(prefix);
+        let guard = self.create_db(&name);
+        (name, guard)
     }
 
     /// An account at 127.0.0.1 with a random password, dropped when the guard goes.
@@ -81,8 +88,7 @@ impl Env {
     fn restore(&self, artifact: &Artifact, args: &[&str]) -> Run {
         let mut all = vec!["--defaults-file", self.admin.to_str().unwrap()];
         all.extend(args);
-        self.sb
-            .run_with_stdin("bk-restore", &all, &Record::Artifact(artifact.clone()).to_line())
+        self.sb.run_with_stdin("bk-restore", &all, &artifact_line(artifact))
     }
 
     /// Base tables of a database.
@@ -228,12 +234,6 @@ fn by_table(counts: &BTreeMap<String, u64>, db: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// A closed TCP port on loopback: bound, then released.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
 /// A long row for the sample: 6 MiB of text ending in a 4-byte character.
 const LONG_TEXT_BYTES: usize = 6 * 1024 * 1024;
 
@@ -324,11 +324,8 @@ fn routines_work(env: &Env, db: &str) {
 
 #[test]
 fn round_trip_into_another_database_is_exact() {
-    let Some(env) = Env::new("round_trip_into_another_database_is_exact") else {
-        return;
-    };
-    let db = mysql_unique_name("bk test-db ");
-    let _source = env.create_db(&db);
+    let Some(env) = Env::new() else { return };
+    let (db, _source) = env.new_db("bk test-db ");
     let rows = create_sample(&env, &db);
 
     let artifact = env
@@ -377,11 +374,8 @@ fn round_trip_into_another_database_is_exact() {
 
 #[test]
 fn standard_tools_alone_restore_the_artifact() {
-    let Some(env) = Env::new("standard_tools_alone_restore_the_artifact") else {
-        return;
-    };
-    let db = mysql_unique_name("bk_std ");
-    let _source = env.create_db(&db);
+    let Some(env) = Env::new() else { return };
+    let (db, _source) = env.new_db("bk_std ");
     create_sample(&env, &db);
     let artifact = env.dump(&["--database", &db]).ok().artifact();
 
@@ -406,11 +400,8 @@ fn standard_tools_alone_restore_the_artifact() {
 
 #[test]
 fn a_dump_during_writes_is_one_snapshot() {
-    let Some(env) = Env::new("a_dump_during_writes_is_one_snapshot") else {
-        return;
-    };
-    let db = mysql_unique_name("bk_busy_");
-    let _source = env.create_db(&db);
+    let Some(env) = Env::new() else { return };
+    let (db, _source) = env.new_db("bk_busy_");
     // Every transaction adds two rows to a and one to b: in any consistent snapshot,
     // count(a) == 2 * count(b).
     env.sql(&format!(
@@ -523,11 +514,8 @@ fn scan_processes(secret: &[u8], marker: &str) -> (Vec<String>, bool) {
 
 #[test]
 fn no_password_on_any_command_line_while_dumping() {
-    let Some(env) = Env::new("no_password_on_any_command_line_while_dumping") else {
-        return;
-    };
-    let db = mysql_unique_name("bk_secret_");
-    let _source = env.create_db(&db);
+    let Some(env) = Env::new() else { return };
+    let (db, _source) = env.new_db("bk_secret_");
     env.sql(&format!(
         "USE {};
          CREATE TABLE t (id INT PRIMARY KEY, pad VARCHAR(200)) ENGINE=InnoDB;
@@ -542,25 +530,18 @@ fn no_password_on_any_command_line_while_dumping() {
     ));
     let option_file = env.server.option_file_for(&env.sb, "secret.cnf", &user, &password, "");
     let store = env.sb.store();
-    let mut child = env
-        .sb
-        .cmd(
-            "bk-dump",
-            &[
-                "mysql",
-                "--defaults-file",
-                option_file.to_str().unwrap(),
-                "--database",
-                &db,
-                "--to",
-                &store,
-            ],
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = env.sb.spawn(
+        "bk-dump",
+        &[
+            "mysql",
+            "--defaults-file",
+            option_file.to_str().unwrap(),
+            "--database",
+            &db,
+            "--to",
+            &store,
+        ],
+    );
     let (mut scans, mut saw_dump, mut offenders) = (0, false, Vec::new());
     while child.try_wait().unwrap().is_none() {
         let (found, saw) = scan_processes(password.as_bytes(), &db);
@@ -582,11 +563,8 @@ fn no_password_on_any_command_line_while_dumping() {
 
 #[test]
 fn a_backup_user_with_minimal_privileges_suffices() {
-    let Some(env) = Env::new("a_backup_user_with_minimal_privileges_suffices") else {
-        return;
-    };
-    let db = mysql_unique_name("bk_lab_");
-    let _source = env.create_db(&db);
+    let Some(env) = Env::new() else { return };
+    let (db, _source) = env.new_db("bk_lab_");
     create_sample(&env, &db);
     let (user, password, _account) = env.create_user("bk_backup_");
     // What a backup user needs. SELECT on mysql.proc: without it MariaDB 10.11's
@@ -616,98 +594,90 @@ fn a_backup_user_with_minimal_privileges_suffices() {
     routines_work(&env, &new);
 }
 
-/// A failed run: its error record and exit code, and nothing at all in the store.
-fn assert_failed_cleanly(env: &Env, run: &Run, code: i32) -> String {
-    assert_eq!(run.code, code, "stdout: {}\nstderr: {}", run.stdout, run.stderr);
-    let e = run.error();
-    assert!(run.artifacts().is_empty(), "{}", run.stdout);
-    assert_eq!(files_below(&env.sb.path("store")), Vec::<PathBuf>::new());
-    assert!(!run.stdout.contains(&env.server.password) && !run.stderr.contains(&env.server.password));
-    e.message
+/// The password of the option file a failing dump is given in the wrong-password case.
+const WRONG_PASSWORD: &str = "not-the-password";
+
+/// A dump that must fail: how the case makes it fail (the run, and what its message must
+/// name), and the exit code it must fail with.
+struct DumpFailure {
+    case: &'static str,
+    code: i32,
+    fail: fn(&Env) -> (Run, Vec<String>),
 }
 
+/// Each case in a new sandbox: the error record and exit code, the message naming the cause,
+/// nothing at all in the store, and no password (right or wrong) in the output.
 #[test]
-fn a_wrong_password_is_a_configuration_error() {
-    let Some(env) = Env::new("a_wrong_password_is_a_configuration_error") else {
-        return;
-    };
-    let wrong = env
-        .server
-        .option_file_for(&env.sb, "wrong.cnf", &env.server.user, "not-the-password", "");
-    let run = env.dump_to(&wrong, &env.sb.store(), &["--database", "mysql"]);
-    let message = assert_failed_cleanly(&env, &run, 78);
-    assert!(message.contains("Access denied"), "{message}");
-    assert!(!message.contains("not-the-password"));
-}
-
-#[test]
-fn an_unknown_database_is_no_input() {
-    let Some(env) = Env::new("an_unknown_database_is_no_input") else {
-        return;
-    };
-    let nope = mysql_unique_name("bk_nope_");
-    let run = env.dump(&["--database", &nope]);
-    let message = assert_failed_cleanly(&env, &run, 66);
-    assert!(message.contains(&nope), "{message}");
-}
-
-#[test]
-fn an_option_file_readable_by_others_is_refused() {
-    let Some(env) = Env::new("an_option_file_readable_by_others_is_refused") else {
-        return;
-    };
-    std::fs::set_permissions(&env.admin, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let run = env.dump(&["--database", "mysql"]);
-    let message = assert_failed_cleanly(&env, &run, 78);
-    assert!(
-        message.contains("admin.cnf") && message.contains("chmod 600"),
-        "{message}"
-    );
-}
-
-#[test]
-fn a_missing_dump_program_is_unavailable() {
-    let Some(env) = Env::new("a_missing_dump_program_is_unavailable") else {
-        return;
-    };
-    let db = mysql_unique_name("bk_nodump_");
-    let _source = env.create_db(&db);
-    let bin = env.sb.path("bin");
-    std::fs::create_dir(&bin).unwrap();
-    let client = ["/usr/bin/mariadb", "/usr/local/bin/mariadb", "/usr/bin/mysql"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("the mariadb client");
-    std::os::unix::fs::symlink(client, bin.join("mariadb")).unwrap();
-    let mut cmd = env.sb.cmd(
-        "bk-dump",
-        &[
-            "mysql",
-            "--defaults-file",
-            env.admin.to_str().unwrap(),
-            "--database",
-            &db,
-            "--to",
-            &env.sb.store(),
-        ],
-    );
-    cmd.env("PATH", &bin);
-    let run = run_cmd(cmd, "");
-    let message = assert_failed_cleanly(&env, &run, 69);
-    assert!(
-        message.contains("mariadb-dump") && message.contains("PATH"),
-        "{message}"
-    );
-}
-
-#[test]
-fn an_unreachable_server_is_unavailable() {
-    let Some(env) = Env::new("an_unreachable_server_is_unavailable") else {
-        return;
-    };
-    let port = closed_port().to_string();
-    let run = env.dump(&["--host", "127.0.0.1", "--port", &port, "--database", "mysql"]);
-    assert_failed_cleanly(&env, &run, 69);
+fn a_failed_dump_says_why_with_its_exit_code_and_leaves_nothing() {
+    let cases = [
+        DumpFailure {
+            case: "a wrong password is a configuration error",
+            code: 78,
+            fail: |env| {
+                let wrong = env
+                    .server
+                    .option_file_for(&env.sb, "wrong.cnf", &env.server.user, WRONG_PASSWORD, "");
+                let run = env.dump_to(&wrong, &env.sb.store(), &["--database", "mysql"]);
+                (run, vec!["Access denied".into()])
+            },
+        },
+        DumpFailure {
+            case: "an unknown database is no input",
+            code: 66,
+            fail: |env| {
+                let nope = mysql_unique_name("bk_nope_");
+                (env.dump(&["--database", &nope]), vec![nope])
+            },
+        },
+        DumpFailure {
+            case: "an option file readable by others is refused",
+            code: 78,
+            fail: |env| {
+                std::fs::set_permissions(&env.admin, std::fs::Permissions::from_mode(0o644)).unwrap();
+                let run = env.dump(&["--database", "mysql"]);
+                (run, vec!["admin.cnf".into(), "chmod 600".into()])
+            },
+        },
+        DumpFailure {
+            case: "a missing dump program is unavailable",
+            code: 69,
+            fail: |env| {
+                let (db, _source) = env.new_db("bk_nodump_");
+                let bin = env.sb.path("bin");
+                std::fs::create_dir(&bin).unwrap();
+                let client = ["/usr/bin/mariadb", "/usr/local/bin/mariadb", "/usr/bin/mysql"]
+                    .into_iter()
+                    .find(|p| Path::new(p).exists())
+                    .expect("the mariadb client");
+                std::os::unix::fs::symlink(client, bin.join("mariadb")).unwrap();
+                let store = env.sb.store();
+                let admin = env.admin.to_str().unwrap();
+                let mut cmd = env.sb.cmd(
+                    "bk-dump",
+                    &["mysql", "--defaults-file", admin, "--database", &db, "--to", &store],
+                );
+                cmd.env("PATH", &bin);
+                (run_cmd(cmd, ""), vec!["mariadb-dump".into(), "PATH".into()])
+            },
+        },
+        DumpFailure {
+            case: "an unreachable server is unavailable",
+            code: 69,
+            fail: |env| {
+                let port = free_port().to_string();
+                let run = env.dump(&["--host", "127.0.0.1", "--port", &port, "--database", "mysql"]);
+                (run, vec![])
+            },
+        },
+    ];
+    for DumpFailure { case, code, fail } in cases {
+        let Some(env) = Env::new() else { return };
+        let (run, says) = fail(&env);
+        let says: Vec<&str> = says.iter().map(String::as_str).collect();
+        run.failed(case, code, &says);
+        assert_eq!(files_below(&env.sb.path("store")), Vec::<PathBuf>::new(), "{case}");
+        run.assert_hides(case, &[&env.server.password, WRONG_PASSWORD]);
+    }
 }
 
 /// A throwaway MariaDB server of one test: its own data directory, on a Unix socket only,
@@ -803,7 +773,7 @@ impl Drop for PrivateServer {
 
 #[test]
 fn the_server_dying_mid_dump_leaves_nothing() {
-    if !have_root("the_server_dying_mid_dump_leaves_nothing") {
+    if !have_root() {
         return;
     }
     let sb = Sandbox::new();
@@ -824,26 +794,20 @@ fn the_server_dying_mid_dump_leaves_nothing() {
     // zstd at level 19 is slow enough that the dump is still reading rows when the
     // server goes, however fast the machine.
     let store = sb.store();
-    let child = sb
-        .cmd(
-            "bk-dump",
-            &[
-                "mysql",
-                "--defaults-file",
-                option_file.to_str().unwrap(),
-                "--database",
-                "big",
-                "--level",
-                "19",
-                "--to",
-                &store,
-            ],
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = sb.spawn(
+        "bk-dump",
+        &[
+            "mysql",
+            "--defaults-file",
+            option_file.to_str().unwrap(),
+            "--database",
+            "big",
+            "--level",
+            "19",
+            "--to",
+            &store,
+        ],
+    );
     // Wait until mariadb-dump is reading the table's rows.
     let deadline = Instant::now() + Duration::from_secs(60);
     while server
@@ -868,11 +832,8 @@ fn the_server_dying_mid_dump_leaves_nothing() {
 
 #[test]
 fn restore_refuses_replaces_filters_and_checks_counts() {
-    let Some(env) = Env::new("restore_refuses_replaces_filters_and_checks_counts") else {
-        return;
-    };
-    let db = mysql_unique_name("bk_rs_");
-    let _source = env.create_db(&db);
+    let Some(env) = Env::new() else { return };
+    let (db, _source) = env.new_db("bk_rs_");
     env.sql(&format!(
         "USE {};
          CREATE TABLE t1 (id INT PRIMARY KEY, v VARCHAR(20));
@@ -896,8 +857,7 @@ fn restore_refuses_replaces_filters_and_checks_counts() {
     );
 
     // A target holding a table: refused, and left as it was.
-    let target = mysql_unique_name("bk_rs_live_");
-    let _target = env.create_db(&target);
+    let (target, _target) = env.new_db("bk_rs_live_");
     env.sql(&format!(
         "CREATE TABLE {}.keep (x INT); INSERT INTO {}.keep VALUES (42);",
         mysql_ident(&target),
@@ -909,8 +869,7 @@ fn restore_refuses_replaces_filters_and_checks_counts() {
     assert_eq!(env.count(&target, "keep"), 1);
 
     // A target holding only a routine is not empty either.
-    let routine_only = mysql_unique_name("bk_rs_proc_");
-    let _routine_only = env.create_db(&routine_only);
+    let (routine_only, _routine_only) = env.new_db("bk_rs_proc_");
     env.sql(&format!(
         "CREATE FUNCTION {}.precious() RETURNS INT DETERMINISTIC RETURN 7",
         mysql_ident(&routine_only)
@@ -976,9 +935,7 @@ fn restore_refuses_replaces_filters_and_checks_counts() {
 
 #[test]
 fn several_databases_make_one_artifact_each() {
-    let Some(env) = Env::new("several_databases_make_one_artifact_each") else {
-        return;
-    };
+    let Some(env) = Env::new() else { return };
     let dbs = [
         mysql_unique_name("bk_multi_a_"),
         mysql_unique_name("bk Multi-B "),
@@ -1129,15 +1086,11 @@ fn create_live(env: &Env, db: &str) {
 
 #[test]
 fn replace_swaps_in_exactly_the_backup() {
-    let Some(env) = Env::new("replace_swaps_in_exactly_the_backup") else {
-        return;
-    };
-    let db = mysql_unique_name("bk_swap_src_");
-    let _source = env.create_db(&db);
+    let Some(env) = Env::new() else { return };
+    let (db, _source) = env.new_db("bk_swap_src_");
     let rows = create_sample(&env, &db);
     let artifact = env.dump(&["--database", &db]).ok().artifact();
-    let live = mysql_unique_name("bk_swap_live_");
-    let _live = env.create_db(&live);
+    let (live, _live) = env.new_db("bk_swap_live_");
     create_live(&env, &live);
     let before = restore_work_databases(&env);
 
@@ -1150,8 +1103,7 @@ fn replace_swaps_in_exactly_the_backup() {
     assert_no_work_database_left(&env, &before);
 
     // --table with --replace: only that table (and its triggers) is replaced.
-    let partial = mysql_unique_name("bk_swap_part_");
-    let _partial = env.create_db(&partial);
+    let (partial, _partial) = env.new_db("bk_swap_part_");
     create_live(&env, &partial);
     let run = env
         .restore(&artifact, &["--database", &partial, "--replace", "--table", "people"])
@@ -1197,15 +1149,11 @@ fn altered(env: &Env, artifact: &Artifact, tag: &str, change: impl Fn(&str) -> S
 
 #[test]
 fn a_failed_replace_leaves_the_live_database_as_it_was() {
-    let Some(env) = Env::new("a_failed_replace_leaves_the_live_database_as_it_was") else {
-        return;
-    };
-    let db = mysql_unique_name("bk_fail_src_");
-    let _source = env.create_db(&db);
+    let Some(env) = Env::new() else { return };
+    let (db, _source) = env.new_db("bk_fail_src_");
     create_sample(&env, &db);
     let artifact = env.dump(&["--database", &db, "--compress", "none"]).ok().artifact();
-    let live = mysql_unique_name("bk_fail_live_");
-    let _live = env.create_db(&live);
+    let (live, _live) = env.new_db("bk_fail_live_");
     create_live(&env, &live);
     let live_before = snapshot(&env, &live);
     let before = restore_work_databases(&env);
@@ -1264,28 +1212,17 @@ fn a_failed_replace_leaves_the_live_database_as_it_was() {
 /// Starts bk-restore --replace of `artifact` into `live` and returns it once it is loading
 /// rows of `table` into its scratch database, with that database's name.
 fn restore_until_loading(env: &Env, artifact: &Artifact, live: &str, table: &str) -> (Child, String) {
-    let mut child = env
-        .sb
-        .cmd(
-            "bk-restore",
-            &[
-                "--defaults-file",
-                env.admin.to_str().unwrap(),
-                "--database",
-                live,
-                "--replace",
-            ],
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin
-        .write_all(Record::Artifact(artifact.clone()).to_line().as_bytes())
-        .unwrap();
-    drop(stdin);
+    let restore = env.sb.cmd(
+        "bk-restore",
+        &[
+            "--defaults-file",
+            env.admin.to_str().unwrap(),
+            "--database",
+            live,
+            "--replace",
+        ],
+    );
+    let mut child = spawn_with_stdin(restore, &artifact_line(artifact));
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let scratch = env.sql(&format!(
@@ -1315,11 +1252,8 @@ fn restore_until_loading(env: &Env, artifact: &Artifact, live: &str, table: &str
 
 #[test]
 fn a_killed_replace_leaves_the_live_database_as_it_was() {
-    let Some(env) = Env::new("a_killed_replace_leaves_the_live_database_as_it_was") else {
-        return;
-    };
-    let db = mysql_unique_name("bk_kill_src_");
-    let _source = env.create_db(&db);
+    let Some(env) = Env::new() else { return };
+    let (db, _source) = env.new_db("bk_kill_src_");
     // A table of its own name, so that this test finds its restore's scratch database.
     let big = mysql_unique_name("big_");
     env.sql(&format!(
@@ -1330,8 +1264,7 @@ fn a_killed_replace_leaves_the_live_database_as_it_was() {
         big = mysql_ident(&big)
     ));
     let artifact = env.dump(&["--database", &db]).ok().artifact();
-    let live = mysql_unique_name("bk_kill_live_");
-    let _live = env.create_db(&live);
+    let (live, _live) = env.new_db("bk_kill_live_");
     create_live(&env, &live);
     let live_before = snapshot(&env, &live);
     let before = restore_work_databases(&env);

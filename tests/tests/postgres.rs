@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use bk_core::name::sanitize;
 use bk_core::record::{Artifact, Record};
 use bk_tests::{
-    files_below, pg_ident, pg_server, pg_unique_name, run_cmd, services_required, PgDatabase, PgServer, Run, Sandbox,
+    artifact_line, files_below, free_port, needs, output_of, pg_ident, pg_server, pg_unique_name, run_cmd,
+    spawn_with_stdin, unzstd, PgDatabase, PgServer, Run, Sandbox,
 };
 
 /// A test's server, sandbox and password file.
@@ -27,8 +28,8 @@ struct Pg {
     pgpass: PathBuf,
 }
 
-fn setup(test: &str) -> Option<Pg> {
-    let pg = pg_server(test)?;
+fn setup() -> Option<Pg> {
+    let pg = pg_server()?;
     let sb = Sandbox::new();
     let pgpass = pg.write_pgpass(&sb, "pgpass");
     Some(Pg { pg, sb, pgpass })
@@ -56,16 +57,32 @@ impl Pg {
 
     /// bk-restore with the artifact record on stdin.
     fn restore(&self, artifact: &Artifact, args: &[&str]) -> Run {
-        run_cmd(self.pg.cmd(&self.sb, &self.pgpass, "bk-restore", args), &line(artifact))
+        run_cmd(
+            self.pg.cmd(&self.sb, &self.pgpass, "bk-restore", args),
+            &artifact_line(artifact),
+        )
+    }
+
+    /// A failed restore created nothing: no database of that name.
+    fn assert_no_database(&self, name: &str) {
+        let sql = format!("SELECT count(*) FROM pg_database WHERE datname = '{name}'");
+        assert_eq!(self.pg.strings("postgres", &sql), ["0"], "nothing was created");
+    }
+
+    /// The sample in a new database with an awkward name, and its backup (`dump_args` added):
+    /// the name, the database's guard and the artifact.
+    fn dumped_sample(&self, dump_args: &[&str]) -> (String, PgDatabase, Artifact) {
+        let name = odd_name();
+        let source = create_sample(&self.pg, &name);
+        let mut args = vec!["--dbname", &name];
+        args.extend(dump_args);
+        let artifact = self.dump(&args).ok().artifact();
+        (name, source, artifact)
     }
 
     fn store_files(&self) -> Vec<PathBuf> {
         files_below(&self.sb.path("store"))
     }
-}
-
-fn line(artifact: &Artifact) -> String {
-    Record::Artifact(artifact.clone()).to_line()
 }
 
 /// A database name with spaces, upper case and a dash: it needs quoting everywhere.
@@ -302,12 +319,8 @@ fn check_restored_objects_work(pg: &PgServer, db: &str) {
 
 #[test]
 fn custom_format_round_trip_is_exact() {
-    let Some(t) = setup("custom_format_round_trip_is_exact") else {
-        return;
-    };
-    let name = odd_name();
-    let _source = create_sample(&t.pg, &name);
-    let artifact = t.dump(&["--dbname", &name]).ok().artifact();
+    let Some(t) = setup() else { return };
+    let (name, _source, artifact) = t.dumped_sample(&[]);
     check_artifact(&artifact, &t.pg, &name, "pgdump");
     let stored = std::fs::read(&artifact.location).unwrap();
     assert_eq!(stored.len() as u64, artifact.bytes);
@@ -327,33 +340,16 @@ fn custom_format_round_trip_is_exact() {
 
 #[test]
 fn plain_format_round_trip_is_exact() {
-    let Some(t) = setup("plain_format_round_trip_is_exact") else {
-        return;
-    };
-    let name = odd_name();
-    let _source = create_sample(&t.pg, &name);
-    let artifact = t.dump(&["--dbname", &name, "--format", "plain"]).ok().artifact();
+    let Some(t) = setup() else { return };
+    let (name, _source, artifact) = t.dumped_sample(&["--format", "plain"]);
     check_artifact(&artifact, &t.pg, &name, "pgsql");
     let restored = restore_and_compare(&t, &artifact, &name, &[]);
     check_restored_objects_work(&t.pg, &restored.name);
 }
 
-/// Decompresses an artifact with the system's zstd.
-fn zstd_dc(path: &str) -> Vec<u8> {
-    let out = Command::new("zstd").args(["-dc", path]).output().expect("zstd");
-    assert!(
-        out.status.success(),
-        "zstd -dc {path}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
 #[test]
 fn globals_hold_roles_without_passwords() {
-    let Some(t) = setup("globals_hold_roles_without_passwords") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     let role = pg_unique_name("bk_role_");
     t.pg.execute(
         "postgres",
@@ -382,7 +378,7 @@ fn globals_hold_roles_without_passwords() {
     assert!(globals.counts.is_empty());
     assert!(artifacts.iter().any(|a| a.name == format!("postgres-{name}")));
 
-    let content = String::from_utf8(zstd_dc(&globals.location)).unwrap();
+    let content = String::from_utf8(unzstd(&globals.location)).unwrap();
     assert!(content.contains(&format!("CREATE ROLE {role};")), "{content}");
     assert!(content.contains("CONNECTION LIMIT 3"), "the role's attributes are kept");
     assert!(!content.contains("SCRAM-SHA-256$"), "no password hash: {content}");
@@ -393,12 +389,8 @@ fn globals_hold_roles_without_passwords() {
 
 #[test]
 fn standard_tools_alone_restore_the_custom_format() {
-    let Some(t) = setup("standard_tools_alone_restore_the_custom_format") else {
-        return;
-    };
-    let name = odd_name();
-    let _source = create_sample(&t.pg, &name);
-    let artifact = t.dump(&["--dbname", &name]).ok().artifact();
+    let Some(t) = setup() else { return };
+    let (name, _source, artifact) = t.dumped_sample(&[]);
     let target = t.pg.create_database(&odd_name());
     let file = t.sb.path("f.pgdump");
     let mut cmd = Command::new("sh");
@@ -421,9 +413,7 @@ fn standard_tools_alone_restore_the_custom_format() {
 
 #[test]
 fn counts_are_the_dumps_own_snapshot_while_another_connection_writes() {
-    let Some(t) = setup("counts_are_the_dumps_own_snapshot_while_another_connection_writes") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     let name = pg_unique_name("bk_busy_");
     let _db = t.pg.create_database(&name);
     t.pg.execute(
@@ -496,9 +486,7 @@ fn all_cmdlines() -> Vec<String> {
 
 #[test]
 fn no_password_on_any_command_line_while_a_dump_runs() {
-    let Some(admin) = setup("no_password_on_any_command_line_while_a_dump_runs") else {
-        return;
-    };
+    let Some(admin) = setup() else { return };
     // A backup user of its own, with a password nothing else uses, and only read rights.
     let user = pg_unique_name("bk_backup_");
     let password = format!("Secret-{}-pw", pg_unique_name(""));
@@ -561,120 +549,154 @@ fn no_password_on_any_command_line_while_a_dump_runs() {
     drop(db);
 }
 
-/// Runs a dump that must fail: its error record, its exit code, nothing in the store, no
-/// password in the output.
-fn assert_dump_fails(t: &Pg, cmd: Command, code: i32, says: &str) -> Run {
-    let run = run_cmd(cmd, "").code(code);
-    let e = run.error();
-    assert_eq!(e.tool, "bk-dump");
-    assert!(
-        e.message.contains(says),
-        "the message should say {says:?}: {}",
-        e.message
+/// The password a failing dump or restore is given in the wrong-password cases.
+const WRONG_PASSWORD: &str = "not-the-password";
+
+/// How a case makes a dump fail: the dump, what its message must say, the backup name its
+/// error record must carry (where the case checks it), and the database it made for it.
+struct Failing {
+    cmd: Command,
+    says: Vec<String>,
+    name: Option<String>,
+    db: Option<PgDatabase>,
+}
+
+/// A dump that must fail, with its exit code.
+struct DumpFailure {
+    case: &'static str,
+    code: i32,
+    fail: fn(&mut Pg) -> Failing,
+}
+
+/// Runs a dump that must fail: its error record (bk-dump's, saying all of `says`), its exit
+/// code, nothing in the store, no password (right or wrong) in the output. `case` names it.
+fn assert_dump_fails(case: &str, t: &Pg, cmd: Command, code: i32, says: &[&str]) -> Run {
+    let run = run_cmd(cmd, "");
+    assert_eq!(run.failed(case, code, says).tool, "bk-dump", "{case}");
+    run.assert_hides(case, &[&t.pg.password, WRONG_PASSWORD]);
+    assert_eq!(
+        t.store_files(),
+        Vec::<PathBuf>::new(),
+        "{case}: nothing is left in the store"
     );
-    assert!(!run.stdout.contains(&t.pg.password) && !run.stderr.contains(&t.pg.password));
-    assert_eq!(t.store_files(), Vec::<PathBuf>::new(), "nothing is left in the store");
-    assert!(run.artifacts().is_empty());
     run
 }
 
+/// A new database of the case (`<prefix><unique>`), and a dump of it that must fail.
+fn failing_dump_of_new_database(t: &Pg, prefix: &str, says: &str) -> Failing {
+    let name = pg_unique_name(prefix);
+    Failing {
+        db: Some(t.pg.create_database(&name)),
+        cmd: t.dump_cmd(&["--dbname", &name]),
+        says: vec![says.into()],
+        name: None,
+    }
+}
+
+/// Each case in a new sandbox: the error record and exit code, the message naming the cause,
+/// nothing in the store, and no password (right or wrong) in the output.
 #[test]
-fn a_wrong_password_is_a_configuration_error() {
-    let Some(t) = setup("a_wrong_password_is_a_configuration_error") else {
-        return;
-    };
+fn a_failed_dump_says_why_with_its_exit_code_and_leaves_nothing() {
+    let cases = [
+        DumpFailure {
+            case: "a wrong password is a configuration error",
+            code: 78,
+            fail: |t| {
+                let mut failing = failing_dump_of_new_database(t, "bk_pw_", "password authentication failed");
+                failing.name = failing.db.as_ref().map(|db| format!("postgres-{}", db.name));
+                let wrong = PgServer {
+                    password: WRONG_PASSWORD.into(),
+                    ..t.pg.clone()
+                };
+                wrong.write_pgpass(&t.sb, "pgpass");
+                failing
+            },
+        },
+        DumpFailure {
+            case: "an unknown database is no input",
+            code: 66,
+            fail: |t| {
+                let nope = pg_unique_name("nope_");
+                Failing {
+                    cmd: t.dump_cmd(&["--dbname", &nope]),
+                    says: vec![nope, "does not exist".into()],
+                    name: None,
+                    db: None,
+                }
+            },
+        },
+        DumpFailure {
+            case: "a password file readable by others is refused",
+            code: 78,
+            fail: |t| {
+                std::fs::set_permissions(&t.pgpass, std::fs::Permissions::from_mode(0o644)).unwrap();
+                failing_dump_of_new_database(t, "bk_loose_", "chmod 600")
+            },
+        },
+        DumpFailure {
+            case: "pg_dump missing from PATH is unavailable",
+            code: 69,
+            fail: |t| {
+                let mut failing = failing_dump_of_new_database(t, "bk_nopath_", "pg_dump");
+                let empty = t.sb.path("empty-bin");
+                std::fs::create_dir(&empty).unwrap();
+                failing.cmd.env("PATH", &empty);
+                failing
+            },
+        },
+        DumpFailure {
+            case: "an unreachable server is unavailable",
+            code: 69,
+            fail: |t| {
+                t.pg.port = free_port();
+                Failing {
+                    cmd: t.dump_cmd(&["--dbname", "postgres"]),
+                    says: vec!["connecting to postgres".into()],
+                    name: Some("postgres-postgres".into()),
+                    db: None,
+                }
+            },
+        },
+        DumpFailure {
+            case: "listing the databases of an unreachable server is unavailable",
+            code: 69,
+            fail: |t| {
+                t.pg.port = free_port();
+                Failing {
+                    cmd: t.dump_cmd(&[]),
+                    says: vec!["connecting".into()],
+                    name: None,
+                    db: None,
+                }
+            },
+        },
+    ];
+    for DumpFailure { case, code, fail } in cases {
+        let Some(mut t) = setup() else { return };
+        let failing = fail(&mut t);
+        let says: Vec<&str> = failing.says.iter().map(String::as_str).collect();
+        let run = assert_dump_fails(case, &t, failing.cmd, code, &says);
+        if let Some(name) = failing.name {
+            assert_eq!(run.error().name, Some(name), "{case}");
+        }
+    }
+}
+
+#[test]
+fn a_wrong_password_stops_a_restore_before_it_creates_anything() {
+    let Some(t) = setup() else { return };
     let name = pg_unique_name("bk_pw_");
     let _db = t.pg.create_database(&name);
+    let artifact = t.dump(&["--dbname", &name]).ok().artifact();
     let wrong = PgServer {
-        password: "not-the-password".into(),
+        password: WRONG_PASSWORD.into(),
         ..t.pg.clone()
     };
-    wrong.write_pgpass(&t.sb, "pgpass");
-    let run = assert_dump_fails(
-        &t,
-        t.dump_cmd(&["--dbname", &name]),
-        78,
-        "password authentication failed",
-    );
-    assert_eq!(run.error().name, Some(format!("postgres-{name}")));
-    assert!(!run.stderr.contains("not-the-password"));
-    // The same for bk-restore, before it touches anything.
-    t.pg.write_pgpass(&t.sb, "pgpass");
-    let artifact = t.dump(&["--dbname", &name]).ok().artifact();
     wrong.write_pgpass(&t.sb, "pgpass");
     let target = t.pg.database(&pg_unique_name("bk_pw_r_"));
     let run = t.restore(&artifact, &["--database", &target.name]).code(78);
     run.error();
-    assert_eq!(
-        t.pg.strings(
-            "postgres",
-            &format!("SELECT count(*) FROM pg_database WHERE datname = '{}'", target.name)
-        ),
-        ["0"],
-        "nothing was created"
-    );
-}
-
-#[test]
-fn an_unknown_database_is_no_input() {
-    let Some(t) = setup("an_unknown_database_is_no_input") else {
-        return;
-    };
-    let nope = pg_unique_name("nope_");
-    let run = assert_dump_fails(&t, t.dump_cmd(&["--dbname", &nope]), 66, &nope);
-    assert!(run.error().message.contains("does not exist"), "{}", run.stderr);
-}
-
-#[test]
-fn a_password_file_readable_by_others_is_refused() {
-    let Some(t) = setup("a_password_file_readable_by_others_is_refused") else {
-        return;
-    };
-    let name = pg_unique_name("bk_loose_");
-    let _db = t.pg.create_database(&name);
-    std::fs::set_permissions(&t.pgpass, std::fs::Permissions::from_mode(0o644)).unwrap();
-    assert_dump_fails(&t, t.dump_cmd(&["--dbname", &name]), 78, "chmod 600");
-}
-
-#[test]
-fn pg_dump_missing_from_path_is_unavailable() {
-    let Some(t) = setup("pg_dump_missing_from_path_is_unavailable") else {
-        return;
-    };
-    let name = pg_unique_name("bk_nopath_");
-    let _db = t.pg.create_database(&name);
-    let empty = t.sb.path("empty-bin");
-    std::fs::create_dir(&empty).unwrap();
-    let mut cmd = t.dump_cmd(&["--dbname", &name]);
-    cmd.env("PATH", &empty);
-    assert_dump_fails(&t, cmd, 69, "pg_dump");
-}
-
-/// A port on loopback nothing listens on.
-fn closed_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-#[test]
-fn an_unreachable_server_is_unavailable() {
-    let Some(t) = setup("an_unreachable_server_is_unavailable") else {
-        return;
-    };
-    let t = Pg {
-        pg: PgServer {
-            port: closed_port(),
-            ..t.pg.clone()
-        },
-        ..t
-    };
-    let run = assert_dump_fails(&t, t.dump_cmd(&["--dbname", "postgres"]), 69, "connecting to postgres");
-    assert_eq!(run.error().name.as_deref(), Some("postgres-postgres"));
-    // Listing the databases fails the same way.
-    assert_dump_fails(&t, t.dump_cmd(&[]), 69, "connecting");
+    t.assert_no_database(&target.name);
 }
 
 /// A throwaway PostgreSQL cluster of one test's own, which it may stop at will.
@@ -687,13 +709,15 @@ struct Cluster {
 impl Cluster {
     /// initdb and start on a free port (as user postgres when we are root: initdb refuses
     /// root); None (skipped) when PostgreSQL is not installed and the full suite is not running.
-    fn start(test: &str) -> Option<Cluster> {
+    fn start() -> Option<Cluster> {
         let bin = PathBuf::from(std::env::var("PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()));
-        if !bin.join("initdb").exists() {
-            assert!(!services_required(), "{test}: no {}/initdb", bin.display());
-            eprintln!("SKIPPED {test}: no {}/initdb", bin.display());
-            return None;
-        }
+        let initdb = bin.join("initdb");
+        let why = || format!("no {}", initdb.display());
+        needs(
+            initdb.exists().then_some(()),
+            why,
+            "PG_BIN names the PostgreSQL bin directory",
+        )?;
         let dir = tempfile::Builder::new().prefix("bk-pg-cluster-").tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         let password = pg_unique_name("pw");
@@ -732,7 +756,7 @@ impl Cluster {
             "--no-sync",
         ]);
         for attempt in 0.. {
-            cluster.server.port = closed_port();
+            cluster.server.port = free_port();
             let options = format!(
                 "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
                 cluster.server.port,
@@ -755,7 +779,7 @@ impl Cluster {
             match started {
                 Ok(()) => break,
                 Err(e) if attempt >= 3 => panic!(
-                    "{test}: the private cluster did not start: {e}\n{}",
+                    "the private cluster did not start: {e}\n{}",
                     std::fs::read_to_string(&log).unwrap_or_default()
                 ),
                 Err(_) => continue,
@@ -810,9 +834,7 @@ impl Drop for Cluster {
 
 #[test]
 fn the_server_dying_mid_dump_leaves_nothing() {
-    let Some(cluster) = Cluster::start("the_server_dying_mid_dump_leaves_nothing") else {
-        return;
-    };
+    let Some(cluster) = Cluster::start() else { return };
     let t = Pg::with_server(cluster.server.clone());
     let name = "big one";
     t.pg.execute("postgres", &format!("CREATE DATABASE {}", pg_ident(name)));
@@ -856,12 +878,8 @@ fn the_server_dying_mid_dump_leaves_nothing() {
 
 #[test]
 fn restore_refuses_a_database_that_is_not_empty_unless_replace() {
-    let Some(t) = setup("restore_refuses_a_database_that_is_not_empty_unless_replace") else {
-        return;
-    };
-    let name = odd_name();
-    let _source = create_sample(&t.pg, &name);
-    let artifact = t.dump(&["--dbname", &name]).ok().artifact();
+    let Some(t) = setup() else { return };
+    let (name, _source, artifact) = t.dumped_sample(&[]);
     let target = t.pg.create_database(&odd_name());
     t.pg.execute(
         &target.name,
@@ -894,10 +912,8 @@ fn restore_refuses_a_database_that_is_not_empty_unless_replace() {
 
 #[test]
 fn restore_of_one_table() {
-    let Some(t) = setup("restore_of_one_table") else { return };
-    let name = odd_name();
-    let _source = create_sample(&t.pg, &name);
-    let artifact = t.dump(&["--dbname", &name]).ok().artifact();
+    let Some(t) = setup() else { return };
+    let (name, _source, artifact) = t.dumped_sample(&[]);
 
     let target = t.pg.database(&odd_name());
     let run = t
@@ -948,9 +964,7 @@ fn restore_of_one_table() {
 
 #[test]
 fn table_restore_of_a_plain_backup_is_a_usage_error() {
-    let Some(t) = setup("table_restore_of_a_plain_backup_is_a_usage_error") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     let name = pg_unique_name("bk_plain_");
     let _source = t.pg.create_database(&name);
     t.pg.execute(&name, "CREATE TABLE x(v int); INSERT INTO x VALUES (1);");
@@ -960,24 +974,13 @@ fn table_restore_of_a_plain_backup_is_a_usage_error() {
         .restore(&artifact, &["--database", &target.name, "--table", "x"])
         .code(64);
     assert!(run.error().message.contains("custom"), "{}", run.stderr);
-    assert_eq!(
-        t.pg.strings(
-            "postgres",
-            &format!("SELECT count(*) FROM pg_database WHERE datname = '{}'", target.name)
-        ),
-        ["0"],
-        "nothing was created"
-    );
+    t.assert_no_database(&target.name);
 }
 
 #[test]
 fn a_manifest_count_that_lies_is_reported_after_the_restore() {
-    let Some(t) = setup("a_manifest_count_that_lies_is_reported_after_the_restore") else {
-        return;
-    };
-    let name = odd_name();
-    let _source = create_sample(&t.pg, &name);
-    let mut artifact = t.dump(&["--dbname", &name]).ok().artifact();
+    let Some(t) = setup() else { return };
+    let (name, _source, mut artifact) = t.dumped_sample(&[]);
     let real = artifact.counts.clone();
     *artifact.counts.get_mut("app.people").unwrap() += 1;
     let target = t.pg.database(&odd_name());
@@ -999,9 +1002,7 @@ fn a_manifest_count_that_lies_is_reported_after_the_restore() {
 
 #[test]
 fn without_dbname_every_database_but_the_templates() {
-    let Some(cluster) = Cluster::start("without_dbname_every_database_but_the_templates") else {
-        return;
-    };
+    let Some(cluster) = Cluster::start() else { return };
     let t = Pg::with_server(cluster.server.clone());
     for db in ["bk Test-db", "Second_DB", "third"] {
         t.pg.execute("postgres", &format!("CREATE DATABASE {}", pg_ident(db)));
@@ -1110,9 +1111,7 @@ fn with_tls(mut cmd: Command, sslmode: Option<&str>, root_cert: Option<&Path>) -
 
 #[test]
 fn a_tls_only_role_dumps_and_restores_under_every_sslmode_that_allows_tls() {
-    let Some(admin) = pg_server("a_tls_only_role_dumps_and_restores_under_every_sslmode_that_allows_tls") else {
-        return;
-    };
+    let Some(admin) = pg_server() else { return };
     let ca = pg_ca();
     let role = TlsRole::create(&admin);
     let source = role.database();
@@ -1145,7 +1144,7 @@ fn a_tls_only_role_dumps_and_restores_under_every_sslmode_that_allows_tls() {
         );
         let target = admin.database(&pg_unique_name("bk_tls_r_"));
         let restore = t.pg.cmd(&t.sb, &t.pgpass, "bk-restore", &["--database", &target.name]);
-        let restored = run_cmd(with_tls(restore, sslmode, root_cert), &line(&artifact))
+        let restored = run_cmd(with_tls(restore, sslmode, root_cert), &artifact_line(&artifact))
             .ok()
             .restored();
         assert_eq!(restored.counts, expected, "sslmode {sslmode:?}");
@@ -1153,20 +1152,18 @@ fn a_tls_only_role_dumps_and_restores_under_every_sslmode_that_allows_tls() {
             admin.strings(&target.name, "SELECT string_agg(v, ',' ORDER BY v) FROM t"),
             ["a,b,c"]
         );
-        assert!(!run.stdout.contains(&t.pg.password) && !run.stderr.contains(&t.pg.password));
+        run.assert_hides(&format!("sslmode {sslmode:?}"), &[&t.pg.password]);
     }
 }
 
 #[test]
 fn a_tls_only_role_with_sslmode_disable_is_refused() {
-    let Some(admin) = pg_server("a_tls_only_role_with_sslmode_disable_is_refused") else {
-        return;
-    };
+    let Some(admin) = pg_server() else { return };
     let role = TlsRole::create(&admin);
     let source = role.database();
     let t = Pg::with_server(role.server.clone());
     let cmd = with_tls(t.dump_cmd(&["--dbname", &source.name]), Some("disable"), None);
-    let run = assert_dump_fails(&t, cmd, 78, "no encryption");
+    let run = assert_dump_fails("sslmode=disable", &t, cmd, 78, &["no encryption"]);
     assert!(
         run.error().message.contains("pg_hba.conf rejects connection"),
         "{}",
@@ -1177,35 +1174,28 @@ fn a_tls_only_role_with_sslmode_disable_is_refused() {
 /// A self-signed CA certificate that signed nothing the server holds.
 fn wrong_ca(sb: &Sandbox) -> PathBuf {
     let (key, cert) = (sb.path("wrong-ca.key"), sb.path("wrong-ca.crt"));
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ])
-        .args(["-subj", "/CN=not the server's CA", "-days", "2", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("running openssl");
-    assert!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
+    output_of(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+            ])
+            .args(["-subj", "/CN=not the server's CA", "-days", "2", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
     );
     cert
 }
 
 #[test]
 fn verification_against_a_wrong_or_missing_root_certificate_fails() {
-    let Some(t) = setup("verification_against_a_wrong_or_missing_root_certificate_fails") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     let wrong = wrong_ca(&t.sb);
     let missing = t.sb.path("no-such-root.crt");
     let missing_text = missing.display().to_string();
@@ -1226,7 +1216,7 @@ fn verification_against_a_wrong_or_missing_root_certificate_fails() {
             Some(sslmode),
             Some(root_cert.as_path()),
         );
-        let run = assert_dump_fails(&t, cmd, code, says);
+        let run = assert_dump_fails(sslmode, &t, cmd, code, &[says]);
         let message = run.error().message;
         assert!(
             message.contains("TLS") || message.contains("root certificate"),
@@ -1241,10 +1231,7 @@ fn verification_against_a_wrong_or_missing_root_certificate_fails() {
 
 #[test]
 fn prefer_falls_back_to_cleartext_on_a_server_without_tls_and_require_does_not() {
-    let Some(cluster) = Cluster::start("prefer_falls_back_to_cleartext_on_a_server_without_tls_and_require_does_not")
-    else {
-        return;
-    };
+    let Some(cluster) = Cluster::start() else { return };
     let t = Pg::with_server(cluster.server.clone());
     t.pg.execute("postgres", "CREATE TABLE t(v int); INSERT INTO t VALUES (1), (2);");
     for sslmode in [None, Some("prefer"), Some("allow"), Some("disable")] {
@@ -1258,15 +1245,13 @@ fn prefer_falls_back_to_cleartext_on_a_server_without_tls_and_require_does_not()
     std::fs::remove_dir_all(t.sb.path("store")).unwrap();
     for sslmode in ["require", "verify-full"] {
         let cmd = with_tls(t.dump_cmd(&["--dbname", "postgres"]), Some(sslmode), Some(&pg_ca()));
-        assert_dump_fails(&t, cmd, 69, "does not support TLS");
+        assert_dump_fails(sslmode, &t, cmd, 69, &["does not support TLS"]);
     }
 }
 
 #[test]
 fn a_service_file_selects_the_server_and_its_tls_settings() {
-    let Some(admin) = pg_server("a_service_file_selects_the_server_and_its_tls_settings") else {
-        return;
-    };
+    let Some(admin) = pg_server() else { return };
     let ca = pg_ca();
     let role = TlsRole::create(&admin);
     let source = role.database();
@@ -1292,7 +1277,7 @@ fn a_service_file_selects_the_server_and_its_tls_settings() {
         cmd.env("PGPASSFILE", &t.pgpass)
             .env("PGSERVICEFILE", &service_file)
             .env("PGSERVICE", service)
-            .env("PGPORT", closed_port().to_string())
+            .env("PGPORT", free_port().to_string())
             .env("PGSSLMODE", "disable")
             .env_remove("PGHOST")
             .env_remove("PGUSER")
@@ -1304,15 +1289,22 @@ fn a_service_file_selects_the_server_and_its_tls_settings() {
     assert_eq!(artifact.source.database.as_deref(), Some(source.name.as_str()));
     std::fs::remove_dir_all(t.sb.path("store")).unwrap();
     let run = assert_dump_fails(
+        "an unknown service",
         &t,
         service_cmd("nosuch"),
         78,
-        "definition of service \"nosuch\" not found",
+        &["definition of service \"nosuch\" not found"],
     );
     assert!(run.stderr.contains("PGSERVICE"), "{}", run.stderr);
     // libpq refuses a line that is not key=value: so does bk, before pg_dump would.
     std::fs::write(&service_file, "[bktest]\nport = 5432\n").unwrap();
-    assert_dump_fails(&t, service_cmd("bktest"), 78, "syntax error in service file");
+    assert_dump_fails(
+        "a service file with a syntax error",
+        &t,
+        service_cmd("bktest"),
+        78,
+        &["syntax error in service file"],
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1425,9 +1417,7 @@ fn database_settings(pg: &PgServer, name: &str) -> Vec<String> {
 
 #[test]
 fn replace_loads_exactly_the_backup_and_keeps_the_database_settings() {
-    let Some(t) = setup("replace_loads_exactly_the_backup_and_keeps_the_database_settings") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     let name = odd_name();
     let _source = create_sample(&t.pg, &name);
     for format in ["custom", "plain"] {
@@ -1461,7 +1451,7 @@ fn replace_loads_exactly_the_backup_and_keeps_the_database_settings() {
 fn edited(artifact: &Artifact, tag: &str, edit: impl Fn(&str) -> String) -> Artifact {
     use sha2::Digest;
     use std::io::Write;
-    let sql = String::from_utf8(zstd_dc(&artifact.location)).unwrap();
+    let sql = String::from_utf8(unzstd(&artifact.location)).unwrap();
     let mut zstd = Command::new("zstd")
         .args(["-q", "-c"])
         .stdin(Stdio::piped())
@@ -1483,9 +1473,7 @@ fn edited(artifact: &Artifact, tag: &str, edit: impl Fn(&str) -> String) -> Arti
 
 #[test]
 fn a_replace_that_fails_leaves_the_old_database_as_it_was() {
-    let Some(t) = setup("a_replace_that_fails_leaves_the_old_database_as_it_was") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     // A backup whose table belongs to a role that is gone by the time it is restored.
     let gone = PgRole::create(&t.pg, "bk_gone_");
     let source = t.pg.create_database(&odd_name());
@@ -1571,9 +1559,7 @@ fn a_replace_that_fails_leaves_the_old_database_as_it_was() {
 
 #[test]
 fn a_connected_session_makes_replace_fail_with_the_old_data_intact() {
-    let Some(t) = setup("a_connected_session_makes_replace_fail_with_the_old_data_intact") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     let source = t.pg.create_database(&odd_name());
     t.pg.execute(&source.name, "CREATE TABLE a(v int); INSERT INTO a VALUES (1), (2);");
     let artifact = t.dump(&["--dbname", &source.name]).ok().artifact();
@@ -1599,9 +1585,7 @@ fn a_connected_session_makes_replace_fail_with_the_old_data_intact() {
 
 #[test]
 fn sigterm_mid_replace_leaves_the_old_database_as_it_was() {
-    let Some(t) = setup("sigterm_mid_replace_leaves_the_old_database_as_it_was") else {
-        return;
-    };
+    let Some(t) = setup() else { return };
     let source = t.pg.create_database(&odd_name());
     t.pg.execute(
         &source.name,
@@ -1611,27 +1595,13 @@ fn sigterm_mid_replace_leaves_the_old_database_as_it_was() {
     let artifact = t.dump(&["--dbname", &source.name]).ok().artifact();
     let old = old_target(&t.pg);
     let data = fingerprint(&t.pg, &old.db.name);
-    let mut child =
-        t.pg.cmd(
-            &t.sb,
-            &t.pgpass,
-            "bk-restore",
-            &["--database", &old.db.name, "--replace"],
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(line(&artifact).as_bytes())
-            .unwrap();
-    }
+    let restore = t.pg.cmd(
+        &t.sb,
+        &t.pgpass,
+        "bk-restore",
+        &["--database", &old.db.name, "--replace"],
+    );
+    let mut child = spawn_with_stdin(restore, &artifact_line(&artifact));
     // Wait for pg_restore's COPY into the database being loaded (whatever its name).
     let loading = format!(
         "SELECT count(*) FROM pg_stat_activity a JOIN pg_database d ON d.datname = a.datname

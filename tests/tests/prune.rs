@@ -8,16 +8,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use bk_core::record::{Artifact, Kept, Pruned, Record};
+use bk_core::record::{Artifact, Record};
 use bk_core::retention::{decide, Zone};
 use bk_prune::Cli;
-use bk_tests::{files_below, have_root, run_cmd, services_required, write_backup, Run, Sandbox, AS_NOBODY};
+use bk_tests::{files_below, have_root, needs, run_cmd, s, write_backup, Run, Sandbox, AS_NOBODY};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeDelta, Utc};
 use clap::Parser;
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 test paths")
-}
 
 /// `n` nightly backups of `name` at 00:15 UTC, the last on `last` (YYYY-MM-DD), oldest first.
 fn nightly(store: &str, name: &str, last: &str, n: i64) -> Vec<Artifact> {
@@ -43,19 +39,6 @@ fn present(a: &Artifact) -> bool {
     m
 }
 
-/// bk-prune's decisions in a run's output, in order.
-fn decisions(r: &Run) -> (Vec<Kept>, Vec<Pruned>) {
-    let (mut kept, mut pruned) = (Vec::new(), Vec::new());
-    for record in r.records() {
-        match record {
-            Record::Kept(k) => kept.push(k),
-            Record::Pruned(p) => pruned.push(p),
-            _ => {}
-        }
-    }
-    (kept, pruned)
-}
-
 fn ids<'a>(items: impl IntoIterator<Item = &'a String>) -> Vec<&'a str> {
     items.into_iter().map(String::as_str).collect()
 }
@@ -75,7 +58,7 @@ fn a_dry_run_prints_the_same_records_and_deletes_nothing() {
     let dry = sb.run("bk-prune", &[&args[..], &["--dry-run"]].concat()).ok();
     assert!(dry.stderr.is_empty(), "{}", dry.stderr);
     assert_eq!(files_below(&sb.path("store")), before, "a dry run deletes nothing");
-    let (kept, pruned) = decisions(&dry);
+    let (kept, pruned) = dry.decisions();
     assert_eq!(dry.records().len(), 20, "one record per backup: {}", dry.stdout);
     assert_eq!(
         ids(kept.iter().map(|k| &k.id)),
@@ -99,7 +82,7 @@ fn a_dry_run_prints_the_same_records_and_deletes_nothing() {
     // The real run: the same records but dry_run false, and exactly the pruned ones gone.
     let real = sb.run("bk-prune", &args).ok();
     assert!(real.stderr.is_empty(), "{}", real.stderr);
-    let (kept2, pruned2) = decisions(&real);
+    let (kept2, pruned2) = real.decisions();
     assert_eq!(kept2, kept);
     assert_eq!(pruned2.len(), pruned.len());
     for (p2, p) in pruned2.iter().zip(&pruned) {
@@ -115,7 +98,7 @@ fn a_dry_run_prints_the_same_records_and_deletes_nothing() {
 
     // Again: nothing more to delete.
     let again = sb.run("bk-prune", &args).ok();
-    let (kept3, pruned3) = decisions(&again);
+    let (kept3, pruned3) = again.decisions();
     assert_eq!((kept3, pruned3.len()), (kept, 0));
 }
 
@@ -127,7 +110,7 @@ fn the_newest_backup_is_never_deleted() {
     let beta = nightly(&store, "beta", "2026-10-01", 2);
     // Whatever the rule, the newest of each name stays.
     let r = sb.run("bk-prune", &[&store, "--keep-within", "1h", NOW]).ok();
-    let (kept, pruned) = decisions(&r);
+    let (kept, pruned) = r.decisions();
     assert_eq!(ids(kept.iter().map(|k| &k.id)), [&alpha[2].id, &beta[1].id]);
     assert_eq!(kept[0].reasons, ["within 1h"]);
     assert_eq!(pruned.len(), 3);
@@ -151,7 +134,7 @@ fn the_newest_backup_is_never_deleted() {
             ],
         )
         .ok();
-    let (kept, pruned) = decisions(&r);
+    let (kept, pruned) = r.decisions();
     assert_eq!(kept.len(), 2, "{}", r.stdout);
     assert_eq!(
         (kept[0].id.as_str(), &kept[0].reasons[..]),
@@ -176,7 +159,7 @@ fn an_empty_policy_deletes_nothing_and_says_so() {
         let r = sb
             .run("bk-prune", &[&[store.as_str(), NOW][..], &options].concat())
             .ok();
-        let (kept, pruned) = decisions(&r);
+        let (kept, pruned) = r.decisions();
         assert_eq!((kept.len(), pruned.len()), (4, 0), "{options:?}");
         assert!(kept.iter().all(|k| k.reasons == ["empty policy: nothing is deleted"]));
         assert!(
@@ -209,7 +192,7 @@ fn a_pipeline_prunes_only_the_names_that_came_in_in_their_stores() {
         r.lines().starts_with(&dump.lines()),
         "the input record first, unchanged"
     );
-    let (kept, pruned) = decisions(&r);
+    let (kept, pruned) = r.decisions();
     assert_eq!(ids(kept.iter().map(|k| &k.id)), [&new_alpha.id]);
     assert_eq!(pruned.len(), 3);
     assert!(present(&new_alpha) && !old_alpha.iter().any(present));
@@ -221,7 +204,7 @@ fn a_pipeline_prunes_only_the_names_that_came_in_in_their_stores() {
     let input = format!("{}{other}\n", dump.stdout);
     let r = sb.run_with_stdin("bk-prune", &["--keep-last", "1"], &input).ok();
     assert!(r.lines().starts_with(&[dump.lines(), vec![other.as_str()]].concat()));
-    let (kept, pruned) = decisions(&r);
+    let (kept, pruned) = r.decisions();
     assert_eq!(kept.len(), 2, "{}", r.stdout);
     assert_eq!(ids(pruned.iter().map(|p| &p.id)), [&far_alpha[0].id]);
     assert!(!present(&far_alpha[0]) && present(&far_alpha[1]) && present(&new_alpha));
@@ -232,7 +215,7 @@ fn a_pipeline_prunes_only_the_names_that_came_in_in_their_stores() {
     let r = sb
         .run_with_stdin("bk-prune", &[&store, "--keep-last", "1"], &format!("{beta_line}\n"))
         .ok();
-    let (kept, pruned) = decisions(&r);
+    let (kept, pruned) = r.decisions();
     assert_eq!(ids(kept.iter().map(|k| &k.id)), [&more_beta.id]);
     assert_eq!(pruned.len(), 3);
     assert!(!beta.iter().any(present) && present(&more_beta) && present(&new_alpha));
@@ -270,7 +253,7 @@ fn an_upstream_error_stops_pruning_its_name() {
             &error(r#","name":"alpha""#),
         )
         .code(1);
-    let (kept, pruned) = decisions(&r);
+    let (kept, pruned) = r.decisions();
     assert_eq!(ids(kept.iter().map(|k| &k.id)), [&beta[2].id]);
     assert_eq!(pruned.len(), 2);
     assert!(alpha.iter().all(present) && !present(&beta[0]));
@@ -315,11 +298,11 @@ fn a_held_lock_is_75_and_other_names_go_on() {
     assert!(e.message.contains("holds"), "{}", e.message);
     assert!(alpha.iter().all(present));
     assert!(!present(&beta[0]) && present(&beta[2]), "beta was pruned");
-    let (kept, _) = decisions(&r);
+    let (kept, _) = r.decisions();
     assert_eq!(ids(kept.iter().map(|k| &k.id)), [&beta[2].id]);
     // A dry run deletes nothing, so it does not wait for the lock.
     let r = sb.run("bk-prune", &[&store, "--keep-last", "1", "--dry-run", NOW]).ok();
-    assert_eq!(decisions(&r).1.len(), 2);
+    assert_eq!(r.decisions().1.len(), 2);
 }
 
 #[test]
@@ -364,7 +347,7 @@ fn old_leftover_temporary_files_are_removed_and_reported() {
         lines[1]
     );
     assert!(!old.exists() && young.exists());
-    assert_eq!(decisions(&r).0.len(), 2, "the backups stay");
+    assert_eq!(r.decisions().0.len(), 2, "the backups stay");
 
     // Three days on, the young one is old too (--now wins over BK_NOW).
     let later = bk_core::name::rfc3339(now + TimeDelta::days(3));
@@ -464,7 +447,7 @@ fn usage_and_missing_stores() {
 
 #[test]
 fn a_failed_delete_is_an_error_record_and_the_rest_goes_on() {
-    if !have_root("a_failed_delete_is_an_error_record_and_the_rest_goes_on") {
+    if !have_root() {
         return;
     }
     let sb = Sandbox::new();
@@ -490,7 +473,7 @@ fn a_failed_delete_is_an_error_record_and_the_rest_goes_on() {
         "{}",
         e.message
     );
-    let (kept, pruned) = decisions(&r);
+    let (kept, pruned) = r.decisions();
     assert_eq!(
         (kept.len(), pruned.len()),
         (1, 0),
@@ -503,19 +486,13 @@ fn a_failed_delete_is_an_error_record_and_the_rest_goes_on() {
 // restic as the oracle
 
 /// restic, or a SKIPPED note (a failure when the full suite runs: services.sh installs it).
-fn restic_available(test: &str) -> bool {
+fn restic_available() -> bool {
     let ok = Command::new("restic")
         .arg("version")
         .output()
         .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            !services_required(),
-            "{test}: restic is not installed, and BK_TEST_SERVICES=1 says the full suite is running (tests/services.sh installs it)"
-        );
-        eprintln!("SKIPPED {test}: restic is not installed (apt-get install restic)");
-    }
-    ok
+    let why = || "restic is not installed".into();
+    needs(ok.then_some(()), why, "tests/services.sh installs it").is_some()
 }
 
 /// A restic repository in the sandbox.
@@ -691,7 +668,7 @@ const POLICIES: &[&str] = &[
 
 #[test]
 fn the_same_decisions_as_restic_forget() {
-    if !restic_available("the_same_decisions_as_restic_forget") {
+    if !restic_available() {
         return;
     }
     let sb = Sandbox::new();
@@ -824,7 +801,7 @@ fn the_same_decisions_as_restic_forget() {
 
 /// The kept records' reasons, by id.
 fn kept_reasons(r: &Run) -> BTreeMap<String, Vec<String>> {
-    decisions(r).0.into_iter().map(|k| (k.id, k.reasons)).collect()
+    r.decisions().0.into_iter().map(|k| (k.id, k.reasons)).collect()
 }
 
 #[test]
@@ -870,7 +847,7 @@ fn broken_backups_are_reported_never_counted_and_never_deleted() {
         );
         if broken == 3 {
             // The newest is broken: the older backups are all that is left, none is deleted.
-            assert_eq!(decisions(&r).1.len(), 0, "{what}: {}", r.stdout);
+            assert_eq!(r.decisions().1.len(), 0, "{what}: {}", r.stdout);
             assert_eq!(
                 kept[&alpha[2].id],
                 ["last"],
@@ -896,7 +873,7 @@ fn broken_backups_are_reported_never_counted_and_never_deleted() {
         } else {
             // An old broken backup stops nothing: the good ones are pruned by the policy.
             assert_eq!(ids(kept.keys()), [&alpha[3].id]);
-            assert_eq!(ids(decisions(&r).1.iter().map(|p| &p.id)), [&alpha[0].id, &alpha[2].id]);
+            assert_eq!(ids(r.decisions().1.iter().map(|p| &p.id)), [&alpha[0].id, &alpha[2].id]);
             assert!(!present(&alpha[0]) && !present(&alpha[2]) && present(&alpha[3]));
         }
     }
@@ -912,7 +889,7 @@ fn broken_backups_are_reported_never_counted_and_never_deleted() {
         .run_with_stdin("bk-prune", &["--keep-last", "1", NOW], &line)
         .code(65);
     assert!(r.error().message.contains(&phantom.id), "{}", r.stderr);
-    assert_eq!(decisions(&r).1.len(), 0);
+    assert_eq!(r.decisions().1.len(), 0);
     assert_eq!(files_below(&sb.path("store")), before, "nothing deleted");
 
     // A name whose every backup is broken is reported too, and other names are pruned.
@@ -937,7 +914,7 @@ fn broken_backups_are_reported_never_counted_and_never_deleted() {
     let r = sb
         .run("bk-prune", &[&store, "--name", "gamma", "--keep-last", "1", NOW])
         .code(65);
-    assert_eq!(decisions(&r), (vec![], vec![]));
+    assert_eq!(r.decisions(), (vec![], vec![]));
 }
 
 #[test]
@@ -975,7 +952,7 @@ fn a_failed_verification_is_kept_and_not_counted() {
         kept[&alpha[1].id],
         ["not counted: its verification failed earlier in the pipeline"]
     );
-    assert_eq!(ids(decisions(&r).1.iter().map(|p| &p.id)), [&alpha[0].id]);
+    assert_eq!(ids(r.decisions().1.iter().map(|p| &p.id)), [&alpha[0].id]);
     assert!(!present(&alpha[0]) && alpha[1..].iter().all(present));
 
     // The newest failed: it is kept, and so is everything else.
@@ -984,7 +961,7 @@ fn a_failed_verification_is_kept_and_not_counted() {
     let r = sb
         .run_with_stdin("bk-prune", &[&store, "--keep-last", "1", NOW], &input)
         .ok();
-    let (kept, pruned) = decisions(&r);
+    let (kept, pruned) = r.decisions();
     assert_eq!((kept.len(), pruned.len()), (3, 0), "{}", r.stdout);
     assert!(kept[0].reasons[0].starts_with(&format!(
         "held: the newest backup {} failed its verification",
@@ -997,7 +974,7 @@ fn a_failed_verification_is_kept_and_not_counted() {
     let r = sb
         .run_with_stdin("bk-prune", &[&store, "--keep-last", "1", NOW], &elsewhere)
         .ok();
-    assert_eq!(ids(decisions(&r).1.iter().map(|p| &p.id)), [&alpha[1].id, &alpha[2].id]);
+    assert_eq!(ids(r.decisions().1.iter().map(|p| &p.id)), [&alpha[1].id, &alpha[2].id]);
 }
 
 #[test]
@@ -1047,7 +1024,7 @@ fn a_tz_that_names_no_zone_is_refused() {
             "TZ={tz:?}: {}",
             e.message
         );
-        assert_eq!(decisions(&r), (vec![], vec![]));
+        assert_eq!(r.decisions(), (vec![], vec![]));
     }
     // --tz wins over TZ, and an unknown --tz is a usage error (64) worded alike.
     let mut cmd = sb.cmd(

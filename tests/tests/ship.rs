@@ -6,7 +6,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bk_core::record::Record;
-use bk_tests::{services_required, unique_name, write_backup, PrivateS3, Remote, Run, Sandbox};
+use bk_tests::{
+    artifact_line, needs, noise, spawn_with_stdin, unique_name, write_backup, PrivateS3, Remote, Run, Sandbox,
+};
 
 /// The restored data, without the parent directories a restore creates.
 fn restored_data(root: &std::path::Path) -> std::collections::BTreeMap<String, String> {
@@ -38,9 +40,7 @@ fn dump(sb: &Sandbox) -> String {
 
 #[test]
 fn push_to_s3_and_ssh_then_every_tool_works_on_both() {
-    let Some(r) = Remote::from_env("push_to_s3_and_ssh_then_every_tool_works_on_both") else {
-        return;
-    };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     let dumped = dump(&sb);
     let (s3, ssh) = (r.s3_store("push"), r.ssh_store("push"));
@@ -107,9 +107,7 @@ fn push_to_s3_and_ssh_then_every_tool_works_on_both() {
 
 #[test]
 fn an_upstream_error_is_passed_on_and_its_name_not_shipped() {
-    let Some(r) = Remote::from_env("an_upstream_error_is_passed_on_and_its_name_not_shipped") else {
-        return;
-    };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     let dumped = dump(&sb);
     let error = r#"{"bk":1,"type":"error","tool":"bk-dump","name":"web","code":69,"message":"down"}"#;
@@ -123,9 +121,7 @@ fn an_upstream_error_is_passed_on_and_its_name_not_shipped() {
 
 #[test]
 fn pull_mode_is_idempotent_and_refuses_a_differing_copy() {
-    let Some(r) = Remote::from_env("pull_mode_is_idempotent_and_refuses_a_differing_copy") else {
-        return;
-    };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     let source = sb.store();
     write_backup(&source, "db", "20261120T010000Z");
@@ -217,9 +213,7 @@ fn pull_mode_is_idempotent_and_refuses_a_differing_copy() {
 
 #[test]
 fn unreachable_stores_and_refused_hosts_have_clear_exit_codes() {
-    let Some(r) = Remote::from_env("unreachable_stores_and_refused_hosts_have_clear_exit_codes") else {
-        return;
-    };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     let dumped = dump(&sb);
     let s3 = r.s3_store("down");
@@ -305,28 +299,21 @@ fn rclone_cmd(r: &Remote, sb: &Sandbox, config: &str, tool: &str, args: &[&str])
     cmd
 }
 
-fn rclone_installed(test: &str) -> bool {
+fn rclone_installed() -> bool {
     let found = Command::new("rclone")
         .arg("version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            !services_required(),
-            "{test}: rclone is not installed, and BK_TEST_SERVICES=1 says the test services are set up"
-        );
-        eprintln!("SKIPPED {test}: rclone is not installed (tests/services.sh installs it)");
-    }
-    found
+    let why = || "rclone is not installed".into();
+    needs(found.then_some(()), why, "tests/services.sh installs it").is_some()
 }
 
 #[test]
 fn push_to_rclone_sftp_then_every_tool_works_on_it() {
-    let test = "push_to_rclone_sftp_then_every_tool_works_on_it";
-    let Some(r) = Remote::from_env(test) else { return };
-    if !rclone_installed(test) {
+    let Some(r) = Remote::from_env() else { return };
+    if !rclone_installed() {
         return;
     }
     let sb = Sandbox::new();
@@ -384,9 +371,8 @@ fn push_to_rclone_sftp_then_every_tool_works_on_it() {
 
 #[test]
 fn rclone_unreachable_or_missing_has_clear_exit_codes() {
-    let test = "rclone_unreachable_or_missing_has_clear_exit_codes";
-    let Some(r) = Remote::from_env(test) else { return };
-    if !rclone_installed(test) {
+    let Some(r) = Remote::from_env() else { return };
+    if !rclone_installed() {
         return;
     }
     let sb = Sandbox::new();
@@ -418,14 +404,7 @@ fn rclone_unreachable_or_missing_has_clear_exit_codes() {
 /// bk-dump output and the data.
 fn dump_random(sb: &Sandbox, mib: usize) -> (String, Vec<u8>) {
     std::fs::create_dir_all(sb.path("big")).unwrap();
-    let mut random = vec![0u8; mib << 20];
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for chunk in random.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
+    let random = noise(mib << 20);
     std::fs::write(sb.path("big/random.bin"), &random).unwrap();
     let big = sb.path("big").display().to_string();
     let dumped = sb
@@ -451,9 +430,7 @@ fn dump_random(sb: &Sandbox, mib: usize) -> (String, Vec<u8>) {
 /// aborted by bk-prune (once old enough) or by the next upload of the same file.
 #[test]
 fn s3_server_killed_mid_upload_leaves_no_manifest_and_a_rerun_completes() {
-    let Some(r) = Remote::from_env("s3_server_killed_mid_upload_leaves_no_manifest_and_a_rerun_completes") else {
-        return;
-    };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     let mut s3 = PrivateS3::start(&sb);
     // 64 MiB: eight parts.
@@ -477,11 +454,7 @@ fn s3_server_killed_mid_upload_leaves_no_manifest_and_a_rerun_completes() {
             .collect()
     };
     let kill_mid_upload = |s3: &mut PrivateS3| {
-        let mut cmd = ship("0");
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        use std::io::Write;
-        child.stdin.take().unwrap().write_all(dumped.as_bytes()).unwrap();
+        let child = spawn_with_stdin(ship("0"), &dumped);
         // Kill the server once the upload has begun: a part is on its disk.
         let until = Instant::now() + Duration::from_secs(30);
         let parts = |root: &std::path::Path| {
@@ -614,9 +587,7 @@ impl CuttingProxy {
 /// resumes from where it stopped (a range request), and the restore is whole.
 #[test]
 fn an_s3_download_cut_in_the_middle_resumes_where_it_stopped() {
-    let Some(r) = Remote::from_env("an_s3_download_cut_in_the_middle_resumes_where_it_stopped") else {
-        return;
-    };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     let mut s3 = PrivateS3::start(&sb);
     let (dumped, data) = dump_random(&sb, 48);
@@ -703,9 +674,7 @@ fn remote_root(store: &str) -> &str {
 /// (bk-ship stopped, as a service manager stops it) is resumed, not sent again.
 #[test]
 fn ssh_copies_of_local_files_go_by_rsync_and_resume_an_interrupted_copy() {
-    let Some(r) = Remote::from_env("ssh_copies_of_local_files_go_by_rsync_and_resume_an_interrupted_copy") else {
-        return;
-    };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     let (dumped, _) = dump_random(&sb, 16);
     let original = dumped_artifact(&dumped);
@@ -789,9 +758,7 @@ fn ssh_copies_of_local_files_go_by_rsync_and_resume_an_interrupted_copy() {
 /// file under rsync's name is neither used nor touched.
 #[test]
 fn without_rsync_ssh_copies_are_streamed() {
-    let Some(r) = Remote::from_env("without_rsync_ssh_copies_are_streamed") else {
-        return;
-    };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     let dumped = dump(&sb);
     let original = dumped_artifact(&dumped);
@@ -817,9 +784,7 @@ fn without_rsync_ssh_copies_are_streamed() {
 /// AWS_SHARED_CREDENTIALS_FILE and AWS_CONFIG_FILE name), of the profile AWS_PROFILE names.
 #[test]
 fn s3_settings_come_from_the_aws_files_of_the_profile() {
-    let Some(r) = Remote::from_env("s3_settings_come_from_the_aws_files_of_the_profile") else {
-        return;
-    };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     let dumped = dump(&sb);
     let key = std::env::var("AWS_ACCESS_KEY_ID").unwrap();
@@ -895,9 +860,7 @@ fn s3_settings_come_from_the_aws_files_of_the_profile() {
 
 #[test]
 fn every_tool_takes_the_s3_endpoint_as_an_option() {
-    let Some(r) = Remote::from_env("every_tool_takes_the_s3_endpoint_as_an_option") else {
-        return;
-    };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     std::fs::create_dir_all(sb.path("data")).unwrap();
     std::fs::write(sb.path("data/a.txt"), "alpha\n").unwrap();
@@ -937,9 +900,7 @@ fn every_tool_takes_the_s3_endpoint_as_an_option() {
 #[test]
 fn s3_uploads_are_checked_by_their_md5_etags() {
     use md5::{Digest, Md5};
-    let Some(r) = Remote::from_env("s3_uploads_are_checked_by_their_md5_etags") else {
-        return;
-    };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     let (dumped, _) = dump_random(&sb, 20);
     let s3 = r.s3_store("etag");
@@ -981,11 +942,6 @@ fn s3_uploads_are_checked_by_their_md5_etags() {
 // ---------------------------------------------------------------------------------------
 // Local stores only: what bk-ship refuses, deletes and passes on (no server needed).
 
-/// A record's line, as a tool prints it.
-fn record_line(a: &bk_core::record::Artifact) -> String {
-    format!("{}\n", Record::Artifact(a.clone()).to_line())
-}
-
 #[test]
 fn a_destination_that_cannot_be_a_store_fails_at_once() {
     let sb = Sandbox::new();
@@ -1001,7 +957,7 @@ fn a_destination_that_cannot_be_a_store_fails_at_once() {
     ];
     for (dest, codes) in cases {
         let started = Instant::now();
-        let run = sb.run_with_stdin("bk-ship", &["--to", dest], &record_line(&backup));
+        let run = sb.run_with_stdin("bk-ship", &["--to", dest], &artifact_line(&backup));
         let took = started.elapsed();
         assert!(codes.contains(&run.code), "{dest}: exit {}\n{}", run.code, run.stderr);
         let e = run.error();
@@ -1018,7 +974,7 @@ fn a_destination_that_cannot_be_a_store_fails_at_once() {
         );
         assert_eq!(
             run.lines()[0],
-            record_line(&backup).trim_end(),
+            artifact_line(&backup).trim_end(),
             "the input is passed on"
         );
     }
@@ -1051,7 +1007,7 @@ fn delete_source_goes_by_the_source_stores_own_manifest() {
     let cases = [(&good, 0, false), (&foreign, 66, true), (&rewritten, 65, true)];
     for (record, code, kept) in cases {
         let run = sb
-            .run_with_stdin("bk-ship", &["--to", &dest, "--delete-source"], &record_line(record))
+            .run_with_stdin("bk-ship", &["--to", &dest, "--delete-source"], &artifact_line(record))
             .code(code);
         let source = std::path::Path::new(&record.location);
         assert_eq!(source.exists(), kept, "{}: {}", record.id, run.stderr);
@@ -1087,7 +1043,7 @@ fn a_record_whose_file_leaves_the_store_makes_bk_ship_touch_nothing() {
     hostile["sha256"] = hex::encode(Sha256::digest(b"precious\n")).into();
     hostile["bytes"] = 9.into();
     hostile["bk"] = 1.into();
-    let input = format!("{}\n{hostile}\n", record_line(&good).trim_end());
+    let input = format!("{}\n{hostile}\n", artifact_line(&good).trim_end());
 
     let before = bk_tests::tree_digest(sb.root());
     let run = sb
@@ -1111,8 +1067,8 @@ fn records_of_an_unknown_type_pass_through_unchanged() {
     let backup = sb.dump(&["files", &src.display().to_string(), "--name", "web"]);
     // A newer tool's record: a type and fields this version does not know, keys unsorted.
     let unknown = r#"{"zeta":[1,"two",null],"bk":1,"type":"frobnicated","name":"web","extra":{"b":2,"a":1.5}}"#;
-    let input = format!("{unknown}\n{}{unknown}\n", record_line(&backup));
-    let artifact = record_line(&backup);
+    let input = format!("{unknown}\n{}{unknown}\n", artifact_line(&backup));
+    let artifact = artifact_line(&backup);
     let artifact = artifact.trim_end();
     let dest = sb.path("dest").display().to_string();
     let restored = sb.path("restored").display().to_string();

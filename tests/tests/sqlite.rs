@@ -1,12 +1,13 @@
 //! The sqlite engine through the real binaries: exact round trips, a consistent snapshot
 //! while another process writes, and every failure leaving nothing behind.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bk_tests::{files_below, run_cmd, Sandbox};
+use bk_core::record::Artifact;
+use bk_tests::{artifact_line, files_below, run_cmd, Sandbox};
 use rusqlite::Connection;
 use sha2::{Digest, Sha256};
 
@@ -91,10 +92,7 @@ fn content(path: &Path) -> (Vec<(String, u64)>, String) {
 #[test]
 fn round_trip_is_exact_in_both_journal_modes() {
     for journal in ["wal", "delete"] {
-        let sb = Sandbox::new();
-        let db = sb.path("app.db");
-        create_sample(&db, journal);
-        let artifact = sb.dump(&["sqlite", db.to_str().unwrap()]);
+        let (sb, db, artifact) = dumped_sample(journal);
         assert_eq!(artifact.name, "sqlite-app");
         assert_eq!(artifact.engine, "sqlite");
         assert_eq!(artifact.format, "sqlite");
@@ -116,12 +114,19 @@ fn round_trip_is_exact_in_both_journal_modes() {
     }
 }
 
-#[test]
-fn standard_tools_read_the_artifact() {
+/// A new sandbox with the sample database `<sandbox>/app.db` in `journal` mode, and its backup
+/// into the sandbox's store.
+fn dumped_sample(journal: &str) -> (Sandbox, PathBuf, Artifact) {
     let sb = Sandbox::new();
     let db = sb.path("app.db");
-    create_sample(&db, "wal");
+    create_sample(&db, journal);
     let artifact = sb.dump(&["sqlite", db.to_str().unwrap()]);
+    (sb, db, artifact)
+}
+
+#[test]
+fn standard_tools_read_the_artifact() {
+    let (sb, db, artifact) = dumped_sample("wal");
     let plain = sb.path("plain.db");
     let mut cmd = std::process::Command::new("sh");
     cmd.args([
@@ -183,7 +188,7 @@ fn snapshot_is_consistent_while_another_process_writes() {
             let (a, b) = (artifact.counts["a"], artifact.counts["b"]);
             assert_eq!(a, 2 * b, "{journal}: the manifest's counts are one snapshot");
             let target = sb.path(&format!("r{i}.db"));
-            let line = bk_core::record::Record::Artifact(artifact.clone()).to_line();
+            let line = artifact_line(artifact);
             let restored = sb
                 .run_with_stdin("bk-restore", &["--to", target.to_str().unwrap()], &line)
                 .ok()
@@ -248,11 +253,8 @@ fn a_corrupt_or_missing_database_is_refused() {
 
 #[test]
 fn restore_refuses_an_existing_file_unless_replace() {
-    let sb = Sandbox::new();
-    let db = sb.path("app.db");
-    create_sample(&db, "wal");
-    let artifact = sb.dump(&["sqlite", db.to_str().unwrap()]);
-    let line = bk_core::record::Record::Artifact(artifact.clone()).to_line();
+    let (sb, db, artifact) = dumped_sample("wal");
+    let line = artifact_line(&artifact);
     let target = sb.path("live.db");
     std::fs::write(&target, "precious").unwrap();
     std::fs::write(sb.path("live.db-wal"), "stale wal of the old database").unwrap();
@@ -272,12 +274,9 @@ fn restore_refuses_an_existing_file_unless_replace() {
 
 #[test]
 fn a_manifest_count_that_lies_fails_the_restore_and_writes_nothing() {
-    let sb = Sandbox::new();
-    let db = sb.path("app.db");
-    create_sample(&db, "wal");
-    let mut artifact = sb.dump(&["sqlite", db.to_str().unwrap()]);
+    let (sb, _, mut artifact) = dumped_sample("wal");
     *artifact.counts.get_mut("people").unwrap() += 1;
-    let line = bk_core::record::Record::Artifact(artifact).to_line();
+    let line = artifact_line(&artifact);
     let target = sb.path("out/app.db");
     std::fs::create_dir(sb.path("out")).unwrap();
     let run = sb
@@ -293,11 +292,8 @@ fn a_manifest_count_that_lies_fails_the_restore_and_writes_nothing() {
 
 #[test]
 fn replace_refuses_a_side_file_it_cannot_remove_and_removes_symlinks_not_their_targets() {
-    let sb = Sandbox::new();
-    let db = sb.path("app.db");
-    create_sample(&db, "wal");
-    let artifact = sb.dump(&["sqlite", db.to_str().unwrap()]);
-    let line = bk_core::record::Record::Artifact(artifact).to_line();
+    let (sb, db, artifact) = dumped_sample("wal");
+    let line = artifact_line(&artifact);
     let outside = sb.path("outside.txt");
     std::fs::write(&outside, "not the database's").unwrap();
 
@@ -366,15 +362,12 @@ fn replace_refuses_a_side_file_it_cannot_remove_and_removes_symlinks_not_their_t
 #[test]
 fn replace_refuses_a_side_file_it_has_no_permission_to_remove() {
     use std::os::unix::fs::{chown, PermissionsExt};
-    if !bk_tests::have_root("replace_refuses_a_side_file_it_has_no_permission_to_remove") {
+    if !bk_tests::have_root() {
         return;
     }
     const NOBODY: u32 = 65534;
-    let sb = Sandbox::new();
-    let db = sb.path("app.db");
-    create_sample(&db, "wal");
-    let artifact = sb.dump(&["sqlite", db.to_str().unwrap()]);
-    let line = bk_core::record::Record::Artifact(artifact).to_line();
+    let (sb, _, artifact) = dumped_sample("wal");
+    let line = artifact_line(&artifact);
     std::fs::set_permissions(sb.root(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let store = sb.path("store");
     let mut owned_by_nobody = files_below(&store);

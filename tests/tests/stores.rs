@@ -6,11 +6,11 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bk_core::record::{Artifact, Record};
-use bk_tests::{tree_digest, unique_name, write_backup, PrivateS3, Remote, Run, Sandbox};
+use bk_tests::{spawn_with_stdin, tree_digest, unique_name, write_backup, PrivateS3, Remote, Run, Sandbox};
 
 /// A password and an access key id that no output may repeat.
 const PASSWORD: &str = "hunter2pw";
@@ -166,17 +166,15 @@ fn secrets_in_store_urls_are_refused_never_shown_and_never_passed_to_a_child() {
 
 /// Runs a command with `stdin`, failing the test if it has not ended within a minute (a tool
 /// that opened a FIFO would never end).
-fn run_within_a_minute(mut cmd: Command, stdin: &str) -> Run {
-    use std::io::Write;
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
+fn run_within_a_minute(cmd: Command, stdin: &str) -> Run {
+    let what = format!("{cmd:?}");
+    let mut child = spawn_with_stdin(cmd, stdin);
     let until = Instant::now() + Duration::from_secs(60);
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > until {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{cmd:?} did not end within a minute");
+            panic!("{what} did not end within a minute");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -235,13 +233,7 @@ impl Drop for RemoteDir<'_> {
 
 /// The ids bk-prune kept.
 fn kept(run: &Run) -> Vec<String> {
-    run.records()
-        .into_iter()
-        .filter_map(|r| match r {
-            Record::Kept(k) => Some(k.id),
-            _ => None,
-        })
-        .collect()
+    run.decisions().0.into_iter().map(|k| k.id).collect()
 }
 
 /// Backups of `db` made at `stamps`, in a local store of the sandbox: that store's path.
@@ -259,8 +251,7 @@ fn local_backups(sb: &Sandbox, stamps: &[&str]) -> String {
 /// file and no manifest are left.
 #[test]
 fn a_remote_child_dying_mid_upload_is_a_clean_error_not_a_panic() {
-    let test = "a_remote_child_dying_mid_upload_is_a_clean_error_not_a_panic";
-    let Some(r) = Remote::from_env(test) else { return };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     std::fs::create_dir_all(sb.path("big")).unwrap();
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -317,8 +308,7 @@ fn a_remote_child_dying_mid_upload_is_a_clean_error_not_a_panic() {
 /// the store changes.
 #[test]
 fn ssh_listings_see_sizes_and_never_follow_symlinks_or_open_fifos() {
-    let test = "ssh_listings_see_sizes_and_never_follow_symlinks_or_open_fifos";
-    let Some(r) = Remote::from_env(test) else { return };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     let stamps = [
         "20250101T000000Z",
@@ -465,8 +455,7 @@ fn hostile_manifests_are_broken(
 
 #[test]
 fn hostile_manifests_in_an_ssh_store_are_broken_and_nothing_outside_is_touched() {
-    let test = "hostile_manifests_in_an_ssh_store_are_broken_and_nothing_outside_is_touched";
-    let Some(r) = Remote::from_env(test) else { return };
+    let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
     let local = local_backups(&sb, &["20250101T000000Z"]);
     let remote_dir = RemoteDir::new(&r, "bk-hostile-");
@@ -492,8 +481,7 @@ fn hostile_manifests_in_an_ssh_store_are_broken_and_nothing_outside_is_touched()
 
 #[test]
 fn hostile_manifests_in_an_s3_store_are_broken_and_nothing_outside_is_touched() {
-    let test = "hostile_manifests_in_an_s3_store_are_broken_and_nothing_outside_is_touched";
-    if Remote::from_env(test).is_none() {
+    if Remote::from_env().is_none() {
         return;
     }
     let sb = Sandbox::new();
@@ -525,8 +513,7 @@ fn hostile_manifests_in_an_s3_store_are_broken_and_nothing_outside_is_touched() 
 /// and bk-prune --keep-last 1 keeps the older good backup instead of deleting it.
 #[test]
 fn s3_listings_see_truncated_artifacts_and_retention_keeps_the_good_backup() {
-    let test = "s3_listings_see_truncated_artifacts_and_retention_keeps_the_good_backup";
-    if Remote::from_env(test).is_none() {
+    if Remote::from_env().is_none() {
         return;
     }
     let sb = Sandbox::new();
@@ -569,11 +556,8 @@ fn s3_listings_see_truncated_artifacts_and_retention_keeps_the_good_backup() {
 /// the older good backup.
 #[test]
 fn rclone_and_ftp_listings_see_truncated_artifacts() {
-    let test = "rclone_and_ftp_listings_see_truncated_artifacts";
-    let Some(r) = Remote::from_env(test) else { return };
-    let var = |k: &str| {
-        std::env::var(k).unwrap_or_else(|_| panic!("{test}: {k} is not set: source $(tests/services.sh env)"))
-    };
+    let Some(r) = Remote::from_env() else { return };
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set: source $(tests/services.sh env)"));
     let sb = Sandbox::new();
     let local = local_backups(&sb, &["20250101T000000Z", "20250102T000000Z"]);
     let rclone_config = sb.path("rclone.conf");

@@ -19,8 +19,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bk_core::record::{Artifact, Record};
 use bk_tests::{
-    files_below, have_root, mysql_ident, mysql_server, mysql_string, mysql_unique_name, pg_ident, pg_server,
-    pg_unique_name, run_cmd, MysqlGuard, MysqlServer, PgDatabase, PgServer, Run, Sandbox, AS_NOBODY,
+    age_keygen, artifact_line, files_below, free_port, have_root, mysql_ident, mysql_server, mysql_string,
+    mysql_unique_name, pg_ident, pg_server, pg_unique_name, run_cmd, s, spawn_with_stdin, unzstd, write_files,
+    MysqlGuard, MysqlServer, PgDatabase, PgServer, Run, Sandbox, AS_NOBODY,
 };
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
@@ -33,14 +34,6 @@ static PG_SCRATCH: Mutex<()> = Mutex::new(());
 /// Held while a test makes or looks at `bk_verify_*` databases on a server.
 fn scratch_lock(lock: &'static Mutex<()>) -> MutexGuard<'static, ()> {
     lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 test paths")
-}
-
-fn line(a: &Artifact) -> String {
-    format!("{}\n", Record::Artifact(a.clone()).to_line())
 }
 
 fn now() -> u64 {
@@ -136,17 +129,6 @@ fn flip_middle_bit(path: &str) {
     fs::write(path, &bytes).unwrap();
 }
 
-/// `zstd -dc FILE`.
-fn unzstd(path: &str) -> Vec<u8> {
-    let out = Command::new("zstd").args(["-dc", path]).output().expect("running zstd");
-    assert!(
-        out.status.success(),
-        "zstd -dc {path}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
 /// `zstd -c` of `data`.
 fn zstd(data: &[u8]) -> Vec<u8> {
     let mut child = Command::new("zstd")
@@ -222,6 +204,25 @@ fn assert_empty_dir(dir: &Path) {
     assert!(left.is_empty(), "left behind in {}: {left:?}", dir.display());
 }
 
+/// bk-verify of `a` piped in, at the restore level, restoring into `scratch`.
+fn verify_in_scratch(sb: &Sandbox, scratch: &Path, a: &Artifact) -> Run {
+    sb.run_with_stdin(
+        "bk-verify",
+        &["--scratch", "--scratch-dir", s(scratch)],
+        &artifact_line(a),
+    )
+}
+
+/// bk-verify at the restore level, restoring into `scratch`, of the backups that `pick`
+/// (e.g. `--name NAME`) selects in the sandbox's store.
+fn verify_from_store_in_scratch(sb: &Sandbox, scratch: &Path, pick: &[&str]) -> Run {
+    let store = sb.store();
+    let mut args = vec!["--from", &store];
+    args.extend(pick);
+    args.extend(["--scratch", "--scratch-dir", s(scratch)]);
+    sb.run("bk-verify", &args)
+}
+
 // ---------------------------------------------------------------------------------------
 // files and SQLite
 
@@ -258,14 +259,12 @@ fn sqlite_db(path: &Path) {
 
 #[test]
 fn files_backup_verifies_at_both_levels_and_leaves_nothing() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    small_tree(&src);
+    let (sb, src) = Sandbox::with_src(small_tree);
     let a = sb.dump(&["files", s(&src), "--name", "files-good"]);
 
     // Piped from bk-dump: the artifact is verified, what is not an artifact is passed on.
     let other = r#"{"bk":1,"type":"notified","name":"files-good","via":"webhook","future":[1,2]}"#;
-    let input = format!("{other}\n{}", line(&a));
+    let input = format!("{other}\n{}", artifact_line(&a));
     let run = sb.run_with_stdin("bk-verify", &[], &input).ok();
     assert_good(&verified(&run), &a, "integrity");
     let lines = run.lines();
@@ -293,28 +292,12 @@ fn files_backup_verifies_at_both_levels_and_leaves_nothing() {
 
     // The restore level: a scratch directory, removed afterwards.
     let scratch = scratch_dir(&sb);
-    let run = sb
-        .run_with_stdin("bk-verify", &["--scratch", "--scratch-dir", s(&scratch)], &line(&a))
-        .ok();
+    let run = verify_in_scratch(&sb, &scratch, &a).ok();
     assert_good(&verified(&run), &a, "restore");
     assert_empty_dir(&scratch);
 
     // From the store, by name.
-    let store = sb.store();
-    let run = sb
-        .run(
-            "bk-verify",
-            &[
-                "--from",
-                &store,
-                "--name",
-                "files-good",
-                "--scratch",
-                "--scratch-dir",
-                s(&scratch),
-            ],
-        )
-        .ok();
+    let run = verify_from_store_in_scratch(&sb, &scratch, &["--name", "files-good"]).ok();
     assert_good(&verified(&run), &a, "restore");
     assert_empty_dir(&scratch);
 }
@@ -329,33 +312,16 @@ fn sqlite_backup_verifies_at_both_levels_and_leaves_nothing() {
     let scratch = scratch_dir(&sb);
 
     let run = sb
-        .run_with_stdin("bk-verify", &["--scratch-dir", s(&scratch)], &line(&a))
+        .run_with_stdin("bk-verify", &["--scratch-dir", s(&scratch)], &artifact_line(&a))
         .ok();
     assert_good(&verified(&run), &a, "integrity");
     assert_empty_dir(&scratch);
 
-    let run = sb
-        .run_with_stdin("bk-verify", &["--scratch", "--scratch-dir", s(&scratch)], &line(&a))
-        .ok();
+    let run = verify_in_scratch(&sb, &scratch, &a).ok();
     assert_good(&verified(&run), &a, "restore");
     assert_empty_dir(&scratch);
 
-    let store = sb.store();
-    let run = sb
-        .run(
-            "bk-verify",
-            &[
-                "--from",
-                &store,
-                "--name",
-                "sqlite-good",
-                "--scratch",
-                "--scratch-dir",
-                s(&scratch),
-                "-q",
-            ],
-        )
-        .ok();
+    let run = verify_from_store_in_scratch(&sb, &scratch, &["--name", "sqlite-good", "-q"]).ok();
     assert_good(&verified(&run), &a, "restore");
     assert!(run.stderr.is_empty(), "{}", run.stderr);
     assert_empty_dir(&scratch);
@@ -363,11 +329,9 @@ fn sqlite_backup_verifies_at_both_levels_and_leaves_nothing() {
 
 #[test]
 fn files_corruptions_are_caught() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    small_tree(&src);
+    let (sb, src) = Sandbox::with_src(small_tree);
     let scratch = scratch_dir(&sb);
-    let verify = |a: &Artifact| sb.run_with_stdin("bk-verify", &["--scratch", "--scratch-dir", s(&scratch)], &line(a));
+    let verify = |a: &Artifact| verify_in_scratch(&sb, &scratch, a);
 
     // One bit flipped in the middle of the stored bytes.
     let a = sb.dump(&["files", s(&src), "--name", "files-flipped"]);
@@ -400,19 +364,7 @@ fn files_corruptions_are_caught() {
     let entries = a.counts["entries"];
     value["counts"]["entries"] = json!(entries + 1);
     fs::write(&manifest, format!("{value}\n")).unwrap();
-    let store = sb.store();
-    let run = sb.run(
-        "bk-verify",
-        &[
-            "--from",
-            &store,
-            "--name",
-            "files-count",
-            "--scratch",
-            "--scratch-dir",
-            s(&scratch),
-        ],
-    );
+    let run = verify_from_store_in_scratch(&sb, &scratch, &["--name", "files-count"]);
     let v = assert_caught(
         &run,
         &a,
@@ -431,7 +383,7 @@ fn sqlite_corruptions_are_caught() {
     let db = sb.path("app.db");
     sqlite_db(&db);
     let scratch = scratch_dir(&sb);
-    let verify = |a: &Artifact| sb.run_with_stdin("bk-verify", &["--scratch", "--scratch-dir", s(&scratch)], &line(a));
+    let verify = |a: &Artifact| verify_in_scratch(&sb, &scratch, a);
 
     let a = sb.dump(&["sqlite", s(&db), "--name", "sqlite-flipped"]);
     flip_middle_bit(&a.location);
@@ -464,24 +416,13 @@ fn encrypted_and_gzip_backups_verify() {
     let db = sb.path("app.db");
     sqlite_db(&db);
     let key = sb.path("key.txt");
-    let out = Command::new("age-keygen")
-        .arg("-o")
-        .arg(&key)
-        .output()
-        .expect("age-keygen (apt install age)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let public = fs::read_to_string(&key)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("# public key: ").map(String::from))
-        .unwrap();
+    let public = age_keygen(&key);
     let sealed = sb.dump(&["sqlite", s(&db), "--name", "sealed", "--encrypt-to", &public]);
     let gz = sb.dump(&["sqlite", s(&db), "--name", "gz", "--compress", "gzip"]);
     let scratch = scratch_dir(&sb);
     let args = ["--scratch", "--scratch-dir", s(&scratch), "--identity", s(&key)];
     let run = sb
-        .run_with_stdin("bk-verify", &args, &(line(&sealed) + &line(&gz)))
+        .run_with_stdin("bk-verify", &args, &(artifact_line(&sealed) + &artifact_line(&gz)))
         .ok();
     let all = verified_all(&run);
     assert_eq!(all.len(), 2);
@@ -490,26 +431,18 @@ fn encrypted_and_gzip_backups_verify() {
     assert_empty_dir(&scratch);
 
     // No identity: a usage error. Another one: it cannot decrypt, 65.
-    let run = sb.run_with_stdin("bk-verify", &[], &line(&sealed)).code(64);
+    let run = sb.run_with_stdin("bk-verify", &[], &artifact_line(&sealed)).code(64);
     assert!(run.error().message.contains("--identity"));
     let other = sb.path("other.txt");
-    assert!(Command::new("age-keygen")
-        .arg("-o")
-        .arg(&other)
-        .output()
-        .unwrap()
-        .status
-        .success());
+    age_keygen(&other);
     fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let run = sb.run_with_stdin("bk-verify", &["--identity", s(&other)], &line(&sealed));
+    let run = sb.run_with_stdin("bk-verify", &["--identity", s(&other)], &artifact_line(&sealed));
     assert_caught(&run, &sealed, &["no identity given can decrypt it"]);
 }
 
 #[test]
 fn selection_from_a_store_all_id_latest_and_sample() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    small_tree(&src);
+    let (sb, src) = Sandbox::with_src(small_tree);
     let store = sb.store();
     let four: Vec<Artifact> = (0..4).map(|_| sb.dump(&["files", s(&src), "--name", "four"])).collect();
     let other = sb.dump(&["files", s(&src.join("sub")), "--name", "other"]);
@@ -583,13 +516,11 @@ fn selection_from_a_store_all_id_latest_and_sample() {
 
 #[test]
 fn an_upstream_error_is_passed_on_and_fails_the_run() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    small_tree(&src);
+    let (sb, src) = Sandbox::with_src(small_tree);
     let a = sb.dump(&["files", s(&src), "--name", "files-up"]);
     let upstream = r#"{"bk":1,"type":"error","tool":"bk-dump","name":"mysql-x","code":69,"message":"down"}"#;
     let run = sb
-        .run_with_stdin("bk-verify", &[], &format!("{upstream}\n{}", line(&a)))
+        .run_with_stdin("bk-verify", &[], &format!("{upstream}\n{}", artifact_line(&a)))
         .code(1);
     assert_good(&verified(&run), &a, "integrity");
     assert!(run.lines().contains(&upstream), "{}", run.stdout);
@@ -609,9 +540,7 @@ fn errors(run: &Run) -> Vec<bk_core::record::ErrorRecord> {
 
 #[test]
 fn every_backup_is_verified_and_every_failure_reported() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    small_tree(&src);
+    let (sb, src) = Sandbox::with_src(small_tree);
     // A backup whose store is gone (66), a corrupt one (65), a good one: in that order.
     let mut gone = sb.dump(&["files", s(&src), "--name", "files-gone"]);
     gone.location = gone.location.replace(&sb.store(), s(&sb.path("gone")));
@@ -620,7 +549,12 @@ fn every_backup_is_verified_and_every_failure_reported() {
     let good = sb.dump(&["files", s(&src), "--name", "files-fine"]);
     let other = r#"{"bk":1,"type":"notified","name":"files-gone","via":"webhook"}"#;
     let later = r#"{"bk":1,"type":"kept","name":"files-fine","id":"files-fine.1","location":"x","reasons":[]}"#;
-    let input = format!("{}{other}\n{}{}{later}\n", line(&gone), line(&corrupt), line(&good));
+    let input = format!(
+        "{}{other}\n{}{}{later}\n",
+        artifact_line(&gone),
+        artifact_line(&corrupt),
+        artifact_line(&good)
+    );
 
     let run = sb.run_with_stdin("bk-verify", &[], &input).code(65);
     let verdicts: Vec<(Value, Value)> = verified_all(&run)
@@ -654,7 +588,11 @@ fn every_backup_is_verified_and_every_failure_reported() {
 
     // Without a bad backup, the first other failure is the exit status.
     let run = sb
-        .run_with_stdin("bk-verify", &[], &format!("{}{}", line(&gone), line(&good)))
+        .run_with_stdin(
+            "bk-verify",
+            &[],
+            &format!("{}{}", artifact_line(&gone), artifact_line(&good)),
+        )
         .code(66);
     assert_eq!(verified_all(&run).len(), 2, "{}", run.stdout);
     assert_eq!(run.error().name.as_deref(), Some(gone.name.as_str()));
@@ -667,9 +605,7 @@ fn remove_artifact(a: &Artifact) {
 
 #[test]
 fn a_broken_backup_is_a_failure_and_the_newest_good_one_is_verified_or_restored() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    small_tree(&src);
+    let (sb, src) = Sandbox::with_src(small_tree);
     let store = sb.store();
     // fresh: two good backups, then a newer one whose artifact file is missing.
     let fresh: Vec<Artifact> = (0..3)
@@ -770,9 +706,7 @@ fn a_broken_backup_is_a_failure_and_the_newest_good_one_is_verified_or_restored(
 
 #[test]
 fn a_fifo_named_like_a_manifest_is_reported_without_hanging() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    small_tree(&src);
+    let (sb, src) = Sandbox::with_src(small_tree);
     let a = sb.dump(&["files", s(&src), "--name", "piped"]);
     let fifo = sb.path("store/piped/piped.29991231T000000Z.json");
     let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
@@ -790,9 +724,7 @@ fn a_fifo_named_like_a_manifest_is_reported_without_hanging() {
 
 #[test]
 fn leftover_scratch_directories_are_removed() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    small_tree(&src);
+    let (sb, src) = Sandbox::with_src(small_tree);
     let a = sb.dump(&["files", s(&src), "--name", "files-left"]);
     let scratch = scratch_dir(&sb);
     let old = scratch.join("bk_verify_1000_abcdef");
@@ -807,13 +739,11 @@ fn leftover_scratch_directories_are_removed() {
     fs::write(&unrelated, "mine").unwrap();
 
     // Only the restore level sweeps.
-    sb.run_with_stdin("bk-verify", &["--scratch-dir", s(&scratch)], &line(&a))
+    sb.run_with_stdin("bk-verify", &["--scratch-dir", s(&scratch)], &artifact_line(&a))
         .ok();
     assert!(old.exists());
 
-    let run = sb
-        .run_with_stdin("bk-verify", &["--scratch", "--scratch-dir", s(&scratch)], &line(&a))
-        .ok();
+    let run = verify_in_scratch(&sb, &scratch, &a).ok();
     assert_good(&verified(&run), &a, "restore");
     assert!(!old.exists() && !old_file.exists(), "the old ones are removed");
     for gone in [&old, &old_file] {
@@ -830,12 +760,10 @@ fn leftover_scratch_directories_are_removed() {
 
 #[test]
 fn a_restored_read_only_tree_is_removed_when_verifying_as_another_user() {
-    if !have_root("a_restored_read_only_tree_is_removed_when_verifying_as_another_user") {
+    if !have_root() {
         return;
     }
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    small_tree(&src);
+    let (sb, src) = Sandbox::with_src(small_tree);
     let ro = src.join("sub/deeper");
     fs::set_permissions(&ro, std::os::unix::fs::PermissionsExt::from_mode(0o555)).unwrap();
     fs::set_permissions(src.join("sub"), std::os::unix::fs::PermissionsExt::from_mode(0o500)).unwrap();
@@ -854,7 +782,7 @@ fn a_restored_read_only_tree_is_removed_when_verifying_as_another_user() {
         std::os::unix::fs::chown(&p, Some(65534), Some(65534)).unwrap();
     }
     let cmd = sb.cmd_via(&AS_NOBODY, "bk-verify", &["--scratch", "--scratch-dir", s(&scratch)]);
-    let run = run_cmd(cmd, &line(&a)).ok();
+    let run = run_cmd(cmd, &artifact_line(&a)).ok();
     assert_good(&verified(&run), &a, "restore");
     assert!(run.stderr.is_empty(), "{}", run.stderr);
     assert_empty_dir(&scratch);
@@ -916,8 +844,8 @@ fn restore_level_failures_drop_the_scratch_database(server: &dyn ScratchServer, 
     let before = server.scratch_dbs();
 
     let deleting = with_content(a, &edit_lines(&text, |_| false, marker, case.delete_ten_rows));
-    server.verify(&[], &line(&deleting)).ok();
-    let run = server.verify(&["--scratch"], &line(&deleting));
+    server.verify(&[], &artifact_line(&deleting)).ok();
+    let run = server.verify(&["--scratch"], &artifact_line(&deleting));
     let (table, rows) = case.table;
     let expected = format!("{table}: {rows} expected, {} found", rows - 10);
     let v = assert_caught(&run, a, &["restored", &expected]);
@@ -927,7 +855,7 @@ fn restore_level_failures_drop_the_scratch_database(server: &dyn ScratchServer, 
     server.assert_scratch_dbs(&before);
 
     let broken = with_content(a, &edit_lines(&text, |_| false, marker, "THIS IS NOT SQL;\n"));
-    let run = server.verify(&["--scratch"], &line(&broken));
+    let run = server.verify(&["--scratch"], &artifact_line(&broken));
     let v = assert_caught(&run, a, &["does not restore", case.syntax_error]);
     assert_eq!(v["checks"]["restore"]["ok"], json!(false));
     assert!(v["checks"]["restore"]["error"]
@@ -942,14 +870,7 @@ fn restore_level_failures_drop_the_scratch_database(server: &dyn ScratchServer, 
 fn sigterm_mid_restore_drops_the_scratch_database(server: &dyn ScratchServer, a: &Artifact) {
     let _lock = server.scratch_lock();
     let before = server.scratch_dbs();
-    let mut child = server
-        .verify_cmd(&["--scratch"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(line(a).as_bytes()).unwrap();
+    let mut child = spawn_with_stdin(server.verify_cmd(&["--scratch"]), &artifact_line(a));
     let deadline = Instant::now() + Duration::from_secs(120);
     while !server.scratch_dbs().iter().any(|d| !before.contains(d)) {
         assert!(
@@ -989,7 +910,7 @@ fn leftover_scratch_databases_are_dropped(server: &dyn ScratchServer, a: &Artifa
     let before = server.scratch_dbs();
     assert!(before.contains(&old) && before.contains(&young));
 
-    let run = server.verify(&["--scratch"], &line(a)).ok();
+    let run = server.verify(&["--scratch"], &artifact_line(a)).ok();
     assert_good(&verified(&run), a, "restore");
     assert!(
         run.stderr.contains(&format!(
@@ -1013,8 +934,8 @@ struct My {
 }
 
 impl My {
-    fn new(test: &str) -> Option<My> {
-        let server = mysql_server(test)?;
+    fn new() -> Option<My> {
+        let server = mysql_server()?;
         let sb = Sandbox::new();
         let admin = server.option_file(&sb, "admin.cnf");
         Some(My { server, sb, admin })
@@ -1124,22 +1045,20 @@ impl ScratchServer for My {
 
 #[test]
 fn mysql_backup_verifies_at_both_levels_and_the_scratch_database_goes() {
-    let Some(my) = My::new("mysql_backup_verifies_at_both_levels_and_the_scratch_database_goes") else {
-        return;
-    };
+    let Some(my) = My::new() else { return };
     // A dot and a space in the name: its tables are still told apart from the database.
     let (db, _source) = my.sample("bk_vfy.good ");
     let a = my.dump(&db);
     assert_eq!(a.counts.len(), 3, "{:?}", a.counts);
 
     let other = r#"{"bk":1,"type":"kept","id":"x.20260101T000000Z","name":"x","location":"/b/x","reasons":["daily 2026-01-01"]}"#;
-    let run = my.verify(&[], &format!("{}{other}\n", line(&a))).ok();
+    let run = my.verify(&[], &format!("{}{other}\n", artifact_line(&a))).ok();
     assert_good(&verified(&run), &a, "integrity");
     assert_eq!(run.lines().get(1), Some(&other), "passed on unchanged, in input order");
 
     let _lock = scratch_lock(&MYSQL_SCRATCH);
     let before = my.scratch_dbs();
-    let run = my.verify(&["--scratch"], &line(&a)).ok();
+    let run = my.verify(&["--scratch"], &artifact_line(&a)).ok();
     assert_good(&verified(&run), &a, "restore");
     assert!(run.stderr.is_empty(), "{}", run.stderr);
     my.assert_scratch_dbs(&before);
@@ -1152,13 +1071,11 @@ fn mysql_backup_verifies_at_both_levels_and_the_scratch_database_goes() {
 
 #[test]
 fn mysql_corruptions_are_caught() {
-    let Some(my) = My::new("mysql_corruptions_are_caught") else {
-        return;
-    };
+    let Some(my) = My::new() else { return };
     let (db, _source) = my.sample("bk_vfy_bad_");
     let _lock = scratch_lock(&MYSQL_SCRATCH);
     let before = my.scratch_dbs();
-    let verify = |a: &Artifact| my.verify(&["--scratch"], &line(a));
+    let verify = |a: &Artifact| my.verify(&["--scratch"], &artifact_line(a));
 
     // One bit flipped in the middle.
     let a = my.dump(&db);
@@ -1196,9 +1113,7 @@ fn mysql_corruptions_are_caught() {
 
 #[test]
 fn mysql_restore_level_failures_drop_the_scratch_database() {
-    let Some(my) = My::new("mysql_restore_level_failures_drop_the_scratch_database") else {
-        return;
-    };
+    let Some(my) = My::new() else { return };
     let (db, _source) = my.sample("bk_vfy_rl_");
     let a = my.dump(&db);
     let case = RestoreLevelCase {
@@ -1212,9 +1127,7 @@ fn mysql_restore_level_failures_drop_the_scratch_database() {
 
 #[test]
 fn mysql_sigterm_mid_restore_drops_the_scratch_database() {
-    let Some(my) = My::new("mysql_sigterm_mid_restore_drops_the_scratch_database") else {
-        return;
-    };
+    let Some(my) = My::new() else { return };
     let db = mysql_unique_name("bk_vfy_big_");
     let _source = my.server.database(&db);
     my.sql(&format!(
@@ -1228,18 +1141,14 @@ fn mysql_sigterm_mid_restore_drops_the_scratch_database() {
 
 #[test]
 fn mysql_leftover_scratch_databases_are_dropped() {
-    let Some(my) = My::new("mysql_leftover_scratch_databases_are_dropped") else {
-        return;
-    };
+    let Some(my) = My::new() else { return };
     let (db, _source) = my.sample("bk_vfy_lo_");
     leftover_scratch_databases_are_dropped(&my, &my.dump(&db));
 }
 
 #[test]
 fn mysql_verification_never_touches_the_source() {
-    let Some(my) = My::new("mysql_verification_never_touches_the_source") else {
-        return;
-    };
+    let Some(my) = My::new() else { return };
     let (db, _source) = my.sample("bk_vfy_ro_");
     let user = mysql_unique_name("bk_vfy_ro_");
     let password = format!("Pw{}", &hex::encode(Sha256::digest(user.as_bytes()))[..24]);
@@ -1262,7 +1171,7 @@ fn mysql_verification_never_touches_the_source() {
     let checksum = my.checksum(&db);
     let _lock = scratch_lock(&MYSQL_SCRATCH);
     let before = my.scratch_dbs();
-    let run = my.verify(&["--scratch"], &line(&a)).ok();
+    let run = my.verify(&["--scratch"], &artifact_line(&a)).ok();
     assert_good(&verified(&run), &a, "restore");
     my.assert_scratch_dbs(&before);
     assert_eq!(my.checksum(&db), checksum, "the source is as it was");
@@ -1270,13 +1179,13 @@ fn mysql_verification_never_touches_the_source() {
 
 #[test]
 fn mysql_unreachable_scratch_server_is_69() {
-    let Some(my) = My::new("mysql_unreachable_scratch_server_is_69") else {
-        return;
-    };
+    let Some(my) = My::new() else { return };
     let (db, _source) = my.sample("bk_vfy_down_");
     let a = my.dump(&db);
-    let closed = closed_port().to_string();
-    let run = my.verify(&["--scratch", "--port", &closed], &line(&a)).code(69);
+    let closed = free_port().to_string();
+    let run = my
+        .verify(&["--scratch", "--port", &closed], &artifact_line(&a))
+        .code(69);
     let e = run.error();
     assert!(
         e.message.contains(&closed) || e.message.contains("connect"),
@@ -1292,14 +1201,8 @@ fn mysql_unreachable_scratch_server_is_69() {
     );
     assert_eq!(v["checks"]["restore"]["ok"], json!(false));
     // Integrity alone needs no server.
-    let run = my.verify(&["--port", &closed], &line(&a)).ok();
+    let run = my.verify(&["--port", &closed], &artifact_line(&a)).ok();
     assert_good(&verified(&run), &a, "integrity");
-}
-
-/// A closed TCP port on loopback: bound, then released.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1326,8 +1229,8 @@ CREATE VIEW public.v AS SELECT id FROM public.items WHERE id < 10;
 ";
 
 impl Pg {
-    fn new(test: &str) -> Option<Pg> {
-        let pg = pg_server(test)?;
+    fn new() -> Option<Pg> {
+        let pg = pg_server()?;
         let sb = Sandbox::new();
         let pgpass = pg.write_pgpass(&sb, "pgpass");
         Some(Pg { pg, sb, pgpass })
@@ -1390,9 +1293,7 @@ fn pg_expected_counts() -> BTreeMap<String, u64> {
 
 #[test]
 fn postgres_backups_verify_at_both_levels_in_both_formats() {
-    let Some(pg) = Pg::new("postgres_backups_verify_at_both_levels_in_both_formats") else {
-        return;
-    };
+    let Some(pg) = Pg::new() else { return };
     let (db, _source) = pg.sample();
     let _lock = scratch_lock(&PG_SCRATCH);
     let before = pg.scratch_dbs();
@@ -1400,9 +1301,9 @@ fn postgres_backups_verify_at_both_levels_in_both_formats() {
         let a = pg.dump(&db, format);
         assert_eq!(a.format, if format == "custom" { "pgdump" } else { "pgsql" });
         assert_eq!(a.counts, pg_expected_counts());
-        let run = pg.verify(&[], &line(&a)).ok();
+        let run = pg.verify(&[], &artifact_line(&a)).ok();
         assert_good(&verified(&run), &a, "integrity");
-        let run = pg.verify(&["--scratch"], &line(&a)).ok();
+        let run = pg.verify(&["--scratch"], &artifact_line(&a)).ok();
         assert_good(&verified(&run), &a, "restore");
         assert!(run.stderr.is_empty(), "{}", run.stderr);
         pg.assert_scratch_dbs(&before);
@@ -1420,13 +1321,11 @@ fn postgres_backups_verify_at_both_levels_in_both_formats() {
 
 #[test]
 fn postgres_corruptions_are_caught() {
-    let Some(pg) = Pg::new("postgres_corruptions_are_caught") else {
-        return;
-    };
+    let Some(pg) = Pg::new() else { return };
     let (db, _source) = pg.sample();
     let _lock = scratch_lock(&PG_SCRATCH);
     let before = pg.scratch_dbs();
-    let verify = |a: &Artifact| pg.verify(&["--scratch"], &line(a));
+    let verify = |a: &Artifact| pg.verify(&["--scratch"], &artifact_line(a));
 
     // One bit flipped in the middle.
     let a = pg.dump(&db, "custom");
@@ -1479,9 +1378,7 @@ fn postgres_corruptions_are_caught() {
 
 #[test]
 fn postgres_restore_level_failures_drop_the_scratch_database() {
-    let Some(pg) = Pg::new("postgres_restore_level_failures_drop_the_scratch_database") else {
-        return;
-    };
+    let Some(pg) = Pg::new() else { return };
     let (db, _source) = pg.sample();
     let a = pg.dump(&db, "plain");
     let case = RestoreLevelCase {
@@ -1495,9 +1392,7 @@ fn postgres_restore_level_failures_drop_the_scratch_database() {
 
 #[test]
 fn postgres_sigterm_mid_restore_drops_the_scratch_database() {
-    let Some(pg) = Pg::new("postgres_sigterm_mid_restore_drops_the_scratch_database") else {
-        return;
-    };
+    let Some(pg) = Pg::new() else { return };
     let name = pg_unique_name("bk_vfy_big_");
     let _source = pg.pg.create_database(&name);
     pg.pg.execute(
@@ -1510,21 +1405,17 @@ fn postgres_sigterm_mid_restore_drops_the_scratch_database() {
 
 #[test]
 fn postgres_leftover_scratch_databases_are_dropped() {
-    let Some(pg) = Pg::new("postgres_leftover_scratch_databases_are_dropped") else {
-        return;
-    };
+    let Some(pg) = Pg::new() else { return };
     let (db, _source) = pg.sample();
     leftover_scratch_databases_are_dropped(&pg, &pg.dump(&db, "custom"));
 }
 
 #[test]
 fn postgres_unreachable_scratch_server_is_69() {
-    let Some(pg) = Pg::new("postgres_unreachable_scratch_server_is_69") else {
-        return;
-    };
+    let Some(pg) = Pg::new() else { return };
     let (db, _source) = pg.sample();
     let a = pg.dump(&db, "custom");
-    let closed = closed_port().to_string();
+    let closed = free_port().to_string();
     let mut cmd = pg.sb.cmd(
         "bk-verify",
         &[
@@ -1538,7 +1429,7 @@ fn postgres_unreachable_scratch_server_is_69() {
         ],
     );
     cmd.env("PGPASSFILE", &pg.pgpass);
-    let run = run_cmd(cmd, &line(&a)).code(69);
+    let run = run_cmd(cmd, &artifact_line(&a)).code(69);
     run.error();
     let v = verified(&run);
     assert_eq!(v["checks"]["integrity"]["ok"], json!(true));
@@ -1547,13 +1438,12 @@ fn postgres_unreachable_scratch_server_is_69() {
 
 #[test]
 fn every_copy_a_pipeline_made_is_verified() {
-    let sb = Sandbox::new();
-    let src = sb.path("src");
-    fs::create_dir(&src).unwrap();
-    fs::write(src.join("a"), "one").unwrap();
+    let (sb, src) = Sandbox::with_src(|src| write_files(src, &[("a", "one")]));
     let a = sb.dump(&["files", s(&src), "--name", "copies"]);
     let offsite = sb.path("offsite").display().to_string();
-    let shipped = sb.run_with_stdin("bk-ship", &["--to", &offsite], &line(&a)).ok();
+    let shipped = sb
+        .run_with_stdin("bk-ship", &["--to", &offsite], &artifact_line(&a))
+        .ok();
     let copies = shipped.artifacts();
     assert_eq!(copies.len(), 2, "the original and its copy: {}", shipped.stdout);
     let run = sb.run_with_stdin("bk-verify", &[], &shipped.stdout).ok();
