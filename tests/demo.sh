@@ -19,8 +19,8 @@ fi
 say "building the tools (cargo build --release)"
 build_start=$SECONDS
 cargo build --release --quiet --bins
-echo "built in $((SECONDS - build_start)) s"
 bin=$PWD/target/release
+echo "built in $((SECONDS - build_start)) s: one binary, $bin/bk, of $(( $(stat -c %s "$bin/bk") / 1048576 )) MiB"
 "$bin/bk" --install-links 2>/dev/null   # bk-dump, bk-ls, ... beside the one binary bk
 
 demo=${BK_DEMO_DIR:-$(mktemp -d /tmp/bk-demo.XXXXXX)}

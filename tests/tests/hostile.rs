@@ -497,12 +497,16 @@ fn small_failures_have_the_right_code_and_say_what() {
     assert!(r.error().message.starts_with("stdin line 2: not UTF-8"), "{}", r.stderr);
 }
 
-/// The pid of a tool started by the test's shell, found by its binary and working directory.
+/// The pid of a tool started by the test's shell, found by its binary (every tool is the one
+/// binary `bk`, told apart by the name it was run by) and working directory.
 fn pid_of(tool: &str, cwd: &Path) -> Option<i32> {
-    let exe = bin(tool);
+    let exe = fs::canonicalize(bin("bk")).expect("the bk binary");
     fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
         let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+        let cmdline = fs::read(entry.path().join("cmdline")).ok()?;
+        let program = cmdline.split(|b| *b == 0).next()?;
         let same = fs::read_link(entry.path().join("exe")).ok()? == exe
+            && Path::new(std::str::from_utf8(program).ok()?).file_name()? == tool
             && fs::read_link(entry.path().join("cwd")).ok()? == cwd;
         same.then_some(pid)
     })

@@ -21,38 +21,25 @@ pub struct Tool {
     run: fn(Vec<OsString>) -> ExitCode,
 }
 
+/// The entry of the tool whose crate is `$krate`, named `$name` after `bk-`.
+macro_rules! tool {
+    ($name:literal, $krate:ident) => {
+        Tool {
+            name: $name,
+            command: $krate::Cli::command,
+            run: |args| run_tool(args, $krate::run),
+        }
+    };
+}
+
 /// Every tool, in pipeline order.
 pub const TOOLS: [Tool; 6] = [
-    Tool {
-        name: "dump",
-        command: bk_dump::Cli::command,
-        run: |args| run_tool(args, bk_dump::run),
-    },
-    Tool {
-        name: "ship",
-        command: bk_ship::Cli::command,
-        run: |args| run_tool(args, bk_ship::run),
-    },
-    Tool {
-        name: "ls",
-        command: bk_ls::Cli::command,
-        run: |args| run_tool(args, bk_ls::run),
-    },
-    Tool {
-        name: "prune",
-        command: bk_prune::Cli::command,
-        run: |args| run_tool(args, bk_prune::run),
-    },
-    Tool {
-        name: "verify",
-        command: bk_verify::Cli::command,
-        run: |args| run_tool(args, bk_verify::run),
-    },
-    Tool {
-        name: "restore",
-        command: bk_restore::Cli::command,
-        run: |args| run_tool(args, bk_restore::run),
-    },
+    tool!("dump", bk_dump),
+    tool!("ship", bk_ship),
+    tool!("ls", bk_ls),
+    tool!("prune", bk_prune),
+    tool!("verify", bk_verify),
+    tool!("restore", bk_restore),
 ];
 
 /// `bk`'s own command line, for `bk --help` and bk(1).
