@@ -33,13 +33,14 @@ macro_rules! tool {
 }
 
 /// Every tool, in pipeline order.
-pub const TOOLS: [Tool; 6] = [
+pub const TOOLS: [Tool; 7] = [
     tool!("dump", bk_dump),
     tool!("ship", bk_ship),
     tool!("ls", bk_ls),
     tool!("prune", bk_prune),
     tool!("verify", bk_verify),
     tool!("restore", bk_restore),
+    tool!("notify", bk_notify),
 ];
 
 /// `bk`'s own command line, for `bk --help` and bk(1).
@@ -56,7 +57,7 @@ pub fn command() -> Command {
         .about("Every bk tool in one binary")
         .long_about(
             "Every bk tool in one binary. Run through a link named after a tool (bk-dump, bk-ship, \
-             bk-ls, bk-prune, bk-verify, bk-restore) it is that tool; `bk TOOL ARGS...` is the \
+             bk-ls, bk-prune, bk-verify, bk-restore, bk-notify) it is that tool; `bk TOOL ARGS...` is the \
              same as `bk-TOOL ARGS...`. `bk --install-links` creates the links.",
         )
         .override_usage("bk TOOL [ARGS]...\n       bk --install-links [DIR]")
