@@ -1147,3 +1147,84 @@ pub fn assert_tools_linked(bin: &Path) {
         );
     }
 }
+
+/// One HTTP request a [`Receiver`] got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    pub body: String,
+}
+
+/// A real HTTP server on loopback for bk-notify's tests: it records every request and
+/// answers them with the programmed statuses in turn, then 200.
+pub struct Receiver {
+    port: u16,
+    received: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+}
+
+impl Receiver {
+    pub fn start(statuses: &[u16]) -> Receiver {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+        let port = listener.local_addr().expect("its address").port();
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = received.clone();
+        let mut statuses = statuses.to_vec().into_iter();
+        // Serves until the test process ends.
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let Some(request) = read_request(&mut stream) else {
+                    continue;
+                };
+                log.lock().expect("the request log").push(request);
+                let status = statuses.next().unwrap_or(200);
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status} Programmed\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                );
+            }
+        });
+        Receiver { port, received }
+    }
+
+    /// A URL on this receiver with `path` (which starts with `/`).
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().expect("the request log").clone()
+    }
+}
+
+/// One request: its head up to the blank line, then a Content-Length body.
+fn read_request(stream: &mut std::net::TcpStream) -> Option<Received> {
+    use std::io::{BufRead, BufReader, Read};
+    let mut reader = BufReader::new(stream);
+    let mut first = String::new();
+    reader.read_line(&mut first).ok()?;
+    let mut parts = first.split_whitespace();
+    let (method, path) = (parts.next()?.to_string(), parts.next()?.to_string());
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).ok()?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().ok()?;
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    Some(Received {
+        method,
+        path,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}

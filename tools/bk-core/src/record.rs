@@ -379,6 +379,14 @@ impl Output {
     /// Messages are redacted here, where every error is rendered: no secret a message might
     /// quote (a URL's password, an age secret key) reaches stdout or stderr.
     pub fn error(&mut self, e: &Error) -> Result<()> {
+        self.fail(e.exit_code());
+        self.report(e)
+    }
+
+    /// An `error` record and its line on stderr that leave the exit status as it is: a
+    /// failure secondary to one already reported (a notification that could not be sent
+    /// about a backup that failed).
+    pub fn report(&mut self, e: &Error) -> Result<()> {
         let name = e.name.as_deref();
         let message = redact(&e.message);
         eprintln!(
@@ -386,7 +394,6 @@ impl Output {
             self.tool,
             name.map(|n| format!("{n}: ")).unwrap_or_default(),
         );
-        self.fail(e.exit_code());
         if !self.records {
             return Ok(());
         }
