@@ -1169,7 +1169,7 @@ impl Receiver {
         let port = listener.local_addr().expect("its address").port();
         let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let log = received.clone();
-        let mut statuses = statuses.to_vec().into_iter();
+        let mut statuses: std::collections::VecDeque<u16> = statuses.iter().copied().collect();
         // Serves until the test process ends.
         std::thread::spawn(move || {
             for stream in listener.incoming() {
@@ -1178,7 +1178,7 @@ impl Receiver {
                     continue;
                 };
                 log.lock().expect("the request log").push(request);
-                let status = statuses.next().unwrap_or(200);
+                let status = statuses.pop_front().unwrap_or(200);
                 let _ = write!(
                     stream,
                     "HTTP/1.1 {status} Programmed\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
