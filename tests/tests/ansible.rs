@@ -245,6 +245,10 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     fs::create_dir_all(data.join("sub")).unwrap();
     fs::write(data.join("a.conf"), "key = value\n").unwrap();
     fs::write(data.join("sub/b.txt"), "hello\n").unwrap();
+    // What the job excludes, by name and by path: the runbook's Check must leave it out too.
+    fs::create_dir_all(data.join("cache")).unwrap();
+    fs::write(data.join("cache/page"), "stale\n").unwrap();
+    fs::write(data.join("sub/run.log"), "noise\n").unwrap();
 
     // The destinations: the test sshd (its user's home) and the test S3 server.
     let (_, _, ssh_home) = passwd(&ssh_user).expect("the ssh test user");
@@ -277,7 +281,8 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         json!({"name": "pg", "engine": "postgres", "databases": [unique], "schedule": "45 4 * * *",
                "destinations": [s3_url], "retention": {"last": 3}}),
         json!({"name": "data", "engine": "files", "paths": [data], "schedule": "@hourly",
-               "retention": {"last": 2}, "verify": "restore", "options": ["--compress", "gzip"]}),
+               "retention": {"last": 2}, "verify": "restore", "options": ["--compress", "gzip"],
+               "exclude": ["*.log", data.join("cache")]}),
     ];
     let mut vars = json!({
         "bk_install_src": snapshot_tools(&sb),
@@ -316,8 +321,18 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         }
     };
 
-    // 1. The first run sets everything up.
-    let first = ansible.play(&vars);
+    // 1. The first run sets everything up, and tells the playbook the backup user's home and
+    // public key.
+    let facts = sb.path("facts.json");
+    let first = ansible.play_tasks(
+        &format!(
+            "  roles: [bk]\n  tasks:\n    - name: Keep the facts\n      ansible.builtin.copy:\n        \
+             content: \"{{{{ {{'home': bk_home, 'key': bk_ssh_public_key}} | to_json }}}}\"\n        \
+             dest: {}\n        mode: \"0600\"\n",
+            facts.display()
+        ),
+        &vars,
+    );
     no_secret(&first, "first");
     assert_tools_linked(&sb.path("bin"));
     let (uid, gid, user_home) = passwd(USER).expect("the role creates the backup user");
@@ -338,8 +353,11 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         assert_eq!((meta.mode() & 0o777, meta.uid()), (0o700, uid), "{}", dir.display());
     }
 
-    // The destination accepts the backup user's new key.
+    // The destination accepts the backup user's new key, as the fact gives it.
     let public_key = fs::read_to_string(home.join(".ssh/id_ed25519.pub")).expect("the backup user's public key");
+    let facts: serde_json::Value = serde_json::from_str(&fs::read_to_string(&facts).expect("the facts")).unwrap();
+    assert_eq!(facts["home"], json!(home), "bk_home");
+    assert_eq!(facts["key"], json!(public_key.trim()), "bk_ssh_public_key");
     let authorized = ssh_home.join(".ssh/authorized_keys");
     let before = fs::read_to_string(&authorized).expect("the ssh test user's authorized_keys");
     fs::write(&authorized, format!("{before}{}\n", public_key.trim())).unwrap();
