@@ -307,6 +307,8 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         "bk_postgres_login_host": pg.host, "bk_postgres_login_port": pg.port,
         "bk_postgres_login_user": pg.user, "bk_postgres_login_password": pg.password,
         "bk_postgres_restore_user": pg.user,
+        "bk_postgres_restore_password": pg.password,
+        "bk_postgres_restore_pgpass": sb.path("etc/bk/restore.pgpass"),
         "bk_install_python_db_drivers": false,
         "bk_s3_access_key_id": s3_key, "bk_s3_secret_access_key": s3_secret, "bk_s3_endpoint": s3_endpoint,
         "bk_ssh_known_hosts": [format!("[127.0.0.1]:{ssh_port} {}", host_key.join(" "))],
@@ -450,8 +452,14 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     }
 
     // 4. The runbook's Restore and Check commands of each job, run as root (the PostgreSQL
-    // password in root's password file), bring the data back equal to its source.
-    let pgpass = pg.write_pgpass(&sb, "admin.pgpass");
+    // password in the file the role wrote, root's alone), bring the data back equal to its
+    // source.
+    let restore_pgpass = fs::metadata(sb.path("etc/bk/restore.pgpass")).expect("the restore password file");
+    assert_eq!(
+        (restore_pgpass.mode() & 0o777, restore_pgpass.uid()),
+        (0o600, 0),
+        "the restore password file"
+    );
     let _pg_restored = pg.database(&format!("{unique}_restored"));
     let text = fs::read_to_string(&runbook).expect("the runbook");
     for job in ["db", "pg", "data"] {
@@ -460,7 +468,7 @@ fn role_converges_and_its_jobs_and_runbook_work() {
             let mut sh = Command::new("/bin/sh");
             sh.args(["-e", "-c", &script])
                 .current_dir(sb.root())
-                .env("PGPASSFILE", &pgpass);
+                .env_remove("PGPASSFILE");
             let run = run_cmd(sh, "");
             assert_eq!(
                 run.code, 0,
