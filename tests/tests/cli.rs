@@ -224,8 +224,9 @@ fn bk_ls_stale_reports_each_name_without_a_recent_backup() {
     const NOW: &str = "--now=2026-11-22T06:00:00Z";
     let beta_stale = "no backup of beta for 3d 5h, stale after 2d: the newest, beta.20261119T001500Z, \
                       was made 2026-11-19T00:15:00Z";
-    // (case, options, exit code, the names reported stale, each message says, listed)
-    let cases: Vec<(&str, Vec<&str>, i32, Vec<&str>, Vec<&str>, Vec<Artifact>)> = vec![
+    /// (case, options, exit code, the names reported stale, each message says, listed)
+    type Case<'a> = (&'a str, Vec<&'a str>, i32, Vec<&'a str>, Vec<&'a str>, Vec<Artifact>);
+    let cases: Vec<Case> = vec![
         (
             "all fresh",
             vec!["--stale", "4d"],
