@@ -245,6 +245,10 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     fs::create_dir_all(data.join("sub")).unwrap();
     fs::write(data.join("a.conf"), "key = value\n").unwrap();
     fs::write(data.join("sub/b.txt"), "hello\n").unwrap();
+    // What the job excludes, by name and by path: the runbook's Check must leave it out too.
+    fs::create_dir_all(data.join("cache")).unwrap();
+    fs::write(data.join("cache/page"), "stale\n").unwrap();
+    fs::write(data.join("sub/run.log"), "noise\n").unwrap();
 
     // The destinations: the test sshd (its user's home) and the test S3 server.
     let (_, _, ssh_home) = passwd(&ssh_user).expect("the ssh test user");
@@ -277,7 +281,8 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         json!({"name": "pg", "engine": "postgres", "databases": [unique], "schedule": "45 4 * * *",
                "destinations": [s3_url], "retention": {"last": 3}}),
         json!({"name": "data", "engine": "files", "paths": [data], "schedule": "@hourly",
-               "retention": {"last": 2}, "verify": "restore", "options": ["--compress", "gzip"]}),
+               "retention": {"last": 2}, "verify": "restore", "options": ["--compress", "gzip"],
+               "exclude": ["*.log", data.join("cache")]}),
     ];
     let mut vars = json!({
         "bk_install_src": snapshot_tools(&sb),
@@ -302,6 +307,8 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         "bk_postgres_login_host": pg.host, "bk_postgres_login_port": pg.port,
         "bk_postgres_login_user": pg.user, "bk_postgres_login_password": pg.password,
         "bk_postgres_restore_user": pg.user,
+        "bk_postgres_restore_password": pg.password,
+        "bk_postgres_restore_pgpass": sb.path("etc/bk/restore.pgpass"),
         "bk_install_python_db_drivers": false,
         "bk_s3_access_key_id": s3_key, "bk_s3_secret_access_key": s3_secret, "bk_s3_endpoint": s3_endpoint,
         "bk_ssh_known_hosts": [format!("[127.0.0.1]:{ssh_port} {}", host_key.join(" "))],
@@ -316,8 +323,18 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         }
     };
 
-    // 1. The first run sets everything up.
-    let first = ansible.play(&vars);
+    // 1. The first run sets everything up, and tells the playbook the backup user's home and
+    // public key.
+    let facts = sb.path("facts.json");
+    let first = ansible.play_tasks(
+        &format!(
+            "  roles: [bk]\n  tasks:\n    - name: Keep the facts\n      ansible.builtin.copy:\n        \
+             content: \"{{{{ {{'home': bk_home, 'key': bk_ssh_public_key}} | to_json }}}}\"\n        \
+             dest: {}\n        mode: \"0600\"\n",
+            facts.display()
+        ),
+        &vars,
+    );
     no_secret(&first, "first");
     assert_tools_linked(&sb.path("bin"));
     let (uid, gid, user_home) = passwd(USER).expect("the role creates the backup user");
@@ -338,8 +355,11 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         assert_eq!((meta.mode() & 0o777, meta.uid()), (0o700, uid), "{}", dir.display());
     }
 
-    // The destination accepts the backup user's new key.
+    // The destination accepts the backup user's new key, as the fact gives it.
     let public_key = fs::read_to_string(home.join(".ssh/id_ed25519.pub")).expect("the backup user's public key");
+    let facts: serde_json::Value = serde_json::from_str(&fs::read_to_string(&facts).expect("the facts")).unwrap();
+    assert_eq!(facts["home"], json!(home), "bk_home");
+    assert_eq!(facts["key"], json!(public_key.trim()), "bk_ssh_public_key");
     let authorized = ssh_home.join(".ssh/authorized_keys");
     let before = fs::read_to_string(&authorized).expect("the ssh test user's authorized_keys");
     fs::write(&authorized, format!("{before}{}\n", public_key.trim())).unwrap();
@@ -432,8 +452,14 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     }
 
     // 4. The runbook's Restore and Check commands of each job, run as root (the PostgreSQL
-    // password in root's password file), bring the data back equal to its source.
-    let pgpass = pg.write_pgpass(&sb, "admin.pgpass");
+    // password in the file the role wrote, root's alone), bring the data back equal to its
+    // source.
+    let restore_pgpass = fs::metadata(sb.path("etc/bk/restore.pgpass")).expect("the restore password file");
+    assert_eq!(
+        (restore_pgpass.mode() & 0o777, restore_pgpass.uid()),
+        (0o600, 0),
+        "the restore password file"
+    );
     let _pg_restored = pg.database(&format!("{unique}_restored"));
     let text = fs::read_to_string(&runbook).expect("the runbook");
     for job in ["db", "pg", "data"] {
@@ -442,7 +468,7 @@ fn role_converges_and_its_jobs_and_runbook_work() {
             let mut sh = Command::new("/bin/sh");
             sh.args(["-e", "-c", &script])
                 .current_dir(sb.root())
-                .env("PGPASSFILE", &pgpass);
+                .env_remove("PGPASSFILE");
             let run = run_cmd(sh, "");
             assert_eq!(
                 run.code, 0,

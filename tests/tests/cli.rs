@@ -5,7 +5,7 @@ use std::fs;
 use std::path::PathBuf;
 
 use bk_core::record::{Artifact, Record};
-use bk_tests::{files_below, s, write_files, Run, Sandbox};
+use bk_tests::{files_below, run_cmd, s, write_backup, write_files, Run, Sandbox};
 
 /// A one-file tree at `<sandbox>/src`, backed up as `name`.
 fn dumped(sb: &Sandbox, name: &str) -> (PathBuf, Artifact) {
@@ -207,6 +207,136 @@ fn bk_ls_lists_manifests() {
         "{}",
         warnings[0]
     );
+}
+
+/// bk-ls --stale: an error record (code 1) for each name whose newest backup is older than
+/// the duration, or that has none at all, and exit 1; the listing as without --stale.
+#[test]
+fn bk_ls_stale_reports_each_name_without_a_recent_backup() {
+    let sb = Sandbox::new();
+    let store = sb.store();
+    let alpha = [
+        write_backup(&store, "alpha", "20261120T001500Z"),
+        write_backup(&store, "alpha", "20261121T001500Z"),
+    ];
+    let beta = write_backup(&store, "beta", "20261119T001500Z");
+    let everything = vec![alpha[0].clone(), alpha[1].clone(), beta.clone()];
+    const NOW: &str = "--now=2026-11-22T06:00:00Z";
+    let beta_stale = "no backup of beta for 3d 5h, stale after 2d: the newest, beta.20261119T001500Z, \
+                      was made 2026-11-19T00:15:00Z";
+    /// (case, options, exit code, the names reported stale, each message says, listed)
+    type Case<'a> = (&'a str, Vec<&'a str>, i32, Vec<&'a str>, Vec<&'a str>, Vec<Artifact>);
+    let cases: Vec<Case> = vec![
+        (
+            "all fresh",
+            vec!["--stale", "4d"],
+            0,
+            vec![],
+            vec![],
+            everything.clone(),
+        ),
+        (
+            "one stale",
+            vec!["--stale", "2d"],
+            1,
+            vec!["beta"],
+            vec![beta_stale],
+            everything.clone(),
+        ),
+        (
+            "several stale",
+            vec!["--stale", "26h"],
+            1,
+            vec!["alpha", "beta"],
+            vec![
+                "no backup of alpha for 1d 5h, stale after 26h",
+                "no backup of beta for 3d 5h",
+            ],
+            everything.clone(),
+        ),
+        (
+            "--name leaves the others out",
+            vec!["--stale", "2d", "--name", "alpha"],
+            0,
+            vec![],
+            vec![],
+            alpha.to_vec(),
+        ),
+        (
+            "several --name",
+            vec!["--stale", "2d", "--name", "beta", "--name", "alpha"],
+            1,
+            vec!["beta"],
+            vec![beta_stale],
+            everything.clone(),
+        ),
+        (
+            "a --name that never ran",
+            vec!["--stale", "2d", "--name", "gamma", "--name", "alpha"],
+            1,
+            vec!["gamma"],
+            vec!["no backup of gamma in", "stale after 2d"],
+            alpha.to_vec(),
+        ),
+        (
+            "--latest",
+            vec!["--stale", "2d", "--latest"],
+            1,
+            vec!["beta"],
+            vec![beta_stale],
+            vec![alpha[1].clone(), beta.clone()],
+        ),
+    ];
+    for (case, options, code, stale, says, listed) in cases {
+        let r = sb.run("bk-ls", &[&[store.as_str(), NOW][..], &options].concat());
+        assert_eq!(
+            r.code, code,
+            "{case}: exit code\nstdout: {}\nstderr: {}",
+            r.stdout, r.stderr
+        );
+        assert_eq!(r.artifacts(), listed, "{case}: the listing");
+        let errors: Vec<_> = r
+            .records()
+            .into_iter()
+            .filter_map(|r| if let Record::Error(e) = r { Some(e) } else { None })
+            .collect();
+        assert_eq!(
+            errors
+                .iter()
+                .map(|e| e.name.as_deref().unwrap_or(""))
+                .collect::<Vec<_>>(),
+            stale,
+            "{case}: {}",
+            r.stdout
+        );
+        for e in &errors {
+            assert_eq!((e.code, e.tool.as_str()), (1, "bk-ls"), "{case}: {e:?}");
+            assert!(says.iter().any(|w| e.message.contains(w)), "{case}: {}", e.message);
+            assert!(r.stderr.contains(&e.message), "{case}: stderr carries it: {}", r.stderr);
+        }
+        for w in &says {
+            assert!(
+                errors.iter().any(|e| e.message.contains(w)),
+                "{case}: none says {w:?}: {}",
+                r.stdout
+            );
+        }
+    }
+
+    // BK_NOW is --now for a whole cron line.
+    let mut cmd = sb.cmd("bk-ls", &[&store, "--stale", "2d"]);
+    cmd.env("BK_NOW", "2026-11-22T06:00:00Z");
+    let r = run_cmd(cmd, "");
+    assert_eq!(r.code, 1, "{r:?}");
+    assert_eq!(r.error().name.as_deref(), Some("beta"));
+
+    for (case, options, bad) in [
+        ("a bad duration", ["--stale", "3x", NOW], "3x"),
+        ("a bad time", ["--stale", "2d", "--now=yesterday"], "yesterday"),
+    ] {
+        let r = sb.run("bk-ls", &[&[store.as_str()][..], &options].concat()).code(64);
+        assert!(r.error().message.contains(bad), "{case}: {}", r.stderr);
+    }
 }
 
 #[test]

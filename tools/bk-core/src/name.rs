@@ -94,6 +94,19 @@ pub fn parse_time(text: &str, date: DateIs) -> Result<DateTime<Utc>> {
     )))
 }
 
+/// The value parser of every `--now`: a time as [`parse_time`] reads it, a date being its
+/// end.
+pub fn parse_now(text: &str) -> std::result::Result<DateTime<Utc>, String> {
+    parse_time(text, DateIs::End).map_err(|e| e.message)
+}
+
+/// The time in an id's stamp (`<name>.<stamp>`), if it has one.
+pub fn stamp_time(id: &str) -> Option<DateTime<Utc>> {
+    id.rsplit_once('.')
+        .and_then(|(_, stamp)| NaiveDateTime::parse_from_str(stamp, STAMP_FORMAT).ok())
+        .map(|n| Utc.from_utc_datetime(&n))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,12 +3,13 @@
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, Read, Write};
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::codec::{Compression, Encryption};
 use crate::error::{redact, Error, Kind, Result};
-use crate::name::validate_name;
+use crate::name::{stamp_time, validate_name};
 
 /// The schema version written in every record's `bk` field.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -161,6 +162,19 @@ pub struct Input {
 }
 
 impl Artifact {
+    /// When the backup was made: its `started` time, else the stamp of its id.
+    pub fn made_at(&self) -> Result<DateTime<Utc>> {
+        if let Ok(t) = DateTime::parse_from_rfc3339(&self.started) {
+            return Ok(t.with_timezone(&Utc));
+        }
+        stamp_time(&self.id).ok_or_else(|| {
+            Error::data(format!(
+                "{}: cannot tell when it was made: started {:?} is not an RFC 3339 time",
+                self.id, self.started
+            ))
+        })
+    }
+
     /// The confinement rule of SPEC §3, checked where records and manifests are parsed so that
     /// a parsed artifact is safe to turn into paths anywhere: `name` matches the name
     /// pattern, `id` is `<name>.<stamp>`, `file` one path component starting with `<id>.`.

@@ -122,6 +122,9 @@ pub enum Zone {
 }
 
 impl Zone {
+    /// Coordinated universal time, whose days are all 24 hours.
+    pub const UTC: Zone = Zone::Named(chrono_tz::UTC);
+
     /// An IANA zone name (`Europe/Berlin`, `UTC`), or `local`.
     pub fn parse(name: &str) -> std::result::Result<Zone, String> {
         if name == "local" {

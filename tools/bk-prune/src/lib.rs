@@ -7,14 +7,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use chrono::{DateTime, NaiveDateTime, TimeDelta, TimeZone, Utc};
+use chrono::{DateTime, NaiveDateTime, TimeDelta, Utc};
 use clap::Parser;
 use serde_json::Value;
 
 pub use bk_core::cli::Format;
 use bk_core::cli::{LockOpts, S3Opts};
 use bk_core::error::{Error, Result};
-use bk_core::name::{parse_time, validate_name, DateIs, STAMP_FORMAT};
+use bk_core::name::{parse_now, stamp_time, validate_name};
 use bk_core::record::{Artifact, Input, Kept, Output, Pruned, Record};
 use bk_core::retention::{decide, Decision, Policy, PolicyArgs, Zone, IN_THE_FUTURE};
 use bk_core::store::Store;
@@ -89,10 +89,6 @@ pub struct Cli {
     pub lock: LockOpts,
     #[command(flatten)]
     pub s3: S3Opts,
-}
-
-fn parse_now(text: &str) -> std::result::Result<DateTime<Utc>, String> {
-    parse_time(text, DateIs::End).map_err(|e| e.message)
 }
 
 /// One line of `--format table`.
@@ -174,7 +170,7 @@ impl Pruner {
         let mut times = Vec::with_capacity(artifacts.len());
         let mut counted = Vec::with_capacity(artifacts.len());
         for a in &artifacts {
-            let time = backup_time(a)?;
+            let time = a.made_at()?;
             let failed = self.failed_checks.iter().any(|f| f.names(a));
             times.push((time, !failed));
             if failed {
@@ -259,26 +255,6 @@ impl Pruner {
         }
         Ok(())
     }
-}
-
-/// When a backup was made: its `started` time, else the stamp of its id.
-fn backup_time(a: &Artifact) -> Result<DateTime<Utc>> {
-    if let Ok(t) = DateTime::parse_from_rfc3339(&a.started) {
-        return Ok(t.with_timezone(&Utc));
-    }
-    stamp_time(&a.id).ok_or_else(|| {
-        Error::data(format!(
-            "{}: cannot tell when it was made: started {:?} is not an RFC 3339 time",
-            a.id, a.started
-        ))
-    })
-}
-
-/// The time in an id's stamp (`<name>.<stamp>`), if it has one.
-fn stamp_time(id: &str) -> Option<DateTime<Utc>> {
-    id.rsplit_once('.')
-        .and_then(|(_, stamp)| NaiveDateTime::parse_from_str(stamp, STAMP_FORMAT).ok())
-        .map(|n| Utc.from_utc_datetime(&n))
 }
 
 fn row(record: &Record, wall: NaiveDateTime) -> Row {
