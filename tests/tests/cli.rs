@@ -1,5 +1,6 @@
 //! What every tool shares: records on stdin, in-band errors, usage errors, a closed stdout,
-//! and bk-ls's listing and bk-restore's choice of a backup.
+//! and bk-ls's listing and bk-restore's choice of a backup; and the one binary, `bk`, that
+//! runs each tool.
 
 use std::fs;
 use std::path::PathBuf;
@@ -383,4 +384,60 @@ fn restore_from_a_store_picks_by_id_time_or_latest() {
         assert!(e.message.starts_with("no backup of"), "{}", e.message);
         assert!(!target.exists());
     }
+}
+
+/// `bk TOOL` (or `bk bk-TOOL`) runs the tool; anything else is a usage error on stderr.
+#[test]
+fn bk_runs_each_tool_by_name_and_refuses_anything_else() {
+    let sb = Sandbox::new();
+    let missing = sb.path("missing");
+    let version = |tool: &str| format!("{tool} {}\n", bk_core::BK_VERSION);
+    let cases: [(&str, Vec<&str>, i32, String, &str); 6] = [
+        ("a tool by name", vec!["ls", "--version"], 0, version("bk-ls"), ""),
+        (
+            "a tool by its own name",
+            vec!["bk-prune", "--version"],
+            0,
+            version("bk-prune"),
+            "",
+        ),
+        (
+            "a tool's own usage error",
+            vec!["dump", "--bogus"],
+            64,
+            String::new(),
+            "bk-dump: unexpected argument '--bogus' found",
+        ),
+        (
+            "no such tool",
+            vec!["nope"],
+            64,
+            String::new(),
+            "bk: no tool named 'nope'; try 'bk --help'",
+        ),
+        ("nothing to run", vec![], 64, String::new(), "Usage: bk TOOL [ARGS]..."),
+        (
+            "links into a missing directory",
+            vec!["--install-links", s(&missing)],
+            66,
+            String::new(),
+            "bk: ",
+        ),
+    ];
+    for (case, args, code, stdout, stderr) in cases {
+        let r = sb.run("bk", &args);
+        assert_eq!(r.code, code, "{case}: exit code; stderr: {}", r.stderr);
+        assert!(
+            r.stderr.contains(stderr),
+            "{case}: stderr {:?} lacks {stderr:?}",
+            r.stderr
+        );
+        if code == 64 && args.first() == Some(&"dump") {
+            let e = r.error();
+            assert_eq!((e.tool.as_str(), e.code), ("bk-dump", 64), "{case}");
+        } else {
+            assert_eq!(r.stdout, stdout, "{case}: stdout");
+        }
+    }
+    assert!(!missing.exists(), "no directory is created for links");
 }

@@ -105,7 +105,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         };
     }
     let Some((name, rest)) = matches.subcommand() else {
-        let _ = command().print_help();
+        eprint!("{}", command().render_help());
         return ExitCode::from(Kind::Usage.exit_code());
     };
     let Some(tool) = find(name) else {
