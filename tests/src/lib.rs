@@ -16,8 +16,8 @@ use bk_core::record::{parse_line, Artifact, ErrorRecord, Kept, Pruned, Record, R
 use sha2::{Digest, Sha256};
 
 /// target/<profile>/, where cargo put the multicall binary `bk` beside this test binary's
-/// deps/ folder, with a link `bk-<tool>` to it for every tool (made once per test process, as
-/// `bk --install-links` does; a leftover single-tool binary there is replaced, never tested).
+/// deps/ folder, with a link `bk-<tool>` to it for every tool, made once per test process by
+/// `bk --install-links` (which replaces a leftover single-tool binary there: never tested).
 pub fn bin_dir() -> PathBuf {
     static LINKED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     LINKED
@@ -28,22 +28,16 @@ pub fn bin_dir() -> PathBuf {
                 .and_then(Path::parent)
                 .expect("target/<profile>/deps/<test>")
                 .to_path_buf();
+            let bk = dir.join("bk");
             assert!(
-                dir.join("bk").exists(),
+                bk.exists(),
                 "{} is not built: run `cargo build --workspace` first (tests/run.sh does)",
-                dir.join("bk").display()
+                bk.display()
             );
-            for tool in &bk::TOOLS {
-                let link = dir.join(format!("bk-{}", tool.name));
-                if fs::read_link(&link).is_ok_and(|t| t == Path::new("bk")) {
-                    continue;
-                }
-                // Test processes run in parallel: each makes its own link, renamed into place.
-                let temp = dir.join(format!(".bk-{}.link-{}", tool.name, std::process::id()));
-                let _ = fs::remove_file(&temp);
-                std::os::unix::fs::symlink("bk", &temp).expect("a link in target/");
-                fs::rename(&temp, &link).expect("renaming a link in target/");
-            }
+            let mut links = Command::new(&bk);
+            links.arg("--install-links");
+            let run = run_cmd(links, "");
+            assert_eq!(run.code, 0, "bk --install-links: {}", run.stderr);
             dir
         })
         .clone()

@@ -18,10 +18,14 @@ pub fn collect_tail(stderr: ChildStderr) -> JoinHandle<Vec<u8>> {
 fn read_tail(mut reader: impl Read, keep: usize) -> Vec<u8> {
     let mut tail = Vec::new();
     let mut buf = [0u8; 8192];
-    while let Ok(n) = reader.read(&mut buf) {
-        if n == 0 {
-            break;
-        }
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            // A signal is no end: stopping here would leave the child blocked on a full pipe.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
         tail.extend_from_slice(&buf[..n]);
         // Trimmed now and then, not on every read.
         if tail.len() > 2 * keep {

@@ -107,9 +107,10 @@ pub fn list_name_dir(
     location: impl Fn(&str) -> String,
     listing: &mut Listing,
 ) {
-    let mut claimed: Vec<&str> = Vec::new();
+    // A set: a name directory may hold thousands of files.
+    let mut claimed: std::collections::BTreeSet<&str> = Default::default();
     for (f, entry) in entries.iter().filter(|(f, _)| f.ends_with(".json") && !is_temp(f)) {
-        claimed.push(f);
+        claimed.insert(f);
         let broken = |reason: String| Broken {
             name: name.to_string(),
             id: f.trim_end_matches(".json").to_string(),
@@ -130,7 +131,7 @@ pub fn list_name_dir(
             Ok(Record::Artifact(mut a)) if a.name == name && manifest_file(&a.id) == *f => {
                 let file = entries.get_key_value(&a.file);
                 if let Some((file, _)) = file {
-                    claimed.push(file);
+                    claimed.insert(file);
                 }
                 let found = match file {
                     Some((_, Entry::File(size))) => Some(*size),
@@ -150,7 +151,7 @@ pub fn list_name_dir(
                 .push(broken(format!("unreadable manifest: {}", e.message))),
         }
     }
-    for f in entries.keys().filter(|f| !claimed.contains(&f.as_str())) {
+    for f in entries.keys().filter(|f| !claimed.contains(f.as_str())) {
         let why = if is_temp(f) {
             "temporary file of an unfinished run"
         } else {
