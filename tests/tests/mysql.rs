@@ -680,6 +680,56 @@ fn a_failed_dump_says_why_with_its_exit_code_and_leaves_nothing() {
     }
 }
 
+/// A failure before any dump (the login refused, a database missing) names each backup the
+/// command line names, so that bk-notify can say whose backups failed; with {host} in --name,
+/// which the server decides, it stays unnamed.
+#[test]
+fn a_failure_before_the_dump_names_the_backups_of_the_command_line() {
+    let Some(env) = Env::new() else { return };
+    let wrong = env
+        .server
+        .option_file_for(&env.sb, "wrong.cnf", &env.server.user, WRONG_PASSWORD, "");
+    let nope = mysql_unique_name("bk_nope_");
+    let cases: [(&str, &Path, Vec<&str>, i32, Vec<String>); 3] = [
+        (
+            "a wrong password, two databases",
+            &wrong,
+            vec!["--database", "mysql", "--database", "Other DB", "--name", "job-{database}"],
+            78,
+            vec!["job-mysql".into(), "job-other-db".into()],
+        ),
+        (
+            "a missing database",
+            &env.admin,
+            vec!["--database", &nope, "--name", "{engine}-{database}"],
+            66,
+            vec![format!("mysql-{nope}")],
+        ),
+        (
+            "{host} in --name",
+            &wrong,
+            vec!["--database", "mysql", "--name", "{host}-{database}"],
+            78,
+            vec![],
+        ),
+    ];
+    for (case, option_file, args, code, names) in cases {
+        let run = env.dump_to(option_file, &env.sb.store(), &args);
+        assert_eq!(run.code, code, "{case}: {}", run.stderr);
+        let named: Vec<Option<String>> = run
+            .records()
+            .into_iter()
+            .filter_map(|r| if let Record::Error(e) = r { Some(e.name) } else { None })
+            .collect();
+        let expected: Vec<Option<String>> = if names.is_empty() {
+            vec![None]
+        } else {
+            names.into_iter().map(Some).collect()
+        };
+        assert_eq!(named, expected, "{case}: the error records' names\n{}", run.stdout);
+    }
+}
+
 /// A throwaway MariaDB server of one test: its own data directory, on a Unix socket only,
 /// killed when it goes.
 struct PrivateServer {
