@@ -1,8 +1,10 @@
 //! The Ansible role ansible/roles/bk, applied for real to this machine (`ansible-playbook -c
 //! local`, as root) against the test servers: it must converge (a second run changes nothing),
 //! pass ansible-lint, keep secrets out of its output and its credential files private; the
-//! cron.d jobs it writes must back up when run as cron runs them, and the restore commands of
-//! the runbook it writes must bring a database back equal to its source.
+//! cron.d jobs it writes must back up when run as cron runs them, fail loudly when their dump
+//! fails (exit status, webhook, metrics), its stale-backup check must fire after a missed day,
+//! and the restore commands of the runbook it writes must bring a database back equal to its
+//! source.
 //!
 //! Everything the role writes goes into the test's sandbox (tools, home, store, cron.d
 //! directory, runbook), except the backup user `bktest`, the database accounts (all removed
@@ -15,7 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use bk_core::record::{parse_line, Artifact, Record};
-use bk_tests::{assert_tools_linked, cron, have_root, mysql_server, needs, pg_ident, pg_server, run_cmd, Run, Sandbox};
+use bk_tests::{
+    assert_tools_linked, cron, have_root, mysql_server, needs, pg_ident, pg_server, run_cmd, Receiver, Run, Sandbox,
+};
 use serde_json::json;
 
 /// The backup user of the test: created by the role, removed at the end.
@@ -152,6 +156,37 @@ fn snapshot_tools(sb: &Sandbox) -> PathBuf {
     dir
 }
 
+/// The value of `metric{name="<name>"}` in a node_exporter textfile.
+fn prom_value(text: &str, metric: &str, name: &str) -> Option<f64> {
+    let series = format!("{metric}{{name=\"{name}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Whether the last run of `name` shows as a success in the jobs' metrics file.
+fn last_run_success(prom: &Path, name: &str, at: &str) -> Option<f64> {
+    let text = fs::read_to_string(prom).unwrap_or_else(|e| panic!("{at}: {}: {e}", prom.display()));
+    prom_value(&text, "bk_last_run_success", name)
+}
+
+/// The webhook bodies the receiver got: their `text`.
+fn webhook_texts(receiver: &Receiver) -> Vec<String> {
+    receiver
+        .received()
+        .into_iter()
+        .map(|r| {
+            assert_eq!(r.method, "POST", "a webhook is a POST: {r:?}");
+            let body: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.body));
+            body["text"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no text in {}", r.body))
+                .to_string()
+        })
+        .collect()
+}
+
 /// The sh blocks under `### <step>` of `## Job <job>` in the runbook.
 fn runbook_blocks(runbook: &str, job: &str, step: &str) -> String {
     let section = runbook
@@ -263,17 +298,22 @@ fn role_converges_and_its_jobs_and_runbook_work() {
 
     let mysql_password = format!("my-{unique}-Pw");
     let pg_password = format!("pg-{unique}-Pw");
+    // The jobs' webhook, with the token in its path as Slack's and Mattermost's have.
+    let receiver = Receiver::start(&[]);
+    let webhook = receiver.url(&format!("/hooks/{unique}-token"));
     let secrets = [
         mysql_password.as_str(),
         pg_password.as_str(),
         mysql.password.as_str(),
         pg.password.as_str(),
         s3_secret.as_str(),
+        webhook.as_str(),
     ];
     let home = sb.path("home");
     let store = sb.path("store");
     let cron_dir = sb.path("cron.d");
     let runbook = sb.path("etc/bk/RESTORE.md");
+    let prom = sb.path("prom/bk.prom");
     let mut jobs = vec![
         json!({"name": "db", "engine": "mysql", "databases": [unique], "schedule": "15 4 * * *",
                "destinations": [ssh_url], "retention": {"daily": 7, "weekly": 4, "monthly": 12},
@@ -312,6 +352,8 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         "bk_install_python_db_drivers": false,
         "bk_s3_access_key_id": s3_key, "bk_s3_secret_access_key": s3_secret, "bk_s3_endpoint": s3_endpoint,
         "bk_ssh_known_hosts": [format!("[127.0.0.1]:{ssh_port} {}", host_key.join(" "))],
+        "bk_notify_webhook": webhook,
+        "bk_stale_after": "26h",
     });
     let no_secret = |play: &Play, which: &str| {
         for secret in secrets {
@@ -353,6 +395,26 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     for dir in [&home, &store, &sb.path("lock")] {
         let meta = fs::metadata(dir).unwrap();
         assert_eq!((meta.mode() & 0o777, meta.uid()), (0o700, uid), "{}", dir.display());
+    }
+    // The webhook's URL is a secret: in a file of the backup user's alone, named by the cron
+    // lines, never in them; node_exporter must read the metrics directory.
+    let url_file = home.join(".bk-notify/webhook.url");
+    let meta = fs::metadata(&url_file).unwrap_or_else(|e| panic!("{}: {e}", url_file.display()));
+    assert_eq!(
+        (meta.mode() & 0o777, meta.uid()),
+        (0o600, uid),
+        "{}",
+        url_file.display()
+    );
+    assert_eq!(fs::read_to_string(&url_file).unwrap().trim(), webhook);
+    for written in bk_tests::files_below(&cron_dir).into_iter().chain([runbook.clone()]) {
+        let text = fs::read_to_string(&written).unwrap();
+        assert!(!text.contains(&webhook), "{}: the webhook's URL", written.display());
+        assert!(
+            !text.contains("logger"),
+            "{}: a pipe into logger hides the status",
+            written.display()
+        );
     }
 
     // The destination accepts the backup user's new key, as the fact gives it.
@@ -425,6 +487,16 @@ fn role_converges_and_its_jobs_and_runbook_work() {
             "{at}: a good run prints nothing (cron would mail it): {}",
             cron_job.command
         );
+        assert!(
+            cron_job.command.contains("/bk-notify --webhook @"),
+            "{at}: the pipeline does not end in bk-notify with the webhook's file: {}",
+            cron_job.command
+        );
+        assert_eq!(
+            webhook_texts(&receiver),
+            Vec::<String>::new(),
+            "{at}: a good run sends nothing (--on failure)"
+        );
         let local = manifest(&store.join(&name), &at);
         assert!(Path::new(&local.location).is_file(), "{at}: {} missing", local.location);
         assert!(
@@ -449,6 +521,79 @@ fn role_converges_and_its_jobs_and_runbook_work() {
             }
             _ => {}
         }
+    }
+
+    // 3b. The dump account's password changed on the server, not in the role: the job, run as
+    // cron runs it, fails (exit 1, bk-notify's), a line on stderr for the mail, the webhook
+    // says which backup failed, and the metrics say so.
+    let db_file = cron::parse(&cron_dir.join("bk-db"));
+    let db_name = format!("db-{unique}");
+    let set_password = |password: &str| {
+        mysql.sql(
+            &admin_cnf,
+            &format!("ALTER USER '{unique}'@'127.0.0.1' IDENTIFIED BY '{password}'"),
+        )
+    };
+    set_password(&format!("changed-{unique}"));
+    let mut cmd = db_file.shell(&db_file.jobs[0].command.replace("\\%", "%"), USER, &home);
+    cmd.current_dir(&home).uid(uid).gid(gid);
+    let run = run_cmd(cmd, "");
+    set_password(&mysql_password);
+    assert_eq!(run.code, 1, "the failing job's status, as cron sees it: {}", run.stderr);
+    assert_eq!(run.stdout, "", "the records go to bk-notify's sinks, not to the mail");
+    assert!(
+        run.stderr.contains(&db_name) && run.stderr.contains("Access denied"),
+        "the mail names the backup and the cause: {}",
+        run.stderr
+    );
+    let texts = webhook_texts(&receiver);
+    assert_eq!(texts.len(), 1, "one webhook for the failure: {texts:?}");
+    assert!(
+        texts[0].contains("FAILED") && texts[0].contains(&db_name),
+        "the webhook's text names the failed backup: {}",
+        texts[0]
+    );
+
+    // 3c. The stale-backup check, run as cron runs it: quiet while every name has a fresh
+    // backup; a (simulated) day and more later, it fails and the webhook names each name.
+    let stale_path = cron_dir.join("bk_stale");
+    let stale_name = stale_path.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(cron::valid_file_name(&stale_name), "{stale_name}: a name cron ignores");
+    let stale_file = cron::parse(&stale_path);
+    assert_eq!(stale_file.jobs.len(), 1, "{}: one job", stale_path.display());
+    let stale_job = &stale_file.jobs[0];
+    assert_eq!(stale_job.user, "root", "the check reads every job's backups");
+    let stale_run = |now: Option<String>| {
+        let mut cmd = stale_file.shell(&stale_job.command.replace("\\%", "%"), "root", Path::new("/root"));
+        if let Some(now) = now {
+            cmd.env("BK_NOW", now);
+        }
+        run_cmd(cmd, "")
+    };
+    let fresh = stale_run(None);
+    assert_eq!(
+        (fresh.code, fresh.stdout.as_str(), fresh.stderr.as_str()),
+        (0, "", ""),
+        "the check, all fresh"
+    );
+    assert_eq!(
+        webhook_texts(&receiver).len(),
+        1,
+        "the check sent a webhook with all fresh"
+    );
+    let later = (chrono::Utc::now() + chrono::TimeDelta::hours(27)).to_rfc3339();
+    let stale = stale_run(Some(later));
+    assert_eq!(
+        (stale.code, stale.stdout.as_str()),
+        (1, ""),
+        "the check, a day missed: {}",
+        stale.stderr
+    );
+    let texts = webhook_texts(&receiver);
+    assert_eq!(texts.len(), 2, "one webhook for the stale backups: {texts:?}");
+    for name in [db_name.clone(), format!("pg-{unique}"), "data".to_string()] {
+        assert!(stale.stderr.contains(&name), "the mail names {name}: {}", stale.stderr);
+        assert!(texts[1].contains(&name), "the webhook names {name}: {}", texts[1]);
     }
 
     // 4. The runbook's Restore and Check commands of each job, run as root (the PostgreSQL
@@ -496,6 +641,8 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     .unwrap();
     jobs.retain(|j| j["name"] != "data");
     vars["bk_jobs"] = json!(jobs);
+    vars["bk_stale_after"] = json!("");
+    vars["bk_notify_webhook"] = json!("");
     let third = ansible.play(&vars);
     no_secret(&third, "third");
     assert!(
@@ -506,6 +653,14 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     for kept in ["bk-db", "bk-pg", "bk-handmade"] {
         assert!(cron_dir.join(kept).exists(), "{kept} was removed:\n{}", third.output);
     }
+    // Emptied variables: no stale check, no URL file, and the lines no longer name it.
+    assert!(!stale_path.exists(), "bk_stale_after emptied, its file stays");
+    assert!(!url_file.exists(), "bk_notify_webhook emptied, its file stays");
+    let db_line = &cron::parse(&cron_dir.join("bk-db")).jobs[0].command;
+    assert!(
+        db_line.ends_with("/bk-notify >/dev/null") && !db_line.contains("--webhook"),
+        "with no sink the line still ends in bk-notify, for its status: {db_line}"
+    );
     assert!(
         !fs::read_to_string(&runbook).unwrap().contains("## Job data"),
         "the runbook still has the removed job"

@@ -694,7 +694,14 @@ fn a_failure_before_the_dump_names_the_backups_of_the_command_line() {
         (
             "a wrong password, two databases",
             &wrong,
-            vec!["--database", "mysql", "--database", "Other DB", "--name", "job-{database}"],
+            vec![
+                "--database",
+                "mysql",
+                "--database",
+                "Other DB",
+                "--name",
+                "job-{database}",
+            ],
             78,
             vec!["job-mysql".into(), "job-other-db".into()],
         ),
