@@ -353,6 +353,7 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         "bk_s3_access_key_id": s3_key, "bk_s3_secret_access_key": s3_secret, "bk_s3_endpoint": s3_endpoint,
         "bk_ssh_known_hosts": [format!("[127.0.0.1]:{ssh_port} {}", host_key.join(" "))],
         "bk_notify_webhook": webhook,
+        "bk_notify_prom_dir": prom.parent().unwrap(),
         "bk_stale_after": "26h",
     });
     let no_secret = |play: &Play, which: &str| {
@@ -407,6 +408,8 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         url_file.display()
     );
     assert_eq!(fs::read_to_string(&url_file).unwrap().trim(), webhook);
+    let meta = fs::metadata(prom.parent().unwrap()).expect("the metrics directory");
+    assert_eq!((meta.mode() & 0o777, meta.uid()), (0o755, uid), "the metrics directory");
     for written in bk_tests::files_below(&cron_dir).into_iter().chain([runbook.clone()]) {
         let text = fs::read_to_string(&written).unwrap();
         assert!(!text.contains(&webhook), "{}: the webhook's URL", written.display());
@@ -493,6 +496,11 @@ fn role_converges_and_its_jobs_and_runbook_work() {
             cron_job.command
         );
         assert_eq!(
+            last_run_success(&prom, &name, &at),
+            Some(1.0),
+            "{at}: the metrics of {name}"
+        );
+        assert_eq!(
             webhook_texts(&receiver),
             Vec::<String>::new(),
             "{at}: a good run sends nothing (--on failure)"
@@ -552,6 +560,16 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         texts[0].contains("FAILED") && texts[0].contains(&db_name),
         "the webhook's text names the failed backup: {}",
         texts[0]
+    );
+    assert_eq!(
+        last_run_success(&prom, &db_name, "the failed job"),
+        Some(0.0),
+        "the metrics of {db_name}"
+    );
+    assert_eq!(
+        last_run_success(&prom, "data", "the failed job"),
+        Some(1.0),
+        "another job's metrics kept"
     );
 
     // 3c. The stale-backup check, run as cron runs it: quiet while every name has a fresh
