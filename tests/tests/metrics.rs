@@ -1,0 +1,257 @@
+//! bk-notify's --prom-file through the real binary, the file read back by a real Prometheus
+//! text-format parser (the Python prometheus_client's, which tests/services.sh installs):
+//! the values of a good and a failed run, jobs sharing one file at once, mode 0644 under
+//! any umask, no temporary file left, and a file it cannot read left as it is.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bk_core::record::Record;
+use bk_tests::{artifact_line, output_of, run_cmd, spawn_with_stdin, write_backup, Run, Sandbox};
+use serde_json::{Map, Value};
+
+/// Debian's python3, where the python3-prometheus-client package lives (a python3 earlier
+/// on PATH, e.g. pyenv's, would not have it).
+const PYTHON: &str = "/usr/bin/python3";
+
+/// Every sample of a prom file, as the Python prometheus_client parser reads it: per
+/// (metric, value of its `name` label or ""), the value. The parser refusing the file fails
+/// the test.
+fn parse_prom(path: &Path) -> BTreeMap<(String, String), f64> {
+    let script = "import json, sys\n\
+        from prometheus_client.parser import text_string_to_metric_families as parse\n\
+        text = open(sys.argv[1]).read()\n\
+        print(json.dumps([[s.name, s.labels, s.value] for f in parse(text) for s in f.samples]))";
+    let out = output_of(Command::new(PYTHON).args(["-c", script]).arg(path));
+    let samples: Vec<(String, BTreeMap<String, String>, f64)> =
+        serde_json::from_slice(&out).expect("the parser's JSON");
+    let mut by_key = BTreeMap::new();
+    for (metric, labels, value) in samples {
+        let name = labels.get("name").cloned().unwrap_or_default();
+        assert!(
+            by_key.insert((metric.clone(), name.clone()), value).is_none(),
+            "{metric} {name} twice"
+        );
+    }
+    by_key
+}
+
+fn value(samples: &BTreeMap<(String, String), f64>, metric: &str, name: &str) -> Option<f64> {
+    samples.get(&(metric.to_string(), name.to_string())).copied()
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as f64
+}
+
+fn unix_time(rfc3339: &str) -> f64 {
+    chrono::DateTime::parse_from_rfc3339(rfc3339).unwrap().timestamp() as f64
+}
+
+fn stdin_of(lines: &[&str]) -> String {
+    lines.iter().map(|l| format!("{l}\n")).collect()
+}
+
+fn notified(run: &Run) -> Vec<Map<String, Value>> {
+    run.records()
+        .into_iter()
+        .filter_map(|r| if let Record::Notified(n) = r { Some(n) } else { None })
+        .collect()
+}
+
+/// An artifact line of `name` whose backup took 7 seconds, with counts summing to 12.
+fn backup_of(sb: &Sandbox, name: &str, stamp: &str) -> (bk_core::record::Artifact, String) {
+    let mut a = write_backup(&sb.store(), name, stamp);
+    a.finished = bk_core::name::rfc3339(
+        chrono::DateTime::parse_from_rfc3339(&a.started).unwrap().to_utc() + chrono::Duration::seconds(7),
+    );
+    a.counts = BTreeMap::from([("db.a".to_string(), 5), ("db.b".to_string(), 7)]);
+    let line = artifact_line(&a).trim_end().to_string();
+    (a, line)
+}
+
+fn error_of(name: &str) -> String {
+    format!(r#"{{"bk":1,"type":"error","tool":"bk-dump","name":"{name}","code":69,"message":"cannot connect"}}"#)
+}
+
+fn verified(name: &str, ok: bool) -> String {
+    format!(
+        r#"{{"bk":1,"type":"verified","id":"{name}.20261122T001500Z","name":"{name}","ok":{ok},"level":"integrity","checks":{{}},"mismatches":[]}}"#
+    )
+}
+
+#[test]
+fn prom_file_holds_a_good_run_and_a_failed_one_keeps_the_last_success() {
+    let sb = Sandbox::new();
+    let prom = sb.path("textfile/bk.prom");
+    fs::create_dir(sb.path("textfile")).unwrap();
+    let args = ["--prom-file", prom.to_str().unwrap()];
+    let (a, good) = backup_of(&sb, "db", "20261122T001500Z");
+
+    let before = unix_now();
+    let run = sb.run_with_stdin("bk-notify", &args, &stdin_of(&[&good, &verified("db", true)]));
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let sinks = notified(&run);
+    assert_eq!(sinks.len(), 1, "{}", run.stdout);
+    assert_eq!(sinks[0]["sink"], "prom");
+    assert_eq!(sinks[0]["target"], prom.to_str().unwrap());
+    assert_eq!(
+        (sinks[0]["status"].clone(), sinks[0]["ok"].clone()),
+        (Value::Null, true.into())
+    );
+    let first = parse_prom(&prom);
+    let after = unix_now();
+    let last_run = value(&first, "bk_last_run_timestamp_seconds", "db").unwrap();
+    assert!(
+        (before..=after).contains(&last_run),
+        "{before} <= {last_run} <= {after}"
+    );
+    // (metric, value)
+    let expected = [
+        ("bk_last_run_success", 1.0),
+        ("bk_last_success_timestamp_seconds", unix_time(&a.finished)),
+        ("bk_backup_bytes", a.bytes as f64),
+        ("bk_backup_duration_seconds", 7.0),
+        ("bk_backup_rows_total", 12.0),
+        ("bk_verify_ok", 1.0),
+    ];
+    for (metric, expected) in expected {
+        assert_eq!(value(&first, metric, "db"), Some(expected), "{metric}: {first:?}");
+    }
+
+    // The next run fails (its dump could not connect, the verification failed): its last
+    // run and status change, the last success and the backup's size stay.
+    let run = sb.run_with_stdin(
+        "bk-notify",
+        &args,
+        &stdin_of(&[&error_of("db"), &verified("db", false)]),
+    );
+    assert_eq!(run.code, 1, "the backup's failure: {}", run.stderr);
+    assert_eq!(notified(&run)[0]["ok"], true);
+    let second = parse_prom(&prom);
+    assert_eq!(value(&second, "bk_last_run_success", "db"), Some(0.0));
+    assert_eq!(value(&second, "bk_verify_ok", "db"), Some(0.0));
+    assert!(value(&second, "bk_last_run_timestamp_seconds", "db").unwrap() >= last_run);
+    for kept in [
+        "bk_last_success_timestamp_seconds",
+        "bk_backup_bytes",
+        "bk_backup_duration_seconds",
+        "bk_backup_rows_total",
+    ] {
+        assert_eq!(value(&second, kept, "db"), value(&first, kept, "db"), "{kept} kept");
+    }
+    assert_eq!(value(&second, "bk_unnamed_failure_timestamp_seconds", ""), None);
+
+    // A failure no record puts on a name has a metric of its own; the names stay as they were.
+    let unnamed = r#"{"bk":1,"type":"error","tool":"bk-ship","code":69,"message":"store down"}"#;
+    let run = sb.run_with_stdin("bk-notify", &args, &stdin_of(&[unnamed]));
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let third = parse_prom(&prom);
+    let at = value(&third, "bk_unnamed_failure_timestamp_seconds", "").expect("the unnamed failure");
+    assert!(at >= last_run, "{third:?}");
+    third
+        .iter()
+        .filter(|((metric, _), _)| metric != "bk_unnamed_failure_timestamp_seconds")
+        .for_each(|(key, v)| assert_eq!(second.get(key), Some(v), "{key:?}"));
+}
+
+#[test]
+fn jobs_sharing_one_file_at_once_keep_each_others_names() {
+    let sb = Sandbox::new();
+    let prom = sb.path("bk.prom");
+    // Lines of another kind that the file may hold: a comment, a metric of someone else's,
+    // with its header; they stay.
+    let foreign = "# written by hand\n# HELP site_up Up.\n# TYPE site_up gauge\nsite_up{site=\"a b\"} 1\n";
+    fs::write(&prom, foreign).unwrap();
+    let names: Vec<String> = (0..8).map(|i| format!("job{i}")).collect();
+    let children: Vec<_> = names
+        .iter()
+        .map(|name| {
+            let (_, line) = backup_of(&sb, name, "20261122T001500Z");
+            let stdin = if name.ends_with('3') {
+                stdin_of(&[&line, &error_of(name)])
+            } else {
+                stdin_of(&[&line])
+            };
+            spawn_with_stdin(sb.cmd("bk-notify", &["--prom-file", prom.to_str().unwrap()]), &stdin)
+        })
+        .collect();
+    for child in children {
+        let run = Run::from(child.wait_with_output().unwrap());
+        assert!(run.code == 0 || run.code == 1, "{}", run.stderr);
+        assert_eq!(notified(&run)[0]["ok"], true, "{}", run.stdout);
+    }
+    let samples = parse_prom(&prom);
+    for name in &names {
+        let success = if name.ends_with('3') { 0.0 } else { 1.0 };
+        assert_eq!(
+            value(&samples, "bk_last_run_success", name),
+            Some(success),
+            "{name}: {samples:?}"
+        );
+    }
+    assert_eq!(samples.get(&("site_up".to_string(), String::new())), Some(&1.0));
+    assert!(fs::read_to_string(&prom).unwrap().starts_with("# written by hand\n"));
+    let mut left: Vec<String> = fs::read_dir(sb.root())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f != "store")
+        .collect();
+    left.sort();
+    assert_eq!(left, ["bk.prom", "bk.prom.lock"], "no temporary file left");
+}
+
+#[test]
+fn prom_file_is_0644_whatever_the_umask() {
+    let sb = Sandbox::new();
+    let prom = sb.path("bk.prom");
+    let (_, line) = backup_of(&sb, "db", "20261122T001500Z");
+    // The exporter runs as another user: the file (and the lock, which a job of another
+    // user opens) must be readable whatever the umask of the job's cron line.
+    for _ in 0..2 {
+        let umask = ["sh", "-c", "umask 077 && exec \"$0\" \"$@\""];
+        let cmd = sb.cmd_via(&umask, "bk-notify", &["--prom-file", prom.to_str().unwrap()]);
+        let run = run_cmd(cmd, &stdin_of(&[&line]));
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        for file in [&prom, &sb.path("bk.prom.lock")] {
+            let mode = fs::metadata(file).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o644, "{}", file.display());
+        }
+    }
+}
+
+#[test]
+fn a_file_it_cannot_read_is_left_as_it_is_and_the_sink_fails() {
+    let sb = Sandbox::new();
+    let prom = sb.path("bk.prom");
+    let mangled = "bk_last_run_success{name=\"db\"} 1\nbk_backup_bytes{name=\"db\" 12\n";
+    fs::write(&prom, mangled).unwrap();
+    let (_, line) = backup_of(&sb, "db", "20261122T001500Z");
+    let args = ["--prom-file", prom.to_str().unwrap()];
+    // (case, stdin, exit code: 69 when only the sink failed, the backup's 1 when it failed)
+    let cases = [
+        ("good backup", stdin_of(&[&line]), 69),
+        ("failed backup", stdin_of(&[&line, &error_of("db")]), 1),
+    ];
+    for (case, stdin, code) in cases {
+        let run = sb.run_with_stdin("bk-notify", &args, &stdin);
+        assert_eq!(run.code, code, "{case}\nstdout: {}\nstderr: {}", run.stdout, run.stderr);
+        assert_eq!(notified(&run)[0]["ok"], false, "{case}");
+        let e = run
+            .records()
+            .into_iter()
+            .filter_map(|r| if let Record::Error(e) = r { Some(e) } else { None })
+            .find(|e| e.tool == "bk-notify")
+            .unwrap_or_else(|| panic!("{case}: bk-notify's error: {}", run.stdout));
+        assert_eq!(e.code, 69, "{case}");
+        for says in ["line 2", "left as it is"] {
+            assert!(e.message.contains(says), "{case}: {says:?}: {}", e.message);
+        }
+        assert!(run.stderr.contains(&e.message), "{case}: {}", run.stderr);
+        assert_eq!(fs::read_to_string(&prom).unwrap(), mangled, "{case}: untouched");
+    }
+}
