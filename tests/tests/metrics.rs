@@ -1,14 +1,17 @@
-//! bk-notify's --prom-file through the real binary, the file read back by a real Prometheus
-//! text-format parser (the Python prometheus_client's, which tests/services.sh installs):
-//! the values of a good and a failed run, jobs sharing one file at once, mode 0644 under
-//! any umask, no temporary file left, and a file it cannot read left as it is.
+//! bk-notify's --prom-file and --syslog through the real binary. The prom file is read back
+//! by a real Prometheus text-format parser (the Python prometheus_client's, which
+//! tests/services.sh installs): the values of a good and a failed run, jobs sharing one file
+//! at once, mode 0644 under any umask, no temporary file left, and a file it cannot read left
+//! as it is. Syslog: a listener on a private datagram socket, in both protocols, gets one
+//! message per record at the right priority; no socket fails the sink.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::Command;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bk_core::record::Record;
 use bk_tests::{artifact_line, output_of, run_cmd, spawn_with_stdin, write_backup, Run, Sandbox};
@@ -254,4 +257,124 @@ fn a_file_it_cannot_read_is_left_as_it_is_and_the_sink_fails() {
         assert!(run.stderr.contains(&e.message), "{case}: {}", run.stderr);
         assert_eq!(fs::read_to_string(&prom).unwrap(), mangled, "{case}: untouched");
     }
+}
+
+/// Every datagram the listener got (it waits a little for the last).
+fn datagrams(listener: &UnixDatagram) -> Vec<String> {
+    listener.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0; 1 << 20];
+    while let Ok(n) = listener.recv(&mut buf) {
+        got.push(String::from_utf8(buf[..n].to_vec()).expect("UTF-8"));
+    }
+    got
+}
+
+#[test]
+fn syslog_gets_every_record_at_its_priority_in_either_protocol() {
+    let sb = Sandbox::new();
+    let (_, good) = backup_of(&sb, "db", "20261122T001500Z");
+    let bad_verify = verified("db", false);
+    let error = error_of("db");
+    let lines = [good.as_str(), error.as_str(), bad_verify.as_str()];
+    // Facility user (1): err is <11>, info <14>; journald's PRIORITY is the severity alone.
+    let severities = [6, 3, 3];
+    for (case, prefix, tag) in [("syslog", "", "bk"), ("journal", "journal:", "bk-nightly")] {
+        let path = sb.path(&format!("{case}.sock"));
+        let listener = UnixDatagram::bind(&path).unwrap();
+        let socket = format!("{prefix}{}", path.display());
+        let syslog = if tag == "bk" {
+            "--syslog".to_string()
+        } else {
+            format!("--syslog={tag}")
+        };
+        let run = sb.run_with_stdin("bk-notify", &[&syslog, "--syslog-socket", &socket], &stdin_of(&lines));
+        assert_eq!(
+            run.code, 1,
+            "{case}: the backup's failure\nstdout: {}\nstderr: {}",
+            run.stdout, run.stderr
+        );
+        let sinks = notified(&run);
+        assert_eq!(sinks.len(), 1, "{case}: {}", run.stdout);
+        assert_eq!(sinks[0]["sink"], "syslog");
+        assert_eq!(sinks[0]["target"], path.to_str().unwrap());
+        assert_eq!(sinks[0]["ok"], true, "{case}");
+        let got = datagrams(&listener);
+        assert_eq!(got.len(), lines.len(), "{case}: one message per record: {got:?}");
+        for ((datagram, line), severity) in got.iter().zip(lines).zip(severities) {
+            if case == "journal" {
+                let fields: BTreeMap<&str, &str> = datagram
+                    .lines()
+                    .map(|l| l.split_once('=').expect("KEY=VALUE"))
+                    .collect();
+                let expected = BTreeMap::from([
+                    ("PRIORITY", severity.to_string()),
+                    ("SYSLOG_FACILITY", "1".to_string()),
+                    ("SYSLOG_IDENTIFIER", tag.to_string()),
+                    ("MESSAGE", line.to_string()),
+                ]);
+                let fields: BTreeMap<&str, String> = fields.into_iter().map(|(k, v)| (k, v.to_string())).collect();
+                assert_eq!(fields, expected, "{case}");
+                continue;
+            }
+            // <PRI>Mmm dd hh:mm:ss TAG[PID]: MSG, as syslog(3) writes it on /dev/log.
+            let pri = format!("<{}>", 8 + severity);
+            let rest = datagram
+                .strip_prefix(&pri)
+                .unwrap_or_else(|| panic!("{case}: {pri} first: {datagram}"));
+            let (time, rest) = rest.split_at(15);
+            assert!(
+                chrono::NaiveDateTime::parse_from_str(&format!("2026 {time}"), "%Y %b %e %H:%M:%S").is_ok(),
+                "{time:?}"
+            );
+            let (head, message) = rest.split_once(": ").unwrap();
+            let pid = head.strip_prefix(&format!(" {tag}[")).and_then(|p| p.strip_suffix(']'));
+            assert!(
+                pid.is_some_and(|p| p.parse::<u32>().is_ok()),
+                "{case}: TAG[PID]: {datagram}"
+            );
+            assert_eq!(message, line, "{case}: the record's line is the message");
+        }
+    }
+}
+
+#[test]
+fn no_syslog_socket_is_a_failed_sink_that_keeps_the_backups_failure() {
+    let sb = Sandbox::new();
+    let (_, good) = backup_of(&sb, "db", "20261122T001500Z");
+    let absent = sb.path("no.sock");
+    // (case, stdin, exit code)
+    let cases = [
+        ("good backup", stdin_of(&[&good]), 69),
+        ("failed backup", stdin_of(&[&good, &error_of("db")]), 1),
+    ];
+    for (case, stdin, code) in cases {
+        let run = sb.run_with_stdin(
+            "bk-notify",
+            &["--syslog", "--syslog-socket", absent.to_str().unwrap()],
+            &stdin,
+        );
+        assert_eq!(run.code, code, "{case}\nstdout: {}\nstderr: {}", run.stdout, run.stderr);
+        let sinks = notified(&run);
+        assert_eq!(
+            (sinks[0]["sink"].as_str(), sinks[0]["ok"].as_bool()),
+            (Some("syslog"), Some(false)),
+            "{case}"
+        );
+        let e = run
+            .records()
+            .into_iter()
+            .filter_map(|r| if let Record::Error(e) = r { Some(e) } else { None })
+            .find(|e| e.tool == "bk-notify")
+            .unwrap_or_else(|| panic!("{case}: bk-notify's error: {}", run.stdout));
+        assert_eq!(e.code, 69, "{case}");
+        assert!(
+            e.message
+                .starts_with(&format!("syslog {}: no such socket", absent.display())),
+            "{case}: {}",
+            e.message
+        );
+    }
+    let run = sb.run_with_stdin("bk-notify", &["--syslog=two words"], &stdin_of(&[&good]));
+    run.failed("a tag with a blank", 64, &["a tag is"]);
 }

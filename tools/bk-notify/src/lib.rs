@@ -16,6 +16,7 @@ use bk_core::record::{Input, Output, Record};
 
 mod prom;
 mod sink;
+mod syslog;
 
 /// Attempts per request: a receiver restarting or answering 5xx gets two more chances.
 const ATTEMPTS: u32 = 3;
@@ -46,6 +47,10 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 /// no record names. Jobs may share one file: each replaces its own names' lines under a lock
 /// (PATH.lock) and renames a new file (mode 0644) into place. A file that is not in the
 /// text format is left as it is and the sink fails.
+///
+/// With --syslog it sends every record, its JSON line as the message, to the local syslog
+/// (/dev/log, in the format syslog(3) writes) or to journald's native socket: this replaces
+/// `| logger -t bk`, which hid the pipeline's exit status. No socket is a failed sink.
 #[derive(Debug, Parser)]
 #[command(name = "bk-notify", version, after_help = bk_core::cli::exit_status_help())]
 pub struct Cli {
@@ -60,6 +65,15 @@ pub struct Cli {
     /// every run); jobs may share one file
     #[arg(long, value_name = "PATH")]
     pub prom_file: Option<PathBuf>,
+    /// Send every record to the local syslog, tagged TAG (default bk): error records and
+    /// failed verifications at priority err, the others at info; facility user
+    #[arg(long, value_name = "TAG", num_args = 0..=1, require_equals = true,
+          default_missing_value = "bk", value_parser = syslog::parse_tag)]
+    pub syslog: Option<String>,
+    /// The socket of --syslog: PATH speaks syslog's format, journal:PATH journald's native
+    /// protocol [default: /dev/log, else /run/systemd/journal/socket when only it exists]
+    #[arg(long, value_name = "PATH|journal:PATH", requires = "syslog")]
+    pub syslog_socket: Option<String>,
 }
 
 /// When the webhook is sent.
@@ -109,6 +123,9 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     }
     if let Some(path) = &cli.prom_file {
         prom::notify(path, &inputs, failed, out)?;
+    }
+    if let Some(tag) = &cli.syslog {
+        syslog::notify(tag, cli.syslog_socket.as_deref(), &inputs, failed, out)?;
     }
     Ok(())
 }
