@@ -13,9 +13,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bk_core::record::Record;
-use bk_tests::{artifact_line, output_of, run_cmd, spawn_with_stdin, write_backup, Run, Sandbox};
-use serde_json::{Map, Value};
+use bk_core::record::ErrorRecord;
+use bk_tests::{artifact_line, output_of, run_cmd, spawn_with_stdin, stdin_of, write_backup, Run, Sandbox};
+use serde_json::Value;
 
 /// Debian's python3, where the python3-prometheus-client package lives (a python3 earlier
 /// on PATH, e.g. pyenv's, would not have it).
@@ -55,15 +55,16 @@ fn unix_time(rfc3339: &str) -> f64 {
     chrono::DateTime::parse_from_rfc3339(rfc3339).unwrap().timestamp() as f64
 }
 
-fn stdin_of(lines: &[&str]) -> String {
-    lines.iter().map(|l| format!("{l}\n")).collect()
-}
-
-fn notified(run: &Run) -> Vec<Map<String, Value>> {
-    run.records()
+/// bk-notify's own error record (a sink's failure), which also went to stderr.
+fn sink_error(run: &Run, case: &str) -> ErrorRecord {
+    let e = run
+        .errors()
         .into_iter()
-        .filter_map(|r| if let Record::Notified(n) = r { Some(n) } else { None })
-        .collect()
+        .find(|e| e.tool == "bk-notify")
+        .unwrap_or_else(|| panic!("{case}: bk-notify's error: {}", run.stdout));
+    assert_eq!(e.code, 69, "{case}");
+    assert!(run.stderr.contains(&e.message), "{case}: {}", run.stderr);
+    e
 }
 
 /// An artifact line of `name` whose backup took 7 seconds, with counts summing to 12.
@@ -98,7 +99,7 @@ fn prom_file_holds_a_good_run_and_a_failed_one_keeps_the_last_success() {
     let before = unix_now();
     let run = sb.run_with_stdin("bk-notify", &args, &stdin_of(&[&good, &verified("db", true)]));
     assert_eq!(run.code, 0, "{}", run.stderr);
-    let sinks = notified(&run);
+    let sinks = run.notified();
     assert_eq!(sinks.len(), 1, "{}", run.stdout);
     assert_eq!(sinks[0]["sink"], "prom");
     assert_eq!(sinks[0]["target"], prom.to_str().unwrap());
@@ -134,7 +135,7 @@ fn prom_file_holds_a_good_run_and_a_failed_one_keeps_the_last_success() {
         &stdin_of(&[&error_of("db"), &verified("db", false)]),
     );
     assert_eq!(run.code, 1, "the backup's failure: {}", run.stderr);
-    assert_eq!(notified(&run)[0]["ok"], true);
+    assert_eq!(run.notified()[0]["ok"], true);
     let second = parse_prom(&prom);
     assert_eq!(value(&second, "bk_last_run_success", "db"), Some(0.0));
     assert_eq!(value(&second, "bk_verify_ok", "db"), Some(0.0));
@@ -186,7 +187,7 @@ fn jobs_sharing_one_file_at_once_keep_each_others_names() {
     for child in children {
         let run = Run::from(child.wait_with_output().unwrap());
         assert!(run.code == 0 || run.code == 1, "{}", run.stderr);
-        assert_eq!(notified(&run)[0]["ok"], true, "{}", run.stdout);
+        assert_eq!(run.notified()[0]["ok"], true, "{}", run.stdout);
     }
     let samples = parse_prom(&prom);
     for name in &names {
@@ -243,18 +244,11 @@ fn a_file_it_cannot_read_is_left_as_it_is_and_the_sink_fails() {
     for (case, stdin, code) in cases {
         let run = sb.run_with_stdin("bk-notify", &args, &stdin);
         assert_eq!(run.code, code, "{case}\nstdout: {}\nstderr: {}", run.stdout, run.stderr);
-        assert_eq!(notified(&run)[0]["ok"], false, "{case}");
-        let e = run
-            .records()
-            .into_iter()
-            .filter_map(|r| if let Record::Error(e) = r { Some(e) } else { None })
-            .find(|e| e.tool == "bk-notify")
-            .unwrap_or_else(|| panic!("{case}: bk-notify's error: {}", run.stdout));
-        assert_eq!(e.code, 69, "{case}");
+        assert_eq!(run.notified()[0]["ok"], false, "{case}");
+        let e = sink_error(&run, case);
         for says in ["line 2", "left as it is"] {
             assert!(e.message.contains(says), "{case}: {says:?}: {}", e.message);
         }
-        assert!(run.stderr.contains(&e.message), "{case}: {}", run.stderr);
         assert_eq!(fs::read_to_string(&prom).unwrap(), mangled, "{case}: untouched");
     }
 }
@@ -294,7 +288,7 @@ fn syslog_gets_every_record_at_its_priority_in_either_protocol() {
             "{case}: the backup's failure\nstdout: {}\nstderr: {}",
             run.stdout, run.stderr
         );
-        let sinks = notified(&run);
+        let sinks = run.notified();
         assert_eq!(sinks.len(), 1, "{case}: {}", run.stdout);
         assert_eq!(sinks[0]["sink"], "syslog");
         assert_eq!(sinks[0]["target"], path.to_str().unwrap());
@@ -355,19 +349,13 @@ fn no_syslog_socket_is_a_failed_sink_that_keeps_the_backups_failure() {
             &stdin,
         );
         assert_eq!(run.code, code, "{case}\nstdout: {}\nstderr: {}", run.stdout, run.stderr);
-        let sinks = notified(&run);
+        let sinks = run.notified();
         assert_eq!(
             (sinks[0]["sink"].as_str(), sinks[0]["ok"].as_bool()),
             (Some("syslog"), Some(false)),
             "{case}"
         );
-        let e = run
-            .records()
-            .into_iter()
-            .filter_map(|r| if let Record::Error(e) = r { Some(e) } else { None })
-            .find(|e| e.tool == "bk-notify")
-            .unwrap_or_else(|| panic!("{case}: bk-notify's error: {}", run.stdout));
-        assert_eq!(e.code, 69, "{case}");
+        let e = sink_error(&run, case);
         assert!(
             e.message
                 .starts_with(&format!("syslog {}: no such socket", absent.display())),

@@ -31,19 +31,34 @@ const UNNAMED_FAILURE: &str = "bk_unnamed_failure_timestamp_seconds";
 
 /// Every metric bk-notify writes (each a gauge), with its help text.
 const METRICS: [(&str, &str); 8] = [
-    (LAST_RUN, "When a pipeline ending in bk-notify last ran for this backup name (Unix time)."),
-    (LAST_RUN_SUCCESS, "1 if the last run of this backup name succeeded, 0 if it failed."),
+    (
+        LAST_RUN,
+        "When a pipeline ending in bk-notify last ran for this backup name (Unix time).",
+    ),
+    (
+        LAST_RUN_SUCCESS,
+        "1 if the last run of this backup name succeeded, 0 if it failed.",
+    ),
     (
         LAST_SUCCESS,
         "When the newest backup of a successful run finished (Unix time, from its manifest).",
     ),
     (BYTES, "Size of the newest backup as stored (compressed, encrypted)."),
-    (DURATION, "Time the newest backup took to make: its finished minus its started time."),
-    (ROWS, "Rows, documents or files in the newest backup: the sum of its counts."),
-    (VERIFY_OK, "1 if the last verification of this backup name passed, 0 if it did not."),
+    (
+        DURATION,
+        "Time the newest backup took to make: its finished minus its started time.",
+    ),
+    (
+        ROWS,
+        "Rows, documents or files in the newest backup: the sum of its counts.",
+    ),
+    (
+        VERIFY_OK,
+        "1 if the last verification of this backup name passed, 0 if it did not.",
+    ),
     (
         UNNAMED_FAILURE,
-        "When a run last failed with no record naming its backup (the tool before was killed, or failed before it knew a name) (Unix time).",
+        "When a run last failed with no record naming a backup, so that no name's metrics could say so (Unix time).",
     ),
 ];
 
