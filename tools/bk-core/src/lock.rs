@@ -58,13 +58,17 @@ impl Lock {
     /// open it to lock it (flock needs no write access). Waits up to `wait`; exit 75 if it
     /// stays held.
     pub fn shared(path: &Path, wait: Duration) -> Result<Self> {
-        let file = match File::open(path) {
+        // Not through a symlink: in a directory others may write, one could point it
+        // anywhere.
+        let opened = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path);
+        let file = match opened {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let file = OpenOptions::new()
                     .create(true)
                     .truncate(false)
                     .write(true)
                     .mode(0o644)
+                    .custom_flags(libc::O_NOFOLLOW)
                     .open(path)
                     .map_err(|e| Error::create(path, e))?;
                 // The mode given to open is filtered by the umask; this is not.
@@ -146,5 +150,18 @@ mod tests {
         });
         Lock::acquire(tmp.path(), "job", Some(Duration::from_secs(5))).unwrap();
         releaser.join().unwrap();
+    }
+
+    #[test]
+    fn a_shared_lock_is_readable_by_all_and_exclusive() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("bk.prom.lock");
+        let first = Lock::shared(&path, Duration::ZERO).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o644);
+        let e = Lock::shared(&path, Duration::from_millis(200)).err().unwrap();
+        assert_eq!(e.exit_code(), 75);
+        assert!(e.message.contains("after waiting"), "{}", e.message);
+        drop(first);
+        Lock::shared(&path, Duration::ZERO).unwrap();
     }
 }
