@@ -661,6 +661,7 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     vars["bk_jobs"] = json!(jobs);
     vars["bk_stale_after"] = json!("");
     vars["bk_notify_webhook"] = json!("");
+    vars["bk_notify_prom_dir"] = json!("");
     let third = ansible.play(&vars);
     no_secret(&third, "third");
     assert!(
@@ -671,7 +672,7 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     for kept in ["bk-db", "bk-pg", "bk-handmade"] {
         assert!(cron_dir.join(kept).exists(), "{kept} was removed:\n{}", third.output);
     }
-    // Emptied variables: no stale check, no URL file, and the lines no longer name it.
+    // Emptied variables: no stale check, no URL file, and the lines no longer name them.
     assert!(!stale_path.exists(), "bk_stale_after emptied, its file stays");
     assert!(!url_file.exists(), "bk_notify_webhook emptied, its file stays");
     let db_line = &cron::parse(&cron_dir.join("bk-db")).jobs[0].command;
