@@ -3,7 +3,7 @@
 //! (cron's /bin/sh has no pipefail, so the last tool's status is the pipeline's), and it
 //! tells a person or a monitor through its sinks.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
@@ -13,6 +13,10 @@ use bk_core::cli::read_stdin_records;
 use bk_core::error::{redact, Error, Result};
 use bk_core::private::check_private_file;
 use bk_core::record::{Input, Output, Record};
+
+mod prom;
+mod sink;
+mod syslog;
 
 /// Attempts per request: a receiver restarting or answering 5xx gets two more chances.
 const ATTEMPTS: u32 = 3;
@@ -35,6 +39,18 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 /// Prints a notified record per sink, its URL without path or query. A notification that
 /// fails is an error record and exit 69, unless the backup failed too: then the exit status
 /// stays the backup's (1).
+///
+/// With --prom-file it writes, after every run, metrics per backup name (label name) for
+/// node_exporter's textfile collector: bk_last_run_timestamp_seconds, bk_last_run_success,
+/// bk_last_success_timestamp_seconds, bk_backup_bytes, bk_backup_duration_seconds,
+/// bk_backup_rows_total, bk_verify_ok, and bk_unnamed_failure_timestamp_seconds for a failure
+/// no record names. Jobs may share one file: each replaces its own names' lines under a lock
+/// (PATH.lock) and renames a new file (mode 0644) into place. A file that is not in the
+/// text format is left as it is and the sink fails.
+///
+/// With --syslog it sends every record, its JSON line as the message, to the local syslog
+/// (/dev/log, in the format syslog(3) writes) or to journald's native socket: this replaces
+/// `| logger -t bk`, which hid the pipeline's exit status. No socket is a failed sink.
 #[derive(Debug, Parser)]
 #[command(name = "bk-notify", version, after_help = bk_core::cli::exit_status_help())]
 pub struct Cli {
@@ -45,6 +61,19 @@ pub struct Cli {
     /// When to send the webhook: on failure only, or after every run
     #[arg(long, value_enum, default_value_t = On::Failure)]
     pub on: On,
+    /// Write metrics per backup name to PATH for node_exporter's textfile collector (after
+    /// every run); jobs may share one file
+    #[arg(long, value_name = "PATH")]
+    pub prom_file: Option<PathBuf>,
+    /// Send every record to the local syslog, tagged TAG (default bk): error records and
+    /// failed verifications at priority err, the others at info; facility user
+    #[arg(long, value_name = "TAG", num_args = 0..=1, require_equals = true,
+          default_missing_value = "bk", value_parser = syslog::parse_tag)]
+    pub syslog: Option<String>,
+    /// The socket of --syslog: PATH speaks syslog's format, journal:PATH journald's native
+    /// protocol [default: /dev/log, else /run/systemd/journal/socket when only it exists]
+    #[arg(long, value_name = "PATH|journal:PATH", requires = "syslog")]
+    pub syslog_socket: Option<String>,
 }
 
 /// When the webhook is sent.
@@ -91,6 +120,12 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
                 out.error(&e)?;
             }
         }
+    }
+    if let Some(path) = &cli.prom_file {
+        prom::notify(path, &inputs, failed, out)?;
+    }
+    if let Some(tag) = &cli.syslog {
+        syslog::notify(tag, cli.syslog_socket.as_deref(), &inputs, failed, out)?;
     }
     Ok(())
 }
