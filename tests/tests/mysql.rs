@@ -690,50 +690,43 @@ fn a_failure_before_the_dump_names_the_backups_of_the_command_line() {
         .server
         .option_file_for(&env.sb, "wrong.cnf", &env.server.user, WRONG_PASSWORD, "");
     let nope = mysql_unique_name("bk_nope_");
-    let cases: [(&str, &Path, Vec<&str>, i32, Vec<String>); 3] = [
+    // Each case: the option file, bk-dump's arguments, the exit code, the error records' names.
+    let two = [
+        "--database",
+        "mysql",
+        "--database",
+        "Other DB",
+        "--name",
+        "job-{database}",
+    ];
+    let missing = ["--database", &nope, "--name", "{engine}-{database}"];
+    let host = ["--database", "mysql", "--name", "{host}-{database}"];
+    let cases = [
         (
             "a wrong password, two databases",
             &wrong,
-            vec![
-                "--database",
-                "mysql",
-                "--database",
-                "Other DB",
-                "--name",
-                "job-{database}",
-            ],
+            &two[..],
             78,
-            vec!["job-mysql".into(), "job-other-db".into()],
+            vec![Some("job-mysql".to_string()), Some("job-other-db".to_string())],
         ),
         (
             "a missing database",
             &env.admin,
-            vec!["--database", &nope, "--name", "{engine}-{database}"],
+            &missing[..],
             66,
-            vec![format!("mysql-{nope}")],
+            vec![Some(format!("mysql-{nope}"))],
         ),
-        (
-            "{host} in --name",
-            &wrong,
-            vec!["--database", "mysql", "--name", "{host}-{database}"],
-            78,
-            vec![],
-        ),
+        ("{host} in --name", &wrong, &host[..], 78, vec![None]),
     ];
     for (case, option_file, args, code, names) in cases {
-        let run = env.dump_to(option_file, &env.sb.store(), &args);
+        let run = env.dump_to(option_file, &env.sb.store(), args);
         assert_eq!(run.code, code, "{case}: {}", run.stderr);
         let named: Vec<Option<String>> = run
             .records()
             .into_iter()
             .filter_map(|r| if let Record::Error(e) = r { Some(e.name) } else { None })
             .collect();
-        let expected: Vec<Option<String>> = if names.is_empty() {
-            vec![None]
-        } else {
-            names.into_iter().map(Some).collect()
-        };
-        assert_eq!(named, expected, "{case}: the error records' names\n{}", run.stdout);
+        assert_eq!(named, names, "{case}: the error records' names\n{}", run.stdout);
     }
 }
 
