@@ -105,6 +105,23 @@ impl Ansible<'_> {
     /// `ansible-playbook --diff` of a playbook whose play ends with `tasks` (YAML under the
     /// play) with `vars`, on localhost.
     fn play_tasks(&self, tasks: &str, vars: &serde_json::Value) -> Play {
+        let run = self.run_playbook(tasks, vars);
+        let output = format!("{}{}", run.stdout, run.stderr);
+        assert_eq!(run.code, 0, "ansible-playbook failed:\n{output}");
+        let recap = output
+            .lines()
+            .skip_while(|l| !l.starts_with("PLAY RECAP"))
+            .find(|l| l.starts_with("localhost"))
+            .unwrap_or_else(|| panic!("no PLAY RECAP for localhost:\n{output}"))
+            .to_string();
+        Play {
+            changed: recap_count(&recap, "changed"),
+            output,
+        }
+    }
+
+    /// The run of such a playbook, whatever its outcome.
+    fn run_playbook(&self, tasks: &str, vars: &serde_json::Value) -> Run {
         let dir = self.sb.path("playbook");
         fs::create_dir_all(&dir).unwrap();
         fs::write(
@@ -127,19 +144,7 @@ impl Ansible<'_> {
         cmd.current_dir(&dir)
             .args(["-i", "inventory", "site.yml", "--diff", "-e"])
             .arg(format!("@{}", vars_file.display()));
-        let run = run_cmd(cmd, "");
-        let output = format!("{}{}", run.stdout, run.stderr);
-        assert_eq!(run.code, 0, "ansible-playbook failed:\n{output}");
-        let recap = output
-            .lines()
-            .skip_while(|l| !l.starts_with("PLAY RECAP"))
-            .find(|l| l.starts_with("localhost"))
-            .unwrap_or_else(|| panic!("no PLAY RECAP for localhost:\n{output}"))
-            .to_string();
-        Play {
-            changed: recap_count(&recap, "changed"),
-            output,
-        }
+        run_cmd(cmd, "")
     }
 }
 
@@ -727,4 +732,58 @@ fn role_installs_from_a_release_tarball() {
         "the second run changed something:\n{}",
         second.output
     );
+}
+
+/// Bad notification and stale-check settings are refused before anything is installed, with a
+/// message naming the variable, and a refused URL is not shown.
+#[test]
+fn role_refuses_bad_notification_settings() {
+    let Some(venv) = ansible_venv() else {
+        return;
+    };
+    let sb = Sandbox::new();
+    let ansible = Ansible {
+        sb: &sb,
+        venv,
+        repo: Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
+    };
+    let secret = "hooks.example.net/T0/secret-token";
+    let job = |healthcheck: &str| json!([{"name": "etc", "engine": "files", "paths": ["/etc"], "schedule": "@daily", "healthcheck": healthcheck}]);
+    // Each case: the variable, its bad value, what the message must name.
+    let cases = [
+        ("bk_notify_webhook", json!(secret), "bk_notify_webhook"),
+        (
+            "bk_notify_webhook",
+            json!(format!("https://{secret} x")),
+            "bk_notify_webhook",
+        ),
+        (
+            "bk_notify_healthcheck",
+            json!(format!("ftp://{secret}")),
+            "bk_notify_healthcheck",
+        ),
+        ("bk_jobs", job(&format!("hc://{secret}")), "each job's healthcheck"),
+        ("bk_notify_on", json!("sometimes"), "bk_notify_on"),
+        ("bk_notify_syslog", json!("maybe"), "bk_notify_syslog"),
+        ("bk_notify_prom_dir", json!("metrics"), "bk_notify_prom_dir"),
+        ("bk_stale_after", json!("26 hours"), "bk_stale_after"),
+        ("bk_stale_schedule", json!("hourly"), "bk_stale_schedule"),
+    ];
+    let tasks = "  tasks:\n    - name: Check\n      ansible.builtin.include_role: {name: bk, tasks_from: validate}\n";
+    let good = json!({"bk_install_src": "/nonexistent", "bk_jobs": job("https://hc.example.net/ping/1")});
+    let run = ansible.run_playbook(tasks, &good);
+    assert_eq!(run.code, 0, "good settings refused:\n{}{}", run.stdout, run.stderr);
+    for (variable, value, says) in cases {
+        let mut vars = good.clone();
+        vars[variable] = value.clone();
+        let run = ansible.run_playbook(tasks, &vars);
+        let output = format!("{}{}", run.stdout, run.stderr);
+        let case = format!("{variable}: {value}");
+        assert_ne!(run.code, 0, "{case}: accepted:\n{output}");
+        assert!(
+            output.contains(says),
+            "{case}: the message does not name {says}:\n{output}"
+        );
+        assert!(!output.contains(secret), "{case}: the refused URL is shown:\n{output}");
+    }
 }
