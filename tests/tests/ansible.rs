@@ -306,6 +306,7 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     // The jobs' webhook, with the token in its path as Slack's and Mattermost's have.
     let receiver = Receiver::start(&[]);
     let webhook = receiver.url(&format!("/hooks/{unique}-token"));
+    let healthcheck = receiver.url(&format!("/ping/{unique}-uuid"));
     let secrets = [
         mysql_password.as_str(),
         pg_password.as_str(),
@@ -313,6 +314,7 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         pg.password.as_str(),
         s3_secret.as_str(),
         webhook.as_str(),
+        healthcheck.as_str(),
     ];
     let home = sb.path("home");
     let store = sb.path("store");
@@ -663,6 +665,8 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     )
     .unwrap();
     jobs.retain(|j| j["name"] != "data");
+    let pg_job = jobs.iter_mut().find(|j| j["name"] == "pg").expect("the pg job");
+    pg_job["healthcheck"] = json!(healthcheck);
     vars["bk_jobs"] = json!(jobs);
     vars["bk_stale_after"] = json!("");
     vars["bk_notify_webhook"] = json!("");
@@ -689,6 +693,31 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         !fs::read_to_string(&runbook).unwrap().contains("## Job data"),
         "the runbook still has the removed job"
     );
+    // A job's own healthcheck: its URL in a file of its own, which only its line names.
+    let hc_file = home.join(".bk-notify/healthcheck-pg.url");
+    let meta = fs::metadata(&hc_file).unwrap_or_else(|e| panic!("{}: {e}", hc_file.display()));
+    assert_eq!((meta.mode() & 0o777, meta.uid()), (0o600, uid), "{}", hc_file.display());
+    assert_eq!(fs::read_to_string(&hc_file).unwrap().trim(), healthcheck);
+    let pg_line = &cron::parse(&cron_dir.join("bk-pg")).jobs[0].command;
+    assert!(
+        pg_line.ends_with(&format!(
+            "/bk-notify --healthcheck @{} --start-now >/dev/null",
+            hc_file.display()
+        )),
+        "the pg job's line: {pg_line}"
+    );
+    assert!(
+        !db_line.contains("--healthcheck"),
+        "the db job has no healthcheck: {db_line}"
+    );
+    for written in bk_tests::files_below(&cron_dir) {
+        let text = fs::read_to_string(&written).unwrap();
+        assert!(
+            !text.contains(&healthcheck),
+            "{}: the healthcheck's URL",
+            written.display()
+        );
+    }
 }
 
 /// The role's other install path: a release tarball with `bk` at its top, over an older
