@@ -85,7 +85,11 @@ pub fn post(url: &str, content_type: &str, body: &str) -> Sent {
                     e,
                     ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::Timeout(_)
                 );
-                (None, Some(e.to_string().replace(url, &target)), transient)
+                let why = match e {
+                    ureq::Error::Protocol(_) => format!("answered something that is not HTTP ({e})"),
+                    _ => e.to_string(),
+                };
+                (None, Some(why.replace(url, &target)), transient)
             }
         };
         match failure {
