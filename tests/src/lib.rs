@@ -1142,6 +1142,29 @@ pub fn assert_tools_linked(bin: &Path) {
     }
 }
 
+/// Lines as a tool's stdin, each ended by a line feed.
+pub fn stdin_of(lines: &[&str]) -> String {
+    lines.iter().map(|l| format!("{l}\n")).collect()
+}
+
+impl Run {
+    /// bk-notify's `notified` records, one per sink.
+    pub fn notified(&self) -> Vec<serde_json::Map<String, serde_json::Value>> {
+        self.records()
+            .into_iter()
+            .filter_map(|r| if let Record::Notified(n) = r { Some(n) } else { None })
+            .collect()
+    }
+
+    /// Every error record printed, passed on or the tool's own.
+    pub fn errors(&self) -> Vec<ErrorRecord> {
+        self.records()
+            .into_iter()
+            .filter_map(|r| if let Record::Error(e) = r { Some(e) } else { None })
+            .collect()
+    }
+}
+
 /// One HTTP request a [`Receiver`] got.
 #[derive(Debug, Clone)]
 pub struct Received {

@@ -12,11 +12,10 @@ use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use bk_core::record::Record;
 use bk_tests::{
-    artifact_line, free_port, have_root, run_cmd, write_backup, Received, Receiver, Run, Sandbox, AS_NOBODY,
+    artifact_line, free_port, have_root, run_cmd, stdin_of, write_backup, Received, Receiver, Run, Sandbox, AS_NOBODY,
 };
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// A backup's artifact line, written into the sandbox's store.
 fn backup(sb: &Sandbox, name: &str) -> String {
@@ -65,24 +64,6 @@ fn url_file(sb: &Sandbox, name: &str, url: &str) -> (PathBuf, String) {
     fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
     let arg = format!("@{}", path.display());
     (path, arg)
-}
-
-fn stdin_of(lines: &[&str]) -> String {
-    lines.iter().map(|l| format!("{l}\n")).collect()
-}
-
-fn notified(run: &Run) -> Vec<Map<String, Value>> {
-    run.records()
-        .into_iter()
-        .filter_map(|r| if let Record::Notified(n) = r { Some(n) } else { None })
-        .collect()
-}
-
-fn error_records(run: &Run) -> Vec<bk_core::record::ErrorRecord> {
-    run.records()
-        .into_iter()
-        .filter_map(|r| if let Record::Error(e) = r { Some(e) } else { None })
-        .collect()
 }
 
 /// The method, path and body of each request a receiver got.
@@ -141,7 +122,7 @@ fn no_records_at_all_fails_and_the_sinks_still_tell() {
         );
         assert_eq!(run.code, code, "{case}\nstdout: {}\nstderr: {}", run.stdout, run.stderr);
         run.assert_hides(case, &[TOKEN]);
-        let errors = error_records(&run);
+        let errors = run.errors();
         assert_eq!(errors.len(), 1, "{case}: one error record: {}", run.stdout);
         assert_eq!(errors[0].tool, tool, "{case}");
         assert_eq!(errors[0].code as i32, code, "{case}");
@@ -179,7 +160,8 @@ fn no_records_at_all_fails_and_the_sinks_still_tell() {
         let expected: Vec<String> = pings.iter().map(|p| format!("/{TOKEN}{p}")).collect();
         assert_eq!(paths(&pinged), expected, "{case}: the healthcheck is told");
         assert_eq!(pinged.last().unwrap().body, text, "{case}: the summary is the body");
-        let sinks: Vec<(Value, Value)> = notified(&run)
+        let sinks: Vec<(Value, Value)> = run
+            .notified()
             .into_iter()
             .map(|n| (n["sink"].clone(), n["ok"].clone()))
             .collect();
@@ -204,7 +186,7 @@ fn webhook_is_posted_on_failure_or_always_without_its_token() {
             &good,
             "always",
             0,
-            Some("files-etc: backed up files-etc.20261122T001500Z"),
+            Some("files-etc: backup files-etc.20261122T001500Z"),
         ),
         (
             "failed run",
@@ -223,7 +205,7 @@ fn webhook_is_posted_on_failure_or_always_without_its_token() {
         let received = receiver.received();
         let Some(says) = says else {
             assert!(received.is_empty(), "{case}: nothing sent: {received:?}");
-            assert!(notified(&run).is_empty(), "{case}: {}", run.stdout);
+            assert!(run.notified().is_empty(), "{case}: {}", run.stdout);
             continue;
         };
         assert_eq!(received.len(), 1, "{case}: one request: {received:?}");
@@ -236,7 +218,7 @@ fn webhook_is_posted_on_failure_or_always_without_its_token() {
         let passed: Vec<Value> = stdin.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(records, &passed, "{case}: the body has the records");
         assert!(!received[0].body.contains(TOKEN), "{case}: no secret in the body");
-        let sinks = notified(&run);
+        let sinks = run.notified();
         assert_eq!(sinks.len(), 1, "{case}: {}", run.stdout);
         assert_eq!(sinks[0]["sink"], "webhook");
         assert_eq!(sinks[0]["target"], receiver.url("/(redacted)"));
@@ -265,13 +247,13 @@ fn webhook_retries_5xx_and_reports_4xx_at_once() {
             run.stdout, run.stderr
         );
         assert_eq!(receiver.received().len(), requests, "{case}");
-        let sinks = notified(&run);
+        let sinks = run.notified();
         assert_eq!(
             (sinks[0]["status"].clone(), sinks[0]["ok"].clone()),
             (status.into(), ok.into()),
             "{case}"
         );
-        let errors = error_records(&run);
+        let errors = run.errors();
         assert_eq!(errors.len(), if ok { 1 } else { 2 }, "{case}: {}", run.stdout);
         if !ok {
             assert_eq!((errors[1].tool.as_str(), errors[1].code), ("bk-notify", 69), "{case}");
@@ -298,7 +280,7 @@ fn healthcheck_pings_start_then_success_or_fail_with_the_summary() {
             0,
             format!("/ping/{TOKEN}/start"),
             format!("/ping/{TOKEN}"),
-            "files-etc: backed up files-etc.20261122T001500Z",
+            "files-etc: backup files-etc.20261122T001500Z",
         ),
         (
             "a failed run",
@@ -334,7 +316,7 @@ fn healthcheck_pings_start_then_success_or_fail_with_the_summary() {
             "{case}: then the notified record: {}",
             run.stdout
         );
-        let sinks = notified(&run);
+        let sinks = run.notified();
         assert_eq!(sinks.len(), 1, "{case}");
         assert_eq!(sinks[0]["sink"], "healthcheck", "{case}");
         assert_eq!(sinks[0]["target"], monitor.url("/(redacted)"), "{case}");
@@ -468,7 +450,7 @@ fn records_pass_on_as_they_come_and_start_is_pinged_with_the_first_or_at_once() 
         assert_eq!(run.code, 0, "{case}\nstdout: {}\nstderr: {}", run.stdout, run.stderr);
         assert_eq!(run.stderr, "", "{case}");
         assert_eq!(run.lines()[..2], [artifact.as_str(), VERIFIED_OK], "{case}");
-        assert_eq!(notified(&run).len(), 1, "{case}");
+        assert_eq!(run.notified().len(), 1, "{case}");
         let pinged = monitor.received();
         assert_eq!(
             paths(&pinged),
@@ -546,14 +528,14 @@ fn healthcheck_retries_5xx_and_reports_4xx_at_once() {
         run.assert_hides(case, &[TOKEN]);
         let expected: Vec<String> = pings.iter().map(|p| format!("/{TOKEN}{p}")).collect();
         assert_eq!(paths(&monitor.received()), expected, "{case}");
-        let sinks = notified(&run);
+        let sinks = run.notified();
         assert_eq!(sinks.len(), 1, "{case}: {}", run.stdout);
         assert_eq!(
             (&sinks[0]["status"], &sinks[0]["ok"]),
             (&status.into(), &ok.into()),
             "{case}"
         );
-        let errors = error_records(&run);
+        let errors = run.errors();
         let upstream = usize::from(stdin == &bad);
         assert_eq!(errors.len(), upstream + usize::from(!ok), "{case}: {}", run.stdout);
         if !ok {
@@ -651,14 +633,14 @@ fn a_receiver_down_or_not_http_is_69_unless_the_backup_failed() {
             );
             run.assert_hides(&case, &[TOKEN]);
             assert_eq!(run.lines()[0], artifact, "{case}: the records go on");
-            let sinks = notified(&run);
+            let sinks = run.notified();
             assert_eq!(sinks.len(), 1, "{case}: {}", run.stdout);
             assert_eq!(
                 (&sinks[0]["ok"], &sinks[0]["status"]),
                 (&false.into(), &Value::Null),
                 "{case}"
             );
-            let errors = error_records(&run);
+            let errors = run.errors();
             assert_eq!(errors.len(), 1 + usize::from(backup_failed), "{case}: {}", run.stdout);
             let e = errors.last().unwrap();
             assert_eq!((e.tool.as_str(), e.code), ("bk-notify", 69), "{case}");
@@ -789,7 +771,7 @@ fn sink_urls_come_from_private_files_or_the_environment_only() {
                 "{case}: the records still go on: {}",
                 run.stdout
             );
-            assert!(notified(&run).is_empty(), "{case}: no sink: {}", run.stdout);
+            assert!(run.notified().is_empty(), "{case}: no sink: {}", run.stdout);
             run.assert_hides(&case, &[TOKEN, &port]);
         }
     }
@@ -855,5 +837,72 @@ fn a_misconfigured_sink_fails_the_run_and_the_others_still_tell() {
         .map(|r| r["type"].as_str().unwrap())
         .collect();
     assert_eq!(records, ["error", "hologram"]);
-    assert_eq!(notified(&run)[0]["ok"], true);
+    assert_eq!(run.notified()[0]["ok"], true);
+}
+
+/// docs/notify.md's cron line for the backup server, run as cron runs it (`/bin/sh -c`, no
+/// pipefail): a name without a recent backup makes the job exit 1 and the webhook say which;
+/// when all are fresh, the job exits 0 and nothing is sent.
+#[test]
+fn the_stale_check_of_the_docs_tells_the_webhook() {
+    let docs = fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/notify.md")).unwrap();
+    let cron_line = docs
+        .lines()
+        .find(|l| l.contains("bk-ls /srv/bk/db1 --stale 26h"))
+        .expect("the stale check's cron line in docs/notify.md");
+    // m h dom mon dow user command
+    let command = cron_line.splitn(7, ' ').nth(6).expect("a cron.d line");
+    let sb = Sandbox::new();
+    let hook = Receiver::start(&[]);
+    let (_, arg) = url_file(&sb, "hook.url", &hook.url(&format!("/{TOKEN}")));
+    let path = format!("{}:/usr/bin:/bin", bk_tests::bin_dir().display());
+    // (case, the stamps of beta's backups, exit code, the webhook's text says); the check
+    // runs at 06:00 on 2026-11-22, and alpha's last backup was made at 00:15 that day.
+    let cases = [
+        ("all fresh", "20261122T003000Z", 0, None),
+        (
+            "beta stale",
+            "20261119T001500Z",
+            1,
+            Some("FAILED beta: bk-ls: no backup of beta for 3d 5h, stale after 26h"),
+        ),
+    ];
+    for (case, beta, code, says) in cases {
+        let store = sb.path(&case.replace(' ', "-")).display().to_string();
+        write_backup(&store, "alpha", "20261122T001500Z");
+        write_backup(&store, "beta", beta);
+        let command = command
+            .replace("/srv/bk/db1", &store)
+            .replace("@/etc/bk/webhook.url", &arg);
+        let mut cmd = std::process::Command::new("/bin/sh");
+        cmd.args(["-c", &command])
+            .env("PATH", &path)
+            .env("BK_NOW", "2026-11-22T06:00:00Z");
+        let before = hook.received().len();
+        let run = run_cmd(cmd, "");
+        assert_eq!(
+            run.code, code,
+            "{case}: {command}\nstdout: {}\nstderr: {}",
+            run.stdout, run.stderr
+        );
+        assert_eq!(run.stdout, "", "{case}: the records go to /dev/null");
+        run.assert_hides(case, &[TOKEN]);
+        let posted = &hook.received()[before..];
+        let Some(says) = says else {
+            assert!(posted.is_empty(), "{case}: quiet: {posted:?}");
+            assert_eq!(run.stderr, "", "{case}: no mail");
+            continue;
+        };
+        assert_eq!(posted.len(), 1, "{case}");
+        let body: Value = serde_json::from_str(&posted[0].body).unwrap();
+        let text = body["text"].as_str().unwrap();
+        let first = text.lines().next().unwrap();
+        assert!(first.contains(says), "{case}: the failure comes first: {text}");
+        assert!(!first.contains("alpha"), "{case}: alpha is fresh: {text}");
+        assert!(
+            run.stderr.contains("bk-ls: beta: no backup of beta"),
+            "{case}: the mail: {}",
+            run.stderr
+        );
+    }
 }

@@ -38,8 +38,12 @@ impl Healthcheck {
     pub fn finish(mut self, failed: bool, summary: &str) -> Sent {
         if let Some(start) = self.start.take() {
             let sent = start.join().expect("the start ping does not panic");
-            if let Some(why) = sent.failure {
-                eprintln!("bk-notify: warning: healthcheck {}: start ping: {why}", self.target());
+            if let Err(e) = sent.outcome {
+                eprintln!(
+                    "bk-notify: warning: healthcheck {}: start ping: {}",
+                    self.target(),
+                    e.message
+                );
             }
         }
         post(&ping_url(&self.url, if failed { "/fail" } else { "" }), TEXT, summary)

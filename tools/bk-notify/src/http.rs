@@ -56,7 +56,7 @@ pub fn redact_url(url: &str) -> String {
 /// How a request went: the last HTTP status, and why it failed if it did (the URL redacted).
 pub struct Sent {
     pub status: Option<u16>,
-    pub failure: Option<String>,
+    pub outcome: Result<()>,
 }
 
 /// POSTs `body`, retrying what may pass on its own (5xx, a refused connection, a timeout)
@@ -106,10 +106,15 @@ pub fn post(url: &str, content_type: &str, body: &str) -> Sent {
                 };
                 return Sent {
                     status,
-                    failure: Some(format!("{why}{tries}")),
+                    outcome: Err(Error::unavailable(format!("{why}{tries}"))),
                 };
             }
-            None => return Sent { status, failure: None },
+            None => {
+                return Sent {
+                    status,
+                    outcome: Ok(()),
+                }
+            }
         }
     }
     unreachable!("the last attempt returns")

@@ -5,16 +5,17 @@
 
 mod healthcheck;
 mod http;
+mod sink;
 
 use clap::Parser;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use bk_core::cli::stdin_records;
 use bk_core::error::{redact, Error, Result};
 use bk_core::record::{Input, Output, Record};
 
 use healthcheck::Healthcheck;
-use http::{post, read_url, redact_url, Sent};
+use http::{post, read_url, redact_url};
 
 /// Tell people and monitors how the pipeline went.
 ///
@@ -104,12 +105,12 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
             "records": inputs.iter().map(|i| serde_json::from_str(&i.line).unwrap_or(Value::Null)).collect::<Vec<_>>(),
         });
         let sent = post(&url, "application/json", &body.to_string());
-        tell(out, failed, "webhook", &redact_url(&url), sent)?;
+        sink::finish(out, "webhook", &redact_url(&url), sent.status, sent.outcome, failed)?;
     }
     if let Some(healthcheck) = healthcheck {
         let target = healthcheck.target();
         let sent = healthcheck.finish(failed, &text);
-        tell(out, failed, "healthcheck", &target, sent)?;
+        sink::finish(out, "healthcheck", &target, sent.status, sent.outcome, failed)?;
     }
     Ok(())
 }
@@ -141,35 +142,18 @@ fn own_failure(out: &mut Output, e: &Error) -> Result<Input> {
     })
 }
 
-/// Says how a sink went: a notified record, and an error record if it failed. A failed sink
-/// is exit 69, unless the backup failed: its status (1) is what cron must see, so it stays.
-fn tell(out: &mut Output, failed: bool, sink: &str, target: &str, sent: Sent) -> Result<()> {
-    let mut notified = Map::new();
-    notified.insert("sink".into(), sink.into());
-    notified.insert("target".into(), target.into());
-    notified.insert("status".into(), sent.status.into());
-    notified.insert("ok".into(), sent.failure.is_none().into());
-    out.emit(&Record::Notified(notified))?;
-    let Some(why) = sent.failure else {
-        return Ok(());
-    };
-    let e = Error::unavailable(format!("{sink} {target}: {why}"));
-    if failed {
-        out.report(&e)
-    } else {
-        out.error(&e)
-    }
-}
-
-/// One line per backup and per failure, for people.
+/// One line per failure, then one per backup, for people. A backup's line says only that it
+/// exists: the records may be a listing (bk-ls --stale), not this run's work.
 fn summary(inputs: &[Input]) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let host = host.trim();
-    let lines: Vec<String> = inputs
-        .iter()
+    let (failures, backups): (Vec<&Input>, Vec<&Input>) = inputs.iter().partition(|i| failed(i));
+    let lines: Vec<String> = failures
+        .into_iter()
+        .chain(backups)
         .filter_map(|input| match &input.record {
             Record::Artifact(a) => Some(format!(
-                "bk on {host}: {}: backed up {} ({} bytes) to {}",
+                "bk on {host}: {}: backup {} ({} bytes) at {}",
                 a.name,
                 a.id,
                 a.bytes,
