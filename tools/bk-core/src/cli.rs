@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::error::ErrorKind;
 
 use crate::error::{Error, Kind, Result};
-use crate::lock::{default_lock_dir, NameLock};
+use crate::lock::{default_lock_dir, Lock};
 use crate::record::{Input, Output, Records};
 use crate::store::StoreConfig;
 
@@ -126,9 +126,9 @@ pub struct LockOpts {
 }
 
 impl LockOpts {
-    pub fn acquire(&self, name: &str) -> Result<NameLock> {
+    pub fn acquire(&self, name: &str) -> Result<Lock> {
         let dir = self.lock_dir.clone().unwrap_or_else(default_lock_dir);
-        NameLock::acquire(&dir, name, self.wait.map(Duration::from_secs)).map_err(|e| e.named(name))
+        Lock::acquire(&dir, name, self.wait.map(Duration::from_secs)).map_err(|e| e.named(name))
     }
 }
 

@@ -5,7 +5,11 @@
 
 mod healthcheck;
 mod http;
+mod prom;
 mod sink;
+mod syslog;
+
+use std::path::PathBuf;
 
 use clap::Parser;
 use serde_json::{json, Value};
@@ -35,6 +39,18 @@ use http::{post, read_url, redact_url};
 /// Prints a notified record per sink, its URL without path or query. A notification that
 /// fails is an error record and exit 69, unless the backup failed too: then the exit status
 /// stays the backup's (1). A start ping that fails is only a warning on stderr.
+///
+/// With --prom-file it writes, after every run, metrics per backup name (label name) for
+/// node_exporter's textfile collector: bk_last_run_timestamp_seconds, bk_last_run_success,
+/// bk_last_success_timestamp_seconds, bk_backup_bytes, bk_backup_duration_seconds,
+/// bk_backup_rows_total, bk_verify_ok, and bk_unnamed_failure_timestamp_seconds for a failure
+/// no record names. Jobs may share one file: each replaces its own names' lines under a lock
+/// (PATH.lock) and renames a new file (mode 0644) into place. A file that is not in the
+/// text format is left as it is and the sink fails.
+///
+/// With --syslog it sends every record, its JSON line as the message, to the local syslog
+/// (/dev/log, in the format syslog(3) writes) or to journald's native socket: this replaces
+/// `| logger -t bk`, which hid the pipeline's exit status. No socket is a failed sink.
 #[derive(Debug, Parser)]
 #[command(name = "bk-notify", version, after_help = bk_core::cli::exit_status_help())]
 pub struct Cli {
@@ -53,6 +69,19 @@ pub struct Cli {
     /// the whole job, and shows it running while the first tool works)
     #[arg(long, requires = "healthcheck")]
     pub start_now: bool,
+    /// Write metrics per backup name to PATH for node_exporter's textfile collector (after
+    /// every run); jobs may share one file
+    #[arg(long, value_name = "PATH")]
+    pub prom_file: Option<PathBuf>,
+    /// Send every record to the local syslog, tagged TAG (default bk): error records and
+    /// failed verifications at priority err, the others at info; facility user
+    #[arg(long, value_name = "TAG", num_args = 0..=1, require_equals = true,
+          default_missing_value = "bk", value_parser = syslog::parse_tag)]
+    pub syslog: Option<String>,
+    /// The socket of --syslog: PATH speaks syslog's format, journal:PATH journald's native
+    /// protocol [default: /dev/log, else /run/systemd/journal/socket when only it exists]
+    #[arg(long, value_name = "PATH|journal:PATH", requires = "syslog")]
+    pub syslog_socket: Option<String>,
 }
 
 /// When the webhook is sent.
@@ -111,6 +140,12 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
         let target = healthcheck.target();
         let sent = healthcheck.finish(failed, &text);
         sink::finish(out, "healthcheck", &target, sent.status, sent.outcome, failed)?;
+    }
+    if let Some(path) = &cli.prom_file {
+        prom::notify(path, &inputs, failed, out)?;
+    }
+    if let Some(tag) = &cli.syslog {
+        syslog::notify(tag, cli.syslog_socket.as_deref(), &inputs, failed, out)?;
     }
     Ok(())
 }
