@@ -341,6 +341,39 @@ fn healthcheck_pings_start_then_success_or_fail_with_the_summary() {
     }
 }
 
+#[test]
+fn an_uptime_kuma_push_url_gets_one_get_with_status_and_message() {
+    let sb = Sandbox::new();
+    let artifact = backup(&sb, "files-etc");
+    // The URL as Uptime Kuma shows it, its own query replaced by bk-notify's.
+    let push = format!("/api/push/{TOKEN}");
+    // (case, stdin, exit code, the query says)
+    let cases = [
+        ("a good run", vec![artifact.as_str()], 0, "status=up&msg=bk%20on%20"),
+        ("a failed run", vec![artifact.as_str(), ERROR], 1, "status=down&msg=bk%20on%20"),
+    ];
+    for (case, lines, code, says) in cases {
+        let monitor = Receiver::start(&[]);
+        let (_, arg) = url_file(&sb, "kuma.url", &monitor.url(&format!("{push}?status=up&msg=OK&ping=")));
+        let run = sb.run_with_stdin("bk-notify", &["--healthcheck", &arg], &stdin_of(&lines));
+        assert_eq!(run.code, code, "{case}\nstdout: {}\nstderr: {}", run.stdout, run.stderr);
+        assert_eq!(run.stderr, "", "{case}: nothing on stderr");
+        run.assert_hides(case, &[TOKEN]);
+        assert_eq!(run.notified()[0]["ok"], true, "{case}");
+        let received = monitor.received();
+        let pings = requests(&received);
+        assert_eq!(pings.len(), 1, "{case}: no start ping, one final one: {pings:?}");
+        let (method, path, _) = pings[0];
+        assert_eq!(method, "GET", "{case}");
+        let query = path.strip_prefix(&format!("{push}?")).unwrap_or_else(|| panic!("{case}: {path}"));
+        assert!(query.starts_with(says) && query.ends_with("&ping="), "{case}: {query}");
+        assert_eq!(query.matches("status=").count(), 1, "{case}: Kuma's own query replaced: {query}");
+        if code != 0 {
+            assert!(query.contains("FAILED%20db"), "{case}: the failure first: {query}");
+        }
+    }
+}
+
 /// bk-notify with its stdin left open, so that a test sees what it does before the input
 /// ends: the records it passes on, the pings it sends.
 struct Live {

@@ -1,22 +1,36 @@
-//! The healthcheck sink, healthchecks.io's push protocol: `URL/start` when the job starts,
-//! then `URL` on success or `URL/fail` on failure. The monitor alerts when the final ping
-//! does not come in time, so it also catches the job that never ran or was killed.
+//! The healthcheck sink. Healthchecks' push protocol: `URL/start` when the job starts, then
+//! `URL` on success or `URL/fail` on failure. Uptime Kuma's push monitors (a URL whose path
+//! holds `/api/push/`) have one URL and no start: `URL?status=up|down&msg=...`. Either monitor
+//! alerts when the final ping does not come in time, so it also catches the job that never
+//! ran or was killed.
 
 use std::thread::JoinHandle;
 
-use crate::http::{post, redact_url, Sent};
+use crate::http::{get, post, redact_url, Sent};
 
 const TEXT: &str = "text/plain; charset=utf-8";
+/// The longest `msg` sent to Uptime Kuma, which shows it in a one-line list.
+const KUMA_MESSAGE: usize = 250;
 
 pub struct Healthcheck {
     url: String,
+    protocol: Protocol,
     /// The start ping, sent in the background so that no record waits for it.
     start: Option<JoinHandle<Sent>>,
 }
 
 impl Healthcheck {
     pub fn new(url: String) -> Self {
-        Healthcheck { url, start: None }
+        let protocol = if url.contains("/api/push/") {
+            Protocol::UptimeKuma
+        } else {
+            Protocol::Healthchecks
+        };
+        Healthcheck {
+            url,
+            protocol,
+            start: None,
+        }
     }
 
     /// Where the pings go, as shown.
@@ -26,7 +40,7 @@ impl Healthcheck {
 
     /// Sends the start ping (the monitor then shows the job running and times it), once.
     pub fn start(&mut self) {
-        if self.start.is_none() {
+        if self.start.is_none() && self.protocol == Protocol::Healthchecks {
             let url = ping_url(&self.url, "/start");
             self.start = Some(std::thread::spawn(move || post(&url, TEXT, "")));
         }
@@ -46,8 +60,32 @@ impl Healthcheck {
                 );
             }
         }
-        post(&ping_url(&self.url, if failed { "/fail" } else { "" }), TEXT, summary)
+        match self.protocol {
+            Protocol::Healthchecks => post(&ping_url(&self.url, if failed { "/fail" } else { "" }), TEXT, summary),
+            Protocol::UptimeKuma => {
+                // The URL Uptime Kuma shows ends in its own `?status=up&msg=OK&ping=`.
+                let base = self.url.split(['?', '#']).next().unwrap_or_default();
+                let status = if failed { "down" } else { "up" };
+                get(base, &[("status", status), ("msg", &kuma_message(summary)), ("ping", "")])
+            }
+        }
     }
+}
+
+/// Which push protocol the monitor speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Healthchecks,
+    UptimeKuma,
+}
+
+/// The summary on one line (its first, which names a failure first), cut on a character
+/// boundary.
+fn kuma_message(summary: &str) -> String {
+    let first = summary.lines().next().unwrap_or_default();
+    let more = if summary.lines().nth(1).is_some() { " ..." } else { "" };
+    let cut: String = first.chars().take(KUMA_MESSAGE).collect();
+    format!("{cut}{more}")
 }
 
 /// The URL of a ping: `suffix` appended to the path, before any query

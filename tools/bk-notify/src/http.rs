@@ -63,6 +63,23 @@ pub struct Sent {
 /// with a growing wait; a 4xx, or an answer that is not HTTP, will not pass by retrying and
 /// is reported at once.
 pub fn post(url: &str, content_type: &str, body: &str) -> Sent {
+    request(url, |agent| agent.post(url).header("Content-Type", content_type).send(body))
+}
+
+/// GETs `url` with `query` appended (its values URL-encoded), retried as `post` does.
+pub fn get(url: &str, query: &[(&str, &str)]) -> Sent {
+    request(url, |agent| {
+        query
+            .iter()
+            .fold(agent.get(url), |request, (key, value)| request.query(*key, *value))
+            .call()
+    })
+}
+
+fn request(
+    url: &str,
+    send: impl Fn(&ureq::Agent) -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+) -> Sent {
     let agent = ureq::Agent::config_builder()
         .timeout_global(Some(TIMEOUT))
         .http_status_as_error(false)
@@ -72,7 +89,7 @@ pub fn post(url: &str, content_type: &str, body: &str) -> Sent {
     let mut wait = BACKOFF;
     for attempt in 1..=ATTEMPTS {
         let last = attempt == ATTEMPTS;
-        let sent = agent.post(url).header("Content-Type", content_type).send(body);
+        let sent = send(&agent);
         let (status, failure, transient) = match sent {
             Ok(response) => {
                 let status = response.status().as_u16();

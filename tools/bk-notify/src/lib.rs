@@ -32,8 +32,9 @@ use http::{post, read_url, redact_url};
 /// failure: Slack, Mattermost, Rocket.Chat and Discord-compatible hooks show it as is) and a
 /// `records` array. With --healthcheck it pings a healthchecks.io-style monitor: URL/start
 /// when the first record comes, then URL on success or URL/fail on failure, the summary text
-/// as the body; the monitor alerts when no ping comes in time, which also catches the job
-/// that never ran. URLs carry tokens, so they are never taken on the command line: @FILE
+/// as the body (an Uptime Kuma push URL, /api/push/TOKEN, gets one GET with status=up or
+/// down and the summary's first line as msg); the monitor alerts when no ping comes in time,
+/// which also catches the job that never ran. URLs carry tokens, so they are never taken on the command line: @FILE
 /// reads one from a file of mode 0600 or 0400, env:VAR from the environment. 5xx answers and
 /// refused connections are retried (3 attempts, backing off); a 4xx is reported at once.
 /// Prints a notified record per sink, its URL without path or query. A notification that
@@ -63,6 +64,7 @@ pub struct Cli {
     pub on: On,
     /// Ping the healthcheck URL in FILE (mode 0600 or 0400) or in the environment variable
     /// VAR: URL/start when the first record comes, URL on success, URL/fail on failure
+    /// (Uptime Kuma's /api/push/ URLs: status=up or down)
     #[arg(long, value_name = "@FILE|env:VAR")]
     pub healthcheck: Option<String>,
     /// Send the start ping at once, not when the first record comes (the monitor then times
