@@ -710,6 +710,20 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         !db_line.contains("--healthcheck"),
         "the db job has no healthcheck: {db_line}"
     );
+    // Run as cron runs it, the job pings its check as it starts and when it succeeded.
+    let pg_file = cron::parse(&cron_dir.join("bk-pg"));
+    let before = receiver.received().len();
+    let mut cmd = pg_file.shell(&pg_file.jobs[0].command.replace("\\%", "%"), USER, &home);
+    cmd.current_dir(&home).uid(uid).gid(gid);
+    let run = run_cmd(cmd, "");
+    assert_eq!(
+        (run.code, run.stdout.as_str(), run.stderr.as_str()),
+        (0, "", ""),
+        "{pg_line}"
+    );
+    let pinged: Vec<String> = receiver.received()[before..].iter().map(|r| r.path.clone()).collect();
+    let check = format!("/ping/{unique}-uuid");
+    assert_eq!(pinged, [format!("{check}/start"), check], "the pg job's pings");
     for written in bk_tests::files_below(&cron_dir) {
         let text = fs::read_to_string(&written).unwrap();
         assert!(
