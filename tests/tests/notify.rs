@@ -350,7 +350,12 @@ fn an_uptime_kuma_push_url_gets_one_get_with_status_and_message() {
     // (case, stdin, exit code, the query says)
     let cases = [
         ("a good run", vec![artifact.as_str()], 0, "status=up&msg=bk%20on%20"),
-        ("a failed run", vec![artifact.as_str(), ERROR], 1, "status=down&msg=bk%20on%20"),
+        (
+            "a failed run",
+            vec![artifact.as_str(), ERROR],
+            1,
+            "status=down&msg=bk%20on%20",
+        ),
     ];
     for (case, lines, code, says) in cases {
         let monitor = Receiver::start(&[]);
@@ -365,9 +370,15 @@ fn an_uptime_kuma_push_url_gets_one_get_with_status_and_message() {
         assert_eq!(pings.len(), 1, "{case}: no start ping, one final one: {pings:?}");
         let (method, path, _) = pings[0];
         assert_eq!(method, "GET", "{case}");
-        let query = path.strip_prefix(&format!("{push}?")).unwrap_or_else(|| panic!("{case}: {path}"));
+        let query = path
+            .strip_prefix(&format!("{push}?"))
+            .unwrap_or_else(|| panic!("{case}: {path}"));
         assert!(query.starts_with(says) && query.ends_with("&ping="), "{case}: {query}");
-        assert_eq!(query.matches("status=").count(), 1, "{case}: Kuma's own query replaced: {query}");
+        assert_eq!(
+            query.matches("status=").count(),
+            1,
+            "{case}: Kuma's own query replaced: {query}"
+        );
         if code != 0 {
             assert!(query.contains("FAILED%20db"), "{case}: the failure first: {query}");
         }

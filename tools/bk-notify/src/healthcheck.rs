@@ -66,7 +66,10 @@ impl Healthcheck {
                 // The URL Uptime Kuma shows ends in its own `?status=up&msg=OK&ping=`.
                 let base = self.url.split(['?', '#']).next().unwrap_or_default();
                 let status = if failed { "down" } else { "up" };
-                get(base, &[("status", status), ("msg", &kuma_message(summary)), ("ping", "")])
+                get(
+                    base,
+                    &[("status", status), ("msg", &kuma_message(summary)), ("ping", "")],
+                )
             }
         }
     }

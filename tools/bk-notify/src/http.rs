@@ -63,7 +63,9 @@ pub struct Sent {
 /// with a growing wait; a 4xx, or an answer that is not HTTP, will not pass by retrying and
 /// is reported at once.
 pub fn post(url: &str, content_type: &str, body: &str) -> Sent {
-    request(url, |agent| agent.post(url).header("Content-Type", content_type).send(body))
+    request(url, |agent| {
+        agent.post(url).header("Content-Type", content_type).send(body)
+    })
 }
 
 /// GETs `url` with `query` appended (its values URL-encoded), retried as `post` does.
