@@ -3,6 +3,7 @@
 
 pub mod conn;
 pub mod files;
+pub mod mongodb;
 pub mod mysql;
 pub mod postgres;
 pub mod process;
