@@ -148,12 +148,17 @@ cargo_install() {
   [ -x "$TOOLS/bin/$bin" ] || die "$crate not installed; see $TOOLS/cargo-install.log"
 }
 
+# nx-27017 speaks MongoDB's wire protocol over SQLite: an experimental server whose behaviour
+# the tests rely on (what it keeps, alters and refuses: docs/engines.md), so it is pinned.
+MONGO_PIP=(nx-27017==0.8.1 neosqlite==1.17.2 pymongo==4.20.1)
 install_python_tools() {
-  local v="$TOOLS/venv"
+  local v="$TOOLS/venv" pinned
+  pinned=$(printf '%s\n' "${MONGO_PIP[@]}")
   [ -x "$v/bin/nx-27017" ] && [ -x "$v/bin/aws" ] \
-    && "$v/bin/python" -c 'import pymongo, pyftpdlib, OpenSSL' 2>/dev/null && return 0
-  venv_install "$v" "python tools (nx-27017 mongo wire server, pymongo, awscli, pyftpdlib with pyOpenSSL for FTPS)" \
-    nx-27017 pymongo awscli pyftpdlib pyOpenSSL
+    && "$v/bin/python" -c 'import pymongo, pyftpdlib, OpenSSL' 2>/dev/null \
+    && [ "$("$v/bin/pip" freeze 2>/dev/null | grep -cxF "$pinned")" = "${#MONGO_PIP[@]}" ] && return 0
+  venv_install "$v" "python tools (${MONGO_PIP[*]}: the mongo wire server and its client; awscli, pyftpdlib with pyOpenSSL for FTPS)" \
+    "${MONGO_PIP[@]}" awscli pyftpdlib pyOpenSSL
 }
 
 install_s3_server() {
@@ -502,7 +507,7 @@ write_env() {
   cat >"$tmp" <<EOF
 export TEST_MYSQL_URL=mysql://test:testpw@127.0.0.1:$MYSQL_PORT
 export TEST_PG_URL=postgres://postgres:testpw@127.0.0.1:$PG_PORT/postgres
-export TEST_MONGO_URL=mongodb://127.0.0.1:$MONGO_PORT/?directConnection=true
+export TEST_MONGO_URL=mongodb://127.0.0.1:$MONGO_PORT/?directConnection=true TEST_MONGO_PYTHON=$TOOLS/venv/bin/python
 export TEST_INFLUX_HTTP=http://127.0.0.1:$INFLUX_HTTP_PORT TEST_INFLUX_RPC=127.0.0.1:$INFLUX_RPC_PORT
 export TEST_S3_ENDPOINT=http://127.0.0.1:$S3_PORT TEST_S3_BUCKET=$S3_BUCKET AWS_ACCESS_KEY_ID=$S3_AK AWS_SECRET_ACCESS_KEY=$S3_SK AWS_DEFAULT_REGION=us-east-1
 export TEST_SSH="$SSH_USER@127.0.0.1 -p $SSH_PORT -i $BASE/ssh/id"

@@ -1270,3 +1270,115 @@ fn read_request(stream: &mut std::net::TcpStream) -> Option<Received> {
         body: String::from_utf8_lossy(&body).into_owned(),
     })
 }
+
+/// The MongoDB-protocol test server (TEST_MONGO_URL, written by tests/services.sh): nx-27017,
+/// not a real mongod (docs/engines.md says what it cannot exercise), and the Python with
+/// pymongo beside it (TEST_MONGO_PYTHON) that the tests use as an independent client.
+#[derive(Debug, Clone)]
+pub struct MongoServer {
+    /// A URI without credentials (nx-27017 has no authentication).
+    pub url: String,
+    pub host: String,
+    pub port: u16,
+    python: PathBuf,
+}
+
+/// The MongoDB test server. When a variable is missing or the server does not answer: a
+/// failure when the full suite runs (BK_TEST_SERVICES=1), else a SKIPPED note and `None`.
+pub fn mongo_server() -> Option<MongoServer> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let url = needs(var("TEST_MONGO_URL"), || "TEST_MONGO_URL is not set".into(), SERVICES_ENV)?;
+    let python = needs(var("TEST_MONGO_PYTHON"), || "TEST_MONGO_PYTHON is not set".into(), SERVICES_ENV)?;
+    let parts = ServerUrl::parse(&url, &["mongodb://"], "", 27017)
+        .unwrap_or_else(|| panic!("TEST_MONGO_URL={url}: expected mongodb://host:port/..."));
+    let reachable = std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::new(parts.host.parse().expect("TEST_MONGO_URL: an IP address"), parts.port),
+        std::time::Duration::from_secs(5),
+    )
+    .is_ok();
+    let why = || format!("no MongoDB-protocol server answers at {}:{}", parts.host, parts.port);
+    needs(reachable.then_some(()), why, SERVICES_ENV)?;
+    Some(MongoServer {
+        url,
+        host: parts.host,
+        port: parts.port,
+        python: PathBuf::from(python),
+    })
+}
+
+/// What every [`MongoServer::python`] script starts with: `client`, and `digests(db)`.
+const MONGO_PYTHON_PRELUDE: &str = r#"
+import hashlib, json, os, sys
+import bson
+from bson.raw_bson import RawBSONDocument
+from pymongo import MongoClient
+client = MongoClient(os.environ["BK_TEST_MONGO_URL"], serverSelectionTimeoutMS=10000)
+def digests(db):
+    """Per collection of db, read raw in natural order: {"db.coll": {count, sha256}}."""
+    out = {}
+    for name in client[db].list_collection_names():
+        h, n = hashlib.sha256(), 0
+        for d in client[db].get_collection(name, codec_options=bson.CodecOptions(document_class=RawBSONDocument)).find():
+            h.update(d.raw); n += 1
+        out[f"{db}.{name}"] = {"count": n, "sha256": h.hexdigest()}
+    return out
+"#;
+
+impl MongoServer {
+    /// Runs a Python script with pymongo connected to this server (`client`; `args` are
+    /// sys.argv[1:]): its stdout. The script must succeed.
+    pub fn python(&self, script: &str, args: &[&str]) -> String {
+        let out = output_of(
+            Command::new(&self.python)
+                .arg("-c")
+                .arg(format!("{MONGO_PYTHON_PRELUDE}\n{script}"))
+                .args(args)
+                .env("BK_TEST_MONGO_URL", &self.url),
+        );
+        String::from_utf8(out).expect("UTF-8 from the script")
+    }
+
+    /// Every collection of `db` read back raw from the server: count and sha256 of its
+    /// documents' bytes, keyed `db.collection` (what [`MongoServer::read_archive`] gives too).
+    pub fn digests(&self, db: &str) -> serde_json::Value {
+        let out = self.python("print(json.dumps(digests(sys.argv[1])))", &[db]);
+        serde_json::from_str(&out).expect("digests as JSON")
+    }
+
+    /// An artifact's archive (decompressed, at `path`) read by tests/mongo/archive_reader.py,
+    /// pymongo's decoder walking the format as its specification says: not bk's reader.
+    pub fn read_archive(&self, path: &Path) -> serde_json::Value {
+        let reader = Path::new(env!("CARGO_MANIFEST_DIR")).join("mongo/archive_reader.py");
+        let out = output_of(Command::new(&self.python).arg(reader).arg(path));
+        serde_json::from_slice(&out).expect("the reader's JSON")
+    }
+
+    /// A database of the test, dropped at the end whatever happens.
+    pub fn database(&self, name: &str) -> MongoDatabase {
+        MongoDatabase {
+            server: self.clone(),
+            name: name.to_string(),
+        }
+    }
+}
+
+/// A database of a test on the MongoDB test server, dropped at the end whatever happens.
+pub struct MongoDatabase {
+    pub server: MongoServer,
+    pub name: String,
+}
+
+impl Drop for MongoDatabase {
+    fn drop(&mut self) {
+        // The server may be gone (a test that stops it): nothing left to drop then.
+        let dropped = Command::new(&self.server.python)
+            .arg("-c")
+            .arg(format!("{MONGO_PYTHON_PRELUDE}\nclient.drop_database(sys.argv[1])"))
+            .arg(&self.name)
+            .env("BK_TEST_MONGO_URL", &self.server.url)
+            .output();
+        if !dropped.is_ok_and(|o| o.status.success()) {
+            eprintln!("warning: could not drop the MongoDB database {}", self.name);
+        }
+    }
+}

@@ -48,6 +48,10 @@ pub struct Source {
     pub path: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
+    /// MongoDB: "snapshot" when every collection was read at one cluster time, "none" when
+    /// the server (a standalone) has no snapshots and the dump is not point-in-time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<String>,
 }
 
 /// The program that produced the artifact's content.

@@ -14,7 +14,7 @@ use bk_core::progress::Progress;
 use bk_core::record::{Artifact, Output, Record};
 use bk_core::store::Store;
 
-use bk_engines::{files, mysql, postgres, sqlite, DumpJob};
+use bk_engines::{files, mongodb, mysql, postgres, sqlite, DumpJob};
 
 /// Back up a source into a store.
 ///
@@ -99,6 +99,19 @@ pub enum Engine {
     /// from ~/.pgpass or $PGPASSFILE (mode 0600). A backup role needs pg_read_all_data (or
     /// superuser); --globals needs a superuser.
     Postgres(postgres::DumpArgs),
+    /// MongoDB databases, one artifact each, in mongodump's archive format (native driver)
+    ///
+    /// Reads each database with bk's own driver into the format of `mongodump --archive`, so
+    /// that `zstd -dc FILE | mongorestore --archive` restores it: every collection's and
+    /// view's options and indexes first, then the documents as the server's raw BSON bytes,
+    /// never re-encoded. The connection URI (credentials, TLS options) comes from --uri-file
+    /// (mode 0600), or --uri without a password, or --host/--port. On a replica set or mongos
+    /// every collection of a database is read in one snapshot; a standalone server has none,
+    /// so its dump is not point-in-time (said on stderr and in the artifact's source, as
+    /// "consistency": "none"). System collections are left out, as mongodump does; a time
+    /// series collection must be excluded. counts: documents per `database.collection`. A
+    /// backup user needs the role backup (or read on each database).
+    Mongodb(mongodb::DumpArgs),
 }
 
 impl Engine {
@@ -111,6 +124,7 @@ impl Engine {
             Engine::Sqlite(args) => vec![Box::new(sqlite::SqliteJob::new(args.clone())?)],
             Engine::Mysql(args) => mysql::jobs(args)?,
             Engine::Postgres(args) => postgres::jobs(args)?,
+            Engine::Mongodb(args) => mongodb::jobs(args)?,
         })
     }
 }
@@ -128,6 +142,7 @@ impl Engine {
         let (engine, databases) = match self {
             Engine::Mysql(args) => ("mysql", &args.databases),
             Engine::Postgres(args) => ("postgres", &args.databases),
+            Engine::Mongodb(args) => ("mongodb", &args.databases),
             Engine::Files(_) | Engine::Sqlite(_) => return Vec::new(),
         };
         if template.contains("{host}") {

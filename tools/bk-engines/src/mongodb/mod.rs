@@ -1,4 +1,145 @@
 //! The `mongodb` engine: a native dump with the `mongodb` driver, into mongodump's archive
 //! format (`zstd -dc FILE | mongorestore --archive` restores it), one artifact per database.
+//! Documents go from the server's replies into the archive as their raw bytes.
+//!
+//! The driver is async; bk is not. One small runtime per process (one worker, which runs the
+//! driver's monitors and pools) and [`block`] at the engine's edge keep the rest blocking.
 
 pub mod archive;
+pub mod dump;
+mod ejson;
+
+pub use dump::{jobs, DumpArgs};
+
+use std::future::IntoFuture;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use mongodb::error::ErrorKind;
+use mongodb::options::{ClientOptions, ConnectionString};
+use mongodb::Client;
+
+use bk_core::error::{Error, Kind, Result};
+use bk_core::private::check_private_file;
+
+/// How long to look for a server before saying it is unreachable, unless the URI says
+/// (serverSelectionTimeoutMS): the driver's 30 s is long for a backup that will fail anyway.
+const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the MongoDB server is. Credentials and TLS options come from the URI, which holds
+/// secrets only when read from a file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct MongoConnArgs {
+    /// File holding the connection URI (mongodb:// or mongodb+srv://, with credentials and
+    /// TLS options); must be mode 0600 or 0400
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["uri", "host", "port"])]
+    pub uri_file: Option<PathBuf>,
+    /// Connection URI without a password (one with a password is refused: use --uri-file)
+    #[arg(long, value_name = "URI", conflicts_with_all = ["host", "port"])]
+    pub uri: Option<String>,
+    /// Server host name or address, connected to directly [default: 127.0.0.1]
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Server port [default: 27017]
+    #[arg(long)]
+    pub port: Option<u16>,
+}
+
+/// A connected client and what bk records of the server.
+pub struct Connection {
+    pub client: Client,
+    /// The seed host as recorded in artifacts (never the URI: it may hold a password).
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+impl MongoConnArgs {
+    /// The URI to connect with, checked: a URI file must be private (78), and a URI on the
+    /// command line must not hold a password (64; the message never repeats the URI).
+    fn uri(&self) -> Result<String> {
+        if let Some(file) = &self.uri_file {
+            check_private_file(file, "URI file")?;
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| Error::io(format!("reading the URI file {}", file.display()), e))?;
+            let uri = text.trim().to_string();
+            if uri.is_empty() {
+                return Err(Error::config(format!("the URI file {} is empty", file.display())));
+            }
+            return Ok(uri);
+        }
+        if let Some(uri) = &self.uri {
+            let parsed = ConnectionString::parse(uri)
+                .map_err(|_| Error::usage("--uri is not a valid MongoDB connection URI"))?;
+            if parsed.credential.as_ref().is_some_and(|c| c.password.is_some()) {
+                return Err(Error::usage(
+                    "--uri holds a password, which any user may read on the command line: put the URI \
+                     in a file of mode 0600 and pass --uri-file",
+                ));
+            }
+            return Ok(uri.clone());
+        }
+        let host = self.host.as_deref().unwrap_or("127.0.0.1");
+        let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+        Ok(format!(
+            "mongodb://{host}:{}/?directConnection=true",
+            self.port.unwrap_or(27017)
+        ))
+    }
+
+    /// Connects (the driver connects lazily: the first command says whether the server answers).
+    pub fn connect(&self) -> Result<Connection> {
+        let uri = self.uri()?;
+        let mut options = block(ClientOptions::parse(&uri))
+            .map_err(|e| mongo_error("reading the connection URI", e))?;
+        options.server_selection_timeout.get_or_insert(SERVER_SELECTION_TIMEOUT);
+        options.app_name.get_or_insert_with(|| "bk".to_string());
+        let seed = options.hosts.first().map(ToString::to_string).unwrap_or_default();
+        let (host, port) = match seed.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() && !h.ends_with(':') => {
+                (h.trim_matches(['[', ']']).to_string(), p.parse().ok())
+            }
+            _ => (seed, None),
+        };
+        // The client starts its monitors on the runtime it is made in.
+        let _runtime = runtime().enter();
+        let client = Client::with_options(options).map_err(|e| mongo_error("connecting", e))?;
+        Ok(Connection { client, host, port })
+    }
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("bk-mongodb")
+            .enable_all()
+            .build()
+            .expect("starting the MongoDB driver's runtime")
+    })
+}
+
+/// Runs one of the driver's futures to its end on bk's runtime.
+pub fn block<F: IntoFuture>(future: F) -> F::Output {
+    runtime().block_on(future.into_future())
+}
+
+/// A driver error as a bk error, its kind from what failed (bk's messages are redacted where
+/// they are printed: driver messages may name hosts and URIs).
+pub(crate) fn mongo_error(doing: &str, e: mongodb::error::Error) -> Error {
+    let kind = match &*e.kind {
+        ErrorKind::ServerSelection { .. } | ErrorKind::Io(_) | ErrorKind::DnsResolve { .. } => Kind::Unavailable,
+        ErrorKind::ConnectionPoolCleared { .. } | ErrorKind::Shutdown => Kind::Unavailable,
+        ErrorKind::Authentication { .. } | ErrorKind::InvalidTlsConfig { .. } => Kind::Config,
+        ErrorKind::InvalidArgument { .. } => Kind::Usage,
+        ErrorKind::Command(c) => match c.code {
+            18 => Kind::Config,
+            13 => Kind::NoPerm,
+            26 => Kind::NoInput,
+            _ => Kind::Io,
+        },
+        _ => Kind::Io,
+    };
+    Error::new(kind, format!("{doing}: {e}"))
+}
