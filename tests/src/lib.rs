@@ -1287,8 +1287,16 @@ pub struct MongoServer {
 /// failure when the full suite runs (BK_TEST_SERVICES=1), else a SKIPPED note and `None`.
 pub fn mongo_server() -> Option<MongoServer> {
     let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-    let url = needs(var("TEST_MONGO_URL"), || "TEST_MONGO_URL is not set".into(), SERVICES_ENV)?;
-    let python = needs(var("TEST_MONGO_PYTHON"), || "TEST_MONGO_PYTHON is not set".into(), SERVICES_ENV)?;
+    let url = needs(
+        var("TEST_MONGO_URL"),
+        || "TEST_MONGO_URL is not set".into(),
+        SERVICES_ENV,
+    )?;
+    let python = needs(
+        var("TEST_MONGO_PYTHON"),
+        || "TEST_MONGO_PYTHON is not set".into(),
+        SERVICES_ENV,
+    )?;
     let parts = ServerUrl::parse(&url, &["mongodb://"], "", 27017)
         .unwrap_or_else(|| panic!("TEST_MONGO_URL={url}: expected mongodb://host:port/..."));
     let reachable = std::net::TcpStream::connect_timeout(

@@ -128,10 +128,16 @@ pub fn jobs(args: &DumpArgs) -> Result<Vec<Box<dyn DumpJob>>> {
 async fn server(client: &Client) -> Result<Server> {
     let admin = client.database("admin");
     let failed = |doing| move |e| mongo_error(doing, e);
-    let hello = admin.run_command(doc! {"hello": 1}).await.map_err(failed("asking the server hello"))?;
+    let hello = admin
+        .run_command(doc! {"hello": 1})
+        .await
+        .map_err(failed("asking the server hello"))?;
     let cluster = hello.contains_key("setName") || hello.get_str("msg").is_ok_and(|m| m == "isdbgrid");
     let wire = hello.get_i32("maxWireVersion").unwrap_or(0);
-    let info = admin.run_command(doc! {"buildInfo": 1}).await.map_err(failed("asking the server its version"))?;
+    let info = admin
+        .run_command(doc! {"buildInfo": 1})
+        .await
+        .map_err(failed("asking the server its version"))?;
     let version = info
         .get_str("version")
         .map_err(|_| Error::unavailable("the server does not say its version (buildInfo)"))?;
@@ -245,7 +251,13 @@ impl MongoJob {
             for ns in &prelude {
                 let batches = match ns.is_view() {
                     true => None,
-                    false => Some(coll(ns).find(doc! {}).batch().await.map_err(|e| mongo_error(&reading(ns), e))?),
+                    false => Some(
+                        coll(ns)
+                            .find(doc! {})
+                            .batch()
+                            .await
+                            .map_err(|e| mongo_error(&reading(ns), e))?,
+                    ),
                 };
                 copy_collection(&mut writer, ns, batches, &mut counts).await?;
             }

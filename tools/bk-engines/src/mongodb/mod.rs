@@ -80,7 +80,11 @@ impl MongoConnArgs {
             return Ok(uri.clone());
         }
         let host = self.host.as_deref().unwrap_or("127.0.0.1");
-        let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
         Ok(format!(
             "mongodb://{host}:{}/?directConnection=true",
             self.port.unwrap_or(27017)
@@ -90,8 +94,8 @@ impl MongoConnArgs {
     /// Connects (the driver connects lazily: the first command says whether the server answers).
     pub fn connect(&self) -> Result<Connection> {
         let uri = self.uri()?;
-        let mut options = block(ClientOptions::parse(&uri))
-            .map_err(|e| mongo_error("reading the connection URI", e))?;
+        let mut options =
+            block(ClientOptions::parse(&uri)).map_err(|e| mongo_error("reading the connection URI", e))?;
         options.server_selection_timeout.get_or_insert(SERVER_SELECTION_TIMEOUT);
         options.app_name.get_or_insert_with(|| "bk".to_string());
         let seed = options.hosts.first().map(ToString::to_string).unwrap_or_default();

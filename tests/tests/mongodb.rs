@@ -1,0 +1,280 @@
+//! The mongodb engine against the MongoDB-protocol server of tests/services.sh: nx-27017, a
+//! Python server over SQLite, not a real mongod (it is a standalone, has no authentication,
+//! no views and no collection options; docs/engines.md lists what it cannot exercise). The
+//! archive bk writes is read back by bk's own reader and by an independent one
+//! (tests/mongo/archive_reader.py: pymongo's BSON decoder walking the format's spec), and
+//! both must find exactly the documents the server holds.
+//!
+//! Every test works in databases of its own, named uniquely, dropped at the end.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use bk_core::record::Artifact;
+use bk_engines::mongodb::archive::{ArchiveReader, Event};
+use bk_tests::{free_port, mongo_server, unique_name, unzstd, MongoDatabase, MongoServer, Run, Sandbox};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+/// A database name no other test uses (nx-27017 takes `[A-Za-z0-9_]` names).
+fn db_name() -> String {
+    unique_name("bk_mongo_")
+}
+
+/// Seeds `db` with: `people`, 1000 documents of every BSON type nx-27017 keeps unchanged
+/// (int32, int64 beyond int32, doubles, UTF-8 strings, ObjectId, dates before 1970, generic
+/// binary, bools, null, nested documents and arrays, non-ASCII keys) and an index on `name`;
+/// `empty`, with no document; `large`, one document of 8 MiB.
+const SEED: &str = r#"
+import datetime
+from bson import Binary, Int64, ObjectId
+db = client[sys.argv[1]]
+db.people.insert_many([{
+    "_id": i, "name": f"nom-{i}-é😀", "big": Int64(2**40 + i), "ratio": i / 7, "neg": -0.0,
+    "oid": ObjectId(), "born": datetime.datetime(1900, 1, 1) + datetime.timedelta(days=i),
+    "bin": Binary(bytes([i % 256]) * 8, 0), "flag": i % 2 == 0, "nothing": None,
+    "nested": {"a": [1, {"b": "c"}, []], "ключ": i, "empty": {}},
+} for i in range(1000)])
+db.people.create_index([("name", 1)])
+db.create_collection("empty")
+db.large.insert_one({"_id": "big", "blob": Binary(b"x" * (8 << 20), 0)})
+"#;
+
+/// A test's server and sandbox.
+struct Mongo {
+    server: MongoServer,
+    sb: Sandbox,
+}
+
+fn setup() -> Option<Mongo> {
+    Some(Mongo {
+        server: mongo_server()?,
+        sb: Sandbox::new(),
+    })
+}
+
+impl Mongo {
+    /// A new database of the test, seeded with `script` (the database's name is sys.argv[1]).
+    fn database(&self, script: &str) -> MongoDatabase {
+        let db = self.server.database(&db_name());
+        self.server.python(script, &[&db.name]);
+        db
+    }
+
+    /// `bk-dump mongodb ARGS --to STORE`.
+    fn dump(&self, args: &[&str]) -> Run {
+        let store = self.sb.store();
+        let mut all = vec!["mongodb"];
+        all.extend(args);
+        all.extend(["--to", &store]);
+        self.sb.run("bk-dump", &all)
+    }
+
+    /// The artifact's archive, decompressed into the sandbox.
+    fn archive(&self, artifact: &Artifact) -> std::path::PathBuf {
+        let path = self.sb.path(&format!("{}.archive", artifact.id));
+        std::fs::write(&path, unzstd(&artifact.location)).expect("writing the archive");
+        path
+    }
+
+    /// A URI file of `mode` holding `uri`.
+    fn uri_file(&self, uri: &str, mode: u32) -> String {
+        let path = self.sb.path("uri");
+        std::fs::write(&path, format!("{uri}\n")).expect("writing the URI file");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        path.display().to_string()
+    }
+}
+
+/// bk's reader over an archive: per namespace, the count and the sha256 of its documents'
+/// bytes, in the shape of the server's digests and of the Python reader's.
+fn read_with_bk(path: &Path) -> Value {
+    let file = std::fs::File::open(path).expect("the archive");
+    let mut reader = ArchiveReader::open(std::io::BufReader::new(file)).expect("bk reads the archive");
+    let mut hashes: BTreeMap<usize, Sha256> = BTreeMap::new();
+    let mut ended = Vec::new();
+    while let Some(event) = reader.next().expect("every block is sound") {
+        match event {
+            Event::Document { namespace, bytes } => hashes.entry(namespace).or_default().update(bytes),
+            Event::End { namespace, .. } => ended.push(namespace),
+        }
+    }
+    assert_eq!(ended.len(), reader.prelude().len(), "every namespace ended");
+    let counts = reader.counts();
+    let digests = reader
+        .prelude()
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            let sha = hashes.remove(&i).unwrap_or_default().finalize();
+            (
+                ns.name(),
+                json!({"count": counts[&ns.name()], "sha256": hex::encode(sha)}),
+            )
+        })
+        .collect();
+    Value::Object(digests)
+}
+
+#[test]
+fn a_dump_holds_every_document_as_the_server_sent_it() {
+    let Some(t) = setup() else { return };
+    let db = t.database(SEED);
+    let run = t.dump(&["--uri", &t.server.url, "--database", &db.name]).ok();
+    let artifact = run.artifact();
+    assert_eq!(artifact.name, format!("mongodb-{}", db.name));
+    assert_eq!(
+        (artifact.engine.as_str(), artifact.format.as_str()),
+        ("mongodb", "mongo-archive")
+    );
+    assert!(artifact.file.ends_with(".mongo-archive.zst"), "{}", artifact.file);
+    assert_eq!(artifact.source.database.as_deref(), Some(db.name.as_str()));
+    assert_eq!(
+        (artifact.source.host.as_str(), artifact.source.port),
+        (t.server.host.as_str(), Some(t.server.port))
+    );
+    // nx-27017 is a standalone: no snapshot, and the dump says so.
+    assert_eq!(artifact.source.consistency.as_deref(), Some("none"));
+    assert!(run.stderr.contains("not point-in-time"), "{}", run.stderr);
+    let expected = BTreeMap::from([
+        (format!("{}.people", db.name), 1000),
+        (format!("{}.empty", db.name), 0),
+        (format!("{}.large", db.name), 1),
+    ]);
+    assert_eq!(artifact.counts, expected);
+
+    let archive = t.archive(&artifact);
+    let on_server = t.server.digests(&db.name);
+    assert_eq!(
+        read_with_bk(&archive),
+        on_server,
+        "bk's reader finds the server's documents, byte for byte"
+    );
+    let independent = t.server.read_archive(&archive);
+    assert_eq!(independent["namespaces"], on_server, "so does pymongo's decoder");
+    assert_eq!(independent["header"]["version"], "0.1");
+    assert_eq!(
+        independent["header"]["server_version"], "7.0.0",
+        "nx-27017's buildInfo version"
+    );
+    // The prelude holds each collection's indexes, as mongodump writes them.
+    let people = independent["prelude"]
+        .as_array()
+        .expect("a prelude")
+        .iter()
+        .find(|m| m["collection"] == "people")
+        .expect("people in the prelude");
+    assert_eq!(people["type"], "collection");
+    assert_eq!(people["metadata"]["collectionName"], "people");
+    let keys: Vec<&Value> = people["metadata"]["indexes"]
+        .as_array()
+        .expect("indexes")
+        .iter()
+        .map(|i| &i["key"])
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            &json!({"_id": {"$numberInt": "1"}}),
+            &json!({"name": {"$numberInt": "1"}})
+        ]
+    );
+}
+
+#[test]
+fn databases_and_collections_are_chosen_by_name() {
+    let Some(t) = setup() else { return };
+    let script = r#"
+db = client[sys.argv[1]]
+for name in ["keep_a", "keep_b", "keep_not", "other"]:
+    db[name].insert_one({"_id": name})
+"#;
+    let (a, b) = (t.database(script), t.database(script));
+    let run = t
+        .dump(&[
+            "--host",
+            &t.server.host,
+            "--port",
+            &t.server.port.to_string(),
+            "--database",
+            &a.name,
+            "--database",
+            &b.name,
+            "--exclude-database",
+            &b.name,
+            "--collection",
+            "keep_*",
+            "--exclude-collection",
+            "*_not",
+            "--name",
+            "m-{engine}-{database}",
+        ])
+        .ok();
+    let artifact = run.artifact();
+    assert_eq!(artifact.name, format!("m-mongodb-{}", a.name));
+    let keys: Vec<String> = artifact.counts.keys().cloned().collect();
+    assert_eq!(keys, [format!("{}.keep_a", a.name), format!("{}.keep_b", a.name)]);
+    let independent = t.server.read_archive(&t.archive(&artifact));
+    let prelude: Vec<&str> = independent["prelude"]
+        .as_array()
+        .expect("a prelude")
+        .iter()
+        .map(|m| m["collection"].as_str().expect("a name"))
+        .collect();
+    assert_eq!(prelude.len(), 2, "{prelude:?}");
+
+    let missing = t.dump(&["--uri", &t.server.url, "--database", "bk_no_such_database"]);
+    missing.failed("a missing database", 66, &["bk_no_such_database"]);
+}
+
+#[test]
+fn connection_secrets_and_failures() {
+    let Some(t) = setup() else { return };
+    let db = t.database("client[sys.argv[1]].c.insert_one({'_id': 1})");
+    let store = t.sb.path("store");
+
+    // A private URI file is how credentials come in.
+    let private = t.uri_file(&t.server.url, 0o600);
+    let artifact = t
+        .dump(&["--uri-file", &private, "--database", &db.name])
+        .ok()
+        .artifact();
+    assert_eq!(artifact.counts, BTreeMap::from([(format!("{}.c", db.name), 1)]));
+
+    let password = "Sup3r-secret-pw";
+    let with_password = format!(
+        "mongodb://bk:{password}@{}:{}/?directConnection=true",
+        t.server.host, t.server.port
+    );
+    let loose = t.uri_file(&t.server.url, 0o644);
+    let unreachable = format!("mongodb://127.0.0.1:{}/?serverSelectionTimeoutMS=1000", free_port());
+    let cases: [(&str, Vec<&str>, i32, &[&str]); 3] = [
+        (
+            "a URI with a password on the command line",
+            vec!["--uri", &with_password],
+            64,
+            &["--uri-file"],
+        ),
+        (
+            "a URI file others may read",
+            vec!["--uri-file", &loose],
+            78,
+            &["chmod 600"],
+        ),
+        ("an unreachable server", vec!["--uri", &unreachable], 69, &[]),
+    ];
+    for (case, args, code, says) in cases {
+        let before = bk_tests::files_below(&store).len();
+        let mut args = args;
+        args.extend(["--database", &db.name]);
+        let run = t.dump(&args);
+        run.failed(case, code, says);
+        run.assert_hides(case, &[password]);
+        assert_eq!(
+            bk_tests::files_below(&store).len(),
+            before,
+            "{case}: nothing new in the store"
+        );
+    }
+}
