@@ -1336,14 +1336,58 @@ impl MongoServer {
     /// Runs a Python script with pymongo connected to this server (`client`; `args` are
     /// sys.argv[1:]): its stdout. The script must succeed.
     pub fn python(&self, script: &str, args: &[&str]) -> String {
-        let out = output_of(
-            Command::new(&self.python)
-                .arg("-c")
-                .arg(format!("{MONGO_PYTHON_PRELUDE}\n{script}"))
-                .args(args)
-                .env("BK_TEST_MONGO_URL", &self.url),
-        );
+        let out = output_of(&mut self.python_cmd(script, args));
         String::from_utf8(out).expect("UTF-8 from the script")
+    }
+
+    /// The command [`MongoServer::python`] runs, to start it in the background.
+    pub fn python_cmd(&self, script: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.python);
+        cmd.arg("-c")
+            .arg(format!("{MONGO_PYTHON_PRELUDE}\n{script}"))
+            .args(args)
+            .env("BK_TEST_MONGO_URL", &self.url);
+        cmd
+    }
+
+    /// A throwaway nx-27017 of one test (the one of tests/services.sh's venv), on a port of its
+    /// own with its data in the sandbox: for tests that kill their server.
+    pub fn start_private(&self, sb: &Sandbox) -> PrivateMongo {
+        let dir = sb.path("private-mongo");
+        fs::create_dir(&dir).expect("the private server's directory");
+        let port = free_port();
+        let program = self.python.with_file_name("nx-27017");
+        let child = Command::new(&program)
+            .arg("--data-dir")
+            .arg(&dir)
+            .args(["--host", "127.0.0.1", "-p", &port.to_string()])
+            .arg("--log-file")
+            .arg(dir.join("log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
+        let server = MongoServer {
+            url: format!("mongodb://127.0.0.1:{port}/?directConnection=true"),
+            host: "127.0.0.1".into(),
+            port,
+            python: self.python.clone(),
+        };
+        let mut private = PrivateMongo { server, child };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                private.child.try_wait().expect("waiting").is_none(),
+                "the private nx-27017 exited"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the private nx-27017 is not ready"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        private
     }
 
     /// Every collection of `db` read back raw from the server: count and sha256 of its
@@ -1388,5 +1432,24 @@ impl Drop for MongoDatabase {
         if !dropped.is_ok_and(|o| o.status.success()) {
             eprintln!("warning: could not drop the MongoDB database {}", self.name);
         }
+    }
+}
+
+/// A private nx-27017 (see [`MongoServer::start_private`]), killed when it goes.
+pub struct PrivateMongo {
+    pub server: MongoServer,
+    child: Child,
+}
+
+impl PrivateMongo {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivateMongo {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

@@ -278,3 +278,89 @@ fn connection_secrets_and_failures() {
         );
     }
 }
+
+/// Counts are what the artifact holds, whatever the server does meanwhile: a writer inserts
+/// all through the dump (each collection's find is point-in-time on nx-27017, which reads
+/// the whole result at once; a real standalone mongod gives no such promise).
+#[test]
+fn counts_are_exact_while_others_write() {
+    let Some(t) = setup() else { return };
+    let db = t.database(SEED);
+    let mut writer = t
+        .server
+        .python_cmd(
+            "import time\nfor i in range(10**6):\n    client[sys.argv[1]].people.insert_one({'_id': 10**6 + i})\n",
+            &[&db.name],
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the writer");
+    let before = t.server.digests(&db.name)[format!("{}.people", db.name)]["count"]
+        .as_u64()
+        .unwrap();
+    let artifact = t
+        .dump(&["--uri", &t.server.url, "--database", &db.name])
+        .ok()
+        .artifact();
+    let after = t.server.digests(&db.name)[format!("{}.people", db.name)]["count"]
+        .as_u64()
+        .unwrap();
+    let _ = writer.kill();
+    let _ = writer.wait();
+    let people = artifact.counts[&format!("{}.people", db.name)];
+    assert!(before <= people && people <= after, "{before} <= {people} <= {after}");
+    assert!(before < after, "the writer wrote during the dump");
+    let archive = t.archive(&artifact);
+    let counts = |digests: &Value| -> BTreeMap<String, u64> {
+        let map = digests.as_object().expect("digests");
+        map.iter()
+            .map(|(ns, d)| (ns.clone(), d["count"].as_u64().unwrap()))
+            .collect()
+    };
+    assert_eq!(counts(&read_with_bk(&archive)), artifact.counts);
+    assert_eq!(counts(&t.server.read_archive(&archive)["namespaces"]), artifact.counts);
+}
+
+/// The server killed while the dump copies documents: an error record named after the
+/// backup, exit 69, and nothing in the store, not even a temporary file.
+#[test]
+fn the_server_dying_mid_dump_leaves_nothing() {
+    let Some(t) = setup() else { return };
+    let mut private = t.server.start_private(&t.sb);
+    // 48 MiB that no compressor shrinks, in 48 documents: many replies and slow zstd work.
+    private.server.python(
+        "import os\nfor c in range(4):\n    client.big[f'c{c}'].insert_many([{'_id': i, 'pad': os.urandom(1 << 20)} for i in range(12)])\n",
+        &[],
+    );
+    let store = t.sb.store();
+    let child = t.sb.spawn(
+        "bk-dump",
+        &[
+            "mongodb",
+            "--uri",
+            &private.server.url,
+            "--database",
+            "big",
+            "--level",
+            "19",
+            "--to",
+            &store,
+        ],
+    );
+    // The temporary file appears when the dump starts writing.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while bk_tests::files_below(&t.sb.path("store")).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the dump never started");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    private.kill();
+    let run = Run::from(child.wait_with_output().expect("bk-dump"));
+    let e = run.failed("the server killed mid-dump", 69, &["reading big."]);
+    assert_eq!(e.name.as_deref(), Some("mongodb-big"));
+    assert_eq!(
+        bk_tests::files_below(&t.sb.path("store")),
+        Vec::<std::path::PathBuf>::new()
+    );
+}
