@@ -94,7 +94,7 @@ fn read_with_bk(path: &Path) -> Value {
     let mut reader = ArchiveReader::open(std::io::BufReader::new(file)).expect("bk reads the archive");
     let mut hashes: BTreeMap<usize, Sha256> = BTreeMap::new();
     let mut ended = Vec::new();
-    while let Some(event) = reader.next().expect("every block is sound") {
+    while let Some(event) = reader.next_event().expect("every block is sound") {
         match event {
             Event::Document { namespace, bytes } => hashes.entry(namespace).or_default().update(bytes),
             Event::End { namespace, .. } => ended.push(namespace),

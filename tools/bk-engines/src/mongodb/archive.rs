@@ -180,7 +180,7 @@ impl<'a> ArchiveWriter<'a> {
     }
 }
 
-/// What [`ArchiveReader::next`] found.
+/// What [`ArchiveReader::next_event`] found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event<'a> {
     /// A document of the prelude's namespace at this index, as its raw bytes (decoded and
@@ -197,7 +197,7 @@ struct Progress {
     closed: bool,
 }
 
-/// Where the reader is between two calls of `next`.
+/// Where the reader is between two calls of `next_event`.
 enum State {
     /// Before a namespace header, or at the end of the archive.
     BetweenBlocks,
@@ -207,7 +207,7 @@ enum State {
 }
 
 /// Reads an archive as it streams: [`ArchiveReader::open`] reads the header and the prelude,
-/// then [`ArchiveReader::next`] yields each document and each namespace's end, and `None`
+/// then [`ArchiveReader::next_event`] yields each document and each namespace's end, and `None`
 /// once every namespace of the prelude is complete and the stream has ended.
 pub struct ArchiveReader<R: Read> {
     input: R,
@@ -304,7 +304,7 @@ impl<R: Read> ArchiveReader<R> {
         &self.prelude
     }
 
-    /// Documents per `db.collection` so far (every collection's, once `next` gave `None`);
+    /// Documents per `db.collection` so far (every collection's, once `next_event` gave `None`);
     /// views are not counted.
     pub fn counts(&self) -> BTreeMap<String, u64> {
         self.prelude
@@ -315,7 +315,7 @@ impl<R: Read> ArchiveReader<R> {
             .collect()
     }
 
-    pub fn next(&mut self) -> Result<Option<Event<'_>>> {
+    pub fn next_event(&mut self) -> Result<Option<Event<'_>>> {
         loop {
             match self.state {
                 State::Finished => return Ok(None),
@@ -373,7 +373,7 @@ impl<R: Read> ArchiveReader<R> {
 
     /// Reads the archive to its end, for its counts.
     pub fn read_to_end(mut self) -> Result<BTreeMap<String, u64>> {
-        while self.next()?.is_some() {}
+        while self.next_event()?.is_some() {}
         Ok(self.counts())
     }
 
@@ -526,11 +526,13 @@ mod tests {
         out
     }
 
-    /// Every document and end a reader yields, and its counts.
-    fn read(bytes: &[u8]) -> Result<(Vec<(usize, Vec<u8>)>, Vec<(usize, u64)>, BTreeMap<String, u64>)> {
+    /// Every document (namespace, bytes) and end (namespace, count) a reader yields, and its counts.
+    type Yielded = (Vec<(usize, Vec<u8>)>, Vec<(usize, u64)>, BTreeMap<String, u64>);
+
+    fn read(bytes: &[u8]) -> Result<Yielded> {
         let mut reader = ArchiveReader::open(bytes)?;
         let (mut docs, mut ends) = (Vec::new(), Vec::new());
-        while let Some(event) = reader.next()? {
+        while let Some(event) = reader.next_event()? {
             match event {
                 Event::Document { namespace, bytes } => docs.push((namespace, bytes.to_vec())),
                 Event::End { namespace, count } => ends.push((namespace, count)),
