@@ -775,4 +775,72 @@ mod tests {
             }
         }
     }
+
+    /// Reads at most `cut` bytes per call, as a pipe may.
+    struct Chunked<'a> {
+        bytes: &'a [u8],
+        cut: usize,
+    }
+
+    impl Read for Chunked<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.cut.min(buf.len()).min(self.bytes.len());
+            buf[..n].copy_from_slice(&self.bytes[..n]);
+            self.bytes = &self.bytes[n..];
+            Ok(n)
+        }
+    }
+
+    /// Pieces an archive is made of, right and wrong: the golden archive's own blocks,
+    /// headers of known and unknown namespaces with any CRC, odd lengths, and noise.
+    fn piece() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(GOLDEN[..0x1ba].to_vec()),
+            Just(GOLDEN[0x1ba..].to_vec()),
+            Just(MAGIC.to_vec()),
+            Just(TERMINATOR.to_vec()),
+            Just(rawdoc! {"_id": 1, "sku": "a1"}.into_bytes()),
+            (any::<bool>(), any::<u64>(), prop_oneof![Just("items"), Just("other")])
+                .prop_map(|(eof, crc, c)| block_header("shop", c, eof, crc).into_bytes()),
+            prop_oneof![
+                Just(0i32),
+                Just(4),
+                Just(5),
+                Just(-2),
+                Just(i32::MAX),
+                Just(MAX_DOCUMENT as i32 + 1)
+            ]
+            .prop_map(|n| n.to_le_bytes().to_vec()),
+            proptest::collection::vec(any::<u8>(), 0..24),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever the bytes (a corrupt or hostile artifact), the reader never panics, fails
+        /// only with a Data error, and reads the same however the stream is cut into reads.
+        #[test]
+        fn any_archive_reads_or_fails_cleanly(
+            pieces in proptest::collection::vec(piece(), 0..12),
+            cut in 1usize..17,
+        ) {
+            let bytes = pieces.concat();
+            let whole = read(&bytes);
+            let mut chunked = Vec::new();
+            let result = ArchiveReader::open(Chunked { bytes: &bytes, cut }).and_then(|mut reader| {
+                while let Some(event) = reader.next_event()? {
+                    chunked.push(format!("{event:?}"));
+                }
+                Ok(reader.counts())
+            });
+            match (&whole, &result) {
+                (Ok((_, _, counts)), Ok(chunked_counts)) => proptest::prop_assert_eq!(counts, chunked_counts),
+                (Err(a), Err(b)) => {
+                    proptest::prop_assert_eq!(a.kind, Kind::Data);
+                    proptest::prop_assert_eq!(&a.message, &b.message);
+                }
+                _ => proptest::prop_assert!(false, "{:?} vs {:?}", whole.is_ok(), result.is_ok()),
+            }
+        }
+    }
 }
