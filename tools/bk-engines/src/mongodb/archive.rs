@@ -261,9 +261,11 @@ impl<R: Read> ArchiveReader<R> {
         if version != FORMAT_VERSION {
             return Err(reader.fault(format!("archive format version {version:?}, not {FORMAT_VERSION}")));
         }
+        // Archives of mongodump before 3.4 say neither.
+        let optional = |key| header.get_str(key).unwrap_or_default().to_string();
         reader.header = Header {
-            server_version: string_field(header, "server_version", "header")?,
-            tool_version: string_field(header, "tool_version", "header")?,
+            server_version: optional("server_version"),
+            tool_version: optional("tool_version"),
         };
         loop {
             match reader.block()? {
