@@ -277,6 +277,31 @@ fn connection_secrets_and_failures() {
             "{case}: nothing new in the store"
         );
     }
+
+    // A failure before the databases are known is said for each backup the command line names.
+    let run = t.dump(&[
+        "--uri",
+        &unreachable,
+        "--database",
+        "x1",
+        "--database",
+        "x2",
+        "--name",
+        "m-{database}",
+    ]);
+    assert_eq!(run.code, 69, "{}", run.stderr);
+    let named: Vec<Option<String>> = run
+        .records()
+        .into_iter()
+        .filter_map(|r| {
+            if let bk_core::record::Record::Error(e) = r {
+                Some(e.name)
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(named, [Some("m-x1".to_string()), Some("m-x2".to_string())]);
 }
 
 /// Counts are what the artifact holds, whatever the server does meanwhile: a writer inserts

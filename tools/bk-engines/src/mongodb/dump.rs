@@ -242,8 +242,7 @@ impl MongoJob {
                 }
                 cursors.push(cursor);
             }
-            for (ns, cursor) in prelude.iter().zip(cursors) {
-                let mut cursor = cursor;
+            for (ns, mut cursor) in prelude.iter().zip(cursors) {
                 let batches = cursor.as_mut().map(|c| c.stream(&mut session));
                 copy_collection(&mut writer, ns, batches, &mut counts).await?;
             }
