@@ -92,7 +92,9 @@ pub fn jobs(args: &DumpArgs) -> Result<Vec<Box<dyn DumpJob>>> {
     let filter = Arc::new(CollectionFilter::new(args)?);
     let conn = Arc::new(args.conn.connect()?);
     let server = Arc::new(block(server(&conn.client))?);
-    let existing = block(conn.client.list_database_names()).map_err(|e| mongo_error("listing databases", e))?;
+    // authorizedDatabases: a user with read rights on some databases only may list those.
+    let existing = block(conn.client.list_database_names().authorized_databases(true))
+        .map_err(|e| mongo_error("listing databases", e))?;
     let databases: Vec<String> = if args.databases.is_empty() {
         existing
             .into_iter()
