@@ -224,17 +224,11 @@ impl MongoJob {
                 .map_err(|e| mongo_error("starting a snapshot session", e))?;
             let mut cursors = Vec::new();
             for ns in &prelude {
-                let cursor = match ns.is_view() {
-                    true => None,
-                    false => Some(
-                        coll(ns)
-                            .find(doc! {})
-                            .batch_size(0)
-                            .session(&mut session)
-                            .batch()
-                            .await
-                            .map_err(|e| mongo_error(&reading(ns), e))?,
-                    ),
+                let cursor = if ns.is_view() {
+                    None
+                } else {
+                    let find = coll(ns).find(doc! {}).batch_size(0).session(&mut session).batch().await;
+                    Some(find.map_err(|e| mongo_error(&reading(ns), e))?)
                 };
                 if cursor.is_some() && session.snapshot_time().is_none() {
                     return Err(Error::unavailable(format!(
@@ -250,15 +244,16 @@ impl MongoJob {
             }
         } else {
             for ns in &prelude {
-                let batches = match ns.is_view() {
-                    true => None,
-                    false => Some(
+                let batches = if ns.is_view() {
+                    None
+                } else {
+                    Some(
                         coll(ns)
                             .find(doc! {})
                             .batch()
                             .await
                             .map_err(|e| mongo_error(&reading(ns), e))?,
-                    ),
+                    )
                 };
                 copy_collection(&mut writer, ns, batches, &mut counts).await?;
             }
@@ -298,9 +293,10 @@ impl MongoJob {
                 .and_then(|i| i.get_binary("uuid").ok())
                 .filter(|b| b.subtype == bson::spec::BinarySubtype::Uuid)
                 .map(|b| b.bytes);
-            let indexes = match kind {
-                "view" => Vec::new(),
-                _ => self.indexes(db, name).await?,
+            let indexes = if kind == "view" {
+                Vec::new()
+            } else {
+                self.indexes(db, name).await?
             };
             let options = info.get_document("options").ok();
             prelude.push(Namespace {
