@@ -231,13 +231,19 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     let _pg_source = pg.create_database(&unique);
     pg.execute(
         &unique,
-        "CREATE TABLE t (id INT PRIMARY KEY, v TEXT); INSERT INTO t VALUES (1, 'a'), (2, 'b');",
+        "CREATE TABLE t (id INT PRIMARY KEY, v TEXT); INSERT INTO t VALUES (1, 'a'), (2, 'b');
+         CREATE VIEW vs AS SELECT v FROM t;",
     );
-    let pg_role = unique.clone();
-    let _pg_role = Cleanup(|| {
-        let sql = format!("DROP ROLE IF EXISTS {}", pg_ident(&pg_role));
-        if let Err(e) = pg.client("postgres").batch_execute(&sql) {
-            eprintln!("warning: {sql}: {e}");
+    // The dumps' accounts, and verify restore's scratch accounts (the role creates all four).
+    let scratch_user = format!("{unique}_v");
+    let _scratch_account = mysql.account(&scratch_user, "127.0.0.1");
+    let pg_roles = [unique.clone(), scratch_user.clone()];
+    let _pg_roles = Cleanup(|| {
+        for role in &pg_roles {
+            let sql = format!("DROP ROLE IF EXISTS {}", pg_ident(role));
+            if let Err(e) = pg.client("postgres").batch_execute(&sql) {
+                eprintln!("warning: {sql}: {e}");
+            }
         }
     });
     // A space and a % in the path: the cron line must quote one and escape the other.
@@ -263,9 +269,11 @@ fn role_converges_and_its_jobs_and_runbook_work() {
 
     let mysql_password = format!("my-{unique}-Pw");
     let pg_password = format!("pg-{unique}-Pw");
+    let scratch_password = format!("scratch-{unique}-Pw");
     let secrets = [
         mysql_password.as_str(),
         pg_password.as_str(),
+        scratch_password.as_str(),
         mysql.password.as_str(),
         pg.password.as_str(),
         s3_secret.as_str(),
@@ -277,9 +285,9 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     let mut jobs = vec![
         json!({"name": "db", "engine": "mysql", "databases": [unique], "schedule": "15 4 * * *",
                "destinations": [ssh_url], "retention": {"daily": 7, "weekly": 4, "monthly": 12},
-               "notify": "dba@example.net"}),
+               "notify": "dba@example.net", "verify": "restore"}),
         json!({"name": "pg", "engine": "postgres", "databases": [unique], "schedule": "45 4 * * *",
-               "destinations": [s3_url], "retention": {"last": 3}}),
+               "destinations": [s3_url], "retention": {"last": 3}, "verify": "restore"}),
         json!({"name": "data", "engine": "files", "paths": [data], "schedule": "@hourly",
                "retention": {"last": 2}, "verify": "restore", "options": ["--compress", "gzip"],
                "exclude": ["*.log", data.join("cache")]}),
@@ -313,6 +321,15 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         "bk_s3_access_key_id": s3_key, "bk_s3_secret_access_key": s3_secret, "bk_s3_endpoint": s3_endpoint,
         "bk_ssh_known_hosts": [format!("[127.0.0.1]:{ssh_port} {}", host_key.join(" "))],
     });
+    // verify restore's scratch accounts (json! cannot take more lines at once).
+    for (var, value) in [
+        ("bk_mysql_scratch_user", &scratch_user),
+        ("bk_mysql_scratch_password", &scratch_password),
+        ("bk_postgres_scratch_user", &scratch_user),
+        ("bk_postgres_scratch_password", &scratch_password),
+    ] {
+        vars[var] = json!(value);
+    }
     let no_secret = |play: &Play, which: &str| {
         for secret in secrets {
             assert!(
@@ -341,7 +358,9 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     assert_eq!(user_home, home, "a new backup user gets bk_home");
     for file in [
         ".my.cnf",
+        ".my-scratch.cnf",
         ".pgpass",
+        ".pgpass-scratch",
         ".aws/credentials",
         ".aws/config",
         ".ssh/id_ed25519",
@@ -448,6 +467,44 @@ fn role_converges_and_its_jobs_and_runbook_work() {
                 assert_eq!(ls.artifact().sha256, local.sha256, "{at}: the S3 copy");
             }
             _ => {}
+        }
+    }
+
+    // 3b. verify restore restores each database, its view too, as the scratch account (the
+    // dump's may not create databases): the job's command up to bk-verify, as cron runs it,
+    // prints its verdict.
+    for job in ["db", "pg"] {
+        let path = cron_dir.join(format!("bk-{job}"));
+        let file = cron::parse(&path);
+        let command = file.jobs[0].command.replace("\\%", "%");
+        let (to_verify, _) = command
+            .rsplit_once(" | ")
+            .unwrap_or_else(|| panic!("{}: no last stage after bk-verify", path.display()));
+        assert!(
+            to_verify.contains("bk-verify -q --scratch"),
+            "{}: {to_verify}",
+            path.display()
+        );
+        let mut cmd = file.shell(to_verify, USER, &home);
+        cmd.current_dir(&home).uid(uid).gid(gid);
+        let run = run_cmd(cmd, "");
+        assert_eq!(run.code, 0, "{to_verify}:\n{}{}", run.stdout, run.stderr);
+        let verified: Vec<serde_json::Map<String, serde_json::Value>> = run
+            .stdout
+            .lines()
+            .filter_map(|l| match parse_line(l, "stdout") {
+                Ok(Record::Verified(v)) => Some(v),
+                _ => None,
+            })
+            .collect();
+        // One per copy: the local store's and the destination's.
+        assert_eq!(verified.len(), 2, "{job}: two verified records:\n{}", run.stdout);
+        for v in &verified {
+            assert_eq!(
+                (&v["ok"], &v["level"]),
+                (&json!(true), &json!("restore")),
+                "{job}: {v:?}"
+            );
         }
     }
 
