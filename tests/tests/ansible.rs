@@ -255,6 +255,9 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     fs::create_dir_all(data.join("cache")).unwrap();
     fs::write(data.join("cache/page"), "stale\n").unwrap();
     fs::write(data.join("sub/run.log"), "noise\n").unwrap();
+    // A file only root may read: the files job must back it up all the same.
+    fs::write(data.join("sub/secret.key"), "root's alone\n").unwrap();
+    fs::set_permissions(data.join("sub/secret.key"), fs::Permissions::from_mode(0o600)).unwrap();
 
     // The destinations: the test sshd (its user's home) and the test S3 server.
     let (_, _, ssh_home) = passwd(&ssh_user).expect("the ssh test user");
@@ -424,7 +427,12 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         assert_eq!(file.var("MAILTO"), Some(mailto), "{at}");
         assert_eq!(file.jobs.len(), 1, "{at}: one job");
         let cron_job = &file.jobs[0];
-        assert_eq!(cron_job.user, USER, "{at}");
+        // A files job is started by root (and drops to the backup user, able to read all).
+        let (user, run_uid, run_gid, run_home) = match job {
+            "data" => ("root", 0, 0, PathBuf::from("/root")),
+            _ => (USER, uid, gid, home.clone()),
+        };
+        assert_eq!(cron_job.user, user, "{at}");
         assert!(
             !cron::has_bare_percent(&cron_job.command),
             "{at}: a bare % in {}",
@@ -435,8 +443,8 @@ fn role_converges_and_its_jobs_and_runbook_work() {
             "{at}: the path with a space and a % is not quoted and escaped: {}",
             cron_job.command
         );
-        let mut cmd = file.shell(&cron_job.command.replace("\\%", "%"), USER, &home);
-        cmd.current_dir(&home).uid(uid).gid(gid);
+        let mut cmd = file.shell(&cron_job.command.replace("\\%", "%"), user, &run_home);
+        cmd.current_dir(&home).uid(run_uid).gid(run_gid);
         let run = run_cmd(cmd, "");
         assert_eq!(
             (run.code, run.stdout.as_str(), run.stderr.as_str()),
@@ -444,6 +452,9 @@ fn role_converges_and_its_jobs_and_runbook_work() {
             "{at}: a good run prints nothing (cron would mail it): {}",
             cron_job.command
         );
+        // The store stays the backup user's, whoever started the job.
+        let owner = fs::metadata(store.join(&name)).unwrap().uid();
+        assert_eq!(owner, uid, "{at}: the name's directory in the store");
         let local = manifest(&store.join(&name), &at);
         assert!(Path::new(&local.location).is_file(), "{at}: {} missing", local.location);
         assert!(
@@ -468,6 +479,22 @@ fn role_converges_and_its_jobs_and_runbook_work() {
             }
             _ => {}
         }
+    }
+
+    // The whole store, as the backup user lists it (a stale check does): every job's backups.
+    let mut ls = Command::new(sb.path("bin/bk-ls"));
+    ls.arg(&store).current_dir(&home).uid(uid).gid(gid).env("HOME", &home);
+    let listed: Vec<String> = Run::from(ls.output().expect("bk-ls"))
+        .ok()
+        .artifacts()
+        .into_iter()
+        .map(|a| a.name)
+        .collect();
+    for name in [format!("db-{unique}"), format!("pg-{unique}"), "data".to_string()] {
+        assert!(
+            listed.contains(&name),
+            "bk-ls of the store as {USER}: no {name} in {listed:?}"
+        );
     }
 
     // 3b. verify restore restores each database, its view too, as the scratch account (the
