@@ -638,3 +638,166 @@ fn role_installs_from_a_release_tarball() {
         second.output
     );
 }
+
+/// `bk_state: absent` after present: what the role installed is gone (tools, cron.d files,
+/// runbook, credential files, ssh key, lock directory, the database accounts it created, the
+/// user when asked), the store and its backups and the user's home stay, and a second absent
+/// run changes nothing.
+#[test]
+fn role_removes_what_it_installed() {
+    if !have_root() {
+        return;
+    }
+    let (Some(mysql), Some(pg), Some(venv)) = (mysql_server(), pg_server(), ansible_venv()) else {
+        return;
+    };
+    // Not the other test's user: the tests run at the same time.
+    const USER: &str = "bktestrm";
+    let sb = Sandbox::new();
+    fs::set_permissions(sb.root(), fs::Permissions::from_mode(0o755)).unwrap();
+    let ansible = Ansible {
+        sb: &sb,
+        venv,
+        repo: Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
+    };
+    userdel(USER);
+    let _user = Cleanup(|| userdel(USER));
+    let unique = bk_tests::mysql_unique_name("bkrm");
+    let scratch_user = format!("{unique}_v");
+    let _accounts = [
+        mysql.account(&unique, "127.0.0.1"),
+        mysql.account(&scratch_user, "127.0.0.1"),
+    ];
+    let pg_roles = [unique.clone(), scratch_user.clone()];
+    let _pg_roles = Cleanup(|| {
+        for role in &pg_roles {
+            let sql = format!("DROP ROLE IF EXISTS {}", pg_ident(role));
+            if let Err(e) = pg.client("postgres").batch_execute(&sql) {
+                eprintln!("warning: {sql}: {e}");
+            }
+        }
+    });
+    let data = sb.path("data");
+    fs::create_dir_all(&data).unwrap();
+    fs::write(data.join("a.conf"), "key = value\n").unwrap();
+    let (home, store, bin, cron_dir, lock) = (
+        sb.path("home"),
+        sb.path("store"),
+        sb.path("bin"),
+        sb.path("cron.d"),
+        sb.path("lock"),
+    );
+    let (runbook, restore_pgpass) = (sb.path("etc/bk/RESTORE.md"), sb.path("etc/bk/restore.pgpass"));
+    // Every kind of credential file: database jobs with verify restore, ssh and S3 destinations
+    // (the role never connects to those).
+    let jobs = json!([
+        {"name": "data", "engine": "files", "paths": [data], "schedule": "@daily"},
+        {"name": "db", "engine": "mysql", "databases": ["x"], "schedule": "@daily", "verify": "restore",
+         "destinations": ["ssh://bk@backup.invalid/srv/bk"]},
+        {"name": "pg", "engine": "postgres", "databases": ["x"], "schedule": "@daily", "verify": "restore",
+         "destinations": ["s3://bucket/prefix"]},
+    ]);
+    let mut vars = json!({
+        "bk_install_src": snapshot_tools(&sb), "bk_install_packages": false,
+        "bk_bin_dir": bin, "bk_user": USER, "bk_home": home, "bk_store": store, "bk_lock_dir": lock,
+        "bk_cron_dir": cron_dir, "bk_runbook_path": runbook, "bk_scratch_dir": sb.path("scratch"),
+        "bk_jobs": jobs,
+        "bk_mysql_host": mysql.host, "bk_mysql_port": mysql.port, "bk_mysql_user": unique,
+        "bk_mysql_create_user": true, "bk_mysql_user_host": "127.0.0.1",
+        "bk_mysql_login_host": mysql.host, "bk_mysql_login_port": mysql.port,
+        "bk_mysql_login_user": mysql.user, "bk_mysql_login_password": mysql.password,
+        "bk_mysql_scratch_user": scratch_user,
+        "bk_postgres_host": pg.host, "bk_postgres_port": pg.port, "bk_postgres_user": unique,
+        "bk_postgres_create_user": true, "bk_postgres_scratch_user": scratch_user,
+        "bk_postgres_login_host": pg.host, "bk_postgres_login_port": pg.port,
+        "bk_postgres_login_user": pg.user, "bk_postgres_login_password": pg.password,
+        "bk_postgres_restore_password": pg.password, "bk_postgres_restore_pgpass": restore_pgpass,
+        "bk_install_python_db_drivers": false, "bk_s3_access_key_id": "AKIA", "bk_s3_secret_access_key": "s",
+    });
+    ansible.play(&vars);
+    let admin_cnf = mysql.option_file(&sb, "admin.cnf");
+    let mysql_accounts = || {
+        let users = mysql.sql(&admin_cnf, "SELECT User FROM mysql.user");
+        users.lines().filter(|u| *u == unique || *u == scratch_user).count()
+    };
+    let pg_roles_left = || {
+        let rows = pg
+            .client("postgres")
+            .query(
+                "SELECT 1 FROM pg_roles WHERE rolname = $1 OR rolname = $2",
+                &[&unique, &scratch_user],
+            )
+            .expect("pg_roles");
+        rows.len()
+    };
+    let home_files = [
+        ".my.cnf",
+        ".my-scratch.cnf",
+        ".pgpass",
+        ".pgpass-scratch",
+        ".aws/credentials",
+        ".aws/config",
+        ".ssh/id_ed25519",
+        ".ssh/id_ed25519.pub",
+    ];
+    let cron_files = ["bk-data", "bk-db", "bk-pg"].map(|f| cron_dir.join(f));
+    let installed: Vec<PathBuf> = home_files
+        .iter()
+        .map(|f| home.join(f))
+        .chain(cron_files.clone())
+        .chain([
+            bin.join("bk"),
+            bin.join("bk-dump"),
+            runbook.clone(),
+            restore_pgpass.clone(),
+            lock.clone(),
+        ])
+        .collect();
+    for path in &installed {
+        assert!(path.exists(), "the present run did not make {}", path.display());
+    }
+    assert_eq!((mysql_accounts(), pg_roles_left()), (2, 2), "the database accounts");
+
+    // A backup in the store, as the files job makes it; and a cron.d file written by hand.
+    let file = cron::parse(&cron_files[0]);
+    let mut job = file.shell(&file.jobs[0].command.replace("\\%", "%"), "root", Path::new("/root"));
+    job.current_dir(&home);
+    let run = run_cmd(job, "");
+    assert_eq!((run.code, run.stderr.as_str()), (0, ""), "the files job");
+    let backup = manifest(&store.join("data"), "the files job");
+    let handmade = cron_dir.join("bk-handmade");
+    fs::write(&handmade, "0 1 * * * root true\n").unwrap();
+
+    vars["bk_state"] = json!("absent");
+    vars["bk_remove_user"] = json!(true);
+    let absent = ansible.play(&vars);
+    for path in &installed {
+        assert!(
+            !path.exists(),
+            "{} is left after bk_state absent:\n{}",
+            path.display(),
+            absent.output
+        );
+    }
+    assert_eq!(
+        (mysql_accounts(), pg_roles_left()),
+        (0, 0),
+        "the database accounts are left"
+    );
+    assert!(passwd(USER).is_none(), "the backup user is left");
+    assert!(home.is_dir(), "the backup user's home is gone");
+    assert!(handmade.exists(), "a cron.d file the role did not write is gone");
+    assert_eq!(
+        manifest(&store.join("data"), "the store after absent").sha256,
+        backup.sha256,
+        "the store's backup"
+    );
+    assert!(Path::new(&backup.location).is_file(), "the backup's file is gone");
+
+    let again = ansible.play(&vars);
+    assert_eq!(
+        again.changed, 0,
+        "the second absent run changed something:\n{}",
+        again.output
+    );
+}
