@@ -692,6 +692,7 @@ fn role_removes_what_it_installed() {
     // (the role never connects to those).
     let jobs = json!([
         {"name": "data", "engine": "files", "paths": [data], "schedule": "@daily"},
+        {"name": "plain", "engine": "files", "paths": [data], "schedule": "@daily", "user": USER},
         {"name": "db", "engine": "mysql", "databases": ["x"], "schedule": "@daily", "verify": "restore",
          "destinations": ["ssh://bk@backup.invalid/srv/bk"]},
         {"name": "pg", "engine": "postgres", "databases": ["x"], "schedule": "@daily", "verify": "restore",
@@ -740,7 +741,7 @@ fn role_removes_what_it_installed() {
         ".ssh/id_ed25519",
         ".ssh/id_ed25519.pub",
     ];
-    let cron_files = ["bk-data", "bk-db", "bk-pg"].map(|f| cron_dir.join(f));
+    let cron_files = ["bk-data", "bk-plain", "bk-db", "bk-pg"].map(|f| cron_dir.join(f));
     let installed: Vec<PathBuf> = home_files
         .iter()
         .map(|f| home.join(f))
@@ -760,11 +761,19 @@ fn role_removes_what_it_installed() {
 
     // A backup in the store, as the files job makes it; and a cron.d file written by hand.
     let file = cron::parse(&cron_files[0]);
+    assert_eq!(file.jobs[0].user, "root", "a files job is started by root");
     let mut job = file.shell(&file.jobs[0].command.replace("\\%", "%"), "root", Path::new("/root"));
     job.current_dir(&home);
     let run = run_cmd(job, "");
     assert_eq!((run.code, run.stderr.as_str()), (0, ""), "the files job");
     let backup = manifest(&store.join("data"), "the files job");
+    // A files job whose user is the backup user: cron starts it as that user, as it is.
+    let plain = cron::parse(&cron_files[1]);
+    assert_eq!(
+        (plain.jobs[0].user.as_str(), plain.jobs[0].command.contains("setpriv")),
+        (USER, false),
+        "a files job with user: {USER}"
+    );
     let handmade = cron_dir.join("bk-handmade");
     fs::write(&handmade, "0 1 * * * root true\n").unwrap();
 
