@@ -15,7 +15,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use bk_core::record::{parse_line, Artifact, Record};
-use bk_tests::{assert_tools_linked, cron, have_root, mysql_server, needs, pg_ident, pg_server, run_cmd, Run, Sandbox};
+use bk_tests::{
+    assert_tools_linked, cron, have_root, mysql_server, needs, pg_ident, pg_server, run_cmd, MysqlGuard, MysqlServer,
+    PgServer, Run, Sandbox,
+};
 use serde_json::json;
 
 /// The backup user of the test: created by the role, removed at the end.
@@ -27,6 +30,38 @@ struct Cleanup<F: FnMut()>(F);
 impl<F: FnMut()> Drop for Cleanup<F> {
     fn drop(&mut self) {
         (self.0)()
+    }
+}
+
+/// The database accounts a test's role run creates, the dumps' and verify restore's scratch
+/// ones, on both servers (named `<unique>` and `<unique>_v`): dropped when it goes.
+struct RoleAccounts<'a> {
+    scratch: String,
+    _mysql: [MysqlGuard; 2],
+    pg: &'a PgServer,
+    pg_roles: [String; 2],
+}
+
+impl<'a> RoleAccounts<'a> {
+    fn new(mysql: &MysqlServer, pg: &'a PgServer, unique: &str) -> Self {
+        let scratch = format!("{unique}_v");
+        RoleAccounts {
+            _mysql: [mysql.account(unique, "127.0.0.1"), mysql.account(&scratch, "127.0.0.1")],
+            pg,
+            pg_roles: [unique.to_string(), scratch.clone()],
+            scratch,
+        }
+    }
+}
+
+impl Drop for RoleAccounts<'_> {
+    fn drop(&mut self) {
+        for role in &self.pg_roles {
+            let sql = format!("DROP ROLE IF EXISTS {}", pg_ident(role));
+            if let Err(e) = self.pg.client("postgres").batch_execute(&sql) {
+                eprintln!("warning: {sql}: {e}");
+            }
+        }
     }
 }
 
@@ -60,6 +95,13 @@ fn userdel(user: &str) {
     }
 }
 
+/// The backup user a test's role run creates: none before (one left by a killed run has a home
+/// in a sandbox that is gone), none after.
+fn backup_user(user: &'static str) -> Cleanup<impl FnMut()> {
+    userdel(user);
+    Cleanup(move || userdel(user))
+}
+
 /// A successful ansible-playbook run: its output and the PLAY RECAP's count of changes.
 struct Play {
     output: String,
@@ -80,7 +122,16 @@ struct Ansible<'a> {
     repo: PathBuf,
 }
 
-impl Ansible<'_> {
+impl<'a> Ansible<'a> {
+    /// For a test's sandbox; the role is this repository's.
+    fn new(sb: &'a Sandbox, venv: PathBuf) -> Self {
+        Ansible {
+            sb,
+            venv,
+            repo: Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
+        }
+    }
+
     fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new(self.venv.join("bin").join(program));
         let path = format!("{}:{}", self.venv.join("bin").display(), env("PATH"));
@@ -201,22 +252,15 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     let scratch = sb.path("scratch");
     fs::create_dir_all(&scratch).unwrap();
     fs::set_permissions(&scratch, fs::Permissions::from_mode(0o1777)).unwrap();
-    let ansible = Ansible {
-        sb: &sb,
-        venv,
-        repo: Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
-    };
+    let ansible = Ansible::new(&sb, venv);
 
-    // A user left by a killed run of this test has a home in a sandbox that is gone.
-    userdel(USER);
-    let _user = Cleanup(|| userdel(USER));
+    let _user = backup_user(USER);
 
     // The sources: a MariaDB and a PostgreSQL database, a directory.
     let unique = bk_tests::mysql_unique_name("bkans");
     let admin_cnf = mysql.option_file(&sb, "admin.cnf");
     let _source = mysql.database(&unique);
     let _restored = mysql.database(&format!("{unique}_restored"));
-    let _account = mysql.account(&unique, "127.0.0.1");
     mysql.sql(
         &admin_cnf,
         &format!(
@@ -235,17 +279,8 @@ fn role_converges_and_its_jobs_and_runbook_work() {
          CREATE VIEW vs AS SELECT v FROM t;",
     );
     // The dumps' accounts, and verify restore's scratch accounts (the role creates all four).
-    let scratch_user = format!("{unique}_v");
-    let _scratch_account = mysql.account(&scratch_user, "127.0.0.1");
-    let pg_roles = [unique.clone(), scratch_user.clone()];
-    let _pg_roles = Cleanup(|| {
-        for role in &pg_roles {
-            let sql = format!("DROP ROLE IF EXISTS {}", pg_ident(role));
-            if let Err(e) = pg.client("postgres").batch_execute(&sql) {
-                eprintln!("warning: {sql}: {e}");
-            }
-        }
-    });
+    let accounts = RoleAccounts::new(&mysql, &pg, &unique);
+    let scratch_user = accounts.scratch.clone();
     // A space and a % in the path: the cron line must quote one and escape the other.
     let data = sb.path("data 50%");
     fs::create_dir_all(data.join("sub")).unwrap();
@@ -607,11 +642,7 @@ fn role_installs_from_a_release_tarball() {
         return;
     };
     let sb = Sandbox::new();
-    let ansible = Ansible {
-        sb: &sb,
-        venv,
-        repo: Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
-    };
+    let ansible = Ansible::new(&sb, venv);
     let tarball = sb.path("bk.tar.gz");
     // A copy: linking the same file elsewhere meanwhile (the other test's snapshot) changes its
     // ctime, which tar takes for a file changed as it read it.
@@ -655,28 +686,11 @@ fn role_removes_what_it_installed() {
     const USER: &str = "bktestrm";
     let sb = Sandbox::new();
     fs::set_permissions(sb.root(), fs::Permissions::from_mode(0o755)).unwrap();
-    let ansible = Ansible {
-        sb: &sb,
-        venv,
-        repo: Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
-    };
-    userdel(USER);
-    let _user = Cleanup(|| userdel(USER));
+    let ansible = Ansible::new(&sb, venv);
+    let _user = backup_user(USER);
     let unique = bk_tests::mysql_unique_name("bkrm");
-    let scratch_user = format!("{unique}_v");
-    let _accounts = [
-        mysql.account(&unique, "127.0.0.1"),
-        mysql.account(&scratch_user, "127.0.0.1"),
-    ];
-    let pg_roles = [unique.clone(), scratch_user.clone()];
-    let _pg_roles = Cleanup(|| {
-        for role in &pg_roles {
-            let sql = format!("DROP ROLE IF EXISTS {}", pg_ident(role));
-            if let Err(e) = pg.client("postgres").batch_execute(&sql) {
-                eprintln!("warning: {sql}: {e}");
-            }
-        }
-    });
+    let accounts = RoleAccounts::new(&mysql, &pg, &unique);
+    let scratch_user = accounts.scratch.clone();
     let data = sb.path("data");
     fs::create_dir_all(&data).unwrap();
     fs::write(data.join("a.conf"), "key = value\n").unwrap();
