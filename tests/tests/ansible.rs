@@ -76,6 +76,16 @@ fn ansible_venv() -> Option<PathBuf> {
     needs(found, why, "tests/services.sh start installs it")
 }
 
+/// A sandbox and the venv, for a test that needs no database server: None where it is
+/// skipped (not root: the role runs as root).
+fn ansible_sandbox() -> Option<(Sandbox, PathBuf)> {
+    if !have_root() {
+        return None;
+    }
+    let venv = ansible_venv()?;
+    Some((Sandbox::new(), venv))
+}
+
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: source $(tests/services.sh env)"))
 }
@@ -152,6 +162,23 @@ impl<'a> Ansible<'a> {
     /// `ansible-playbook --diff` of a playbook whose play ends with `tasks` (YAML under the
     /// play) with `vars`, on localhost.
     fn play_tasks(&self, tasks: &str, vars: &serde_json::Value) -> Play {
+        let run = self.run_playbook(tasks, vars);
+        let output = format!("{}{}", run.stdout, run.stderr);
+        assert_eq!(run.code, 0, "ansible-playbook failed:\n{output}");
+        let recap = output
+            .lines()
+            .skip_while(|l| !l.starts_with("PLAY RECAP"))
+            .find(|l| l.starts_with("localhost"))
+            .unwrap_or_else(|| panic!("no PLAY RECAP for localhost:\n{output}"))
+            .to_string();
+        Play {
+            changed: recap_count(&recap, "changed"),
+            output,
+        }
+    }
+
+    /// The run of such a playbook, whatever its outcome.
+    fn run_playbook(&self, tasks: &str, vars: &serde_json::Value) -> Run {
         let dir = self.sb.path("playbook");
         fs::create_dir_all(&dir).unwrap();
         fs::write(
@@ -174,19 +201,7 @@ impl<'a> Ansible<'a> {
         cmd.current_dir(&dir)
             .args(["-i", "inventory", "site.yml", "--diff", "-e"])
             .arg(format!("@{}", vars_file.display()));
-        let run = run_cmd(cmd, "");
-        let output = format!("{}{}", run.stdout, run.stderr);
-        assert_eq!(run.code, 0, "ansible-playbook failed:\n{output}");
-        let recap = output
-            .lines()
-            .skip_while(|l| !l.starts_with("PLAY RECAP"))
-            .find(|l| l.starts_with("localhost"))
-            .unwrap_or_else(|| panic!("no PLAY RECAP for localhost:\n{output}"))
-            .to_string();
-        Play {
-            changed: recap_count(&recap, "changed"),
-            output,
-        }
+        run_cmd(cmd, "")
     }
 }
 
@@ -197,6 +212,8 @@ fn snapshot_tools(sb: &Sandbox) -> PathBuf {
     let dir = sb.path("built");
     fs::create_dir_all(&dir).unwrap();
     let (from, to) = (bk_tests::bin("bk"), dir.join("bk"));
+    // Once per sandbox: a copy onto a link of the same file would empty the built one.
+    assert!(!to.exists(), "{} is there already", to.display());
     if fs::hard_link(&from, &to).is_err() {
         fs::copy(&from, &to).unwrap_or_else(|e| panic!("copying {}: {e}", from.display()));
     }
@@ -635,13 +652,9 @@ fn role_converges_and_its_jobs_and_runbook_work() {
 /// install whose tools were single binaries; a second run changes nothing.
 #[test]
 fn role_installs_from_a_release_tarball() {
-    if !have_root() {
-        return;
-    }
-    let Some(venv) = ansible_venv() else {
+    let Some((sb, venv)) = ansible_sandbox() else {
         return;
     };
-    let sb = Sandbox::new();
     let ansible = Ansible::new(&sb, venv);
     let tarball = sb.path("bk.tar.gz");
     // A copy: linking the same file elsewhere meanwhile (the other test's snapshot) changes its
@@ -790,11 +803,23 @@ fn role_removes_what_it_installed() {
     );
     let handmade = cron_dir.join("bk-handmade");
     fs::write(&handmade, "0 1 * * * root true\n").unwrap();
+    // What the notifications leave (bk_notify_* and bk_stale_after): gone too.
+    let metrics = sb.path("metrics");
+    let notified = [
+        cron_dir.join("bk_stale"),
+        home.join(".bk-notify/webhook.url"),
+        metrics.join("bk.prom"),
+    ];
+    for path in &notified {
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, "").unwrap();
+    }
 
     vars["bk_state"] = json!("absent");
     vars["bk_remove_user"] = json!(true);
+    vars["bk_notify_prom_dir"] = json!(metrics);
     let absent = ansible.play(&vars);
-    for path in &installed {
+    for path in installed.iter().chain(&notified) {
         assert!(
             !path.exists(),
             "{} is left after bk_state absent:\n{}",
@@ -808,7 +833,10 @@ fn role_removes_what_it_installed() {
         "the database accounts are left"
     );
     assert!(passwd(USER).is_none(), "the backup user is left");
-    assert!(home.is_dir(), "the backup user's home is gone");
+    assert!(
+        home.is_dir() && metrics.is_dir(),
+        "the backup user's home or the metrics directory is gone"
+    );
     assert!(handmade.exists(), "a cron.d file the role did not write is gone");
     assert_eq!(
         manifest(&store.join("data"), "the store after absent").sha256,
@@ -823,4 +851,41 @@ fn role_removes_what_it_installed() {
         "the second absent run changed something:\n{}",
         again.output
     );
+}
+
+/// Jobs the role cannot run as asked are refused before anything is changed, with a message
+/// that says what to change.
+#[test]
+fn role_refuses_jobs_it_cannot_run() {
+    let Some((sb, venv)) = ansible_sandbox() else {
+        return;
+    };
+    let ansible = Ansible::new(&sb, venv);
+    let files =
+        |user: &str| json!({"name": "data", "engine": "files", "paths": ["/etc"], "schedule": "@daily", "user": user});
+    let restore =
+        json!({"name": "db", "engine": "mysql", "databases": ["x"], "schedule": "@daily", "verify": "restore"});
+    let cases = [
+        // Another user than root or bk_user could not write bk_user's store.
+        (files("nobody"), json!({}), "a files job's user is root or bk_user"),
+        // The scratch account would take the dump account's rights away.
+        (
+            restore.clone(),
+            json!({"bk_mysql_create_user": true, "bk_mysql_scratch_user": "backup"}),
+            "give it another name than",
+        ),
+    ];
+    let built = snapshot_tools(&sb);
+    for (job, more, message) in cases {
+        let mut vars = json!({"bk_install_src": built, "bk_bin_dir": sb.path("bin"),
+                              "bk_install_packages": false, "bk_jobs": [job]});
+        for (k, v) in more.as_object().unwrap() {
+            vars[k] = v.clone();
+        }
+        let run = ansible.run_playbook("  roles: [bk]\n", &vars);
+        let output = format!("{}{}", run.stdout, run.stderr);
+        assert_eq!(run.code, 2, "{vars}: not refused:\n{output}");
+        assert!(output.contains(message), "{vars}: no `{message}` in:\n{output}");
+        assert!(!sb.path("bin").exists(), "{vars}: installed before refusing:\n{output}");
+    }
 }
