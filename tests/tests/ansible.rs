@@ -106,10 +106,25 @@ fn userdel(user: &str) {
 }
 
 /// The backup user a test's role run creates: none before (one left by a killed run has a home
-/// in a sandbox that is gone), none after.
-fn backup_user(user: &'static str) -> Cleanup<impl FnMut()> {
-    userdel(user);
-    Cleanup(move || userdel(user))
+/// in a sandbox that is gone), none after. One such test at a time: useradd and userdel find
+/// /etc/passwd locked by another's.
+struct BackupUser {
+    name: &'static str,
+    _alone: std::sync::MutexGuard<'static, ()>,
+}
+
+static BACKUP_USERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn backup_user(name: &'static str) -> BackupUser {
+    let alone = BACKUP_USERS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    userdel(name);
+    BackupUser { name, _alone: alone }
+}
+
+impl Drop for BackupUser {
+    fn drop(&mut self) {
+        userdel(self.name)
+    }
 }
 
 /// A successful ansible-playbook run: its output and the PLAY RECAP's count of changes.
