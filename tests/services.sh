@@ -26,6 +26,7 @@ export PATH="$PATH:/usr/sbin:/sbin:${HOME:-/root}/.cargo/bin"
 APT_PACKAGES=(
   mariadb-server mariadb-client mariadb-backup postgresql openssh-server rsync
   influxdb influxdb-client sqlite3 zstd age cron time curl ca-certificates groff-base restic rclone python3-apt vsftpd
+  python3-prometheus-client
 )
 
 # Ports (must match the env file below).

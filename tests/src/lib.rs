@@ -1142,6 +1142,29 @@ pub fn assert_tools_linked(bin: &Path) {
     }
 }
 
+/// Lines as a tool's stdin, each ended by a line feed.
+pub fn stdin_of(lines: &[&str]) -> String {
+    lines.iter().map(|l| format!("{l}\n")).collect()
+}
+
+impl Run {
+    /// bk-notify's `notified` records, one per sink.
+    pub fn notified(&self) -> Vec<serde_json::Map<String, serde_json::Value>> {
+        self.records()
+            .into_iter()
+            .filter_map(|r| if let Record::Notified(n) = r { Some(n) } else { None })
+            .collect()
+    }
+
+    /// Every error record printed, passed on or the tool's own.
+    pub fn errors(&self) -> Vec<ErrorRecord> {
+        self.records()
+            .into_iter()
+            .filter_map(|r| if let Record::Error(e) = r { Some(e) } else { None })
+            .collect()
+    }
+}
+
 /// One HTTP request a [`Receiver`] got.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -1159,11 +1182,24 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn start(statuses: &[u16]) -> Receiver {
+        let mut statuses: std::collections::VecDeque<u16> = statuses.iter().copied().collect();
+        Receiver::serve(move || {
+            let status = statuses.pop_front().unwrap_or(200);
+            format!("HTTP/1.1 {status} Programmed\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        })
+    }
+
+    /// A server that records each request and answers it with something that is not HTTP
+    /// (as an SSH or SMTP server at the URL's port would).
+    pub fn garbage() -> Receiver {
+        Receiver::serve(|| "SSH-2.0-OpenSSH_9.2p1 not HTTP\r\n".to_string())
+    }
+
+    fn serve(mut answer: impl FnMut() -> String + Send + 'static) -> Receiver {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
         let port = listener.local_addr().expect("its address").port();
         let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let log = received.clone();
-        let mut statuses: std::collections::VecDeque<u16> = statuses.iter().copied().collect();
         // Serves until the test process ends.
         std::thread::spawn(move || {
             for stream in listener.incoming() {
@@ -1172,11 +1208,7 @@ impl Receiver {
                     continue;
                 };
                 log.lock().expect("the request log").push(request);
-                let status = statuses.pop_front().unwrap_or(200);
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 {status} Programmed\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
-                );
+                let _ = stream.write_all(answer().as_bytes());
             }
         });
         Receiver { port, received }
@@ -1189,6 +1221,22 @@ impl Receiver {
 
     pub fn received(&self) -> Vec<Received> {
         self.received.lock().expect("the request log").clone()
+    }
+
+    /// The requests once there are `count` of them; panics after 30 s without.
+    pub fn wait_for(&self, count: usize) -> Vec<Received> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let received = self.received();
+            if received.len() >= count {
+                return received;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{count} requests expected, got {received:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
 

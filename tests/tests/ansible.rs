@@ -1,8 +1,10 @@
 //! The Ansible role ansible/roles/bk, applied for real to this machine (`ansible-playbook -c
 //! local`, as root) against the test servers: it must converge (a second run changes nothing),
 //! pass ansible-lint, keep secrets out of its output and its credential files private; the
-//! cron.d jobs it writes must back up when run as cron runs them, and the restore commands of
-//! the runbook it writes must bring a database back equal to its source.
+//! cron.d jobs it writes must back up when run as cron runs them, fail loudly when their dump
+//! fails (exit status, webhook, metrics), its stale-backup check must fire after a missed day,
+//! and the restore commands of the runbook it writes must bring a database back equal to its
+//! source.
 //!
 //! Everything the role writes goes into the test's sandbox (tools, home, store, cron.d
 //! directory, runbook), except the backup user `bktest`, the database accounts (all removed
@@ -17,7 +19,7 @@ use std::process::Command;
 use bk_core::record::{parse_line, Artifact, Record};
 use bk_tests::{
     assert_tools_linked, cron, have_root, mysql_server, needs, pg_ident, pg_server, run_cmd, MysqlGuard, MysqlServer,
-    PgServer, Run, Sandbox,
+    PgServer, Receiver, Run, Sandbox,
 };
 use serde_json::json;
 
@@ -235,6 +237,37 @@ fn snapshot_tools(sb: &Sandbox) -> PathBuf {
     dir
 }
 
+/// The value of `metric{name="<name>"}` in a node_exporter textfile.
+fn prom_value(text: &str, metric: &str, name: &str) -> Option<f64> {
+    let series = format!("{metric}{{name=\"{name}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Whether the last run of `name` shows as a success in the jobs' metrics file.
+fn last_run_success(prom: &Path, name: &str, at: &str) -> Option<f64> {
+    let text = fs::read_to_string(prom).unwrap_or_else(|e| panic!("{at}: {}: {e}", prom.display()));
+    prom_value(&text, "bk_last_run_success", name)
+}
+
+/// The webhook bodies the receiver got: their `text`.
+fn webhook_texts(receiver: &Receiver) -> Vec<String> {
+    receiver
+        .received()
+        .into_iter()
+        .map(|r| {
+            assert_eq!(r.method, "POST", "a webhook is a POST: {r:?}");
+            let body: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.body));
+            body["text"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no text in {}", r.body))
+                .to_string()
+        })
+        .collect()
+}
+
 /// The sh blocks under `### <step>` of `## Job <job>` in the runbook.
 fn runbook_blocks(runbook: &str, job: &str, step: &str) -> String {
     let section = runbook
@@ -340,6 +373,10 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     let mysql_password = format!("my-{unique}-Pw");
     let pg_password = format!("pg-{unique}-Pw");
     let scratch_password = format!("scratch-{unique}-Pw");
+    // The jobs' webhook, with the token in its path as Slack's and Mattermost's have.
+    let receiver = Receiver::start(&[]);
+    let webhook = receiver.url(&format!("/hooks/{unique}-token"));
+    let healthcheck = receiver.url(&format!("/ping/{unique}-uuid"));
     let secrets = [
         mysql_password.as_str(),
         pg_password.as_str(),
@@ -347,11 +384,14 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         mysql.password.as_str(),
         pg.password.as_str(),
         s3_secret.as_str(),
+        webhook.as_str(),
+        healthcheck.as_str(),
     ];
     let home = sb.path("home");
     let store = sb.path("store");
     let cron_dir = sb.path("cron.d");
     let runbook = sb.path("etc/bk/RESTORE.md");
+    let prom = sb.path("prom/bk.prom");
     let mut jobs = vec![
         json!({"name": "db", "engine": "mysql", "databases": [unique], "schedule": "15 4 * * *",
                "destinations": [ssh_url], "retention": {"daily": 7, "weekly": 4, "monthly": 12},
@@ -390,6 +430,9 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         "bk_install_python_db_drivers": false,
         "bk_s3_access_key_id": s3_key, "bk_s3_secret_access_key": s3_secret, "bk_s3_endpoint": s3_endpoint,
         "bk_ssh_known_hosts": [format!("[127.0.0.1]:{ssh_port} {}", host_key.join(" "))],
+        "bk_notify_webhook": webhook,
+        "bk_notify_prom_dir": prom.parent().unwrap(),
+        "bk_stale_after": "26h",
     });
     // verify restore's scratch accounts (json! cannot take more lines at once).
     for (var, value) in [
@@ -442,6 +485,28 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     for dir in [&home, &store, &sb.path("lock")] {
         let meta = fs::metadata(dir).unwrap();
         assert_eq!((meta.mode() & 0o777, meta.uid()), (0o700, uid), "{}", dir.display());
+    }
+    // The webhook's URL is a secret: in a file of the backup user's alone, named by the cron
+    // lines, never in them; node_exporter must read the metrics directory.
+    let url_file = home.join(".bk-notify/webhook.url");
+    let meta = fs::metadata(&url_file).unwrap_or_else(|e| panic!("{}: {e}", url_file.display()));
+    assert_eq!(
+        (meta.mode() & 0o777, meta.uid()),
+        (0o600, uid),
+        "{}",
+        url_file.display()
+    );
+    assert_eq!(fs::read_to_string(&url_file).unwrap().trim(), webhook);
+    let meta = fs::metadata(prom.parent().unwrap()).expect("the metrics directory");
+    assert_eq!((meta.mode() & 0o777, meta.uid()), (0o755, uid), "the metrics directory");
+    for written in bk_tests::files_below(&cron_dir).into_iter().chain([runbook.clone()]) {
+        let text = fs::read_to_string(&written).unwrap();
+        assert!(!text.contains(&webhook), "{}: the webhook's URL", written.display());
+        assert!(
+            !text.contains("logger"),
+            "{}: a pipe into logger hides the status",
+            written.display()
+        );
     }
 
     // The destination accepts the backup user's new key, as the fact gives it.
@@ -522,6 +587,21 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         // The store stays the backup user's, whoever started the job.
         let owner = fs::metadata(store.join(&name)).unwrap().uid();
         assert_eq!(owner, uid, "{at}: the name's directory in the store");
+        assert!(
+            cron_job.command.contains("/bk-notify --webhook @"),
+            "{at}: the pipeline does not end in bk-notify with the webhook's file: {}",
+            cron_job.command
+        );
+        assert_eq!(
+            last_run_success(&prom, &name, &at),
+            Some(1.0),
+            "{at}: the metrics of {name}"
+        );
+        assert_eq!(
+            webhook_texts(&receiver),
+            Vec::<String>::new(),
+            "{at}: a good run sends nothing (--on failure)"
+        );
         let local = manifest(&store.join(&name), &at);
         assert!(Path::new(&local.location).is_file(), "{at}: {} missing", local.location);
         assert!(
@@ -602,6 +682,89 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         }
     }
 
+    // 3c. The dump account's password changed on the server, not in the role: the job, run as
+    // cron runs it, fails (exit 1, bk-notify's), a line on stderr for the mail, the webhook
+    // says which backup failed, and the metrics say so.
+    let db_file = cron::parse(&cron_dir.join("bk-db"));
+    let db_name = format!("db-{unique}");
+    let set_password = |password: &str| {
+        mysql.sql(
+            &admin_cnf,
+            &format!("ALTER USER '{unique}'@'127.0.0.1' IDENTIFIED BY '{password}'"),
+        )
+    };
+    set_password(&format!("changed-{unique}"));
+    let mut cmd = db_file.shell(&db_file.jobs[0].command.replace("\\%", "%"), USER, &home);
+    cmd.current_dir(&home).uid(uid).gid(gid);
+    let run = run_cmd(cmd, "");
+    set_password(&mysql_password);
+    assert_eq!(run.code, 1, "the failing job's status, as cron sees it: {}", run.stderr);
+    assert_eq!(run.stdout, "", "the records go to bk-notify's sinks, not to the mail");
+    assert!(
+        run.stderr.contains(&db_name) && run.stderr.contains("Access denied"),
+        "the mail names the backup and the cause: {}",
+        run.stderr
+    );
+    let texts = webhook_texts(&receiver);
+    assert_eq!(texts.len(), 1, "one webhook for the failure: {texts:?}");
+    assert!(
+        texts[0].contains("FAILED") && texts[0].contains(&db_name),
+        "the webhook's text names the failed backup: {}",
+        texts[0]
+    );
+    assert_eq!(
+        last_run_success(&prom, &db_name, "the failed job"),
+        Some(0.0),
+        "the metrics of {db_name}"
+    );
+    assert_eq!(
+        last_run_success(&prom, "data", "the failed job"),
+        Some(1.0),
+        "another job's metrics kept"
+    );
+
+    // 3d. The stale-backup check, run as cron runs it: quiet while every name has a fresh
+    // backup; a (simulated) day and more later, it fails and the webhook names each name.
+    let stale_path = cron_dir.join("bk_stale");
+    let stale_name = stale_path.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(cron::valid_file_name(&stale_name), "{stale_name}: a name cron ignores");
+    let stale_file = cron::parse(&stale_path);
+    assert_eq!(stale_file.jobs.len(), 1, "{}: one job", stale_path.display());
+    let stale_job = &stale_file.jobs[0];
+    assert_eq!(stale_job.user, "root", "the check reads every job's backups");
+    let stale_run = |now: Option<String>| {
+        let mut cmd = stale_file.shell(&stale_job.command.replace("\\%", "%"), "root", Path::new("/root"));
+        if let Some(now) = now {
+            cmd.env("BK_NOW", now);
+        }
+        run_cmd(cmd, "")
+    };
+    let fresh = stale_run(None);
+    assert_eq!(
+        (fresh.code, fresh.stdout.as_str(), fresh.stderr.as_str()),
+        (0, "", ""),
+        "the check, all fresh"
+    );
+    assert_eq!(
+        webhook_texts(&receiver).len(),
+        1,
+        "the check sent a webhook with all fresh"
+    );
+    let later = (chrono::Utc::now() + chrono::TimeDelta::hours(27)).to_rfc3339();
+    let stale = stale_run(Some(later));
+    assert_eq!(
+        (stale.code, stale.stdout.as_str()),
+        (1, ""),
+        "the check, a day missed: {}",
+        stale.stderr
+    );
+    let texts = webhook_texts(&receiver);
+    assert_eq!(texts.len(), 2, "one webhook for the stale backups: {texts:?}");
+    for name in [db_name.clone(), format!("pg-{unique}"), "data".to_string()] {
+        assert!(stale.stderr.contains(&name), "the mail names {name}: {}", stale.stderr);
+        assert!(texts[1].contains(&name), "the webhook names {name}: {}", texts[1]);
+    }
+
     // 4. The runbook's Restore and Check commands of each job, run as root (the PostgreSQL
     // password in the file the role wrote, root's alone), bring the data back equal to its
     // source.
@@ -646,7 +809,12 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     )
     .unwrap();
     jobs.retain(|j| j["name"] != "data");
+    let pg_job = jobs.iter_mut().find(|j| j["name"] == "pg").expect("the pg job");
+    pg_job["healthcheck"] = json!(healthcheck);
     vars["bk_jobs"] = json!(jobs);
+    vars["bk_stale_after"] = json!("");
+    vars["bk_notify_webhook"] = json!("");
+    vars["bk_notify_prom_dir"] = json!("");
     let third = ansible.play(&vars);
     no_secret(&third, "third");
     assert!(
@@ -657,10 +825,57 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     for kept in ["bk-db", "bk-pg", "bk-handmade"] {
         assert!(cron_dir.join(kept).exists(), "{kept} was removed:\n{}", third.output);
     }
+    // Emptied variables: no stale check, no URL file, and the lines no longer name them.
+    assert!(!stale_path.exists(), "bk_stale_after emptied, its file stays");
+    assert!(!url_file.exists(), "bk_notify_webhook emptied, its file stays");
+    let db_line = &cron::parse(&cron_dir.join("bk-db")).jobs[0].command;
+    assert!(
+        db_line.ends_with("/bk-notify >/dev/null") && !db_line.contains("--webhook"),
+        "with no sink the line still ends in bk-notify, for its status: {db_line}"
+    );
     assert!(
         !fs::read_to_string(&runbook).unwrap().contains("## Job data"),
         "the runbook still has the removed job"
     );
+    // A job's own healthcheck: its URL in a file of its own, which only its line names.
+    let hc_file = home.join(".bk-notify/healthcheck-pg.url");
+    let meta = fs::metadata(&hc_file).unwrap_or_else(|e| panic!("{}: {e}", hc_file.display()));
+    assert_eq!((meta.mode() & 0o777, meta.uid()), (0o600, uid), "{}", hc_file.display());
+    assert_eq!(fs::read_to_string(&hc_file).unwrap().trim(), healthcheck);
+    let pg_line = &cron::parse(&cron_dir.join("bk-pg")).jobs[0].command;
+    assert!(
+        pg_line.ends_with(&format!(
+            "/bk-notify --healthcheck @{} --start-now >/dev/null",
+            hc_file.display()
+        )),
+        "the pg job's line: {pg_line}"
+    );
+    assert!(
+        !db_line.contains("--healthcheck"),
+        "the db job has no healthcheck: {db_line}"
+    );
+    // Run as cron runs it, the job pings its check as it starts and when it succeeded.
+    let pg_file = cron::parse(&cron_dir.join("bk-pg"));
+    let before = receiver.received().len();
+    let mut cmd = pg_file.shell(&pg_file.jobs[0].command.replace("\\%", "%"), USER, &home);
+    cmd.current_dir(&home).uid(uid).gid(gid);
+    let run = run_cmd(cmd, "");
+    assert_eq!(
+        (run.code, run.stdout.as_str(), run.stderr.as_str()),
+        (0, "", ""),
+        "{pg_line}"
+    );
+    let pinged: Vec<String> = receiver.received()[before..].iter().map(|r| r.path.clone()).collect();
+    let check = format!("/ping/{unique}-uuid");
+    assert_eq!(pinged, [format!("{check}/start"), check], "the pg job's pings");
+    for written in bk_tests::files_below(&cron_dir) {
+        let text = fs::read_to_string(&written).unwrap();
+        assert!(
+            !text.contains(&healthcheck),
+            "{}: the healthcheck's URL",
+            written.display()
+        );
+    }
 }
 
 /// The role's other install path: a release tarball with `bk` at its top, over an older
@@ -902,5 +1117,55 @@ fn role_refuses_jobs_it_cannot_run() {
         assert_eq!(run.code, 2, "{vars}: not refused:\n{output}");
         assert!(output.contains(message), "{vars}: no `{message}` in:\n{output}");
         assert!(!sb.path("bin").exists(), "{vars}: installed before refusing:\n{output}");
+    }
+}
+
+/// Bad notification and stale-check settings are refused before anything is installed, with a
+/// message naming the variable, and a refused URL is not shown.
+#[test]
+fn role_refuses_bad_notification_settings() {
+    let Some(venv) = ansible_venv() else {
+        return;
+    };
+    let sb = Sandbox::new();
+    let ansible = Ansible::new(&sb, venv);
+    let secret = "hooks.example.net/T0/secret-token";
+    let job = |healthcheck: &str| json!([{"name": "etc", "engine": "files", "paths": ["/etc"], "schedule": "@daily", "healthcheck": healthcheck}]);
+    // Each case: the variable, its bad value, what the message must name.
+    let cases = [
+        ("bk_notify_webhook", json!(secret), "bk_notify_webhook"),
+        (
+            "bk_notify_webhook",
+            json!(format!("https://{secret} x")),
+            "bk_notify_webhook",
+        ),
+        (
+            "bk_notify_healthcheck",
+            json!(format!("ftp://{secret}")),
+            "bk_notify_healthcheck",
+        ),
+        ("bk_jobs", job(&format!("hc://{secret}")), "each job's healthcheck"),
+        ("bk_notify_on", json!("sometimes"), "bk_notify_on"),
+        ("bk_notify_syslog", json!("maybe"), "bk_notify_syslog"),
+        ("bk_notify_prom_dir", json!("metrics"), "bk_notify_prom_dir"),
+        ("bk_stale_after", json!("26 hours"), "bk_stale_after"),
+        ("bk_stale_schedule", json!("hourly"), "bk_stale_schedule"),
+    ];
+    let tasks = "  tasks:\n    - name: Check\n      ansible.builtin.include_role: {name: bk, tasks_from: validate}\n";
+    let good = json!({"bk_install_src": "/nonexistent", "bk_jobs": job("https://hc.example.net/ping/1")});
+    let run = ansible.run_playbook(tasks, &good);
+    assert_eq!(run.code, 0, "good settings refused:\n{}{}", run.stdout, run.stderr);
+    for (variable, value, says) in cases {
+        let mut vars = good.clone();
+        vars[variable] = value.clone();
+        let run = ansible.run_playbook(tasks, &vars);
+        let output = format!("{}{}", run.stdout, run.stderr);
+        let case = format!("{variable}: {value}");
+        assert_ne!(run.code, 0, "{case}: accepted:\n{output}");
+        assert!(
+            output.contains(says),
+            "{case}: the message does not name {says}:\n{output}"
+        );
+        assert!(!output.contains(secret), "{case}: the refused URL is shown:\n{output}");
     }
 }

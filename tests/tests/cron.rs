@@ -2,7 +2,8 @@
 //! really back up, run the way cron runs it (`/bin/sh -c`, the file's variables, nothing else
 //! in the environment), with its hosts, stores and sources replaced by the test servers and a
 //! sandbox. A file's jobs run in order against the same replacements, so the nightly
-//! verification of cron.d/bk-mysql-ssh reads what its backup job shipped.
+//! verification of cron.d/bk-mysql-ssh reads what its backup job shipped. Their webhook is a
+//! receiver of the test's, which a good run must not call (bk-notify --on failure).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -12,7 +13,7 @@ use bk_core::record::Artifact;
 use bk_tests::cron::{has_bare_percent, is_operator, parse, valid_file_name, words, CronFile, Job};
 use bk_tests::{
     bin_dir, mysql_server, mysql_unique_name, pg_server, pg_unique_name, run_cmd, MysqlGuard, MysqlServer, PgDatabase,
-    PgServer, Remote, Run, Sandbox,
+    PgServer, Receiver, Remote, Run, Sandbox,
 };
 
 /// The tools whose path a job must spell out in full.
@@ -31,7 +32,7 @@ const INSTALL_DIR: &str = "/usr/local/bin/";
 
 /// The options of the tools that take a value, besides `--keep-*` (the rest of a job's words
 /// are options without a value, engines, sources and stores).
-const VALUE_OPTIONS: [&str; 27] = [
+const VALUE_OPTIONS: [&str; 28] = [
     "--to",
     "--from",
     "--name",
@@ -59,6 +60,7 @@ const VALUE_OPTIONS: [&str; 27] = [
     "--retries",
     "--tz",
     "--format",
+    "--webhook",
 ];
 
 fn takes_value(option: &str) -> bool {
@@ -159,6 +161,8 @@ struct SandboxedFile {
     stores: BTreeMap<String, String>,
     /// The test stores some job of the file has written to.
     filled: BTreeSet<String>,
+    /// Stands for the webhook of every `--webhook @FILE`.
+    receiver: Receiver,
     databases: (Vec<MysqlGuard>, Vec<PgDatabase>),
 }
 
@@ -202,6 +206,7 @@ impl SandboxedFile {
             pg,
             stores: BTreeMap::new(),
             filled: BTreeSet::new(),
+            receiver: Receiver::start(&[]),
             databases: (Vec::new(), Vec::new()),
         })
     }
@@ -330,6 +335,7 @@ impl SandboxedFile {
                         dir.display().to_string()
                     }
                     "--defaults-file" => self.option_file(),
+                    "--webhook" => self.webhook_file(&word, at),
                     "--name" => {
                         out.name = Some(word.clone());
                         word
@@ -380,6 +386,19 @@ impl SandboxedFile {
         file.display().to_string()
     }
 
+    /// `--webhook @FILE`'s stand-in: a private file with the receiver's URL.
+    fn webhook_file(&self, word: &str, at: &str) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        assert!(
+            word.starts_with('@'),
+            "{at}: --webhook {word}: a URL belongs in a file (@FILE)"
+        );
+        let file = self.sandbox.path("webhook.url");
+        fs::write(&file, format!("{}\n", self.receiver.url("/hook"))).unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
+        format!("@{}", file.display())
+    }
+
     /// Puts a backup named `name` into `store`, for a job that reads backups it did not make.
     fn seed(&mut self, store: &str, name: &str) {
         let db = self.source("sqlite", "", "seed");
@@ -421,6 +440,8 @@ impl SandboxedFile {
                 run.stdout,
                 run.stderr
             );
+            let called: Vec<String> = self.receiver.received().into_iter().map(|r| r.body).collect();
+            assert!(called.is_empty(), "{at}: a good run called the webhook: {called:?}");
             for store in &job_run.to {
                 self.check_store(store, &job_run, &at);
                 self.filled.insert(store.clone());

@@ -680,6 +680,56 @@ fn a_failed_dump_says_why_with_its_exit_code_and_leaves_nothing() {
     }
 }
 
+/// A failure before any dump (the login refused, a database missing) names each backup the
+/// command line names, so that bk-notify can say whose backups failed; with {host} in --name,
+/// which the server decides, it stays unnamed.
+#[test]
+fn a_failure_before_the_dump_names_the_backups_of_the_command_line() {
+    let Some(env) = Env::new() else { return };
+    let wrong = env
+        .server
+        .option_file_for(&env.sb, "wrong.cnf", &env.server.user, WRONG_PASSWORD, "");
+    let nope = mysql_unique_name("bk_nope_");
+    // Each case: the option file, bk-dump's arguments, the exit code, the error records' names.
+    let two = [
+        "--database",
+        "mysql",
+        "--database",
+        "Other DB",
+        "--name",
+        "job-{database}",
+    ];
+    let missing = ["--database", &nope, "--name", "{engine}-{database}"];
+    let host = ["--database", "mysql", "--name", "{host}-{database}"];
+    let cases = [
+        (
+            "a wrong password, two databases",
+            &wrong,
+            &two[..],
+            78,
+            vec![Some("job-mysql".to_string()), Some("job-other-db".to_string())],
+        ),
+        (
+            "a missing database",
+            &env.admin,
+            &missing[..],
+            66,
+            vec![Some(format!("mysql-{nope}"))],
+        ),
+        ("{host} in --name", &wrong, &host[..], 78, vec![None]),
+    ];
+    for (case, option_file, args, code, names) in cases {
+        let run = env.dump_to(option_file, &env.sb.store(), args);
+        assert_eq!(run.code, code, "{case}: {}", run.stderr);
+        let named: Vec<Option<String>> = run
+            .records()
+            .into_iter()
+            .filter_map(|r| if let Record::Error(e) = r { Some(e.name) } else { None })
+            .collect();
+        assert_eq!(named, names, "{case}: the error records' names\n{}", run.stdout);
+    }
+}
+
 /// A throwaway MariaDB server of one test: its own data directory, on a Unix socket only,
 /// killed when it goes.
 struct PrivateServer {

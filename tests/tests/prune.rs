@@ -291,7 +291,7 @@ fn a_held_lock_is_75_and_other_names_go_on() {
     let store = sb.store();
     let alpha = nightly(&store, "alpha", "2026-11-21", 3);
     let beta = nightly(&store, "beta", "2026-11-21", 3);
-    let _held = bk_core::lock::NameLock::acquire(&sb.path("locks"), "alpha", None).unwrap();
+    let _held = bk_core::lock::Lock::acquire(&sb.path("locks"), "alpha", None).unwrap();
     let r = sb.run("bk-prune", &[&store, "--keep-last", "1", NOW]).code(75);
     let e = r.error();
     assert_eq!(e.name.as_deref(), Some("alpha"));

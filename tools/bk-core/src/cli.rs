@@ -9,8 +9,8 @@ use std::time::Duration;
 use clap::error::ErrorKind;
 
 use crate::error::{Error, Kind, Result};
-use crate::lock::{default_lock_dir, NameLock};
-use crate::record::{read_all, Input, Output};
+use crate::lock::{default_lock_dir, Lock};
+use crate::record::{Input, Output, Records};
 use crate::store::StoreConfig;
 
 /// A tool's parsed command line.
@@ -126,9 +126,9 @@ pub struct LockOpts {
 }
 
 impl LockOpts {
-    pub fn acquire(&self, name: &str) -> Result<NameLock> {
+    pub fn acquire(&self, name: &str) -> Result<Lock> {
         let dir = self.lock_dir.clone().unwrap_or_else(default_lock_dir);
-        NameLock::acquire(&dir, name, self.wait.map(Duration::from_secs)).map_err(|e| e.named(name))
+        Lock::acquire(&dir, name, self.wait.map(Duration::from_secs)).map_err(|e| e.named(name))
     }
 }
 
@@ -156,22 +156,22 @@ impl S3Opts {
 }
 
 /// Reads every record on stdin, for a tool whose input is records (no store given); refuses
-/// a terminal, where nobody would type JSON. Nothing at all on stdin means the command before
-/// failed or was killed before it printed anything: an upstream failure (exit 1), so that the
-/// pipeline fails under cron's /bin/sh, which has no pipefail.
+/// a terminal, where nobody would type JSON. Nothing at all on stdin is an upstream failure
+/// (see [`stdin_records`]).
 pub fn read_stdin_records(out: &Output, hint: &str) -> Result<Vec<Input>> {
-    let stdin = std::io::stdin();
-    if stdin.is_terminal() {
+    stdin_records(out, hint)?.collect()
+}
+
+/// The records on stdin one at a time, as they come, for a tool whose input is records and
+/// that acts on each at once (bk-notify); refuses a terminal, where nobody would type JSON.
+/// Nothing at all on stdin means the command before failed or was killed before it printed
+/// anything: the last item is then an upstream failure (exit 1), so that the pipeline fails
+/// under cron's /bin/sh, which has no pipefail. `hint` says what to pipe in.
+pub fn stdin_records(out: &Output, hint: &str) -> Result<StdinRecords> {
+    if std::io::stdin().is_terminal() {
         return Err(Error::usage(format!("no records on stdin (it is a terminal); {hint}")));
     }
-    let stream = read_stdin(out)?;
-    if stream.inputs.is_empty() && !stream.announced {
-        return Err(Error::new(
-            Kind::Upstream,
-            format!("no records on stdin: the command before printed nothing, so it failed or was killed; {hint}"),
-        ));
-    }
-    Ok(stream.inputs)
+    Ok(StdinRecords::new(out, Some(hint)))
 }
 
 /// Reads the records on stdin of a tool given its store, which works standalone: an empty
@@ -180,14 +180,49 @@ pub fn read_stdin_beside_store(out: &Output) -> Result<Vec<Input>> {
     if std::io::stdin().is_terminal() {
         return Ok(Vec::new());
     }
-    Ok(read_stdin(out)?.inputs)
+    StdinRecords::new(out, None).collect()
 }
 
-fn read_stdin(out: &Output) -> Result<crate::record::Stream> {
-    let stream = read_all(std::io::stdin().lock(), "stdin")?;
-    // A stream cut short is said here once; its error record travels on.
-    for message in &stream.cut_short {
-        eprintln!("{}: {message}", out.tool());
+/// The records on stdin, as [`Records`] reads them, saying on stderr once why a stream was
+/// cut short (its error record travels on).
+pub struct StdinRecords {
+    records: Records<std::io::StdinLock<'static>>,
+    tool: String,
+    /// What to pipe in, when records are required: nothing at all is then a failure.
+    required: Option<String>,
+    said: usize,
+    any: bool,
+}
+
+impl StdinRecords {
+    fn new(out: &Output, required: Option<&str>) -> Self {
+        StdinRecords {
+            records: Records::new(std::io::stdin().lock(), "stdin"),
+            tool: out.tool().to_string(),
+            required: required.map(str::to_string),
+            said: 0,
+            any: false,
+        }
     }
-    Ok(stream)
+}
+
+impl Iterator for StdinRecords {
+    type Item = Result<Input>;
+
+    fn next(&mut self) -> Option<Result<Input>> {
+        let next = self.records.next();
+        for message in &self.records.cut_short[self.said..] {
+            eprintln!("{}: {message}", self.tool);
+        }
+        self.said = self.records.cut_short.len();
+        if next.is_some() {
+            self.any = true;
+            return next;
+        }
+        let hint = self.required.take().filter(|_| !self.any && !self.records.announced)?;
+        Some(Err(Error::new(
+            Kind::Upstream,
+            format!("no records on stdin: the command before printed nothing, so it failed or was killed; {hint}"),
+        )))
+    }
 }

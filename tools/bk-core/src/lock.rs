@@ -1,8 +1,9 @@
-//! One run per name at a time (SPEC §6): an flock on `<lock dir>/<name>.lock`. The kernel
-//! drops the lock when the process dies, so a crash never leaves a stale lock.
+//! One run per name at a time (SPEC §6): an flock on `<lock dir>/<name>.lock`; and the lock
+//! beside a file that several jobs rewrite. The kernel drops a lock when the process dies, so
+//! a crash never leaves a stale lock.
 
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use crate::private::create_private_dir;
 const POLL: Duration = Duration::from_millis(100);
 
 /// Held for as long as it lives.
-pub struct NameLock {
+pub struct Lock {
     _lock: Flock<File>,
 }
 
@@ -31,41 +32,80 @@ pub fn default_lock_dir() -> PathBuf {
     }
 }
 
-impl NameLock {
-    /// Takes the lock at once, or waits up to `wait` for it; exit 75 if it stays held.
+impl Lock {
+    /// The lock of one name: takes it at once, or waits up to `wait` for it; exit 75 if it
+    /// stays held.
     pub fn acquire(dir: &Path, name: &str, wait: Option<Duration>) -> Result<Self> {
         ensure_private_dir(dir)?;
         let path = dir.join(format!("{name}.lock"));
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .mode(0o600)
             .open(&path)
             .map_err(|e| Error::create(&path, e))?;
-        let deadline = Instant::now() + wait.unwrap_or_default();
-        loop {
-            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(lock) => return Ok(NameLock { _lock: lock }),
-                Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
-                    if Instant::now() >= deadline {
-                        let waited = wait
-                            .map(|w| format!(" after waiting {}s", w.as_secs()))
-                            .unwrap_or_default();
-                        return Err(Error::temp_fail(format!(
-                            "another run of {name} holds {}{waited}; retry later or pass --wait SECS",
-                            path.display()
-                        )));
-                    }
-                    file = f;
-                    std::thread::sleep(POLL);
+        hold(file, &path, wait, |waited| {
+            format!(
+                "another run of {name} holds {}{waited}; retry later or pass --wait SECS",
+                path.display()
+            )
+        })
+    }
+
+    /// The lock file `path` that jobs of several users share (beside a file they all
+    /// rewrite): made 0644 whatever the umask, so that a job running as another user can
+    /// open it to lock it (flock needs no write access). Waits up to `wait`; exit 75 if it
+    /// stays held.
+    pub fn shared(path: &Path, wait: Duration) -> Result<Self> {
+        // Not through a symlink: in a directory others may write, one could point it
+        // anywhere.
+        let opened = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path);
+        let file = match opened {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let file = OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .mode(0o644)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(path)
+                    .map_err(|e| Error::create(path, e))?;
+                // The mode given to open is filtered by the umask; this is not.
+                file.set_permissions(fs::Permissions::from_mode(0o644))
+                    .map_err(|e| Error::create(path, e))?;
+                file
+            }
+            opened => opened.map_err(|e| Error::io(format!("opening the lock {}", path.display()), e))?,
+        };
+        hold(file, path, Some(wait), |waited| {
+            format!("another run holds {}{waited}; retry later", path.display())
+        })
+    }
+}
+
+/// Locks `file` (opened at `path`), polling for up to `wait`; `busy` says who holds it,
+/// given how long it waited.
+fn hold(mut file: File, path: &Path, wait: Option<Duration>, busy: impl Fn(String) -> String) -> Result<Lock> {
+    let deadline = Instant::now() + wait.unwrap_or_default();
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(Lock { _lock: lock }),
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                if Instant::now() >= deadline {
+                    let waited = wait
+                        .map(|w| format!(" after waiting {}s", w.as_secs()))
+                        .unwrap_or_default();
+                    return Err(Error::temp_fail(busy(waited)));
                 }
-                Err((_, errno)) => {
-                    return Err(Error::io(
-                        format!("locking {}", path.display()),
-                        std::io::Error::from(errno),
-                    ))
-                }
+                file = f;
+                std::thread::sleep(POLL);
+            }
+            Err((_, errno)) => {
+                return Err(Error::io(
+                    format!("locking {}", path.display()),
+                    std::io::Error::from(errno),
+                ))
             }
         }
     }
@@ -94,12 +134,12 @@ mod tests {
     #[test]
     fn second_lock_fails_then_waits() {
         let tmp = tempfile::tempdir().unwrap();
-        let first = NameLock::acquire(tmp.path(), "job", None).unwrap();
-        let e = NameLock::acquire(tmp.path(), "job", None).err().unwrap();
+        let first = Lock::acquire(tmp.path(), "job", None).unwrap();
+        let e = Lock::acquire(tmp.path(), "job", None).err().unwrap();
         assert_eq!(e.exit_code(), 75);
-        NameLock::acquire(tmp.path(), "other", None).unwrap();
+        Lock::acquire(tmp.path(), "other", None).unwrap();
         let start = Instant::now();
-        let e = NameLock::acquire(tmp.path(), "job", Some(Duration::from_millis(300)))
+        let e = Lock::acquire(tmp.path(), "job", Some(Duration::from_millis(300)))
             .err()
             .unwrap();
         assert!(start.elapsed() >= Duration::from_millis(300));
@@ -108,7 +148,20 @@ mod tests {
             std::thread::sleep(Duration::from_millis(200));
             drop(first);
         });
-        NameLock::acquire(tmp.path(), "job", Some(Duration::from_secs(5))).unwrap();
+        Lock::acquire(tmp.path(), "job", Some(Duration::from_secs(5))).unwrap();
         releaser.join().unwrap();
+    }
+
+    #[test]
+    fn a_shared_lock_is_readable_by_all_and_exclusive() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("bk.prom.lock");
+        let first = Lock::shared(&path, Duration::ZERO).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o644);
+        let e = Lock::shared(&path, Duration::from_millis(200)).err().unwrap();
+        assert_eq!(e.exit_code(), 75);
+        assert!(e.message.contains("after waiting"), "{}", e.message);
+        drop(first);
+        Lock::shared(&path, Duration::ZERO).unwrap();
     }
 }

@@ -241,84 +241,135 @@ pub fn parse_line(line: &str, what: &str) -> Result<Record> {
 /// The longest record line read; anything longer is not a record bk wrote.
 const MAX_LINE: usize = 16 << 20;
 
-/// The records of a JSON Lines stream, with the `begin`/`end` records taken out.
-#[derive(Debug, Default)]
-pub struct Stream {
-    pub inputs: Vec<Input>,
+/// The records of a JSON Lines stream one at a time, as they come, for a tool that acts on
+/// each before the next is written (bk-notify passes a long pipeline's records on at once).
+/// Blank lines are ignored; `begin` and `end` are taken out. A `begin` without its `end`
+/// (the tool was killed after it started) becomes an `error` record at the end of the
+/// stream, so that everything downstream fails as if the tool had said so. The first line
+/// that is not a record is an error, after which the iterator ends.
+pub struct Records<R> {
+    input: R,
+    what: String,
+    number: usize,
+    open: Vec<Begin>,
+    ended: bool,
     /// An upstream tool announced itself with a `begin` record.
     pub announced: bool,
-    /// Why the stream is incomplete: a `begin` without its `end`. Each is also an `error`
-    /// record at the end of `inputs`.
+    /// Why the stream is incomplete, once it has ended: a `begin` without its `end`.
     pub cut_short: Vec<String>,
 }
 
-/// Reads every record of a JSON Lines stream before anything is acted on, so that a
-/// malformed line stops the tool with nothing done. Blank lines are ignored. A `begin`
-/// without its `end` (the tool was killed after it started) becomes an `error` record at the
-/// end of the stream, so that everything downstream fails as if the tool had said so.
-pub fn read_all(mut input: impl BufRead, what: &str) -> Result<Stream> {
-    let mut stream = Stream::default();
-    let mut open: Vec<Begin> = Vec::new();
-    let mut buf = Vec::new();
-    for number in 1.. {
-        buf.clear();
-        let read = input
-            .by_ref()
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut buf)
-            .map_err(|e| Error::io(format!("reading {what}"), e))?;
-        if read == 0 {
-            break;
-        }
-        if buf.len() > MAX_LINE {
-            return Err(Error::data(format!(
-                "{what} line {number}: longer than 16 MiB: not a record"
-            )));
-        }
-        let line = std::str::from_utf8(&buf).map_err(|e| {
-            Error::data(format!(
-                "{what} line {number}: not UTF-8 (byte {})",
-                e.valid_up_to() + 1
-            ))
-        })?;
-        let line = line.trim_end_matches(['\n', '\r']);
-        if line.trim().is_empty() {
-            continue;
-        }
-        match parse_line(line, &format!("{what} line {number}"))? {
-            Record::Begin(begin) => {
-                stream.announced = true;
-                open.push(begin);
-            }
-            Record::End(end) => {
-                if let Some(i) = open.iter().rposition(|b| b.tool == end.tool && b.pid == end.pid) {
-                    open.remove(i);
-                }
-            }
-            record => stream.inputs.push(Input {
-                line: line.to_string(),
-                record,
-            }),
+impl<R: BufRead> Records<R> {
+    /// `what` names the input in messages ("stdin" gives "stdin line 3: ...").
+    pub fn new(input: R, what: &str) -> Self {
+        Records {
+            input,
+            what: what.to_string(),
+            number: 0,
+            open: Vec::new(),
+            ended: false,
+            announced: false,
+            cut_short: Vec::new(),
         }
     }
-    for begin in open {
+
+    /// The next line's record, `None` at the end of input.
+    fn read_record(&mut self) -> Result<Option<Input>> {
+        let what = &self.what;
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            self.number += 1;
+            let number = self.number;
+            let read = self
+                .input
+                .by_ref()
+                .take(MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut buf)
+                .map_err(|e| Error::io(format!("reading {what}"), e))?;
+            if read == 0 {
+                return Ok(None);
+            }
+            if buf.len() > MAX_LINE {
+                return Err(Error::data(format!(
+                    "{what} line {number}: longer than 16 MiB: not a record"
+                )));
+            }
+            let line = std::str::from_utf8(&buf).map_err(|e| {
+                Error::data(format!(
+                    "{what} line {number}: not UTF-8 (byte {})",
+                    e.valid_up_to() + 1
+                ))
+            })?;
+            let line = line.trim_end_matches(['\n', '\r']);
+            if line.trim().is_empty() {
+                continue;
+            }
+            match parse_line(line, &format!("{what} line {number}"))? {
+                Record::Begin(begin) => {
+                    self.announced = true;
+                    self.open.push(begin);
+                }
+                Record::End(end) => {
+                    if let Some(i) = self.open.iter().rposition(|b| b.tool == end.tool && b.pid == end.pid) {
+                        self.open.remove(i);
+                    }
+                }
+                record => {
+                    return Ok(Some(Input {
+                        line: line.to_string(),
+                        record,
+                    }))
+                }
+            }
+        }
+    }
+
+    /// At the end of input: the error record of the first tool that began and never ended.
+    fn cut_short_record(&mut self) -> Option<Input> {
+        if self.open.is_empty() {
+            return None;
+        }
+        let begin = self.open.remove(0);
         let message = format!(
             "{} (pid {}) began but never ended its output: it was killed or crashed, so its records are incomplete",
             begin.tool, begin.pid
         );
-        stream.cut_short.push(message.clone());
+        self.cut_short.push(message.clone());
         let record = Record::Error(ErrorRecord {
-            tool: begin.tool.clone(),
+            tool: begin.tool,
             name: None,
             code: Kind::Upstream.exit_code(),
             message,
         });
-        stream.inputs.push(Input {
+        Some(Input {
             line: record.to_line(),
             record,
-        });
+        })
     }
-    Ok(stream)
+}
+
+impl<R: BufRead> Iterator for Records<R> {
+    type Item = Result<Input>;
+
+    fn next(&mut self) -> Option<Result<Input>> {
+        if self.ended {
+            return self.cut_short_record().map(Ok);
+        }
+        match self.read_record() {
+            Ok(Some(input)) => Some(Ok(input)),
+            Ok(None) => {
+                self.ended = true;
+                self.cut_short_record().map(Ok)
+            }
+            Err(e) => {
+                // Nothing after a line that is not a record can be trusted to follow it.
+                self.ended = true;
+                self.open.clear();
+                Some(Err(e))
+            }
+        }
+    }
 }
 
 /// Writes records to stdout, one flushed line each, and remembers how the run should end.
@@ -401,23 +452,27 @@ impl Output {
     /// failure secondary to one already reported (a notification that could not be sent
     /// about a backup that failed).
     pub fn report(&mut self, e: &Error) -> Result<()> {
-        let name = e.name.as_deref();
-        let message = redact(&e.message);
+        let record = self.error_record(e);
         eprintln!(
-            "{}: {}{message}",
+            "{}: {}{}",
             self.tool,
-            name.map(|n| format!("{n}: ")).unwrap_or_default(),
+            record.name.as_deref().map(|n| format!("{n}: ")).unwrap_or_default(),
+            record.message
         );
         if !self.records {
             return Ok(());
         }
-        let record = Record::Error(ErrorRecord {
+        self.emit(&Record::Error(record))
+    }
+
+    /// The `error` record this tool prints for `e`, its message redacted.
+    pub fn error_record(&self, e: &Error) -> ErrorRecord {
+        ErrorRecord {
             tool: self.tool.clone(),
-            name: name.map(str::to_string),
+            name: e.name.clone(),
             code: e.exit_code(),
-            message,
-        });
-        self.emit(&record)
+            message: redact(&e.message),
+        }
     }
 
     /// Records that an upstream error came in without passing its line on (as a table
@@ -454,6 +509,24 @@ impl Output {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A whole stream read as a tool that takes all its input first does.
+    #[derive(Debug)]
+    struct Stream {
+        inputs: Vec<Input>,
+        announced: bool,
+        cut_short: Vec<String>,
+    }
+
+    fn read_all(input: &[u8], what: &str) -> Result<Stream> {
+        let mut records = Records::new(input, what);
+        let inputs = records.by_ref().collect::<Result<Vec<_>>>()?;
+        Ok(Stream {
+            inputs,
+            announced: records.announced,
+            cut_short: records.cut_short,
+        })
+    }
 
     fn artifact_line() -> String {
         r#"{"bk":1,"type":"artifact","id":"files-etc.20261122T001500Z","name":"files-etc","engine":"files",
@@ -556,6 +629,32 @@ mod tests {
         // Without a begin (bk-ls | jq ... | bk-restore) nothing is expected.
         let bare = read_all(artifact_line().as_bytes(), "stdin").unwrap();
         assert!(!bare.announced && bare.cut_short.is_empty() && bare.inputs.len() == 1);
+    }
+
+    #[test]
+    fn records_come_as_they_are_read() {
+        // Input that fails after its first line: the first record comes before the failure.
+        struct Broken;
+        impl Read for Broken {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::other("the pipe broke"))
+            }
+        }
+        let first = format!("{}\n", artifact_line());
+        let mut records = Records::new(io::BufReader::new(first.as_bytes().chain(Broken)), "stdin");
+        assert!(matches!(
+            records.next(),
+            Some(Ok(Input {
+                record: Record::Artifact(_),
+                ..
+            }))
+        ));
+        let e = records.next().expect("the failure").unwrap_err();
+        assert_eq!(
+            (e.exit_code(), e.message.as_str()),
+            (74, "reading stdin: the pipe broke")
+        );
+        assert!(records.next().is_none(), "nothing after a failure");
     }
 
     #[test]

@@ -115,6 +115,32 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// The backups' names that --name gives before the server is asked anything: a literal
+    /// name, or a template filled in with each --database ({host} is the server's to say).
+    fn names_before_jobs(&self, template: Option<&str>) -> Vec<String> {
+        let Some(template) = template else {
+            return Vec::new();
+        };
+        if !template.contains('{') {
+            return vec![template.to_string()];
+        }
+        let (engine, databases) = match self {
+            Engine::Mysql(args) => ("mysql", &args.databases),
+            Engine::Postgres(args) => ("postgres", &args.databases),
+            Engine::Files(_) | Engine::Sqlite(_) => return Vec::new(),
+        };
+        if template.contains("{host}") {
+            return Vec::new();
+        }
+        databases
+            .iter()
+            .map(|d| template.replace("{engine}", engine).replace("{database}", &sanitize(d)))
+            .filter(|n| validate_name(n).is_ok())
+            .collect()
+    }
+}
+
 impl bk_core::cli::Tool for Cli {}
 
 pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
@@ -133,12 +159,21 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     }
     let options = encode_options(&cli)?;
     let store = bk_stores::open(to, &cli.s3.store_config())?;
-    // A failure before the jobs are known still names the job when --name does.
-    let literal_name = cli.name.as_deref().filter(|n| !n.contains('{'));
-    let jobs = cli.engine.jobs(store.as_ref()).map_err(|e| match literal_name {
-        Some(n) => e.named(n),
-        None => e,
-    })?;
+    let jobs = match cli.engine.jobs(store.as_ref()) {
+        Ok(jobs) => jobs,
+        // A failure before the jobs are known (a login refused, a database missing) is said
+        // for each backup the command line names, so that bk-notify can tell whose it is.
+        Err(e) => {
+            let names = cli.engine.names_before_jobs(cli.name.as_deref());
+            if names.is_empty() {
+                return Err(e);
+            }
+            for name in &names {
+                out.error(&Error::new(e.kind, e.message.clone()).named(name))?;
+            }
+            return Ok(());
+        }
+    };
     let names = job_names(&jobs, cli.name.as_deref())?;
     for (job, name) in jobs.iter().zip(names) {
         match dump_one(job.as_ref(), &name, store.as_ref(), &options, &cli) {

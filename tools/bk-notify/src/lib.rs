@@ -3,38 +3,55 @@
 //! (cron's /bin/sh has no pipefail, so the last tool's status is the pipeline's), and it
 //! tells a person or a monitor through its sinks.
 
-use std::path::Path;
-use std::time::Duration;
+mod healthcheck;
+mod http;
+mod prom;
+mod sink;
+mod syslog;
+
+use std::path::PathBuf;
 
 use clap::Parser;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
-use bk_core::cli::read_stdin_records;
+use bk_core::cli::stdin_records;
 use bk_core::error::{redact, Error, Result};
-use bk_core::private::check_private_file;
 use bk_core::record::{Input, Output, Record};
 
-/// Attempts per request: a receiver restarting or answering 5xx gets two more chances.
-const ATTEMPTS: u32 = 3;
-/// The wait before the second attempt; doubled before each next one.
-const BACKOFF: Duration = Duration::from_millis(500);
-/// No sink may hold a cron job for longer than this per attempt.
-const TIMEOUT: Duration = Duration::from_secs(20);
+use healthcheck::Healthcheck;
+use http::{post, read_url, redact_url};
 
 /// Tell people and monitors how the pipeline went.
 ///
 /// The last tool of a pipeline (bk-dump ... | bk-ship ... | bk-notify ...). Passes every
-/// record on unchanged, then exits 1 if any error record came in or a verified record says
-/// ok: false, so that cron sees the pipeline fail.
+/// record on unchanged as it comes, then exits 1 if any error record came in, a verified
+/// record says ok: false, or no record came at all (the job before was killed, crashed or
+/// never ran), so that cron sees the pipeline fail.
 ///
 /// With --webhook it POSTs a JSON body with a `text` field (one line per backup and per
 /// failure: Slack, Mattermost, Rocket.Chat and Discord-compatible hooks show it as is) and a
-/// `records` array. URLs carry tokens, so they are never taken on the command line: @FILE
+/// `records` array. With --healthcheck it pings a healthchecks.io-style monitor: URL/start
+/// when the first record comes, then URL on success or URL/fail on failure, the summary text
+/// as the body (an Uptime Kuma push URL, /api/push/TOKEN, gets one GET with status=up or
+/// down and the summary's first line as msg); the monitor alerts when no ping comes in time,
+/// which also catches the job that never ran. URLs carry tokens, so they are never taken on the command line: @FILE
 /// reads one from a file of mode 0600 or 0400, env:VAR from the environment. 5xx answers and
 /// refused connections are retried (3 attempts, backing off); a 4xx is reported at once.
 /// Prints a notified record per sink, its URL without path or query. A notification that
 /// fails is an error record and exit 69, unless the backup failed too: then the exit status
-/// stays the backup's (1).
+/// stays the backup's (1). A start ping that fails is only a warning on stderr.
+///
+/// With --prom-file it writes, after every run, metrics per backup name (label name) for
+/// node_exporter's textfile collector: bk_last_run_timestamp_seconds, bk_last_run_success,
+/// bk_last_success_timestamp_seconds, bk_backup_bytes, bk_backup_duration_seconds,
+/// bk_backup_rows_total, bk_verify_ok, and bk_unnamed_failure_timestamp_seconds for a failure
+/// no record names. Jobs may share one file: each replaces its own names' lines under a lock
+/// (PATH.lock) and renames a new file (mode 0644) into place. A file that is not in the
+/// text format is left as it is and the sink fails.
+///
+/// With --syslog it sends every record, its JSON line as the message, to the local syslog
+/// (/dev/log, in the format syslog(3) writes) or to journald's native socket: this replaces
+/// `| logger -t bk`, which hid the pipeline's exit status. No socket is a failed sink.
 #[derive(Debug, Parser)]
 #[command(name = "bk-notify", version, after_help = bk_core::cli::exit_status_help())]
 pub struct Cli {
@@ -45,6 +62,28 @@ pub struct Cli {
     /// When to send the webhook: on failure only, or after every run
     #[arg(long, value_enum, default_value_t = On::Failure)]
     pub on: On,
+    /// Ping the healthcheck URL in FILE (mode 0600 or 0400) or in the environment variable
+    /// VAR: URL/start when the first record comes, URL on success, URL/fail on failure
+    /// (Uptime Kuma's /api/push/ URLs: status=up or down)
+    #[arg(long, value_name = "@FILE|env:VAR")]
+    pub healthcheck: Option<String>,
+    /// Send the start ping at once, not when the first record comes (the monitor then times
+    /// the whole job, and shows it running while the first tool works)
+    #[arg(long, requires = "healthcheck")]
+    pub start_now: bool,
+    /// Write metrics per backup name to PATH for node_exporter's textfile collector (after
+    /// every run); jobs may share one file
+    #[arg(long, value_name = "PATH")]
+    pub prom_file: Option<PathBuf>,
+    /// Send every record to the local syslog, tagged TAG (default bk): error records and
+    /// failed verifications at priority err, the others at info; facility user
+    #[arg(long, value_name = "TAG", num_args = 0..=1, require_equals = true,
+          default_missing_value = "bk", value_parser = syslog::parse_tag)]
+    pub syslog: Option<String>,
+    /// The socket of --syslog: PATH speaks syslog's format, journal:PATH journald's native
+    /// protocol [default: /dev/log, else /run/systemd/journal/socket when only it exists]
+    #[arg(long, value_name = "PATH|journal:PATH", requires = "syslog")]
+    pub syslog_socket: Option<String>,
 }
 
 /// When the webhook is sent.
@@ -59,89 +98,99 @@ pub enum On {
 impl bk_core::cli::Tool for Cli {}
 
 pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
-    let inputs = read_stdin_records(out, "pipe a bk tool's records in (bk-dump ... | bk-notify)")?;
-    // The records go on first: a sink misconfigured or down must not swallow them.
-    for input in &inputs {
-        out.pass(input)?;
+    let records = stdin_records(out, "pipe a bk tool's records in (bk-dump ... | bk-notify)")?;
+    // What the sinks report on: the records, and this run's own failures.
+    let mut inputs: Vec<Input> = Vec::new();
+    // The sinks are set up before the first record comes (the healthcheck pings when it
+    // does). One misconfigured fails the run at once, and the others still tell.
+    let webhook = sink_url(out, &mut inputs, "--webhook", cli.webhook.as_deref())?;
+    let healthcheck = sink_url(out, &mut inputs, "--healthcheck", cli.healthcheck.as_deref())?;
+    let mut healthcheck = healthcheck.map(Healthcheck::new);
+    if let Some(healthcheck) = healthcheck.as_mut().filter(|_| cli.start_now) {
+        healthcheck.start();
+    }
+    // Each record goes on as it comes: no sink may hold one up or swallow it.
+    for input in records {
+        let input = match input {
+            Ok(input) => {
+                if let Some(healthcheck) = healthcheck.as_mut() {
+                    healthcheck.start();
+                }
+                out.pass(&input)?;
+                input
+            }
+            // Input that is not records, or none at all (the job before was killed, crashed
+            // or never ran): this run failed, and the sinks still tell.
+            Err(e) => own_failure(out, &e)?,
+        };
+        inputs.push(input);
     }
     let failed = inputs.iter().any(failed);
     if failed {
         out.upstream_failed();
     }
-    let webhook = cli.webhook.as_deref().map(|r| read_url("--webhook", r)).transpose()?;
+    let text = summary(&inputs);
     if let Some(url) = webhook.filter(|_| failed || cli.on == On::Always) {
         let body = json!({
-            "text": summary(&inputs),
+            "text": text,
             "records": inputs.iter().map(|i| serde_json::from_str(&i.line).unwrap_or(Value::Null)).collect::<Vec<_>>(),
         });
-        let sent = post(&url, &body.to_string());
-        let target = redact_url(&url);
-        let mut notified = Map::new();
-        notified.insert("sink".into(), "webhook".into());
-        notified.insert("target".into(), target.clone().into());
-        notified.insert("status".into(), sent.status.into());
-        notified.insert("ok".into(), sent.failure.is_none().into());
-        out.emit(&Record::Notified(notified))?;
-        if let Some(why) = sent.failure {
-            let e = Error::unavailable(format!("webhook {target}: {}", why.replace(&url, &target)));
-            // The backup's own failure (exit 1) is what cron must see; this one is said too.
-            if failed {
-                out.report(&e)?;
-            } else {
-                out.error(&e)?;
-            }
-        }
+        let sent = post(&url, "application/json", &body.to_string());
+        sink::finish(out, "webhook", &redact_url(&url), sent.status, sent.outcome, failed)?;
+    }
+    if let Some(healthcheck) = healthcheck {
+        let target = healthcheck.target();
+        let sent = healthcheck.finish(failed, &text);
+        sink::finish(out, "healthcheck", &target, sent.status, sent.outcome, failed)?;
+    }
+    if let Some(path) = &cli.prom_file {
+        prom::notify(path, &inputs, failed, out)?;
+    }
+    if let Some(tag) = &cli.syslog {
+        syslog::notify(tag, cli.syslog_socket.as_deref(), &inputs, failed, out)?;
     }
     Ok(())
 }
 
-/// The URL a reference names: `@FILE` (a private file) or `env:VAR`. A URL itself is refused
-/// without being repeated, since it carries a token that `ps` and logs would show.
-fn read_url(option: &str, reference: &str) -> Result<String> {
-    let (url, from) = if let Some(file) = reference.strip_prefix('@') {
-        let path = Path::new(file);
-        check_private_file(path, &format!("{option} file"))?;
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading {option} file {file}"), e))?;
-        (text.trim().to_string(), format!("{option} file {file}"))
-    } else if let Some(var) = reference.strip_prefix("env:") {
-        let value = std::env::var(var)
-            .map_err(|_| Error::config(format!("{option} env:{var}: the environment variable {var} is not set")))?;
-        (value.trim().to_string(), format!("{option} env:{var}"))
-    } else {
-        return Err(Error::usage(format!(
-            "{option} takes @FILE or env:VAR, not a URL: a URL on the command line shows its token to anyone running ps"
-        )));
-    };
-    let scheme_ok = url.starts_with("https://") || url.starts_with("http://");
-    if !scheme_ok || url.contains(char::is_whitespace) {
-        return Err(Error::config(format!("{from}: not one http:// or https:// URL")));
+/// A sink's URL, if its option is given. One that cannot be read is this run's failure,
+/// said at once and told by the other sinks; that sink is left out.
+fn sink_url(
+    out: &mut Output,
+    inputs: &mut Vec<Input>,
+    option: &str,
+    reference: Option<&str>,
+) -> Result<Option<String>> {
+    match reference.map(|r| read_url(option, r)).transpose() {
+        Ok(url) => Ok(url),
+        Err(e) => {
+            inputs.push(own_failure(out, &e)?);
+            Ok(None)
+        }
     }
-    Ok(url)
 }
 
-/// The URL without what may be secret: userinfo, path and query (the token of a Slack hook
-/// or a healthcheck lives there).
-fn redact_url(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let host = rest[..end].rsplit('@').next().unwrap_or_default();
-    let hidden = if rest[end..].trim_start_matches('/').is_empty() {
-        ""
-    } else {
-        "/(redacted)"
-    };
-    format!("{scheme}://{host}{hidden}")
+/// Reports a failure of this run, and returns its error record for the sinks to tell.
+fn own_failure(out: &mut Output, e: &Error) -> Result<Input> {
+    out.error(e)?;
+    let record = Record::Error(out.error_record(e));
+    Ok(Input {
+        line: record.to_line(),
+        record,
+    })
 }
 
-/// One line per backup and per failure, for people.
+/// One line per failure, then one per backup, for people. A backup's line says only that it
+/// exists: the records may be a listing (bk-ls --stale), not this run's work.
 fn summary(inputs: &[Input]) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let host = host.trim();
-    let lines: Vec<String> = inputs
-        .iter()
+    let (failures, backups): (Vec<&Input>, Vec<&Input>) = inputs.iter().partition(|i| failed(i));
+    let lines: Vec<String> = failures
+        .into_iter()
+        .chain(backups)
         .filter_map(|input| match &input.record {
             Record::Artifact(a) => Some(format!(
-                "bk on {host}: {}: backed up {} ({} bytes) to {}",
+                "bk on {host}: {}: backup {} ({} bytes) at {}",
                 a.name,
                 a.id,
                 a.bytes,
@@ -164,66 +213,6 @@ fn summary(inputs: &[Input]) -> String {
         return format!("bk on {host}: no backup in this run");
     }
     lines.join("\n")
-}
-
-/// How a request went: the last HTTP status, and why it failed if it did.
-struct Sent {
-    status: Option<u16>,
-    failure: Option<String>,
-}
-
-/// POSTs a JSON body, retrying what may pass on its own (5xx, a refused connection, a
-/// timeout) with a growing wait; a 4xx will not pass by retrying and is reported at once.
-fn post(url: &str, body: &str) -> Sent {
-    let agent = ureq::Agent::config_builder()
-        .timeout_global(Some(TIMEOUT))
-        .http_status_as_error(false)
-        .build()
-        .new_agent();
-    let mut wait = BACKOFF;
-    for attempt in 1..=ATTEMPTS {
-        let last = attempt == ATTEMPTS;
-        let sent = agent.post(url).header("Content-Type", "application/json").send(body);
-        let (status, failure, transient) = match sent {
-            Ok(response) => {
-                let status = response.status().as_u16();
-                let ok = (200..300).contains(&status);
-                let failure = (!ok).then(|| format!("answered HTTP {status}"));
-                (Some(status), failure, status >= 500)
-            }
-            Err(e) => {
-                let transient = matches!(
-                    e,
-                    ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::Timeout(_)
-                );
-                (None, Some(e.to_string()), transient)
-            }
-        };
-        match failure {
-            Some(why) if transient && !last => {
-                let target = redact_url(url);
-                eprintln!(
-                    "bk-notify: {target}: {}; trying again in {wait:?}",
-                    why.replace(url, &target)
-                );
-                std::thread::sleep(wait);
-                wait *= 2;
-            }
-            Some(why) => {
-                let tries = if attempt > 1 {
-                    format!(" (after {attempt} attempts)")
-                } else {
-                    String::new()
-                };
-                return Sent {
-                    status,
-                    failure: Some(format!("{why}{tries}")),
-                };
-            }
-            None => return Sent { status, failure: None },
-        }
-    }
-    unreachable!("the last attempt returns")
 }
 
 /// Whether a record says that the backup failed: an error, or a verification that did not pass.

@@ -164,7 +164,7 @@ pub(crate) fn open_regular(path: &Path) -> Result<File> {
     Ok(file)
 }
 
-/// Writes a new 0600 file under a hidden name; publishes it by fsync and rename.
+/// Writes a new file (0600 in a store) under a hidden name; publishes it by fsync and rename.
 struct LocalUpload {
     file: Option<File>,
     temp: PathBuf,
@@ -174,17 +174,17 @@ struct LocalUpload {
 }
 
 impl LocalUpload {
-    fn create(dir: &Path, file: &str) -> Result<Self> {
+    fn create(dir: &Path, file: &str, mode: u32) -> Result<Self> {
         let temp = dir.join(temp_name(file));
         let handle = OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o600)
+            .mode(mode)
             .open(&temp)
             .map_err(|e| Error::create(&temp, e))?;
         // The mode passed to open is filtered by the umask; this is not.
         handle
-            .set_permissions(fs::Permissions::from_mode(0o600))
+            .set_permissions(fs::Permissions::from_mode(mode))
             .map_err(|e| Error::create(&temp, e))?;
         let removed = temp.clone();
         let on_signal = crate::cleanup::on_exit(move || {
@@ -232,6 +232,25 @@ impl Drop for LocalUpload {
     }
 }
 
+/// Replaces the file `path` with `content`, whole or not at all, as a store publishes: for a
+/// file that others read while it changes (a node_exporter textfile). A temporary file
+/// beside it, fsync, rename; `mode` whatever the umask.
+pub fn replace_file(path: &Path, mode: u32, content: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let file = path
+        .file_name()
+        .and_then(|f| f.to_str())
+        .ok_or_else(|| Error::usage(format!("{}: not a UTF-8 file name", path.display())))?;
+    let mut upload = LocalUpload::create(dir, file, mode)?;
+    upload
+        .write_all(content)
+        .map_err(|e| Error::io(format!("writing {}", upload.temp.display()), e))?;
+    Box::new(upload).commit()
+}
+
 /// Makes a rename durable.
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
@@ -267,12 +286,12 @@ impl Store for LocalStore {
 
     fn create(&self, name: &str, file: &str) -> Result<Box<dyn Upload>> {
         let dir = self.ensure_name_dir(name)?;
-        Ok(Box::new(LocalUpload::create(&dir, file)?))
+        Ok(Box::new(LocalUpload::create(&dir, file, 0o600)?))
     }
 
     fn put_manifest(&self, artifact: &Artifact) -> Result<()> {
         let dir = self.ensure_name_dir(&artifact.name)?;
-        let mut upload = LocalUpload::create(&dir, &manifest_file(&artifact.id))?;
+        let mut upload = LocalUpload::create(&dir, &manifest_file(&artifact.id), 0o600)?;
         let line = Record::Artifact(artifact.clone()).to_line();
         writeln!(upload, "{line}").map_err(|e| Error::io(format!("writing {}", upload.temp.display()), e))?;
         Box::new(upload).commit()

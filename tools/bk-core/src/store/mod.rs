@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::time::SystemTime;
 
-pub use local::LocalStore;
+pub use local::{replace_file, LocalStore};
 
 use crate::error::{Error, Result};
 use crate::record::{parse_line, Artifact, Record};
