@@ -18,7 +18,8 @@ use std::process::Command;
 
 use bk_core::record::{parse_line, Artifact, Record};
 use bk_tests::{
-    assert_tools_linked, cron, have_root, mysql_server, needs, pg_ident, pg_server, run_cmd, Receiver, Run, Sandbox,
+    assert_tools_linked, cron, have_root, mysql_server, needs, pg_ident, pg_server, run_cmd, MysqlGuard, MysqlServer,
+    PgServer, Receiver, Run, Sandbox,
 };
 use serde_json::json;
 
@@ -34,6 +35,38 @@ impl<F: FnMut()> Drop for Cleanup<F> {
     }
 }
 
+/// The database accounts a test's role run creates, the dumps' and verify restore's scratch
+/// ones, on both servers (named `<unique>` and `<unique>_v`): dropped when it goes.
+struct RoleAccounts<'a> {
+    scratch: String,
+    _mysql: [MysqlGuard; 2],
+    pg: &'a PgServer,
+    pg_roles: [String; 2],
+}
+
+impl<'a> RoleAccounts<'a> {
+    fn new(mysql: &MysqlServer, pg: &'a PgServer, unique: &str) -> Self {
+        let scratch = format!("{unique}_v");
+        RoleAccounts {
+            _mysql: [mysql.account(unique, "127.0.0.1"), mysql.account(&scratch, "127.0.0.1")],
+            pg,
+            pg_roles: [unique.to_string(), scratch.clone()],
+            scratch,
+        }
+    }
+}
+
+impl Drop for RoleAccounts<'_> {
+    fn drop(&mut self) {
+        for role in &self.pg_roles {
+            let sql = format!("DROP ROLE IF EXISTS {}", pg_ident(role));
+            if let Err(e) = self.pg.client("postgres").batch_execute(&sql) {
+                eprintln!("warning: {sql}: {e}");
+            }
+        }
+    }
+}
+
 /// The venv of tests/services.sh with ansible-playbook and ansible-lint (TEST_ANSIBLE_VENV).
 fn ansible_venv() -> Option<PathBuf> {
     let venv = std::env::var("TEST_ANSIBLE_VENV").ok().filter(|v| !v.is_empty());
@@ -43,6 +76,16 @@ fn ansible_venv() -> Option<PathBuf> {
         .filter(|v| v.join("bin/ansible-playbook").is_file());
     let why = || format!("no ansible-playbook in TEST_ANSIBLE_VENV={venv:?}");
     needs(found, why, "tests/services.sh start installs it")
+}
+
+/// A sandbox and the venv, for a test that needs no database server: None where it is
+/// skipped (not root: the role runs as root).
+fn ansible_sandbox() -> Option<(Sandbox, PathBuf)> {
+    if !have_root() {
+        return None;
+    }
+    let venv = ansible_venv()?;
+    Some((Sandbox::new(), venv))
 }
 
 fn env(name: &str) -> String {
@@ -61,6 +104,28 @@ fn userdel(user: &str) {
     if passwd(user).is_some() {
         let run = Run::from(Command::new("userdel").arg(user).output().expect("userdel"));
         assert_eq!(run.code, 0, "userdel {user}: {}", run.stderr);
+    }
+}
+
+/// The backup user a test's role run creates: none before (one left by a killed run has a home
+/// in a sandbox that is gone), none after. One such test at a time: useradd and userdel find
+/// /etc/passwd locked by another's.
+struct BackupUser {
+    name: &'static str,
+    _alone: std::sync::MutexGuard<'static, ()>,
+}
+
+static BACKUP_USERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn backup_user(name: &'static str) -> BackupUser {
+    let alone = BACKUP_USERS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    userdel(name);
+    BackupUser { name, _alone: alone }
+}
+
+impl Drop for BackupUser {
+    fn drop(&mut self) {
+        userdel(self.name)
     }
 }
 
@@ -84,7 +149,16 @@ struct Ansible<'a> {
     repo: PathBuf,
 }
 
-impl Ansible<'_> {
+impl<'a> Ansible<'a> {
+    /// For a test's sandbox; the role is this repository's.
+    fn new(sb: &'a Sandbox, venv: PathBuf) -> Self {
+        Ansible {
+            sb,
+            venv,
+            repo: Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
+        }
+    }
+
     fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new(self.venv.join("bin").join(program));
         let path = format!("{}:{}", self.venv.join("bin").display(), env("PATH"));
@@ -155,6 +229,8 @@ fn snapshot_tools(sb: &Sandbox) -> PathBuf {
     let dir = sb.path("built");
     fs::create_dir_all(&dir).unwrap();
     let (from, to) = (bk_tests::bin("bk"), dir.join("bk"));
+    // Once per sandbox: a copy onto a link of the same file would empty the built one.
+    assert!(!to.exists(), "{} is there already", to.display());
     if fs::hard_link(&from, &to).is_err() {
         fs::copy(&from, &to).unwrap_or_else(|e| panic!("copying {}: {e}", from.display()));
     }
@@ -241,22 +317,15 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     let scratch = sb.path("scratch");
     fs::create_dir_all(&scratch).unwrap();
     fs::set_permissions(&scratch, fs::Permissions::from_mode(0o1777)).unwrap();
-    let ansible = Ansible {
-        sb: &sb,
-        venv,
-        repo: Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
-    };
+    let ansible = Ansible::new(&sb, venv);
 
-    // A user left by a killed run of this test has a home in a sandbox that is gone.
-    userdel(USER);
-    let _user = Cleanup(|| userdel(USER));
+    let _user = backup_user(USER);
 
     // The sources: a MariaDB and a PostgreSQL database, a directory.
     let unique = bk_tests::mysql_unique_name("bkans");
     let admin_cnf = mysql.option_file(&sb, "admin.cnf");
     let _source = mysql.database(&unique);
     let _restored = mysql.database(&format!("{unique}_restored"));
-    let _account = mysql.account(&unique, "127.0.0.1");
     mysql.sql(
         &admin_cnf,
         &format!(
@@ -271,15 +340,12 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     let _pg_source = pg.create_database(&unique);
     pg.execute(
         &unique,
-        "CREATE TABLE t (id INT PRIMARY KEY, v TEXT); INSERT INTO t VALUES (1, 'a'), (2, 'b');",
+        "CREATE TABLE t (id INT PRIMARY KEY, v TEXT); INSERT INTO t VALUES (1, 'a'), (2, 'b');
+         CREATE VIEW vs AS SELECT v FROM t;",
     );
-    let pg_role = unique.clone();
-    let _pg_role = Cleanup(|| {
-        let sql = format!("DROP ROLE IF EXISTS {}", pg_ident(&pg_role));
-        if let Err(e) = pg.client("postgres").batch_execute(&sql) {
-            eprintln!("warning: {sql}: {e}");
-        }
-    });
+    // The dumps' accounts, and verify restore's scratch accounts (the role creates all four).
+    let accounts = RoleAccounts::new(&mysql, &pg, &unique);
+    let scratch_user = accounts.scratch.clone();
     // A space and a % in the path: the cron line must quote one and escape the other.
     let data = sb.path("data 50%");
     fs::create_dir_all(data.join("sub")).unwrap();
@@ -289,6 +355,9 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     fs::create_dir_all(data.join("cache")).unwrap();
     fs::write(data.join("cache/page"), "stale\n").unwrap();
     fs::write(data.join("sub/run.log"), "noise\n").unwrap();
+    // A file only root may read: the files job must back it up all the same.
+    fs::write(data.join("sub/secret.key"), "root's alone\n").unwrap();
+    fs::set_permissions(data.join("sub/secret.key"), fs::Permissions::from_mode(0o600)).unwrap();
 
     // The destinations: the test sshd (its user's home) and the test S3 server.
     let (_, _, ssh_home) = passwd(&ssh_user).expect("the ssh test user");
@@ -303,6 +372,7 @@ fn role_converges_and_its_jobs_and_runbook_work() {
 
     let mysql_password = format!("my-{unique}-Pw");
     let pg_password = format!("pg-{unique}-Pw");
+    let scratch_password = format!("scratch-{unique}-Pw");
     // The jobs' webhook, with the token in its path as Slack's and Mattermost's have.
     let receiver = Receiver::start(&[]);
     let webhook = receiver.url(&format!("/hooks/{unique}-token"));
@@ -310,6 +380,7 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     let secrets = [
         mysql_password.as_str(),
         pg_password.as_str(),
+        scratch_password.as_str(),
         mysql.password.as_str(),
         pg.password.as_str(),
         s3_secret.as_str(),
@@ -324,9 +395,9 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     let mut jobs = vec![
         json!({"name": "db", "engine": "mysql", "databases": [unique], "schedule": "15 4 * * *",
                "destinations": [ssh_url], "retention": {"daily": 7, "weekly": 4, "monthly": 12},
-               "notify": "dba@example.net"}),
+               "notify": "dba@example.net", "verify": "restore"}),
         json!({"name": "pg", "engine": "postgres", "databases": [unique], "schedule": "45 4 * * *",
-               "destinations": [s3_url], "retention": {"last": 3}}),
+               "destinations": [s3_url], "retention": {"last": 3}, "verify": "restore"}),
         json!({"name": "data", "engine": "files", "paths": [data], "schedule": "@hourly",
                "retention": {"last": 2}, "verify": "restore", "options": ["--compress", "gzip"],
                "exclude": ["*.log", data.join("cache")]}),
@@ -363,6 +434,15 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         "bk_notify_prom_dir": prom.parent().unwrap(),
         "bk_stale_after": "26h",
     });
+    // verify restore's scratch accounts (json! cannot take more lines at once).
+    for (var, value) in [
+        ("bk_mysql_scratch_user", &scratch_user),
+        ("bk_mysql_scratch_password", &scratch_password),
+        ("bk_postgres_scratch_user", &scratch_user),
+        ("bk_postgres_scratch_password", &scratch_password),
+    ] {
+        vars[var] = json!(value);
+    }
     let no_secret = |play: &Play, which: &str| {
         for secret in secrets {
             assert!(
@@ -391,7 +471,9 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     assert_eq!(user_home, home, "a new backup user gets bk_home");
     for file in [
         ".my.cnf",
+        ".my-scratch.cnf",
         ".pgpass",
+        ".pgpass-scratch",
         ".aws/credentials",
         ".aws/config",
         ".ssh/id_ed25519",
@@ -477,7 +559,12 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         assert_eq!(file.var("MAILTO"), Some(mailto), "{at}");
         assert_eq!(file.jobs.len(), 1, "{at}: one job");
         let cron_job = &file.jobs[0];
-        assert_eq!(cron_job.user, USER, "{at}");
+        // A files job is started by root (and drops to the backup user, able to read all).
+        let (user, run_uid, run_gid, run_home) = match job {
+            "data" => ("root", 0, 0, PathBuf::from("/root")),
+            _ => (USER, uid, gid, home.clone()),
+        };
+        assert_eq!(cron_job.user, user, "{at}");
         assert!(
             !cron::has_bare_percent(&cron_job.command),
             "{at}: a bare % in {}",
@@ -488,8 +575,8 @@ fn role_converges_and_its_jobs_and_runbook_work() {
             "{at}: the path with a space and a % is not quoted and escaped: {}",
             cron_job.command
         );
-        let mut cmd = file.shell(&cron_job.command.replace("\\%", "%"), USER, &home);
-        cmd.current_dir(&home).uid(uid).gid(gid);
+        let mut cmd = file.shell(&cron_job.command.replace("\\%", "%"), user, &run_home);
+        cmd.current_dir(&home).uid(run_uid).gid(run_gid);
         let run = run_cmd(cmd, "");
         assert_eq!(
             (run.code, run.stdout.as_str(), run.stderr.as_str()),
@@ -497,6 +584,9 @@ fn role_converges_and_its_jobs_and_runbook_work() {
             "{at}: a good run prints nothing (cron would mail it): {}",
             cron_job.command
         );
+        // The store stays the backup user's, whoever started the job.
+        let owner = fs::metadata(store.join(&name)).unwrap().uid();
+        assert_eq!(owner, uid, "{at}: the name's directory in the store");
         assert!(
             cron_job.command.contains("/bk-notify --webhook @"),
             "{at}: the pipeline does not end in bk-notify with the webhook's file: {}",
@@ -538,7 +628,61 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         }
     }
 
-    // 3b. The dump account's password changed on the server, not in the role: the job, run as
+    // The whole store, as the backup user lists it (a stale check does): every job's backups.
+    let mut ls = Command::new(sb.path("bin/bk-ls"));
+    ls.arg(&store).current_dir(&home).uid(uid).gid(gid).env("HOME", &home);
+    let listed: Vec<String> = Run::from(ls.output().expect("bk-ls"))
+        .ok()
+        .artifacts()
+        .into_iter()
+        .map(|a| a.name)
+        .collect();
+    for name in [format!("db-{unique}"), format!("pg-{unique}"), "data".to_string()] {
+        assert!(
+            listed.contains(&name),
+            "bk-ls of the store as {USER}: no {name} in {listed:?}"
+        );
+    }
+
+    // 3b. verify restore restores each database, its view too, as the scratch account (the
+    // dump's may not create databases): the job's command up to bk-verify, as cron runs it,
+    // prints its verdict.
+    for job in ["db", "pg"] {
+        let path = cron_dir.join(format!("bk-{job}"));
+        let file = cron::parse(&path);
+        let command = file.jobs[0].command.replace("\\%", "%");
+        let (to_verify, _) = command
+            .rsplit_once(" | ")
+            .unwrap_or_else(|| panic!("{}: no last stage after bk-verify", path.display()));
+        assert!(
+            to_verify.contains("bk-verify -q --scratch"),
+            "{}: {to_verify}",
+            path.display()
+        );
+        let mut cmd = file.shell(to_verify, USER, &home);
+        cmd.current_dir(&home).uid(uid).gid(gid);
+        let run = run_cmd(cmd, "");
+        assert_eq!(run.code, 0, "{to_verify}:\n{}{}", run.stdout, run.stderr);
+        let verified: Vec<serde_json::Map<String, serde_json::Value>> = run
+            .stdout
+            .lines()
+            .filter_map(|l| match parse_line(l, "stdout") {
+                Ok(Record::Verified(v)) => Some(v),
+                _ => None,
+            })
+            .collect();
+        // One per copy: the local store's and the destination's.
+        assert_eq!(verified.len(), 2, "{job}: two verified records:\n{}", run.stdout);
+        for v in &verified {
+            assert_eq!(
+                (&v["ok"], &v["level"]),
+                (&json!(true), &json!("restore")),
+                "{job}: {v:?}"
+            );
+        }
+    }
+
+    // 3c. The dump account's password changed on the server, not in the role: the job, run as
     // cron runs it, fails (exit 1, bk-notify's), a line on stderr for the mail, the webhook
     // says which backup failed, and the metrics say so.
     let db_file = cron::parse(&cron_dir.join("bk-db"));
@@ -579,7 +723,7 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         "another job's metrics kept"
     );
 
-    // 3c. The stale-backup check, run as cron runs it: quiet while every name has a fresh
+    // 3d. The stale-backup check, run as cron runs it: quiet while every name has a fresh
     // backup; a (simulated) day and more later, it fails and the webhook names each name.
     let stale_path = cron_dir.join("bk_stale");
     let stale_name = stale_path.file_name().unwrap().to_string_lossy().into_owned();
@@ -738,18 +882,10 @@ fn role_converges_and_its_jobs_and_runbook_work() {
 /// install whose tools were single binaries; a second run changes nothing.
 #[test]
 fn role_installs_from_a_release_tarball() {
-    if !have_root() {
-        return;
-    }
-    let Some(venv) = ansible_venv() else {
+    let Some((sb, venv)) = ansible_sandbox() else {
         return;
     };
-    let sb = Sandbox::new();
-    let ansible = Ansible {
-        sb: &sb,
-        venv,
-        repo: Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
-    };
+    let ansible = Ansible::new(&sb, venv);
     let tarball = sb.path("bk.tar.gz");
     // A copy: linking the same file elsewhere meanwhile (the other test's snapshot) changes its
     // ctime, which tar takes for a file changed as it read it.
@@ -777,6 +913,213 @@ fn role_installs_from_a_release_tarball() {
     );
 }
 
+/// `bk_state: absent` after present: what the role installed is gone (tools, cron.d files,
+/// runbook, credential files, ssh key, lock directory, the database accounts it created, the
+/// user when asked), the store and its backups and the user's home stay, and a second absent
+/// run changes nothing.
+#[test]
+fn role_removes_what_it_installed() {
+    if !have_root() {
+        return;
+    }
+    let (Some(mysql), Some(pg), Some(venv)) = (mysql_server(), pg_server(), ansible_venv()) else {
+        return;
+    };
+    // Not the other test's user: the tests run at the same time.
+    const USER: &str = "bktestrm";
+    let sb = Sandbox::new();
+    fs::set_permissions(sb.root(), fs::Permissions::from_mode(0o755)).unwrap();
+    let ansible = Ansible::new(&sb, venv);
+    let _user = backup_user(USER);
+    let unique = bk_tests::mysql_unique_name("bkrm");
+    let accounts = RoleAccounts::new(&mysql, &pg, &unique);
+    let scratch_user = accounts.scratch.clone();
+    let data = sb.path("data");
+    fs::create_dir_all(&data).unwrap();
+    fs::write(data.join("a.conf"), "key = value\n").unwrap();
+    let (home, store, bin, cron_dir, lock) = (
+        sb.path("home"),
+        sb.path("store"),
+        sb.path("bin"),
+        sb.path("cron.d"),
+        sb.path("lock"),
+    );
+    let (runbook, restore_pgpass) = (sb.path("etc/bk/RESTORE.md"), sb.path("etc/bk/restore.pgpass"));
+    // Every kind of credential file: database jobs with verify restore, ssh and S3 destinations
+    // (the role never connects to those).
+    let jobs = json!([
+        {"name": "data", "engine": "files", "paths": [data], "schedule": "@daily"},
+        {"name": "plain", "engine": "files", "paths": [data], "schedule": "@daily", "user": USER},
+        {"name": "db", "engine": "mysql", "databases": ["x"], "schedule": "@daily", "verify": "restore",
+         "destinations": ["ssh://bk@backup.invalid/srv/bk"]},
+        {"name": "pg", "engine": "postgres", "databases": ["x"], "schedule": "@daily", "verify": "restore",
+         "destinations": ["s3://bucket/prefix"]},
+    ]);
+    let mut vars = json!({
+        "bk_install_src": snapshot_tools(&sb), "bk_install_packages": false,
+        "bk_bin_dir": bin, "bk_user": USER, "bk_home": home, "bk_store": store, "bk_lock_dir": lock,
+        "bk_cron_dir": cron_dir, "bk_runbook_path": runbook, "bk_scratch_dir": sb.path("scratch"),
+        "bk_jobs": jobs,
+        "bk_mysql_host": mysql.host, "bk_mysql_port": mysql.port, "bk_mysql_user": unique,
+        "bk_mysql_create_user": true, "bk_mysql_user_host": "127.0.0.1",
+        "bk_mysql_login_host": mysql.host, "bk_mysql_login_port": mysql.port,
+        "bk_mysql_login_user": mysql.user, "bk_mysql_login_password": mysql.password,
+        "bk_mysql_scratch_user": scratch_user,
+        "bk_postgres_host": pg.host, "bk_postgres_port": pg.port, "bk_postgres_user": unique,
+        "bk_postgres_create_user": true, "bk_postgres_scratch_user": scratch_user,
+        "bk_postgres_login_host": pg.host, "bk_postgres_login_port": pg.port,
+        "bk_postgres_login_user": pg.user, "bk_postgres_login_password": pg.password,
+        "bk_postgres_restore_password": pg.password, "bk_postgres_restore_pgpass": restore_pgpass,
+        "bk_install_python_db_drivers": false, "bk_s3_access_key_id": "AKIA", "bk_s3_secret_access_key": "s",
+    });
+    ansible.play(&vars);
+    let admin_cnf = mysql.option_file(&sb, "admin.cnf");
+    let mysql_accounts = || {
+        let users = mysql.sql(&admin_cnf, "SELECT User FROM mysql.user");
+        users.lines().filter(|u| *u == unique || *u == scratch_user).count()
+    };
+    let pg_roles_left = || {
+        let rows = pg
+            .client("postgres")
+            .query(
+                "SELECT 1 FROM pg_roles WHERE rolname = $1 OR rolname = $2",
+                &[&unique, &scratch_user],
+            )
+            .expect("pg_roles");
+        rows.len()
+    };
+    let home_files = [
+        ".my.cnf",
+        ".my-scratch.cnf",
+        ".pgpass",
+        ".pgpass-scratch",
+        ".aws/credentials",
+        ".aws/config",
+        ".ssh/id_ed25519",
+        ".ssh/id_ed25519.pub",
+    ];
+    let cron_files = ["bk-data", "bk-plain", "bk-db", "bk-pg"].map(|f| cron_dir.join(f));
+    let installed: Vec<PathBuf> = home_files
+        .iter()
+        .map(|f| home.join(f))
+        .chain(cron_files.clone())
+        .chain([
+            bin.join("bk"),
+            bin.join("bk-dump"),
+            runbook.clone(),
+            restore_pgpass.clone(),
+            lock.clone(),
+        ])
+        .collect();
+    for path in &installed {
+        assert!(path.exists(), "the present run did not make {}", path.display());
+    }
+    assert_eq!((mysql_accounts(), pg_roles_left()), (2, 2), "the database accounts");
+
+    // A backup in the store, as the files job makes it; and a cron.d file written by hand.
+    let file = cron::parse(&cron_files[0]);
+    assert_eq!(file.jobs[0].user, "root", "a files job is started by root");
+    let mut job = file.shell(&file.jobs[0].command.replace("\\%", "%"), "root", Path::new("/root"));
+    job.current_dir(&home);
+    let run = run_cmd(job, "");
+    assert_eq!((run.code, run.stderr.as_str()), (0, ""), "the files job");
+    let backup = manifest(&store.join("data"), "the files job");
+    // A files job whose user is the backup user: cron starts it as that user, as it is.
+    let plain = cron::parse(&cron_files[1]);
+    assert_eq!(
+        (plain.jobs[0].user.as_str(), plain.jobs[0].command.contains("setpriv")),
+        (USER, false),
+        "a files job with user: {USER}"
+    );
+    let handmade = cron_dir.join("bk-handmade");
+    fs::write(&handmade, "0 1 * * * root true\n").unwrap();
+    // What the notifications leave (bk_notify_* and bk_stale_after): gone too.
+    let metrics = sb.path("metrics");
+    let notified = [
+        cron_dir.join("bk_stale"),
+        home.join(".bk-notify/webhook.url"),
+        metrics.join("bk.prom"),
+    ];
+    for path in &notified {
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, "").unwrap();
+    }
+
+    vars["bk_state"] = json!("absent");
+    vars["bk_remove_user"] = json!(true);
+    vars["bk_notify_prom_dir"] = json!(metrics);
+    let absent = ansible.play(&vars);
+    for path in installed.iter().chain(&notified) {
+        assert!(
+            !path.exists(),
+            "{} is left after bk_state absent:\n{}",
+            path.display(),
+            absent.output
+        );
+    }
+    assert_eq!(
+        (mysql_accounts(), pg_roles_left()),
+        (0, 0),
+        "the database accounts are left"
+    );
+    assert!(passwd(USER).is_none(), "the backup user is left");
+    assert!(
+        home.is_dir() && metrics.is_dir(),
+        "the backup user's home or the metrics directory is gone"
+    );
+    assert!(handmade.exists(), "a cron.d file the role did not write is gone");
+    assert_eq!(
+        manifest(&store.join("data"), "the store after absent").sha256,
+        backup.sha256,
+        "the store's backup"
+    );
+    assert!(Path::new(&backup.location).is_file(), "the backup's file is gone");
+
+    let again = ansible.play(&vars);
+    assert_eq!(
+        again.changed, 0,
+        "the second absent run changed something:\n{}",
+        again.output
+    );
+}
+
+/// Jobs the role cannot run as asked are refused before anything is changed, with a message
+/// that says what to change.
+#[test]
+fn role_refuses_jobs_it_cannot_run() {
+    let Some((sb, venv)) = ansible_sandbox() else {
+        return;
+    };
+    let ansible = Ansible::new(&sb, venv);
+    let files =
+        |user: &str| json!({"name": "data", "engine": "files", "paths": ["/etc"], "schedule": "@daily", "user": user});
+    let restore =
+        json!({"name": "db", "engine": "mysql", "databases": ["x"], "schedule": "@daily", "verify": "restore"});
+    let cases = [
+        // Another user than root or bk_user could not write bk_user's store.
+        (files("nobody"), json!({}), "a files job's user is root or bk_user"),
+        // The scratch account would take the dump account's rights away.
+        (
+            restore.clone(),
+            json!({"bk_mysql_create_user": true, "bk_mysql_scratch_user": "backup"}),
+            "give it another name than",
+        ),
+    ];
+    let built = snapshot_tools(&sb);
+    for (job, more, message) in cases {
+        let mut vars = json!({"bk_install_src": built, "bk_bin_dir": sb.path("bin"),
+                              "bk_install_packages": false, "bk_jobs": [job]});
+        for (k, v) in more.as_object().unwrap() {
+            vars[k] = v.clone();
+        }
+        let run = ansible.run_playbook("  roles: [bk]\n", &vars);
+        let output = format!("{}{}", run.stdout, run.stderr);
+        assert_eq!(run.code, 2, "{vars}: not refused:\n{output}");
+        assert!(output.contains(message), "{vars}: no `{message}` in:\n{output}");
+        assert!(!sb.path("bin").exists(), "{vars}: installed before refusing:\n{output}");
+    }
+}
+
 /// Bad notification and stale-check settings are refused before anything is installed, with a
 /// message naming the variable, and a refused URL is not shown.
 #[test]
@@ -785,11 +1128,7 @@ fn role_refuses_bad_notification_settings() {
         return;
     };
     let sb = Sandbox::new();
-    let ansible = Ansible {
-        sb: &sb,
-        venv,
-        repo: Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
-    };
+    let ansible = Ansible::new(&sb, venv);
     let secret = "hooks.example.net/T0/secret-token";
     let job = |healthcheck: &str| json!([{"name": "etc", "engine": "files", "paths": ["/etc"], "schedule": "@daily", "healthcheck": healthcheck}]);
     // Each case: the variable, its bad value, what the message must name.

@@ -385,6 +385,30 @@ fn an_uptime_kuma_push_url_gets_one_get_with_status_and_message() {
     }
 }
 
+#[test]
+fn syslog_gets_each_record_as_it_comes() {
+    let sb = Sandbox::new();
+    let artifact = backup(&sb, "files-etc");
+    let socket_path = sb.path("log.sock");
+    let listener = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("binding a test /dev/log");
+    listener.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let socket = socket_path.display().to_string();
+    let mut live = Live::start(&sb, &["--syslog=bktest", "--syslog-socket", &socket]);
+    assert!(live.next_line().contains(r#""type":"begin""#));
+    live.write(&artifact);
+    assert_eq!(live.next_line(), artifact);
+    let mut datagram = [0u8; 65536];
+    let n = listener.recv(&mut datagram).expect("a datagram before the input ends");
+    let logged = String::from_utf8_lossy(&datagram[..n]).to_string();
+    assert!(
+        logged.starts_with("<14>") && logged.ends_with(&format!(": {artifact}")),
+        "{logged}"
+    );
+    let run = live.finish();
+    assert_eq!(run.code, 0, "stdout: {}\nstderr: {}", run.stdout, run.stderr);
+    assert_eq!(run.notified()[0]["ok"], true);
+}
+
 /// bk-notify with its stdin left open, so that a test sees what it does before the input
 /// ends: the records it passes on, the pings it sends.
 struct Live {

@@ -738,7 +738,7 @@ pub fn derive_counts(artifact: &Artifact, decoder: &mut Decoder) -> Result<BTree
         }
     }
     io::copy(&mut tail, &mut io::sink()).map_err(|e| from_io(format!("reading {}", artifact.file), e))?;
-    if tail.total % 512 != 0 || tail.tail.len() < 1024 || tail.tail.iter().any(|b| *b != 0) {
+    if !tail.total.is_multiple_of(512) || tail.tail.len() < 1024 || tail.tail.iter().any(|b| *b != 0) {
         return Err(Error::data(format!(
             "{}: the tar does not end with its two zero blocks: it is truncated",
             artifact.file

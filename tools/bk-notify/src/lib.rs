@@ -20,6 +20,7 @@ use bk_core::record::{Input, Output, Record};
 
 use healthcheck::Healthcheck;
 use http::{post, read_url, redact_url};
+use syslog::Syslog;
 
 /// Tell people and monitors how the pipeline went.
 ///
@@ -49,7 +50,7 @@ use http::{post, read_url, redact_url};
 /// (PATH.lock) and renames a new file (mode 0644) into place. A file that is not in the
 /// text format is left as it is and the sink fails.
 ///
-/// With --syslog it sends every record, its JSON line as the message, to the local syslog
+/// With --syslog it sends every record as it comes, its JSON line as the message, to the local syslog
 /// (/dev/log, in the format syslog(3) writes) or to journald's native socket: this replaces
 /// `| logger -t bk`, which hid the pipeline's exit status. No socket is a failed sink.
 #[derive(Debug, Parser)]
@@ -101,10 +102,17 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     let records = stdin_records(out, "pipe a bk tool's records in (bk-dump ... | bk-notify)")?;
     // What the sinks report on: the records, and this run's own failures.
     let mut inputs: Vec<Input> = Vec::new();
+    let mut syslog = cli
+        .syslog
+        .as_deref()
+        .map(|tag| Syslog::new(tag, cli.syslog_socket.as_deref()));
     // The sinks are set up before the first record comes (the healthcheck pings when it
     // does). One misconfigured fails the run at once, and the others still tell.
     let webhook = sink_url(out, &mut inputs, "--webhook", cli.webhook.as_deref())?;
     let healthcheck = sink_url(out, &mut inputs, "--healthcheck", cli.healthcheck.as_deref())?;
+    if let Some(syslog) = syslog.as_mut() {
+        inputs.iter().for_each(|input| syslog.log(input));
+    }
     let mut healthcheck = healthcheck.map(Healthcheck::new);
     if let Some(healthcheck) = healthcheck.as_mut().filter(|_| cli.start_now) {
         healthcheck.start();
@@ -123,6 +131,9 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
             // or never ran): this run failed, and the sinks still tell.
             Err(e) => own_failure(out, &e)?,
         };
+        if let Some(syslog) = syslog.as_mut() {
+            syslog.log(&input);
+        }
         inputs.push(input);
     }
     let failed = inputs.iter().any(failed);
@@ -146,8 +157,8 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     if let Some(path) = &cli.prom_file {
         prom::notify(path, &inputs, failed, out)?;
     }
-    if let Some(tag) = &cli.syslog {
-        syslog::notify(tag, cli.syslog_socket.as_deref(), &inputs, failed, out)?;
+    if let Some(syslog) = syslog {
+        syslog.finish(failed, out)?;
     }
     Ok(())
 }

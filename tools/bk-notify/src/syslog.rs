@@ -63,23 +63,39 @@ fn socket(given: Option<&str>) -> (String, Protocol) {
     }
 }
 
-/// Sends every record, and prints the `notified` record.
-pub fn notify(tag: &str, socket_option: Option<&str>, inputs: &[Input], failed: bool, out: &mut Output) -> Result<()> {
-    let (path, protocol) = socket(socket_option);
-    let outcome = send(tag, &path, protocol, inputs);
-    crate::sink::finish(out, "syslog", &path, None, outcome, failed)
+/// The syslog sink: each record is sent as it comes (a pipeline killed later has logged what
+/// it did so far), and the first failure stops the sending and is reported at the end.
+pub struct Syslog {
+    tag: String,
+    path: String,
+    protocol: Protocol,
+    socket: Result<UnixDatagram>,
+    pid: u32,
 }
 
-fn send(tag: &str, path: &str, protocol: Protocol, inputs: &[Input]) -> Result<()> {
-    let socket = UnixDatagram::unbound().map_err(|e| Error::io("opening a datagram socket", e))?;
-    let pid = std::process::id();
-    for input in inputs {
+impl Syslog {
+    pub fn new(tag: &str, socket_option: Option<&str>) -> Self {
+        let (path, protocol) = socket(socket_option);
+        let socket = UnixDatagram::unbound().map_err(|e| Error::io("opening a datagram socket", e));
+        Syslog {
+            tag: tag.to_string(),
+            path,
+            protocol,
+            socket,
+            pid: std::process::id(),
+        }
+    }
+
+    /// Sends one record, unless an earlier one failed.
+    pub fn log(&mut self, input: &Input) {
+        let Ok(socket) = &self.socket else { return };
         let severity = if crate::failed(input) { ERR } else { INFO };
         let message = cut(&input.line);
-        let datagram = match protocol {
+        let tag = &self.tag;
+        let datagram = match self.protocol {
             Protocol::Syslog => {
                 let time = chrono::Local::now().format("%b %e %H:%M:%S");
-                format!("<{}>{time} {tag}[{pid}]: {message}", FACILITY * 8 + severity)
+                format!("<{}>{time} {tag}[{}]: {message}", FACILITY * 8 + severity, self.pid)
             }
             Protocol::Journal => [
                 ("PRIORITY", severity.to_string()),
@@ -91,12 +107,19 @@ fn send(tag: &str, path: &str, protocol: Protocol, inputs: &[Input]) -> Result<(
             .map(|(key, value)| format!("{key}={value}\n"))
             .collect(),
         };
-        socket.send_to(datagram.as_bytes(), path).map_err(|e| match e.kind() {
-            ErrorKind::NotFound => Error::unavailable("no such socket: is a syslog daemon or journald running?"),
-            _ => Error::io("sending", e),
-        })?;
+        if let Err(e) = socket.send_to(datagram.as_bytes(), &self.path) {
+            self.socket = Err(match e.kind() {
+                ErrorKind::NotFound => Error::unavailable("no such socket: is a syslog daemon or journald running?"),
+                _ => Error::io("sending", e),
+            });
+        }
     }
-    Ok(())
+
+    /// Prints the `notified` record, and the failure if there was one.
+    pub fn finish(self, failed: bool, out: &mut Output) -> Result<()> {
+        let outcome = self.socket.map(|_| ());
+        crate::sink::finish(out, "syslog", &self.path, None, outcome, failed)
+    }
 }
 
 /// The line, cut to [`MAX_MESSAGE`] bytes at a character boundary. A record line has no
