@@ -19,9 +19,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bk_core::record::{Artifact, Record};
 use bk_tests::{
-    age_keygen, artifact_line, files_below, free_port, have_root, mysql_ident, mysql_server, mysql_string,
-    mysql_unique_name, pg_ident, pg_server, pg_unique_name, run_cmd, s, spawn_with_stdin, unzstd, write_files,
-    MysqlGuard, MysqlServer, PgDatabase, PgServer, Run, Sandbox, AS_NOBODY,
+    age_keygen, artifact_line, files_below, free_port, have_root, mongo_server, mysql_ident, mysql_server,
+    mysql_string, mysql_unique_name, pg_ident, pg_server, pg_unique_name, run_cmd, s, spawn_with_stdin, unique_name,
+    unzstd, write_files, MysqlGuard, MysqlServer, PgDatabase, PgServer, Run, Sandbox, AS_NOBODY,
 };
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
@@ -408,6 +408,81 @@ fn sqlite_corruptions_are_caught() {
         &[&a.file, "not a sound SQLite database", "malformed"],
     );
     assert_empty_dir(&scratch);
+}
+
+/// The first offset of `needle` in `haystack`.
+#[track_caller]
+fn offset_of(haystack: &[u8], needle: &[u8]) -> usize {
+    haystack
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap_or_else(|| panic!("{:?} not found", String::from_utf8_lossy(needle)))
+}
+
+/// A mongodb backup's archive is read whole at the integrity level (every document decoded,
+/// every CRC, every namespace of the prelude ended) and its counts compared: a good one is
+/// ok, and each corruption is 65 with a message naming it. The changed archives are
+/// recompressed with their record rewritten to match, so only the content can tell.
+#[test]
+fn mongodb_backup_verifies_and_corruptions_are_caught() {
+    let Some(server) = mongo_server() else { return };
+    let sb = Sandbox::new();
+    let db = server.database(&unique_name("bk_vfy_mongo_"));
+    server.python(
+        "db = client[sys.argv[1]]\n\
+         db.people.insert_many([{'_id': i, 'name': f'name-{i:04}'} for i in range(500)])\n\
+         db.create_collection('empty')\n\
+         db.last.insert_one({'_id': 'only'})\n",
+        &[&db.name],
+    );
+    let a = sb.dump(&["mongodb", "--uri", &server.url, "--database", &db.name]);
+    let people = format!("{}.people", db.name);
+    assert_eq!(a.counts[&people], 500);
+    let verify = |a: &Artifact| sb.run_with_stdin("bk-verify", &[], &artifact_line(a));
+    assert_good(&verified(&verify(&a).ok()), &a, "integrity");
+    let archive = unzstd(&a.location);
+
+    // A document's bytes changed, the document still sound: only its CRC can tell.
+    let mut changed = archive.clone();
+    changed[offset_of(&archive, b"name-0250") + 5] = b'9';
+    // The archive ends with the last namespace's EOF header (db first) and a terminator.
+    let eof = archive.windows(6).rposition(|w| w == b"\x08EOF\x00\x01").unwrap();
+    let last_eof = archive[..eof].windows(4).rposition(|w| w == b"\x02db\x00").unwrap() - 4;
+    let mut malformed = archive.clone();
+    // The type byte of a field of a document: no BSON type.
+    malformed[offset_of(&archive, b"\x02name\x00\x0a\x00\x00\x00name-0100")] = 0x7f;
+    let cases: [(&str, Vec<u8>, &[&str]); 4] = [
+        ("a changed document", changed, &["CRC mismatch", &people]),
+        ("a malformed document", malformed, &["malformed document"]),
+        (
+            "cut inside a document",
+            archive[..archive.len() / 2].to_vec(),
+            &["truncated"],
+        ),
+        (
+            "cut before the last EOF",
+            archive[..last_eof].to_vec(),
+            &["truncated", "ends before the end of"],
+        ),
+    ];
+    for (case, content, says) in cases {
+        let bad = with_content(&a, &content);
+        let run = verify(&bad);
+        let v = assert_caught(&run, &bad, says);
+        assert!(run.error().message.contains(&a.file), "{case}: {}", run.error().message);
+        assert_eq!(v["checks"]["integrity"]["ok"], json!(false), "{case}");
+    }
+
+    // The stored bytes changed: their sha256 says so.
+    let a = sb.dump(&["mongodb", "--uri", &server.url, "--database", &db.name]);
+    flip_middle_bit(&a.location);
+    assert_caught(&verify(&a), &a, &["sha256 mismatch", &a.file]);
+
+    // A manifest whose count was changed.
+    let mut a = sb.dump(&["mongodb", "--uri", &server.url, "--database", &db.name]);
+    a.counts.insert(people.clone(), 499);
+    let v = assert_caught(&verify(&a), &a, &[&format!("{people}: 499 expected, 500 found")]);
+    assert_eq!(mismatches(&v), [(people, Some(499), Some(500))]);
 }
 
 #[test]

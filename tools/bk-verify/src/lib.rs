@@ -20,7 +20,7 @@ use bk_core::record::{Artifact, Output, Record};
 use bk_core::store::newest_per_name;
 use bk_core::store::{Broken, Store};
 
-use bk_engines::{files, mysql, postgres, sqlite, ReadOpts, RestoreOptions};
+use bk_engines::{files, mongodb, mysql, postgres, sqlite, ReadOpts, RestoreOptions};
 
 const SCRATCH_PREFIX: &str = "bk_verify_";
 /// Scratch targets older than this were left by a killed run.
@@ -374,6 +374,7 @@ impl<'a> Verifier<'a> {
             "sqlite" => sqlite::derive_counts(artifact, &mut decoder, &self.scratch_dir())?,
             "mysql" => mysql::derive_counts(artifact, &mut decoder)?,
             "postgres" => postgres::derive_counts(artifact, &mut decoder)?,
+            "mongodb" => mongodb::derive_counts(artifact, &mut decoder)?,
             other => {
                 return Err(Error::usage(format!(
                     "{}: this bk-verify cannot verify {other} backups",

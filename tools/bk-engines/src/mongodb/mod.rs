@@ -147,3 +147,19 @@ pub(crate) fn mongo_error(doing: &str, e: mongodb::error::Error) -> Error {
     };
     Error::new(kind, format!("{doing}: {e}"))
 }
+
+/// bk-verify's integrity level: reads the whole archive with the checked reader (its
+/// structure, every document decoded, every CRC, every namespace of the prelude ended, nothing
+/// after the end) and returns its documents per `db.collection`. Any fault is 65.
+pub fn derive_counts(
+    artifact: &bk_core::record::Artifact,
+    decoder: &mut bk_core::codec::Decoder,
+) -> Result<std::collections::BTreeMap<String, u64>> {
+    let input = std::io::BufReader::with_capacity(1 << 18, decoder);
+    archive::ArchiveReader::open(input)
+        .and_then(archive::ArchiveReader::read_to_end)
+        .map_err(|e| match e.kind {
+            Kind::Data => e.context(&artifact.file),
+            _ => e,
+        })
+}
