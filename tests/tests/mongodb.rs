@@ -13,7 +13,7 @@ use std::path::Path;
 
 use bk_core::record::Artifact;
 use bk_engines::mongodb::archive::{ArchiveReader, Event};
-use bk_tests::{free_port, mongo_server, unique_name, unzstd, MongoDatabase, MongoServer, Run, Sandbox};
+use bk_tests::{age_keygen, free_port, mongo_server, unique_name, unzstd, MongoDatabase, MongoServer, Run, Sandbox};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -302,6 +302,70 @@ fn connection_secrets_and_failures() {
         })
         .collect();
     assert_eq!(named, [Some("m-x1".to_string()), Some("m-x2".to_string())]);
+}
+
+/// A mongodb backup goes through the other tools like any other: listed, shipped to a
+/// second store, verified there (zstd, and gzip with age), pruned.
+#[test]
+fn a_backup_is_listed_shipped_verified_and_pruned() {
+    let Some(t) = setup() else { return };
+    let db = t.database("client[sys.argv[1]].c.insert_many([{'_id': i} for i in range(50)])");
+    let key = t.sb.path("key.txt");
+    let recipient = age_keygen(&key);
+    let first = t
+        .dump(&["--uri", &t.server.url, "--database", &db.name])
+        .ok()
+        .artifact();
+    let second = t
+        .dump(&[
+            "--uri",
+            &t.server.url,
+            "--database",
+            &db.name,
+            "--compress",
+            "gzip",
+            "--encrypt-to",
+            &recipient,
+        ])
+        .ok()
+        .artifact();
+    let ids = |run: &Run| -> Vec<String> { run.artifacts().into_iter().map(|a| a.id).collect() };
+    let (store, copies) = (t.sb.store(), t.sb.path("copies").display().to_string());
+
+    let listed = t.sb.run("bk-ls", &[&store]).ok();
+    assert_eq!(ids(&listed), [first.id.clone(), second.id.clone()]);
+    assert!(listed.artifacts().iter().all(|a| a.engine == "mongodb"));
+
+    let shipped = t.sb.run("bk-ship", &["--from", &store, "--to", &copies]).ok();
+    assert_eq!(ids(&shipped), [first.id.clone(), second.id.clone()]);
+
+    let verified =
+        t.sb.run(
+            "bk-verify",
+            &["--from", &copies, "--all", "--identity", &key.display().to_string()],
+        )
+        .ok();
+    let outcomes: Vec<(Value, Value, Value)> = verified
+        .records()
+        .into_iter()
+        .filter_map(|r| match r {
+            bk_core::record::Record::Verified(v) => Some((v["id"].clone(), v["ok"].clone(), v["level"].clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            (json!(first.id), json!(true), json!("integrity")),
+            (json!(second.id), json!(true), json!("integrity"))
+        ]
+    );
+
+    let (kept, pruned) = t.sb.run("bk-prune", &[&copies, "--keep-last", "1"]).ok().decisions();
+    let kept: Vec<&str> = kept.iter().map(|k| k.id.as_str()).collect();
+    let pruned: Vec<&str> = pruned.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!((kept, pruned), (vec![second.id.as_str()], vec![first.id.as_str()]));
+    assert_eq!(ids(&t.sb.run("bk-ls", &[&copies]).ok()), [second.id.clone()]);
 }
 
 /// Counts are what the artifact holds, whatever the server does meanwhile: a writer inserts
