@@ -18,8 +18,8 @@ use std::process::Command;
 
 use bk_core::record::{parse_line, Artifact, Record};
 use bk_tests::{
-    assert_tools_linked, cron, have_root, mysql_server, needs, pg_ident, pg_server, run_cmd, MysqlGuard, MysqlServer,
-    PgServer, Receiver, Run, Sandbox,
+    assert_tools_linked, cron, have_root, mongo_server, mysql_server, needs, pg_ident, pg_server, run_cmd, MysqlGuard,
+    MysqlServer, PgServer, Receiver, Run, Sandbox,
 };
 use serde_json::json;
 
@@ -305,7 +305,9 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     if !have_root() {
         return;
     }
-    let (Some(mysql), Some(pg), Some(venv)) = (mysql_server(), pg_server(), ansible_venv()) else {
+    let (Some(mysql), Some(pg), Some(mongo), Some(venv)) =
+        (mysql_server(), pg_server(), mongo_server(), ansible_venv())
+    else {
         return;
     };
     let (s3_endpoint, s3_bucket) = (env("TEST_S3_ENDPOINT"), env("TEST_S3_BUCKET"));
@@ -343,6 +345,14 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         "CREATE TABLE t (id INT PRIMARY KEY, v TEXT); INSERT INTO t VALUES (1, 'a'), (2, 'b');
          CREATE VIEW vs AS SELECT v FROM t;",
     );
+    // A MongoDB database (nx-27017: no authentication, so the URI holds no password; its
+    // appName stands for one, a secret the output must not show).
+    let _mongo_source = mongo.database(&unique);
+    mongo.python(
+        "client[sys.argv[1]].items.insert_many([{'_id': i, 'label': f'item {i}'} for i in range(20)])",
+        &[&unique],
+    );
+    let mongo_uri = format!("{}&appName={unique}-uri-secret", mongo.url);
     // The dumps' accounts, and verify restore's scratch accounts (the role creates all four).
     let accounts = RoleAccounts::new(&mysql, &pg, &unique);
     let scratch_user = accounts.scratch.clone();
@@ -386,6 +396,7 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         s3_secret.as_str(),
         webhook.as_str(),
         healthcheck.as_str(),
+        mongo_uri.as_str(),
     ];
     let home = sb.path("home");
     let store = sb.path("store");
@@ -401,6 +412,8 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         json!({"name": "data", "engine": "files", "paths": [data], "schedule": "@hourly",
                "retention": {"last": 2}, "verify": "restore", "options": ["--compress", "gzip"],
                "exclude": ["*.log", data.join("cache")]}),
+        json!({"name": "mongo", "engine": "mongodb", "databases": [unique], "schedule": "30 4 * * *",
+               "retention": {"last": 2}}),
     ];
     let mut vars = json!({
         "bk_install_src": snapshot_tools(&sb),
@@ -434,12 +447,13 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         "bk_notify_prom_dir": prom.parent().unwrap(),
         "bk_stale_after": "26h",
     });
-    // verify restore's scratch accounts (json! cannot take more lines at once).
+    // verify restore's scratch accounts and the MongoDB URI (json! cannot take more lines at once).
     for (var, value) in [
         ("bk_mysql_scratch_user", &scratch_user),
         ("bk_mysql_scratch_password", &scratch_password),
         ("bk_postgres_scratch_user", &scratch_user),
         ("bk_postgres_scratch_password", &scratch_password),
+        ("bk_mongodb_uri", &mongo_uri),
     ] {
         vars[var] = json!(value);
     }
@@ -474,6 +488,7 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         ".my-scratch.cnf",
         ".pgpass",
         ".pgpass-scratch",
+        ".mongodb-uri",
         ".aws/credentials",
         ".aws/config",
         ".ssh/id_ed25519",
@@ -547,6 +562,7 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         ("db", format!("db-{unique}")),
         ("pg", format!("pg-{unique}")),
         ("data", "data".to_string()),
+        ("mongo", format!("mongo-{unique}")),
     ] {
         let path = cron_dir.join(format!("bk-{job}"));
         let at = path.display().to_string();
@@ -637,7 +653,12 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         .into_iter()
         .map(|a| a.name)
         .collect();
-    for name in [format!("db-{unique}"), format!("pg-{unique}"), "data".to_string()] {
+    for name in [
+        format!("db-{unique}"),
+        format!("pg-{unique}"),
+        "data".to_string(),
+        format!("mongo-{unique}"),
+    ] {
         assert!(
             listed.contains(&name),
             "bk-ls of the store as {USER}: no {name} in {listed:?}"
@@ -795,6 +816,40 @@ fn role_converges_and_its_jobs_and_runbook_work() {
             }
         }
     }
+    // The mongodb job's runbook: its Verify block reads the backup whole; its Restore block
+    // names bk-restore into <database>_restored over the jobs' URI file. (bk-restore of
+    // mongodb comes with the branch mongo-restore: this branch does not run that block.)
+    let script = runbook_blocks(&text, "mongo", "Verify");
+    let run = run_cmd(
+        {
+            let mut sh = Command::new("/bin/sh");
+            sh.args(["-e", "-c", &script]).current_dir(sb.root());
+            sh
+        },
+        "",
+    );
+    assert_eq!(
+        run.code, 0,
+        "the runbook's Verify of job mongo:\n{script}\n{}",
+        run.stderr
+    );
+    let verified: Vec<Record> = run.records();
+    assert!(
+        matches!(verified.as_slice(), [Record::Verified(v)] if v["ok"] == json!(true)),
+        "{}",
+        run.stdout
+    );
+    let restore = runbook_blocks(&text, "mongo", "Restore");
+    assert_eq!(
+        restore.trim(),
+        format!(
+            "{}/bk-restore --from {} --name mongo-{unique} --database {unique}_restored --uri-file {}",
+            sb.path("bin").display(),
+            store.display(),
+            home.join(".mongodb-uri").display()
+        ),
+        "the runbook's Restore of job mongo"
+    );
     // The Check commands compared whole dumps; the rows once more, through the server.
     for table in ["items", "notes", "cheap"] {
         let rows = |db: &str| mysql.sql(&admin_cnf, &format!("SELECT * FROM `{db}`.`{table}` ORDER BY id"));
@@ -1103,6 +1158,12 @@ fn role_refuses_jobs_it_cannot_run() {
             restore.clone(),
             json!({"bk_mysql_create_user": true, "bk_mysql_scratch_user": "backup"}),
             "give it another name than",
+        ),
+        // bk restores a scratch copy only on a server it is told of.
+        (
+            json!({"name": "m", "engine": "mongodb", "databases": ["x"], "schedule": "@daily", "verify": "restore"}),
+            json!({}),
+            "a mongodb job with verify: restore needs a scratch server",
         ),
     ];
     let built = snapshot_tools(&sb);
