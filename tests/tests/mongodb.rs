@@ -365,7 +365,7 @@ fn a_backup_is_listed_shipped_verified_and_pruned() {
     let kept: Vec<&str> = kept.iter().map(|k| k.id.as_str()).collect();
     let pruned: Vec<&str> = pruned.iter().map(|p| p.id.as_str()).collect();
     assert_eq!((kept, pruned), (vec![second.id.as_str()], vec![first.id.as_str()]));
-    assert_eq!(ids(&t.sb.run("bk-ls", &[&copies]).ok()), [second.id.clone()]);
+    assert_eq!(ids(&t.sb.run("bk-ls", &[&copies]).ok()), [second.id]);
 }
 
 /// Counts are what the artifact holds, whatever the server does meanwhile: a writer inserts
