@@ -515,14 +515,14 @@ fn remove_path(path: &Path) {
 
 /// The tables whose counts differ, as `{"table", "expected", "found"}` objects (`null` for
 /// a table on one side only). Keys are compared whole: PostgreSQL's are `schema.table` on
-/// both sides. A MySQL restore's are `<scratch>.table`, read as `<source database>.table`;
+/// both sides. A MySQL (MongoDB) restore's are `<scratch>.table`, read as `<source database>.table`;
 /// MySQL tables are shown without the database.
 fn differences(artifact: &Artifact, found: &BTreeMap<String, u64>, scratch: Option<&str>) -> Vec<Value> {
     let database = artifact
         .source
         .database
         .as_deref()
-        .filter(|_| artifact.engine == "mysql");
+        .filter(|_| matches!(artifact.engine.as_str(), "mysql" | "mongodb"));
     let found: BTreeMap<String, u64> = match (database, scratch) {
         (Some(db), Some(scratch)) => found
             .iter()

@@ -56,10 +56,20 @@ struct Created {
 
 impl Created {
     fn add(&self, name: &str) {
-        self.names.lock().unwrap_or_else(|p| p.into_inner()).push(name.to_string());
+        self.names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(name.to_string());
     }
     fn keep(&self, name: &str) {
-        self.names.lock().unwrap_or_else(|p| p.into_inner()).retain(|n| n != name);
+        self.names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|n| n != name);
+    }
+    /// The restore succeeded: nothing is dropped.
+    fn keep_all(&self) {
+        self.names.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
     fn drop_all(&self) {
         let names = std::mem::take(&mut *self.names.lock().unwrap_or_else(|p| p.into_inner()));
@@ -82,7 +92,12 @@ pub fn restore(artifact: &Artifact, mut decoder: Decoder, opts: &RestoreOptions)
         .database
         .clone()
         .or_else(|| artifact.source.database.clone())
-        .ok_or_else(|| Error::usage(format!("{}: the backup names no database: give --database", artifact.id)))?;
+        .ok_or_else(|| {
+            Error::usage(format!(
+                "{}: the backup names no database: give --database",
+                artifact.id
+            ))
+        })?;
     let db = conn.client.database(&target);
     let mut reader = ArchiveReader::open(&mut decoder)?;
     let prelude = reader.prelude().to_vec();
@@ -91,7 +106,10 @@ pub fn restore(artifact: &Artifact, mut decoder: Decoder, opts: &RestoreOptions)
         .iter()
         .find(|c| !prelude.iter().any(|ns| &ns.collection == *c))
     {
-        return Err(Error::no_input(format!("{}: the backup holds no collection {missing:?}", artifact.id)));
+        return Err(Error::no_input(format!(
+            "{}: the backup holds no collection {missing:?}",
+            artifact.id
+        )));
     }
     sweep(&db)?;
     let existing = names(&db)?;
@@ -139,11 +157,20 @@ pub fn restore(artifact: &Artifact, mut decoder: Decoder, opts: &RestoreOptions)
         let _swapping = SWAPPING.lock().unwrap_or_else(|p| p.into_inner());
         for (i, p) in planned.iter().filter(|p| !p.view).enumerate() {
             swap_in(&conn.client, &db, p, counts[&p.name], &existing).map_err(|e| {
-                let done: Vec<&str> = planned.iter().filter(|p| !p.view).take(i).map(|p| p.name.as_str()).collect();
+                let done: Vec<&str> = planned
+                    .iter()
+                    .filter(|p| !p.view)
+                    .take(i)
+                    .map(|p| p.name.as_str())
+                    .collect();
                 e.context(format!(
                     "replacing {target}.{} failed; replaced before it: {}; the others were left as they were",
                     p.name,
-                    if done.is_empty() { "none".to_string() } else { done.join(", ") }
+                    if done.is_empty() {
+                        "none".to_string()
+                    } else {
+                        done.join(", ")
+                    }
                 ))
             })?;
             created.keep(&p.load);
@@ -151,8 +178,8 @@ pub fn restore(artifact: &Artifact, mut decoder: Decoder, opts: &RestoreOptions)
     }
     for p in planned.iter().filter(|p| p.view) {
         create_view(&db, p, opts.replace && existing.contains(&p.name))?;
-        created.keep(&p.load);
     }
+    created.keep_all();
     let mut target_info = serde_json::Map::new();
     target_info.insert("host".into(), conn.host.clone().into());
     target_info.insert("port".into(), conn.port.into());
@@ -278,7 +305,10 @@ fn insert(db: &Database, planned: &[Planned], batch: &mut Batch) -> Result<()> {
     if batch.documents.is_empty() {
         return Ok(());
     }
-    let p = planned.iter().find(|p| p.index == batch.namespace).expect("a planned namespace");
+    let p = planned
+        .iter()
+        .find(|p| p.index == batch.namespace)
+        .expect("a planned namespace");
     let documents = std::mem::take(&mut batch.documents);
     batch.bytes = 0;
     block(
@@ -351,14 +381,14 @@ fn swap_in(client: &Client, db: &Database, p: &Planned, expected: u64, existing:
         Err(e) if matches!(&*e.kind, mongodb::error::ErrorKind::Command(c) if c.code == 13) => {
             block(client.database("admin").run_command(rename)).map_err(|e| mongo_error(&renaming, e))?;
         }
-        Err(e) if existing.contains(&p.name) => {
+        Err(_) if existing.contains(&p.name) => {
             eprintln!(
-                "bk-restore: warning: {}: the server refuses to rename over an existing collection ({e}); \
-                 dropping {to} and renaming: it is missing for a moment",
-                db.name()
+                "bk-restore: warning: the server refuses to rename {from} over the existing {to} \
+                 (it ignores dropTarget): dropping {to}, then renaming; {to} is missing for a moment"
             );
             block(db.collection::<Document>(&p.name).drop()).map_err(|e| mongo_error(&format!("dropping {to}"), e))?;
-            block(db.run_command(doc! {"renameCollection": &from, "to": &to})).map_err(|e| mongo_error(&renaming, e))?;
+            block(db.run_command(doc! {"renameCollection": &from, "to": &to}))
+                .map_err(|e| mongo_error(&renaming, e))?;
         }
         Err(e) => return Err(mongo_error(&renaming, e)),
     }
@@ -387,7 +417,8 @@ fn create_view(db: &Database, p: &Planned, replace: bool) -> Result<()> {
     if let Ok(options) = p.metadata.get_document("options") {
         create.extend(options.clone());
     }
-    block(db.run_command(create)).map_err(|e| mongo_error(&format!("creating the view {}.{}", db.name(), p.name), e))?;
+    block(db.run_command(create))
+        .map_err(|e| mongo_error(&format!("creating the view {}.{}", db.name(), p.name), e))?;
     Ok(())
 }
 
@@ -419,7 +450,13 @@ mod tests {
         let read: Document = serde_json::from_str(&json).unwrap();
         let indexes = read.get_array("indexes").unwrap();
         assert_eq!(indexes[0], Bson::Document(Document::try_from(index.as_ref()).unwrap()));
-        let keys: Vec<&String> = indexes[0].as_document().unwrap().get_document("key").unwrap().keys().collect();
+        let keys: Vec<&String> = indexes[0]
+            .as_document()
+            .unwrap()
+            .get_document("key")
+            .unwrap()
+            .keys()
+            .collect();
         assert_eq!(keys, ["b", "a"]);
     }
 }
