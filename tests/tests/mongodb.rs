@@ -562,6 +562,9 @@ fn a_non_empty_target_is_refused_and_replace_puts_the_backup_in_its_place() {
     assert_eq!(keys["people"], json!([["_id"], ["name"], ["tag"]]));
 }
 
+/// A change made to an archive's bytes.
+type Edit = Box<dyn FnOnce(&mut Vec<u8>)>;
+
 #[test]
 fn replace_with_a_bad_archive_leaves_the_target_untouched() {
     let Some(t) = setup() else { return };
@@ -569,7 +572,7 @@ fn replace_with_a_bad_archive_leaves_the_target_untouched() {
     let artifact = t.backup(&db.name);
     t.server.python(CHANGE, &[&db.name]);
     let changed = t.collections(&db.name);
-    let cases: [(&str, Box<dyn FnOnce(&mut Vec<u8>)>, &str); 2] = [
+    let cases: [(&str, Edit, &str); 2] = [
         (
             "a document's byte changed",
             Box::new(|a: &mut Vec<u8>| {

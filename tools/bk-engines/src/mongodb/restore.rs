@@ -156,7 +156,7 @@ pub fn restore(artifact: &Artifact, mut decoder: Decoder, opts: &RestoreOptions)
         let _wait = bk_core::cleanup::on_exit(|| drop(SWAPPING.lock()));
         let _swapping = SWAPPING.lock().unwrap_or_else(|p| p.into_inner());
         for (i, p) in planned.iter().filter(|p| !p.view).enumerate() {
-            swap_in(&conn.client, &db, p, counts[&p.name], &existing).map_err(|e| {
+            swap_in(&conn.client, &db, p, counts[&p.name], &existing, &created).map_err(|e| {
                 let done: Vec<&str> = planned
                     .iter()
                     .filter(|p| !p.view)
@@ -368,8 +368,16 @@ fn finish_collection(artifact: &Artifact, db: &Database, ns: &Namespace, p: &Pla
 /// Renames a loaded, checked temporary collection over its target: renameCollection with
 /// dropTarget, on admin as servers require. A server that takes the command on the data's
 /// own database and refuses an existing target (nx-27017 ignores dropTarget) gets drop then
-/// rename: for a moment the target does not exist. The result is checked either way.
-fn swap_in(client: &Client, db: &Database, p: &Planned, expected: u64, existing: &[String]) -> Result<()> {
+/// rename: for a moment the target does not exist (and if the rename then fails, the
+/// temporary is kept: it is the only copy). The result is checked either way.
+fn swap_in(
+    client: &Client,
+    db: &Database,
+    p: &Planned,
+    expected: u64,
+    existing: &[String],
+    created: &Created,
+) -> Result<()> {
     let (from, to) = (format!("{}.{}", db.name(), p.load), format!("{}.{}", db.name(), p.name));
     let rename = doc! {"renameCollection": &from, "to": &to, "dropTarget": true};
     let renaming = format!("renaming {from} to {to}");
