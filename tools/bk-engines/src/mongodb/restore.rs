@@ -395,8 +395,13 @@ fn swap_in(
                  (it ignores dropTarget): dropping {to}, then renaming; {to} is missing for a moment"
             );
             block(db.collection::<Document>(&p.name).drop()).map_err(|e| mongo_error(&format!("dropping {to}"), e))?;
-            block(db.run_command(doc! {"renameCollection": &from, "to": &to}))
-                .map_err(|e| mongo_error(&renaming, e))?;
+            // From here the temporary is the only copy: never dropped, whatever happens.
+            created.keep(&p.load);
+            block(db.run_command(doc! {"renameCollection": &from, "to": &to})).map_err(|e| {
+                mongo_error(&renaming, e).context(format!(
+                    "{to} was dropped and {from} holds the backup's data: rename it by hand"
+                ))
+            })?;
         }
         Err(e) => return Err(mongo_error(&renaming, e)),
     }
