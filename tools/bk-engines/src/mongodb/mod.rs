@@ -37,7 +37,7 @@ pub struct UriArgs {
     #[arg(long, value_name = "FILE", conflicts_with_all = ["uri", "host", "port"])]
     pub uri_file: Option<PathBuf>,
     /// MongoDB: connection URI without a password (one with a password is refused: use
-    /// --uri-file)
+    /// --uri-file); without either, --host and --port [default: 127.0.0.1 and 27017]
     #[arg(long, value_name = "URI", conflicts_with_all = ["host", "port"])]
     pub uri: Option<String>,
 }
