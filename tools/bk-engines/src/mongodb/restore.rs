@@ -101,6 +101,14 @@ pub fn restore(artifact: &Artifact, mut decoder: Decoder, opts: &RestoreOptions)
     let db = conn.client.database(&target);
     let mut reader = ArchiveReader::open(&mut decoder)?;
     let prelude = reader.prelude().to_vec();
+    // bk writes one database per archive; mongodump without --db writes several, which
+    // would land in one target here.
+    if let Some(other) = prelude.iter().find(|ns| ns.db != prelude[0].db) {
+        return Err(Error::usage(format!(
+            "{}: the archive holds more than one database ({} and {}); bk restores one",
+            artifact.id, prelude[0].db, other.db
+        )));
+    }
     if let Some(missing) = opts
         .tables
         .iter()
