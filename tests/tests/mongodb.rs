@@ -596,6 +596,17 @@ fn replace_with_a_bad_archive_leaves_the_target_untouched() {
         assert_eq!(t.collections(&db.name), changed, "{case}: the target untouched");
         assert_eq!(t.temporaries(&db.name), Vec::<String>::new(), "{case}: no temporaries");
     }
+    // A manifest whose count the archive does not match: found before anything is swapped.
+    let mut lying = artifact.clone();
+    *lying.counts.get_mut(&format!("{}.people", db.name)).expect("people") += 1;
+    let run = t.restore(&lying, &["--replace"]).code(65);
+    assert!(
+        run.error().message.contains("the archive holds 300 documents of"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(t.collections(&db.name), changed, "the target untouched");
+    assert_eq!(t.temporaries(&db.name), Vec::<String>::new());
 }
 
 /// The archive at `path` written again by bk's writer with the first document of every
