@@ -413,6 +413,22 @@ pub fn unzstd(path: &str) -> Vec<u8> {
     output_of(Command::new("zstd").args(["-dc", path]))
 }
 
+/// Replaces a zstd artifact's content with `content` (compressed with the zstd program) and
+/// returns its record with sha256, bytes and content_bytes to match: only the content itself
+/// can tell that something is wrong.
+pub fn rewrite_artifact(a: &Artifact, content: &[u8]) -> Artifact {
+    let plain = format!("{}.plain", a.location);
+    fs::write(&plain, content).expect("writing the new content");
+    let stored = output_of(Command::new("zstd").args(["-q", "-c", &plain]));
+    fs::remove_file(&plain).expect("removing the plain copy");
+    fs::write(&a.location, &stored).expect("writing the artifact");
+    let mut b = a.clone();
+    b.sha256 = hex::encode(Sha256::digest(&stored));
+    b.bytes = stored.len() as u64;
+    b.content_bytes = content.len() as u64;
+    b
+}
+
 /// Makes an age key pair with age-keygen (apt install age) at `path`, mode 0600: the public key.
 pub fn age_keygen(path: &Path) -> String {
     use std::os::unix::fs::PermissionsExt;

@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use bk_core::record::Artifact;
-use bk_engines::mongodb::archive::{ArchiveReader, Event};
+use bk_engines::mongodb::archive::{ArchiveReader, ArchiveWriter, Event};
 use bk_tests::{age_keygen, free_port, mongo_server, unique_name, unzstd, MongoDatabase, MongoServer, Run, Sandbox};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -452,4 +452,368 @@ fn the_server_dying_mid_dump_leaves_nothing() {
         bk_tests::files_below(&t.sb.path("store")),
         Vec::<std::path::PathBuf>::new()
     );
+}
+
+// ---- bk-restore and bk-verify --scratch ----
+
+/// Index keys per collection of `db` ({"coll": [["field", ...], ...]}): nx-27017 renames
+/// indexes and sorts compound keys, so the key fields are what can be compared.
+const INDEX_KEYS: &str = r#"
+db = client[sys.argv[1]]
+print(json.dumps({c: sorted(sorted(i["key"].keys()) for i in db[c].list_indexes()) for c in db.list_collection_names()}))
+"#;
+
+/// A small database: `people` (300 documents, an index on `name`, another unique on `tag`)
+/// and `empty`.
+const SMALL: &str = r#"
+db = client[sys.argv[1]]
+db.people.insert_many([{"_id": i, "name": f"n{i}", "tag": f"t{i}", "n": i * 2**33} for i in range(300)])
+db.people.create_index([("name", 1)])
+db.people.create_index([("tag", 1)], unique=True)
+db.create_collection("empty")
+"#;
+
+/// Changes `people` and adds `extra`, which no backup holds.
+const CHANGE: &str = r#"
+db = client[sys.argv[1]]
+db.people.delete_many({"_id": {"$lt": 100}})
+db.people.insert_one({"_id": "new"})
+db.extra.insert_one({"_id": 1})
+"#;
+
+impl Mongo {
+    /// `bk-restore` of `artifact` (its record on stdin) with `args`, on the test server.
+    fn restore(&self, artifact: &Artifact, args: &[&str]) -> Run {
+        let mut all = vec!["--uri", &self.server.url];
+        all.extend(args);
+        self.sb
+            .run_with_stdin("bk-restore", &all, &bk_tests::artifact_line(artifact))
+    }
+
+    /// The per-collection digests of `db`, keyed by collection alone.
+    fn collections(&self, db: &str) -> Value {
+        let all = self.server.digests(db);
+        let prefix = format!("{db}.");
+        Value::Object(
+            all.as_object()
+                .expect("digests")
+                .iter()
+                .map(|(k, v)| (k.strip_prefix(&prefix).unwrap_or(k).to_string(), v.clone()))
+                .collect(),
+        )
+    }
+
+    /// The artifact of a dump of `db`.
+    fn backup(&self, db: &str) -> Artifact {
+        self.dump(&["--uri", &self.server.url, "--database", db])
+            .ok()
+            .artifact()
+    }
+
+    /// The names of the collections of `db` that bk-restore made as temporaries.
+    fn temporaries(&self, db: &str) -> Vec<String> {
+        let out = self.server.python(
+            "print(json.dumps([c for c in client[sys.argv[1]].list_collection_names() if c.startswith('bk_restore_')]))",
+            &[db],
+        );
+        serde_json::from_str(&out).expect("names")
+    }
+
+    /// `artifact` rewritten with its archive edited by `edit` (the manifest's sha256 made to
+    /// match: only the content can tell).
+    fn edited(&self, artifact: &Artifact, edit: impl FnOnce(&mut Vec<u8>)) -> Artifact {
+        let mut archive = unzstd(&artifact.location);
+        edit(&mut archive);
+        // A store of its own: a location ends in <name>/<file>.
+        let file = Path::new(&artifact.location).file_name().expect("a file name");
+        let dir = self.sb.path(&unique_name("edited_")).join(&artifact.name);
+        std::fs::create_dir_all(&dir).expect("the copy's directory");
+        let copy = dir.join(file);
+        std::fs::copy(&artifact.location, &copy).expect("copying the artifact");
+        let mut moved = artifact.clone();
+        moved.location = copy.display().to_string();
+        bk_tests::rewrite_artifact(&moved, &archive)
+    }
+}
+
+/// The position of `needle` in `haystack` (the last one).
+fn position(haystack: &[u8], needle: &[u8]) -> usize {
+    haystack
+        .windows(needle.len())
+        .rposition(|w| w == needle)
+        .expect("the bytes are in the archive")
+}
+
+#[test]
+fn a_restore_into_another_database_gives_the_same_documents_and_indexes() {
+    let Some(t) = setup() else { return };
+    let source = t.database(SEED);
+    let artifact = t.backup(&source.name);
+    let copy = t.server.database(&db_name());
+    let run = t.restore(&artifact, &["--database", &copy.name]).ok();
+    let restored = run.restored();
+    let expected: BTreeMap<String, u64> = ["people", "empty", "large"]
+        .iter()
+        .map(|c| {
+            (
+                format!("{}.{c}", copy.name),
+                artifact.counts[&format!("{}.{c}", source.name)],
+            )
+        })
+        .collect();
+    assert_eq!(restored.counts, expected);
+    assert!(restored.complete);
+    assert_eq!(restored.target["database"], copy.name.as_str());
+    assert_eq!(restored.target["port"], t.server.port);
+    assert_eq!(
+        t.collections(&copy.name),
+        t.collections(&source.name),
+        "every document byte for byte"
+    );
+    let indexes = |db: &str| -> Value { serde_json::from_str(&t.server.python(INDEX_KEYS, &[db])).unwrap() };
+    assert_eq!(indexes(&copy.name), indexes(&source.name));
+    assert_eq!(indexes(&copy.name)["people"], json!([["_id"], ["name"]]));
+
+    // A subset: only what --collection names, and the record says it is partial.
+    let subset = t.server.database(&db_name());
+    let run = t
+        .restore(&artifact, &["--database", &subset.name, "--collection", "people"])
+        .ok();
+    let restored = run.restored();
+    assert_eq!(
+        restored.counts,
+        BTreeMap::from([(format!("{}.people", subset.name), 1000)])
+    );
+    assert!(!restored.complete);
+    assert_eq!(
+        t.collections(&subset.name),
+        json!({"people": t.collections(&source.name)["people"]})
+    );
+    let run = t
+        .restore(&artifact, &["--database", &subset.name, "--collection", "nothing"])
+        .code(66);
+    assert!(
+        run.error().message.contains("no collection \"nothing\""),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn a_non_empty_target_is_refused_and_replace_puts_the_backup_in_its_place() {
+    let Some(t) = setup() else { return };
+    let db = t.database(SMALL);
+    let backed_up = t.collections(&db.name);
+    let artifact = t.backup(&db.name);
+    t.server.python(CHANGE, &[&db.name]);
+    let changed = t.collections(&db.name);
+
+    let run = t.restore(&artifact, &[]).code(73);
+    assert!(run.error().message.contains("pass --replace"), "{}", run.stderr);
+    assert_eq!(t.collections(&db.name), changed, "the target untouched");
+
+    let run = t.restore(&artifact, &["--replace"]).ok();
+    assert_eq!(run.restored().counts, artifact.counts);
+    let mut expected = backed_up.clone();
+    expected["extra"] = changed["extra"].clone();
+    assert_eq!(
+        t.collections(&db.name),
+        expected,
+        "the backup's collections replaced, the others left alone"
+    );
+    assert_eq!(t.temporaries(&db.name), Vec::<String>::new());
+    let keys: Value = serde_json::from_str(&t.server.python(INDEX_KEYS, &[&db.name])).unwrap();
+    assert_eq!(keys["people"], json!([["_id"], ["name"], ["tag"]]));
+}
+
+/// A change made to an archive's bytes.
+type Edit = Box<dyn FnOnce(&mut Vec<u8>)>;
+
+#[test]
+fn replace_with_a_bad_archive_leaves_the_target_untouched() {
+    let Some(t) = setup() else { return };
+    let db = t.database(SMALL);
+    let artifact = t.backup(&db.name);
+    t.server.python(CHANGE, &[&db.name]);
+    let changed = t.collections(&db.name);
+    let cases: [(&str, Edit, &str); 2] = [
+        (
+            "a document's byte changed",
+            Box::new(|a: &mut Vec<u8>| {
+                let at = position(a, b"n299\0");
+                a[at + 1] = b'8';
+            }),
+            "CRC mismatch",
+        ),
+        (
+            "the archive cut short",
+            Box::new(|a: &mut Vec<u8>| a.truncate(a.len() - 100)),
+            "truncated",
+        ),
+    ];
+    for (case, edit, says) in cases {
+        let bad = t.edited(&artifact, edit);
+        let run = t.restore(&bad, &["--replace"]).code(65);
+        let e = run.error();
+        assert!(e.message.contains(says), "{case}: {}", e.message);
+        assert!(e.message.contains("was left as it was"), "{case}: {}", e.message);
+        assert_eq!(t.collections(&db.name), changed, "{case}: the target untouched");
+        assert_eq!(t.temporaries(&db.name), Vec::<String>::new(), "{case}: no temporaries");
+    }
+    // A manifest whose count the archive does not match: found before anything is swapped.
+    let mut lying = artifact.clone();
+    *lying.counts.get_mut(&format!("{}.people", db.name)).expect("people") += 1;
+    let run = t.restore(&lying, &["--replace"]).code(65);
+    assert!(
+        run.error().message.contains("the archive holds 300 documents of"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(t.collections(&db.name), changed, "the target untouched");
+    assert_eq!(t.temporaries(&db.name), Vec::<String>::new());
+}
+
+/// The archive at `path` written again by bk's writer with the first document of every
+/// collection twice: a sound archive (its CRCs and counts match) that no server restores,
+/// the same `_id` coming twice. Its counts, one more per non-empty collection.
+fn with_duplicates(archive: &[u8]) -> (Vec<u8>, BTreeMap<String, u64>) {
+    let mut reader = ArchiveReader::open(archive).expect("a sound archive");
+    let prelude = reader.prelude().to_vec();
+    let header = reader.header().clone();
+    let mut out = Vec::new();
+    let mut writer = ArchiveWriter::start(&mut out, &header, &prelude).expect("writing");
+    let mut open = None;
+    let mut counts = BTreeMap::new();
+    while let Some(event) = reader.next_event().expect("every block is sound") {
+        let namespace = match &event {
+            Event::Document { namespace, .. } | Event::End { namespace, .. } => *namespace,
+        };
+        if open != Some(namespace) {
+            let ns = &prelude[namespace];
+            writer.begin(&ns.db, &ns.collection).expect("writing");
+            open = Some(namespace);
+            if let Event::Document { bytes, .. } = &event {
+                writer.document(bytes).expect("writing");
+            }
+        }
+        match event {
+            Event::Document { bytes, .. } => writer.document(bytes).expect("writing"),
+            Event::End { .. } => {
+                counts.insert(prelude[namespace].name(), writer.end().expect("writing"));
+                open = None;
+            }
+        }
+    }
+    drop(writer);
+    (out, counts)
+}
+
+#[test]
+fn a_killed_restore_leaves_the_target_and_old_temporaries_are_dropped() {
+    let Some(t) = setup() else { return };
+    // 40 MiB of documents: the restore takes a while on nx-27017.
+    let db = t.database(
+        "import os\nclient[sys.argv[1]].big.insert_many([{'_id': i, 'pad': os.urandom(1 << 20)} for i in range(40)])\n",
+    );
+    let backed_up = t.collections(&db.name);
+    let artifact = t.backup(&db.name);
+    t.server.python(CHANGE, &[&db.name]);
+    let changed = t.collections(&db.name);
+    let old = "bk_restore_1000_abcdef_0";
+    let mut child = bk_tests::spawn_with_stdin(
+        {
+            let mut cmd = std::process::Command::new(bk_tests::bin("bk-restore"));
+            cmd.args(["--uri", &t.server.url, "--replace"]);
+            cmd
+        },
+        &bk_tests::artifact_line(&artifact),
+    );
+    // Killed once its temporary holds documents.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let filling = t.server.python(
+            "db = client[sys.argv[1]]\nprint(sum(db[c].estimated_document_count() for c in db.list_collection_names() if c.startswith('bk_restore_') and c != sys.argv[2]))",
+            &[&db.name, old],
+        );
+        if filling.trim() != "0" {
+            break;
+        }
+        assert!(
+            child.try_wait().expect("waiting").is_none(),
+            "the restore ended before it was killed"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restore never loaded anything"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("waiting");
+    assert_eq!(
+        t.collections(&db.name).get("big"),
+        changed.get("big"),
+        "the target untouched"
+    );
+
+    // What a restore killed a day ago left.
+    t.server
+        .python("client[sys.argv[1]][sys.argv[2]].insert_one({})", &[&db.name, old]);
+
+    let run = t.restore(&artifact, &["--replace"]).ok();
+    assert!(
+        run.stderr.contains(&format!(
+            "dropping {}.{old}, a temporary collection left by an interrupted restore",
+            db.name
+        )),
+        "{}",
+        run.stderr
+    );
+    let temporaries = t.temporaries(&db.name);
+    assert!(!temporaries.contains(&old.to_string()), "{temporaries:?}");
+    // The killed run's own temporary is a day from being taken for a leftover.
+    assert!(temporaries.len() <= 1, "{temporaries:?}");
+    assert_eq!(t.collections(&db.name)["big"], backed_up["big"]);
+}
+
+/// Scratch databases bk-verify left on the test server.
+fn scratch_databases(server: &MongoServer) -> Vec<String> {
+    let out = server.python(
+        "print(json.dumps([d for d in client.list_database_names() if d.startswith('bk_verify_')]))",
+        &[],
+    );
+    serde_json::from_str(&out).expect("names")
+}
+
+#[test]
+fn verify_restores_into_a_scratch_database_and_drops_it() {
+    let Some(t) = setup() else { return };
+    let db = t.database(SMALL);
+    let artifact = t.backup(&db.name);
+    let verify = |a: &Artifact| {
+        t.sb.run_with_stdin(
+            "bk-verify",
+            &["--scratch", "--uri", &t.server.url],
+            &bk_tests::artifact_line(a),
+        )
+    };
+    let run = verify(&artifact).ok();
+    let verified: Value = serde_json::from_str(run.lines()[0]).expect("a verified record");
+    assert_eq!(verified["ok"], true, "{}", run.stdout);
+    assert_eq!(verified["level"], "restore");
+    assert_eq!(verified["checks"]["restore"]["ok"], true);
+    assert_eq!(verified["checks"]["restore"]["compared"], 2);
+    assert_eq!(scratch_databases(&t.server), Vec::<String>::new());
+
+    // Sound and counted right, but the server refuses it: a bad backup, and no scratch left.
+    let (content, counts) = with_duplicates(&unzstd(&artifact.location));
+    let mut bad = t.edited(&artifact, |a| *a = content);
+    bad.counts = counts;
+    let run = verify(&bad).code(65);
+    let verified: Value = serde_json::from_str(run.lines()[0]).expect("a verified record");
+    assert_eq!(verified["ok"], false);
+    assert_eq!(verified["checks"]["integrity"]["ok"], true);
+    assert_eq!(verified["checks"]["restore"]["ok"], false);
+    assert!(run.error().message.contains("does not restore"), "{}", run.stderr);
+    assert_eq!(scratch_databases(&t.server), Vec::<String>::new());
 }

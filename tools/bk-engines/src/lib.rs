@@ -45,6 +45,8 @@ pub struct ReadOpts {
     #[command(flatten)]
     pub mysql: conn::MysqlOpts,
     #[command(flatten)]
+    pub mongo: mongodb::UriArgs,
+    #[command(flatten)]
     pub s3: bk_core::cli::S3Opts,
     /// age identity file to decrypt with (repeatable; must be mode 0600)
     #[arg(long, value_name = "FILE")]
@@ -72,6 +74,8 @@ pub struct RestoreOptions {
     pub database: Option<String>,
     pub conn: conn::ConnArgs,
     pub mysql: conn::MysqlOpts,
+    /// MongoDB: the server (the URI, or --host/--port of `conn`).
+    pub mongo: mongodb::MongoConnArgs,
     /// PostgreSQL: restore neither owners nor privileges (for another server's roles).
     pub no_owner: bool,
     /// PostgreSQL custom format: pg_restore jobs in parallel.
@@ -84,6 +88,29 @@ pub struct RestoredInfo {
     pub counts: BTreeMap<String, u64>,
     /// False for a partial restore.
     pub complete: bool,
+}
+
+/// Throwaway targets (bk-verify's scratch databases, bk-restore's temporary collections)
+/// older than this were left by a killed run: younger ones may belong to a run in progress.
+pub const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// `<prefix><unix seconds>_<random>`: a throwaway target's name, which tells its age.
+pub fn stamped_name(prefix: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    format!("{prefix}{now}_{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+/// The age of a [`stamped_name`] (anything may follow its stamp); `None` for another name.
+pub fn stamped_age(prefix: &str, name: &str) -> Option<std::time::Duration> {
+    let stamp: u64 = name.strip_prefix(prefix)?.split(['_', '.']).next()?.parse().ok()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    Some(std::time::Duration::from_secs(now.saturating_sub(stamp)))
 }
 
 pub fn hostname() -> String {

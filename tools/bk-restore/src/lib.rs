@@ -12,7 +12,7 @@ use bk_core::progress::Progress;
 use bk_core::record::{Artifact, Output, Record, Restored};
 use bk_core::store::{Broken, Store, StoreConfig};
 
-use bk_engines::{count_mismatch, files, mysql, postgres, sqlite, ReadOpts, RestoreOptions};
+use bk_engines::{count_mismatch, files, mongodb, mysql, postgres, sqlite, ReadOpts, RestoreOptions};
 
 /// Restore a backup.
 ///
@@ -53,14 +53,16 @@ pub struct Cli {
     /// bk_restore_* copy first, then swaps its tables in with one RENAME TABLE, the old ones
     /// kept in bk_old_* until the end; with --table only those tables are replaced).
     /// PostgreSQL: loaded and checked in a new database that takes the target's name only
-    /// then, the old one dropped after; refused (75) while sessions are connected to it
+    /// then, the old one dropped after; refused (75) while sessions are connected to it.
+    /// MongoDB: each collection of the backup is loaded and checked under a temporary name,
+    /// then renamed over its target; the database's other collections are left alone
     #[arg(long)]
     pub replace: bool,
     /// Database backups: restore into this database [default: the source's name]
     #[arg(long, value_name = "NAME")]
     pub database: Option<String>,
-    /// Database backups: restore only this table (repeatable)
-    #[arg(long, value_name = "TABLE")]
+    /// Database backups: restore only this table (MongoDB: collection; repeatable)
+    #[arg(long, value_name = "TABLE", visible_alias = "collection")]
     pub table: Vec<String>,
     /// PostgreSQL: restore neither owners nor privileges (restoring where the roles differ)
     #[arg(long)]
@@ -191,10 +193,11 @@ fn restore(store: &dyn Store, artifact: &Artifact, cli: &Cli, identities: &Ident
         database: cli.database.clone(),
         conn: cli.read.conn.clone(),
         mysql: cli.read.mysql.clone(),
+        mongo: cli.read.mongo.with(&cli.read.conn),
         no_owner: cli.no_owner,
         jobs: cli.jobs,
     };
-    let is_database = matches!(artifact.engine.as_str(), "mysql" | "postgres");
+    let is_database = matches!(artifact.engine.as_str(), "mysql" | "postgres" | "mongodb");
     if is_database {
         // A database is loaded as the bytes come; check them all before touching it.
         check_stored(store.open(artifact)?, artifact)?;
@@ -215,6 +218,7 @@ fn restore(store: &dyn Store, artifact: &Artifact, cli: &Cli, identities: &Ident
         "sqlite" => sqlite::restore(artifact, decoder, &target()?, &options)?,
         "mysql" => mysql::restore(artifact, decoder, &options)?,
         "postgres" => postgres::restore(artifact, decoder, &options)?,
+        "mongodb" => mongodb::restore(artifact, decoder, &options)?,
         other => {
             return Err(Error::usage(format!(
                 "{}: this bk-restore cannot restore {other} backups",

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde_json::{json, Map, Value};
@@ -20,11 +20,9 @@ use bk_core::record::{Artifact, Output, Record};
 use bk_core::store::newest_per_name;
 use bk_core::store::{Broken, Store};
 
-use bk_engines::{files, mongodb, mysql, postgres, sqlite, ReadOpts, RestoreOptions};
+use bk_engines::{files, mongodb, mysql, postgres, sqlite, ReadOpts, RestoreOptions, LEFTOVER_AGE};
 
 const SCRATCH_PREFIX: &str = "bk_verify_";
-/// Scratch targets older than this were left by a killed run.
-const LEFTOVER_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// Prove that backups restore.
 ///
@@ -206,6 +204,7 @@ impl<'a> Verifier<'a> {
             database: None,
             conn: cli.read.conn.clone(),
             mysql: cli.read.mysql.clone(),
+            mongo: cli.read.mongo.with(&cli.read.conn),
             no_owner: true,
             jobs: None,
         };
@@ -329,7 +328,7 @@ impl<'a> Verifier<'a> {
             Err(e) => {
                 // The server rejected what the dump holds (bad SQL, a broken archive): the
                 // backup does not restore, which is what this run is here to find.
-                let e = if e.kind == Kind::Io && matches!(artifact.engine.as_str(), "mysql" | "postgres") {
+                let e = if e.kind == Kind::Io && matches!(artifact.engine.as_str(), "mysql" | "postgres" | "mongodb") {
                     Error::data(format!("{}: the backup does not restore: {}", artifact.id, e.message))
                 } else {
                     e
@@ -406,16 +405,16 @@ impl<'a> Verifier<'a> {
                 };
                 Ok((scratch, restored.counts))
             }
-            "mysql" | "postgres" => {
+            "mysql" | "postgres" | "mongodb" => {
                 options.database = Some(scratch.clone());
                 let dropper = options.clone();
                 let dropped_name = scratch.clone();
                 let _drop = bk_core::cleanup::on_exit(move || {
                     let scratch = dropped_name;
-                    let dropped = if engine == "mysql" {
-                        mysql::drop_database(&dropper, &scratch)
-                    } else {
-                        postgres::drop_database(&dropper, &scratch)
+                    let dropped = match engine.as_str() {
+                        "mysql" => mysql::drop_database(&dropper, &scratch),
+                        "postgres" => postgres::drop_database(&dropper, &scratch),
+                        _ => mongodb::drop_database(&dropper, &scratch),
                     };
                     if let Err(e) = dropped {
                         eprintln!(
@@ -424,10 +423,10 @@ impl<'a> Verifier<'a> {
                         );
                     }
                 });
-                let restored = if artifact.engine == "mysql" {
-                    mysql::restore(artifact, decoder, &options)?
-                } else {
-                    postgres::restore(artifact, decoder, &options)?
+                let restored = match artifact.engine.as_str() {
+                    "mysql" => mysql::restore(artifact, decoder, &options)?,
+                    "postgres" => postgres::restore(artifact, decoder, &options)?,
+                    _ => mongodb::restore(artifact, decoder, &options)?,
                 };
                 Ok((scratch, restored.counts))
             }
@@ -446,11 +445,11 @@ impl<'a> Verifier<'a> {
         self.swept.push(engine.to_string());
         let stale = |name: &str| scratch_age(name).is_some_and(|age| age > LEFTOVER_AGE);
         match engine {
-            "mysql" | "postgres" => {
-                let (list, drop): ScratchDatabases = if engine == "mysql" {
-                    (mysql::databases_like, mysql::drop_database)
-                } else {
-                    (postgres::databases_like, postgres::drop_database)
+            "mysql" | "postgres" | "mongodb" => {
+                let (list, drop): ScratchDatabases = match engine {
+                    "mysql" => (mysql::databases_like, mysql::drop_database),
+                    "postgres" => (postgres::databases_like, postgres::drop_database),
+                    _ => (mongodb::databases_like, mongodb::drop_database),
                 };
                 for db in list(&self.restore_options, SCRATCH_PREFIX)?
                     .into_iter()
@@ -494,22 +493,11 @@ type ScratchDatabases = (
 
 /// `bk_verify_<unix seconds>_<random>`: its age can be read from its name.
 fn scratch_name() -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    format!("{SCRATCH_PREFIX}{now}_{:06x}", rand::random::<u32>() & 0xff_ffff)
+    bk_engines::stamped_name(SCRATCH_PREFIX)
 }
 
 fn scratch_age(name: &str) -> Option<Duration> {
-    let stamp: u64 = name
-        .strip_prefix(SCRATCH_PREFIX)?
-        .split(['_', '.'])
-        .next()?
-        .parse()
-        .ok()?;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
-    Some(Duration::from_secs(now.saturating_sub(stamp)))
+    bk_engines::stamped_age(SCRATCH_PREFIX, name)
 }
 
 fn remove_path(path: &Path) {
@@ -526,14 +514,14 @@ fn remove_path(path: &Path) {
 
 /// The tables whose counts differ, as `{"table", "expected", "found"}` objects (`null` for
 /// a table on one side only). Keys are compared whole: PostgreSQL's are `schema.table` on
-/// both sides. A MySQL restore's are `<scratch>.table`, read as `<source database>.table`;
+/// both sides. A MySQL (MongoDB) restore's are `<scratch>.table`, read as `<source database>.table`;
 /// MySQL tables are shown without the database.
 fn differences(artifact: &Artifact, found: &BTreeMap<String, u64>, scratch: Option<&str>) -> Vec<Value> {
     let database = artifact
         .source
         .database
         .as_deref()
-        .filter(|_| artifact.engine == "mysql");
+        .filter(|_| matches!(artifact.engine.as_str(), "mysql" | "mongodb"));
     let found: BTreeMap<String, u64> = match (database, scratch) {
         (Some(db), Some(scratch)) => found
             .iter()

@@ -8,8 +8,10 @@
 pub mod archive;
 pub mod dump;
 mod ejson;
+pub mod restore;
 
 pub use dump::{jobs, DumpArgs};
+pub use restore::{databases_like, drop_database, restore};
 
 use std::future::IntoFuture;
 use std::path::PathBuf;
@@ -27,23 +29,42 @@ use bk_core::private::check_private_file;
 /// (serverSelectionTimeoutMS): the driver's 30 s is long for a backup that will fail anyway.
 const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The connection URI, for the tools that also reach other servers with --host/--port.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct UriArgs {
+    /// MongoDB: file holding the connection URI (mongodb:// or mongodb+srv://, with
+    /// credentials and TLS options); must be mode 0600 or 0400
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["uri", "host", "port"])]
+    pub uri_file: Option<PathBuf>,
+    /// MongoDB: connection URI without a password (one with a password is refused: use
+    /// --uri-file); without either, --host and --port [default: 127.0.0.1 and 27017]
+    #[arg(long, value_name = "URI", conflicts_with_all = ["host", "port"])]
+    pub uri: Option<String>,
+}
+
 /// Where the MongoDB server is. Credentials and TLS options come from the URI, which holds
 /// secrets only when read from a file.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct MongoConnArgs {
-    /// File holding the connection URI (mongodb:// or mongodb+srv://, with credentials and
-    /// TLS options); must be mode 0600 or 0400
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["uri", "host", "port"])]
-    pub uri_file: Option<PathBuf>,
-    /// Connection URI without a password (one with a password is refused: use --uri-file)
-    #[arg(long, value_name = "URI", conflicts_with_all = ["host", "port"])]
-    pub uri: Option<String>,
+    #[command(flatten)]
+    pub uri: UriArgs,
     /// Server host name or address, connected to directly [default: 127.0.0.1]
     #[arg(long)]
     pub host: Option<String>,
     /// Server port [default: 27017]
     #[arg(long)]
     pub port: Option<u16>,
+}
+
+impl UriArgs {
+    /// With the host and port of the other engines' options.
+    pub fn with(&self, conn: &crate::conn::ConnArgs) -> MongoConnArgs {
+        MongoConnArgs {
+            uri: self.clone(),
+            host: conn.host.clone(),
+            port: conn.port,
+        }
+    }
 }
 
 /// A connected client and what bk records of the server.
@@ -57,8 +78,8 @@ pub struct Connection {
 impl MongoConnArgs {
     /// The URI to connect with, checked: a URI file must be private (78), and a URI on the
     /// command line must not hold a password (64; the message never repeats the URI).
-    fn uri(&self) -> Result<String> {
-        if let Some(file) = &self.uri_file {
+    fn connection_uri(&self) -> Result<String> {
+        if let Some(file) = &self.uri.uri_file {
             check_private_file(file, "URI file")?;
             let text = std::fs::read_to_string(file)
                 .map_err(|e| Error::io(format!("reading the URI file {}", file.display()), e))?;
@@ -68,7 +89,7 @@ impl MongoConnArgs {
             }
             return Ok(uri);
         }
-        if let Some(uri) = &self.uri {
+        if let Some(uri) = &self.uri.uri {
             let parsed = ConnectionString::parse(uri)
                 .map_err(|_| Error::usage("--uri is not a valid MongoDB connection URI"))?;
             if parsed.credential.as_ref().is_some_and(|c| c.password.is_some()) {
@@ -93,7 +114,7 @@ impl MongoConnArgs {
 
     /// Connects (the driver connects lazily: the first command says whether the server answers).
     pub fn connect(&self) -> Result<Connection> {
-        let uri = self.uri()?;
+        let uri = self.connection_uri()?;
         let mut options =
             block(ClientOptions::parse(&uri)).map_err(|e| mongo_error("reading the connection URI", e))?;
         options.server_selection_timeout.get_or_insert(SERVER_SELECTION_TIMEOUT);
