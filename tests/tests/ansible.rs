@@ -21,7 +21,7 @@ use bk_tests::{
     assert_tools_linked, cron, have_root, mongo_server, mysql_server, needs, pg_ident, pg_server, run_cmd, MysqlGuard,
     MysqlServer, PgServer, Receiver, Run, Sandbox,
 };
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// The backup user of the test: created by the role, removed at the end.
 const USER: &str = "bktest";
@@ -826,9 +826,8 @@ fn role_converges_and_its_jobs_and_runbook_work() {
             }
         }
     }
-    // The mongodb job's runbook: its Verify block reads the backup whole; its Restore block
-    // names bk-restore into <database>_restored over the jobs' URI file. (bk-restore of
-    // mongodb comes with the branch mongo-restore: this branch does not run that block.)
+    // The mongodb job's runbook: its Verify block reads the backup whole; its Restore block,
+    // bk-restore into <database>_restored over the jobs' URI file, brings every document back.
     let script = runbook_blocks(&text, "mongo", "Verify");
     let run = run_cmd(
         {
@@ -859,6 +858,32 @@ fn role_converges_and_its_jobs_and_runbook_work() {
             home.join(".mongodb-uri").display()
         ),
         "the runbook's Restore of job mongo"
+    );
+    let _mongo_restored = mongo.database(&format!("{unique}_restored"));
+    let run = run_cmd(
+        {
+            let mut sh = Command::new("/bin/sh");
+            sh.args(["-e", "-c", &restore]).current_dir(sb.root());
+            sh
+        },
+        "",
+    );
+    assert_eq!(run.code, 0, "the runbook's Restore of job mongo:\n{}", run.stderr);
+    assert!(run.restored().complete, "{}", run.stdout);
+    // Digests are keyed `database.collection`: compared by collection.
+    let by_collection = |db: &str| -> Vec<(String, Value)> {
+        let digests = mongo.digests(db);
+        let map = digests.as_object().expect("digests by collection");
+        map.iter()
+            .map(|(k, v)| (k.strip_prefix(&format!("{db}.")).unwrap_or(k).to_string(), v.clone()))
+            .collect()
+    };
+    let source = by_collection(&unique);
+    assert!(!source.is_empty(), "the source has collections");
+    assert_eq!(
+        by_collection(&format!("{unique}_restored")),
+        source,
+        "the restored documents are the source's"
     );
     // The Check commands compared whole dumps; the rows once more, through the server.
     for table in ["items", "notes", "cheap"] {
