@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Benchmark: bk-dump mongodb beside a plain pymongo read of the same collections (raw BSON,
-# nothing decoded: the floor for this server), on a generated database of about BENCH_MIB MiB
-# of BSON (default 1024) spread over 8 collections. Prints wall time, throughput and peak RSS
-# of each; no pass/fail. The server is the tests' nx-27017 (tests/services.sh start), a Python
-# server: its own speed dominates, so compare the two lines of one run, not with a mongod.
-#   tests/bench-mongodb.sh        BENCH_MIB=128 tests/bench-mongodb.sh
+# nothing decoded: the floor for this server), on two generated databases:
+#   bk_bench      about BENCH_MIB MiB (default 1024) of ~1 KiB documents in 8 collections;
+#   bk_bench_big  BENCH_BIG_DOCS (default 16) documents of 15 MiB, near the 16 MiB BSON limit,
+#                 the worst case for memory (each reply holds one of them).
+# Prints wall time, throughput and peak RSS of each; no pass/fail. The server is the tests'
+# nx-27017 (tests/services.sh start), a Python server: its own speed dominates, so compare
+# the lines of one run, not with a mongod.
+#   tests/bench-mongodb.sh        BENCH_MIB=128 BENCH_BIG_DOCS=4 tests/bench-mongodb.sh
 #   BK_BIN=target/debug tests/bench-mongodb.sh   (another build's tools, no release build)
-# Generating 1 GiB takes nx-27017 about 4 minutes; the database bk_bench stays for the next run.
+# Generating 1 GiB takes nx-27017 about 4 minutes; the databases stay for the next run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mib=${BENCH_MIB:-1024}
+big_docs=${BENCH_BIG_DOCS:-16}
 work=${BENCH_DIR:-/tmp/bk-bench-mongodb}
 source "$(tests/services.sh env)"
 command -v /usr/bin/time >/dev/null || { echo "bench: /usr/bin/time is missing" >&2; exit 69; }
@@ -20,12 +24,15 @@ mkdir -p "$work"; chmod 700 "$work"
 export BK_LOCK_DIR=$work/locks BK_TEST_MONGO_URL=$TEST_MONGO_URL
 docs=$(( mib * 1024 / 8 ))   # per collection: 8 collections of ~1 KiB documents
 
-echo "== nx-27017 at $TEST_MONGO_URL: bk_bench, 8 collections of $docs documents of ~1 KiB"
-"$TEST_MONGO_PYTHON" - "$docs" <<'PY'
+echo "== nx-27017 at $TEST_MONGO_URL: bk_bench, 8 collections of $docs documents of ~1 KiB;" \
+     "bk_bench_big, $big_docs documents of 15 MiB"
+"$TEST_MONGO_PYTHON" - "$docs" "$big_docs" <<'PY'
 import os, sys
+from bson import Binary
 from pymongo import MongoClient
-docs = int(sys.argv[1])
-db = MongoClient(os.environ["BK_TEST_MONGO_URL"])["bk_bench"]
+docs, big_docs = int(sys.argv[1]), int(sys.argv[2])
+client = MongoClient(os.environ["BK_TEST_MONGO_URL"])
+db = client["bk_bench"]
 for c in range(8):
     coll = db[f"c{c}"]
     if coll.estimated_document_count() == docs:
@@ -35,23 +42,42 @@ for c in range(8):
     for start in range(0, docs, 10000):
         coll.insert_many([{"_id": i, "name": f"name-{i}", "n": i / 7, "tags": ["a", "b", i],
                            "note": os.urandom(400).hex()} for i in range(start, min(start + 10000, docs))])
+big = client["bk_bench_big"]["big"]
+if big.estimated_document_count() != big_docs:
+    print("generating bk_bench_big.big...", flush=True)
+    big.drop()
+    for i in range(big_docs):
+        big.insert_one({"_id": i, "blob": Binary(os.urandom(15 << 20))})
 PY
 
-measure() { # label command...
-  local label=$1; shift
-  /usr/bin/time -f "%e %M" -o "$work/time" "$@" >/dev/null
-  read -r secs kib < "$work/time"
-  printf '%-36s %8.2f s %8.1f MiB/s %8d KiB peak RSS\n' "$label" "$secs" "$(awk -v m="$mib" -v s="$secs" 'BEGIN { print m / s }')" "$kib"
+timed() { # output command...: "seconds KiB" of peak RSS
+  local output=$1; shift
+  /usr/bin/time -f "%e %M" -o "$work/time" "$@" > "$output"
+  cat "$work/time"
 }
 
-measure "pymongo raw read (floor)" "$TEST_MONGO_PYTHON" -c '
-import os
+# Every document of the database named by argv[1], as raw BSON (nothing decoded).
+pymongo_read='
+import os, sys
 from bson import CodecOptions
 from bson.raw_bson import RawBSONDocument
 from pymongo import MongoClient
-db = MongoClient(os.environ["BK_TEST_MONGO_URL"])["bk_bench"]
-for c in range(8):
-    for d in db.get_collection(f"c{c}", codec_options=CodecOptions(document_class=RawBSONDocument)).find().batch_size(1000):
+db = MongoClient(os.environ["BK_TEST_MONGO_URL"]).get_database(sys.argv[1], codec_options=CodecOptions(document_class=RawBSONDocument))
+for name in db.list_collection_names():
+    for d in db[name].find().batch_size(1000):
         pass'
-rm -rf "$work/store"
-measure "bk-dump mongodb (zstd 3)" "$bin/bk-dump" mongodb --uri "$TEST_MONGO_URL" --database bk_bench --to "$work/store" -q
+
+for database in bk_bench bk_bench_big; do
+  floor=$(timed /dev/null "$TEST_MONGO_PYTHON" -c "$pymongo_read" "$database")
+  rm -rf "$work/store"
+  bk=$(timed "$work/records" "$bin/bk-dump" mongodb --uri "$TEST_MONGO_URL" --database "$database" --to "$work/store")
+  # The archive's uncompressed size (its documents' BSON and the archive's few headers).
+  bytes=$(grep '"type":"artifact"' "$work/records" | grep -o '"content_bytes":[0-9]*' | cut -d: -f2)
+  printf -- '-- %s: %.0f MiB of BSON\n' "$database" "$(awk -v b="$bytes" 'BEGIN { print b / 1048576 }')"
+  for line in "pymongo raw read (floor)|$floor" "bk-dump mongodb (zstd 3)|$bk"; do
+    IFS='|' read -r label figures <<< "$line"
+    read -r secs kib <<< "$figures"
+    awk -v l="$label" -v s="$secs" -v k="$kib" -v b="$bytes" \
+      'BEGIN { printf "%-28s %8.2f s %8.1f MiB/s %8.1f MiB peak RSS\n", l, s, b / 1048576 / s, k / 1024 }'
+  done
+done

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use bson::{doc, RawDocument, RawDocumentBuf};
 use futures_util::{Stream, StreamExt};
 use globset::{Glob, GlobSet, GlobSetBuilder};
+use mongodb::action::{Action, RunCursorCommand};
 use mongodb::raw_batch_cursor::RawBatch;
 use mongodb::{Client, Database};
 
@@ -25,6 +26,10 @@ use crate::{DumpJob, Dumped};
 
 /// Databases no dump takes unless named: the server's own.
 const SYSTEM_DATABASES: [&str; 3] = ["admin", "local", "config"];
+/// What a getMore's reply should hold at most, in bytes (see [`batch_size`]).
+const REPLY_BYTES: u32 = 4 << 20;
+/// The largest piece [`SmallWrites`] passes on: the zstd crate's stream writer buffer.
+const SMALL_WRITE: usize = 32 << 10;
 /// The oldest wire version with snapshot reads (MongoDB 5.0).
 const SNAPSHOT_WIRE_VERSION: i32 = 13;
 
@@ -208,10 +213,18 @@ impl MongoJob {
             server_version: self.server.version.clone(),
             tool_version: format!("bk {}", bk_core::BK_VERSION),
         };
-        let mut writer = ArchiveWriter::start(out, &header, &prelude)?;
+        let mut out = SmallWrites(out);
+        let mut writer = ArchiveWriter::start(&mut out, &header, &prelude)?;
         let mut counts = BTreeMap::new();
         let reading = |ns: &Namespace| format!("reading {}", ns.name());
-        let coll = |ns: &Namespace| db.collection::<RawDocumentBuf>(&ns.collection);
+        let mut batch_sizes = Vec::new();
+        for ns in &prelude {
+            batch_sizes.push(if ns.is_view() {
+                None
+            } else {
+                Some(batch_size(&db, &ns.collection).await)
+            });
+        }
         if self.server.snapshots {
             // Every cursor is opened now, in one snapshot session: each keeps the snapshot
             // for its getMores, however long the collections before it take to copy.
@@ -223,12 +236,13 @@ impl MongoJob {
                 .await
                 .map_err(|e| mongo_error("starting a snapshot session", e))?;
             let mut cursors = Vec::new();
-            for ns in &prelude {
-                let cursor = if ns.is_view() {
-                    None
-                } else {
-                    let find = coll(ns).find(doc! {}).batch_size(0).session(&mut session).batch().await;
-                    Some(find.map_err(|e| mongo_error(&reading(ns), e))?)
+            for (ns, batch_size) in prelude.iter().zip(&batch_sizes) {
+                let cursor = match batch_size {
+                    None => None,
+                    Some(size) => {
+                        let find = find(&db, ns, *size, true)?.session(&mut session).batch().await;
+                        Some(find.map_err(|e| mongo_error(&reading(ns), e))?)
+                    }
                 };
                 if cursor.is_some() && session.snapshot_time().is_none() {
                     return Err(Error::unavailable(format!(
@@ -243,17 +257,15 @@ impl MongoJob {
                 copy_collection(&mut writer, ns, batches, &mut counts).await?;
             }
         } else {
-            for ns in &prelude {
-                let batches = if ns.is_view() {
-                    None
-                } else {
-                    Some(
-                        coll(ns)
-                            .find(doc! {})
+            for (ns, batch_size) in prelude.iter().zip(&batch_sizes) {
+                let batches = match batch_size {
+                    None => None,
+                    Some(size) => Some(
+                        find(&db, ns, *size, false)?
                             .batch()
                             .await
                             .map_err(|e| mongo_error(&reading(ns), e))?,
-                    )
+                    ),
                 };
                 copy_collection(&mut writer, ns, batches, &mut counts).await?;
             }
@@ -325,6 +337,54 @@ impl MongoJob {
             indexes.push(cursor.current().to_owned());
         }
         Ok(indexes)
+    }
+}
+
+/// A find of every document of a namespace, as a cursor command: its first batch is empty
+/// (with a snapshot, every cursor is opened before any is read: none holds documents while
+/// it waits) and each getMore asks for `batch_size` documents. The URI's read preference and
+/// read concern apply as to the driver's own find (a snapshot session sets its read concern).
+fn find<'a>(db: &'a Database, ns: &Namespace, batch_size: Option<u32>, snapshot: bool) -> Result<RunCursorCommand<'a>> {
+    let mut command = doc! {"find": &ns.collection, "filter": {}, "batchSize": 0};
+    if let (false, Some(concern)) = (snapshot, db.read_concern()) {
+        let concern =
+            bson::serialize_to_bson(concern).map_err(|e| Error::usage(format!("the URI's read concern: {e}")))?;
+        command.insert("readConcern", concern);
+    }
+    Ok(db
+        .run_cursor_command(command)
+        .optional(db.selection_criteria().cloned(), |find, c| find.selection_criteria(c))
+        .optional(batch_size, |find, size| find.batch_size(size)))
+}
+
+/// How many documents a getMore should ask for so that its reply is about [`REPLY_BYTES`],
+/// from the collection's average document size: the driver holds a reply twice while it
+/// parses it, and a server fills a batch up to 16 MiB unless asked for fewer documents.
+/// `None` (the server's batches) where the server does not say (collStats needs no more
+/// rights than find).
+async fn batch_size(db: &Database, collection: &str) -> Option<u32> {
+    let stats = db.run_command(doc! {"collStats": collection}).await.ok()?;
+    let average = match stats.get("avgObjSize")? {
+        bson::Bson::Int32(n) => f64::from(*n),
+        bson::Bson::Int64(n) => *n as f64,
+        bson::Bson::Double(n) => *n,
+        _ => return None,
+    };
+    (average >= 1.0).then(|| (REPLY_BYTES as f64 / average).clamp(1.0, f64::from(u32::MAX)) as u32)
+}
+
+/// Passes writes on in pieces no larger than zstd's output buffer: a zstd write takes up to
+/// a whole job (4 MiB) of input but hands on at most that buffer (32 KiB) of compressed
+/// bytes, so a large write (a 16 MiB document) queues jobs whose outputs, 4 MiB each, wait
+/// their turn; in small pieces the output leaves as fast as the input comes.
+struct SmallWrites<'a>(&'a mut dyn Write);
+
+impl Write for SmallWrites<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(&buf[..buf.len().min(SMALL_WRITE)])
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
     }
 }
 
