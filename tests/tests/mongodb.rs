@@ -817,3 +817,41 @@ fn verify_restores_into_a_scratch_database_and_drops_it() {
     assert!(run.error().message.contains("does not restore"), "{}", run.stderr);
     assert_eq!(scratch_databases(&t.server), Vec::<String>::new());
 }
+
+#[test]
+fn a_hostile_manifest_or_archive_does_not_aim_a_restore_at_the_servers_own_databases() {
+    let Some(t) = setup() else { return };
+    let source = t.database(SEED);
+    let artifact = t.backup(&source.name);
+    let before = t.collections(&source.name);
+
+    // A manifest that names `admin` (its sha256 still matches: the file is untouched).
+    let mut admin = artifact.clone();
+    admin.source.database = Some("admin".to_string());
+    let run = t.restore(&admin, &[]);
+    assert_eq!(run.code, 65, "stdout: {}\nstderr: {}", run.stdout, run.stderr);
+    assert!(
+        run.error().message.contains("the server's own database admin"),
+        "{}",
+        run.error().message
+    );
+
+    // A target the server cannot take.
+    let run = t.restore(&artifact, &["--database", "a.b"]);
+    assert_eq!(run.code, 64, "stderr: {}", run.stderr);
+
+    // An archive naming a collection no dump writes (`$` in its name), under --replace.
+    let hostile = t.edited(&artifact, |archive| {
+        while let Some(at) = archive.windows(6).position(|w| w == b"people") {
+            archive[at + 3] = b'$';
+        }
+    });
+    let run = t.restore(&hostile, &["--replace"]);
+    assert_eq!(run.code, 65, "stdout: {}\nstderr: {}", run.stdout, run.stderr);
+    assert!(
+        run.error().message.contains("which no dump writes"),
+        "{}",
+        run.error().message
+    );
+    assert_eq!(t.collections(&source.name), before, "the target untouched");
+}

@@ -82,12 +82,9 @@ impl CollectionFilter {
         })
     }
 
-    /// mongodump's rules first (mongodump/prepare.go): no `system.*` but `system.js`, nothing
-    /// with a `$`; then --collection and --exclude-collection.
+    /// mongodump's rules first, then --collection and --exclude-collection.
     fn keeps(&self, name: &str) -> bool {
-        let system = name.starts_with("system.") && name != "system.js";
-        !system
-            && !name.contains('$')
+        super::dumpable_collection(name)
             && self.only.as_ref().is_none_or(|only| only.is_match(name))
             && !self.excluded.is_match(name)
     }

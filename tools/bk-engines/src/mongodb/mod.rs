@@ -184,3 +184,9 @@ pub fn derive_counts(
             _ => e,
         })
 }
+
+/// A collection name bk-dump writes, by mongodump's rules (mongodump/prepare.go): not empty,
+/// no `$` or NUL, no system collection but `system.js`. The restore refuses any other.
+pub(crate) fn dumpable_collection(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['$', '\0']) && (!name.starts_with("system.") || name == "system.js")
+}

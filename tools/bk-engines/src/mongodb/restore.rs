@@ -98,9 +98,19 @@ pub fn restore(artifact: &Artifact, mut decoder: Decoder, opts: &RestoreOptions)
                 artifact.id
             ))
         })?;
+    check_target(artifact, &target, opts.database.is_some())?;
     let db = conn.client.database(&target);
     let mut reader = ArchiveReader::open(&mut decoder)?;
     let prelude = reader.prelude().to_vec();
+    // A manifest and its archive may be anyone's: only collections bk-dump can have written
+    // reach the server (no system collection but system.js, as mongodump's own rules).
+    if let Some(ns) = prelude.iter().find(|ns| !super::dumpable_collection(&ns.collection)) {
+        return Err(Error::data(format!(
+            "{}: the archive holds {}, which no dump writes; refusing to restore it",
+            artifact.id,
+            ns.name()
+        )));
+    }
     // bk writes one database per archive; mongodump without --db writes several, which
     // would land in one target here.
     if let Some(other) = prelude.iter().find(|ns| ns.db != prelude[0].db) {
@@ -197,6 +207,25 @@ pub fn restore(artifact: &Artifact, mut decoder: Decoder, opts: &RestoreOptions)
         counts: counts.into_iter().map(|(c, n)| (format!("{target}.{c}"), n)).collect(),
         complete: opts.tables.is_empty(),
     })
+}
+
+/// A target database name the server takes, and, unless --database named it, none of the
+/// server's own databases (a manifest saying `admin` must not aim a restore there).
+fn check_target(artifact: &Artifact, target: &str, given: bool) -> Result<()> {
+    let valid = !target.is_empty() && target.len() < 64 && !target.contains(['/', '\\', '.', ' ', '"', '$', '\0']);
+    if !valid {
+        return Err(Error::usage(format!(
+            "{}: {target:?} is not a MongoDB database name",
+            artifact.id
+        )));
+    }
+    if !given && matches!(target, "admin" | "local" | "config") {
+        return Err(Error::data(format!(
+            "{}: the backup names the server's own database {target}: give --database to restore into it",
+            artifact.id
+        )));
+    }
+    Ok(())
 }
 
 /// The names of a database's collections and views.
