@@ -150,7 +150,7 @@ impl Engine {
         }
         databases
             .iter()
-            .map(|d| template.replace("{engine}", engine).replace("{database}", &sanitize(d)))
+            .map(|d| fill_name(template, engine, "", d))
             .filter(|n| validate_name(n).is_ok())
             .collect()
     }
@@ -201,15 +201,21 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
 
 /// Each job's name: the engine's default, or --name with its placeholders filled in. Two
 /// jobs may not share a name.
+/// A --name template filled in: `{engine}`, `{host}` and `{database}` (the last two made
+/// name-safe).
+fn fill_name(template: &str, engine: &str, host: &str, database: &str) -> String {
+    template
+        .replace("{engine}", engine)
+        .replace("{host}", &sanitize(host))
+        .replace("{database}", &sanitize(database))
+}
+
 fn job_names(jobs: &[Box<dyn DumpJob>], template: Option<&str>) -> Result<Vec<String>> {
     let names: Vec<String> = jobs
         .iter()
         .map(|job| match template {
             None => job.default_name(),
-            Some(t) => t
-                .replace("{engine}", job.engine())
-                .replace("{host}", &sanitize(&job.source().host))
-                .replace("{database}", &sanitize(job.database().unwrap_or_default())),
+            Some(t) => fill_name(t, job.engine(), &job.source().host, job.database().unwrap_or_default()),
         })
         .collect();
     for (i, name) in names.iter().enumerate() {
