@@ -716,6 +716,121 @@ pub fn pg_unique_name(prefix: &str) -> String {
     unique_name(prefix)
 }
 
+/// An InfluxDB 1.x server: its HTTP API (queried and written to over HTTP by the tests) and
+/// its backup RPC port. The shared one is [`influx_server`]; a test may start its own.
+#[derive(Debug, Clone)]
+pub struct InfluxServer {
+    pub host: String,
+    pub port: u16,
+    pub rpc_port: u16,
+}
+
+/// The InfluxDB test server (TEST_INFLUX_HTTP `http://host:port`, TEST_INFLUX_RPC
+/// `host:port`). When missing or not answering: a failure when the full suite runs, else a
+/// SKIPPED note and `None`.
+pub fn influx_server() -> Option<InfluxServer> {
+    let vars = std::env::var("TEST_INFLUX_HTTP").ok().zip(std::env::var("TEST_INFLUX_RPC").ok());
+    let (http, rpc) = needs(vars, || "TEST_INFLUX_HTTP or TEST_INFLUX_RPC is not set".into(), SERVICES_ENV)?;
+    let (host, port) = http
+        .strip_prefix("http://")
+        .and_then(|a| a.rsplit_once(':'))
+        .unwrap_or_else(|| panic!("TEST_INFLUX_HTTP={http}: expected http://host:port"));
+    let rpc_port = rpc.rsplit_once(':').and_then(|(_, p)| p.parse().ok());
+    let server = InfluxServer {
+        host: host.to_string(),
+        port: port.parse().expect("TEST_INFLUX_HTTP's port"),
+        rpc_port: rpc_port.unwrap_or_else(|| panic!("TEST_INFLUX_RPC={rpc}: expected host:port")),
+    };
+    let answers = server.try_query("SHOW DATABASES").is_ok();
+    needs(answers.then_some(()), || format!("no InfluxDB answers at {http}"), SERVICES_ENV)?;
+    Some(server)
+}
+
+impl InfluxServer {
+    /// `--host H --port P --rpc-port R`, as bk-dump, bk-restore and bk-verify take them.
+    pub fn args(&self) -> Vec<String> {
+        ["--host", &self.host, "--port", &self.port.to_string(), "--rpc-port", &self.rpc_port.to_string()]
+            .map(String::from)
+            .to_vec()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}:{}{path}", self.host, self.port)
+    }
+
+    /// One InfluxQL statement (timestamps in ns): its result, or the server's error.
+    pub fn try_query(&self, statement: &str) -> Result<serde_json::Value, String> {
+        self.try_query_in("", statement)
+    }
+
+    /// As [`InfluxServer::try_query`], in a database (for the statements that need one: DELETE).
+    pub fn try_query_in(&self, database: &str, statement: &str) -> Result<serde_json::Value, String> {
+        let mut response = ureq::post(self.url("/query"))
+            .send_form([("q", statement), ("epoch", "ns"), ("db", database)])
+            .map_err(|e| e.to_string())?;
+        let body: serde_json::Value =
+            serde_json::from_str(&response.body_mut().read_to_string().map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
+        match body["results"][0]["error"].as_str().or(body["error"].as_str()) {
+            Some(e) => Err(e.to_string()),
+            None => Ok(body["results"][0].clone()),
+        }
+    }
+
+    pub fn query(&self, statement: &str) -> serde_json::Value {
+        self.try_query(statement)
+            .unwrap_or_else(|e| panic!("{statement}: {e}"))
+    }
+
+    /// Writes points in line protocol (timestamps in ns) into a database's retention policy.
+    pub fn write(&self, database: &str, policy: &str, lines: &str) {
+        let url = self.url(&format!("/write?db={database}&rp={policy}&precision=ns"));
+        ureq::post(url)
+            .send(lines)
+            .unwrap_or_else(|e| panic!("writing to {database}.{policy}: {e}"));
+    }
+
+    /// The databases on the server.
+    pub fn databases(&self) -> Vec<String> {
+        self.query("SHOW DATABASES")["series"][0]["values"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|row| row[0].as_str().map(String::from))
+            .collect()
+    }
+
+    /// A new database, dropped when the guard goes.
+    pub fn database(&self, name: &str) -> InfluxGuard {
+        self.query(&format!("CREATE DATABASE \"{name}\""));
+        InfluxGuard {
+            server: self.clone(),
+            names: vec![name.to_string()],
+        }
+    }
+}
+
+/// Databases dropped when it goes (a test's sources and restore targets).
+pub struct InfluxGuard {
+    server: InfluxServer,
+    pub names: Vec<String>,
+}
+
+impl InfluxGuard {
+    /// Another database to drop at the end (one the tools create).
+    pub fn also(&mut self, name: &str) {
+        self.names.push(name.to_string());
+    }
+}
+
+impl Drop for InfluxGuard {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = self.server.try_query(&format!("DROP DATABASE \"{name}\""));
+        }
+    }
+}
+
 /// The MariaDB/MySQL test server (TEST_MYSQL_URL, written by tests/services.sh): where it
 /// listens, and an admin user that may create databases and users (ALL ... WITH GRANT OPTION).
 #[derive(Debug, Clone)]

@@ -14,7 +14,7 @@ use bk_core::progress::Progress;
 use bk_core::record::{Artifact, Output, Record};
 use bk_core::store::Store;
 
-use bk_engines::{files, mongodb, mysql, postgres, sqlite, DumpJob};
+use bk_engines::{files, influxdb, mongodb, mysql, postgres, sqlite, DumpJob};
 
 /// Back up a source into a store.
 ///
@@ -39,9 +39,10 @@ pub struct Cli {
     /// are replaced, e.g. '{engine}-{host}-{database}' [default: from the engine and source]
     #[arg(long, global = true)]
     pub name: Option<String>,
-    /// Compression of the stored bytes
-    #[arg(long, value_enum, default_value_t = Compression::Zstd, global = true)]
-    pub compress: Compression,
+    /// Compression of the stored bytes [default: zstd; none for influxdb, whose shards are
+    /// gzip'd already]
+    #[arg(long, value_enum, global = true)]
+    pub compress: Option<Compression>,
     /// Compression level [default: 3 for zstd (1-19), 6 for gzip (1-9)]
     #[arg(long, global = true)]
     pub level: Option<i32>,
@@ -112,6 +113,21 @@ pub enum Engine {
     /// series collection must be excluded. counts: documents per `database.collection`. A
     /// backup user needs the role backup (or read on each database).
     Mongodb(mongodb::DumpArgs),
+    /// InfluxDB 1.x databases, one artifact each, with influxd backup -portable, tarred
+    ///
+    /// Runs the system's influxd backup -portable against the RPC port (--rpc-port, default
+    /// 8088) into a private temporary directory (0700, removed whatever happens), and streams
+    /// its files (the metadata, one gzip'd tar per shard, the manifest) into one tar: format
+    /// influx-tar, restorable with `tar -x` and `influxd restore -portable`. A server that
+    /// refuses the connection stops the backup at once (influxd would retry for minutes).
+    /// The HTTP API (--host, --port, default 127.0.0.1:8086) lists the databases (all but
+    /// _internal by default); its credentials, when authentication is on, come from
+    /// --credentials-file (mode 0600). The shards are compressed already: the default
+    /// compression is none. counts: field values per `database.measurement` (all retention
+    /// policies), read from the TSM blocks of the shards in the artifact: one per series,
+    /// field and timestamp, as SELECT count(*) sums them, so a point with three fields counts
+    /// 3 and a sparse point only the fields it has.
+    Influxdb(influxdb::DumpArgs),
 }
 
 impl Engine {
@@ -125,6 +141,7 @@ impl Engine {
             Engine::Mysql(args) => mysql::jobs(args)?,
             Engine::Postgres(args) => postgres::jobs(args)?,
             Engine::Mongodb(args) => mongodb::jobs(args)?,
+            Engine::Influxdb(args) => influxdb::jobs(args)?,
         })
     }
 }
@@ -143,6 +160,7 @@ impl Engine {
             Engine::Mysql(args) => ("mysql", &args.databases),
             Engine::Postgres(args) => ("postgres", &args.databases),
             Engine::Mongodb(args) => ("mongodb", &args.databases),
+            Engine::Influxdb(args) => ("influxdb", &args.databases),
             Engine::Files(_) | Engine::Sqlite(_) => return Vec::new(),
         };
         if template.contains("{host}") {
@@ -172,7 +190,7 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
                 .replace("{database}", "d"),
         )?;
     }
-    let options = encode_options(&cli)?;
+    let base = encode_options(&cli)?;
     let store = bk_stores::open(to, &cli.s3.store_config())?;
     let jobs = match cli.engine.jobs(store.as_ref()) {
         Ok(jobs) => jobs,
@@ -191,7 +209,12 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     };
     let names = job_names(&jobs, cli.name.as_deref())?;
     for (job, name) in jobs.iter().zip(names) {
-        match dump_one(job.as_ref(), &name, store.as_ref(), &options, &cli) {
+        let options = EncodeOptions::new(
+            cli.compress.unwrap_or(job.default_compression()),
+            cli.level,
+            base.recipients.clone(),
+        );
+        match options.and_then(|options| dump_one(job.as_ref(), &name, store.as_ref(), &options, &cli)) {
             Ok(artifact) => out.emit(&Record::Artifact(artifact))?,
             Err(e) => out.error(&e.named(&name))?,
         }
@@ -229,6 +252,8 @@ fn job_names(jobs: &[Box<dyn DumpJob>], template: Option<&str>) -> Result<Vec<St
     Ok(names)
 }
 
+/// The options of --compress (zstd without it), --level and the recipients, checked before
+/// any work; each job's compression may differ (`DumpJob::default_compression`).
 fn encode_options(cli: &Cli) -> Result<EncodeOptions> {
     let mut recipients: Vec<_> = cli
         .encrypt_to
@@ -238,7 +263,7 @@ fn encode_options(cli: &Cli) -> Result<EncodeOptions> {
     for file in &cli.recipients_file {
         recipients.extend(read_recipients_file(file)?);
     }
-    EncodeOptions::new(cli.compress, cli.level, recipients)
+    EncodeOptions::new(cli.compress.unwrap_or(Compression::Zstd), cli.level, recipients)
 }
 
 fn dump_one(job: &dyn DumpJob, name: &str, store: &dyn Store, options: &EncodeOptions, cli: &Cli) -> Result<Artifact> {

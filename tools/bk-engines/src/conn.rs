@@ -11,10 +11,11 @@ use bk_core::private::check_private_file;
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ConnArgs {
     /// Server host name or address (PostgreSQL: or a socket directory) [default: the local
-    /// socket]
+    /// socket; InfluxDB: 127.0.0.1]
     #[arg(long)]
     pub host: Option<String>,
-    /// Server port [default: the server's usual one, 3306 or 5432]
+    /// Server port [default: the server's usual one, 3306 or 5432; InfluxDB: its HTTP API's,
+    /// 8086]
     #[arg(long)]
     pub port: Option<u16>,
     /// User name [default: MySQL: from the option file; PostgreSQL: PGUSER or the login name]

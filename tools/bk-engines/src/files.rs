@@ -704,52 +704,63 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
 /// Re-derives the entry count of a tar from its bytes, which must end as tar ends: whole
 /// 512-byte blocks, the last two of them zero.
 pub fn derive_counts(artifact: &Artifact, decoder: &mut Decoder) -> Result<BTreeMap<String, u64>> {
-    let mut tail = TailReader {
-        inner: decoder,
-        total: 0,
-        tail: Vec::new(),
-    };
     let mut entries = 0;
-    {
-        let mut archive = tar::Archive::new(&mut tail);
-        // The decoder's and the store's failures arrive as bk errors; any other is tar's
-        // own complaint about the content: bad data (65), not an I/O error.
-        let reading = |e: io::Error| {
-            if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
-                from_io(format!("reading {}", artifact.file), e)
-            } else if e.kind() == io::ErrorKind::UnexpectedEof || e.to_string().contains("unexpected EOF") {
-                Error::data(format!(
-                    "{}: the tar ends in the middle of an entry: it is truncated",
-                    artifact.file
-                ))
-            } else {
-                Error::data(format!("{}: not a valid tar archive: {e}", artifact.file))
-            }
-        };
-        let mut symlinks = HashSet::new();
-        for entry in archive.entries().map_err(reading)? {
-            let mut entry = entry.map_err(reading)?;
-            check_entry_name(&entry, &mut symlinks).map_err(|why| {
-                let path = entry.path_bytes();
-                bad_entry(&artifact.file, Path::new(std::ffi::OsStr::from_bytes(&path)), why)
-            })?;
-            io::copy(&mut entry, &mut io::sink()).map_err(reading)?;
-            entries += 1;
-        }
-    }
-    io::copy(&mut tail, &mut io::sink()).map_err(|e| from_io(format!("reading {}", artifact.file), e))?;
-    if !tail.total.is_multiple_of(512) || tail.tail.len() < 1024 || tail.tail.iter().any(|b| *b != 0) {
-        return Err(Error::data(format!(
-            "{}: the tar does not end with its two zero blocks: it is truncated",
-            artifact.file
-        )));
-    }
+    let mut symlinks = HashSet::new();
+    for_each_tar_entry(&artifact.file, decoder, |entry| {
+        check_entry_name(entry, &mut symlinks).map_err(|why| {
+            let path = entry.path_bytes();
+            bad_entry(&artifact.file, Path::new(std::ffi::OsStr::from_bytes(&path)), why)
+        })?;
+        io::copy(entry, &mut io::sink()).map_err(|e| tar_error(&artifact.file, e))?;
+        entries += 1;
+        Ok(())
+    })?;
     Ok(BTreeMap::from([(ENTRIES.to_string(), entries)]))
 }
 
+/// Reads a tar to its end, giving each entry to `each`; the tar must end as tar ends: whole
+/// 512-byte blocks, the last two of them zero (else it is truncated: 65). `file` names the
+/// artifact in errors.
+pub(crate) fn for_each_tar_entry(
+    file: &str,
+    input: &mut dyn Read,
+    mut each: impl FnMut(&mut tar::Entry<&mut TailReader>) -> Result<()>,
+) -> Result<()> {
+    let mut tail = TailReader {
+        inner: input,
+        total: 0,
+        tail: Vec::new(),
+    };
+    {
+        let mut archive = tar::Archive::new(&mut tail);
+        for entry in archive.entries().map_err(|e| tar_error(file, e))? {
+            each(&mut entry.map_err(|e| tar_error(file, e))?)?;
+        }
+    }
+    io::copy(&mut tail, &mut io::sink()).map_err(|e| from_io(format!("reading {file}"), e))?;
+    if !tail.total.is_multiple_of(512) || tail.tail.len() < 1024 || tail.tail.iter().any(|b| *b != 0) {
+        return Err(Error::data(format!(
+            "{file}: the tar does not end with its two zero blocks: it is truncated"
+        )));
+    }
+    Ok(())
+}
+
+/// A failure reading a tar. The decoder's and the store's failures arrive as bk errors; any
+/// other is tar's own complaint about the content: bad data (65), not an I/O error.
+pub(crate) fn tar_error(file: &str, e: io::Error) -> Error {
+    if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+        from_io(format!("reading {file}"), e)
+    } else if e.kind() == io::ErrorKind::UnexpectedEof || e.to_string().contains("unexpected EOF") {
+        Error::data(format!("{file}: the tar ends in the middle of an entry: it is truncated"))
+    } else {
+        Error::data(format!("{file}: not a valid tar archive: {e}"))
+    }
+}
+
 /// Passes bytes through, keeping the count and the last 1024 of them.
-struct TailReader<'a> {
-    inner: &'a mut Decoder,
+pub(crate) struct TailReader<'a> {
+    inner: &'a mut dyn Read,
     total: u64,
     tail: Vec<u8>,
 }

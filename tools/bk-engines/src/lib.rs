@@ -3,6 +3,7 @@
 
 pub mod conn;
 pub mod files;
+pub mod influxdb;
 pub mod mongodb;
 pub mod mysql;
 pub mod postgres;
@@ -32,6 +33,10 @@ pub trait DumpJob {
     fn database(&self) -> Option<&str> {
         None
     }
+    /// The compression bk-dump uses without --compress.
+    fn default_compression(&self) -> bk_core::codec::Compression {
+        bk_core::codec::Compression::Zstd
+    }
     /// Writes the whole content to `out`; an error means the content is incomplete.
     fn dump(&self, out: &mut dyn Write) -> Result<Dumped>;
 }
@@ -46,6 +51,8 @@ pub struct ReadOpts {
     pub mysql: conn::MysqlOpts,
     #[command(flatten)]
     pub mongo: mongodb::UriArgs,
+    #[command(flatten)]
+    pub influx: influxdb::InfluxOpts,
     #[command(flatten)]
     pub s3: bk_core::cli::S3Opts,
     /// age identity file to decrypt with (repeatable; must be mode 0600)
@@ -76,6 +83,8 @@ pub struct RestoreOptions {
     pub mysql: conn::MysqlOpts,
     /// MongoDB: the server (the URI, or --host/--port of `conn`).
     pub mongo: mongodb::MongoConnArgs,
+    /// InfluxDB: the RPC port and the credentials (the HTTP API is --host/--port of `conn`).
+    pub influx: influxdb::InfluxOpts,
     /// PostgreSQL: restore neither owners nor privileges (for another server's roles).
     pub no_owner: bool,
     /// PostgreSQL custom format: pg_restore jobs in parallel.

@@ -189,6 +189,44 @@ fn feed(mut cmd: Command, input: &mut dyn Read, classify: Classify, may_stop: bo
     Ok(())
 }
 
+/// Runs a program that writes its results into files (influxd backup and restore) to its
+/// end, its stdout discarded. Each line of its stderr goes to `gives_up`: a line on which the
+/// program would only wait and retry in vain (a server that refuses connections) stops it at
+/// once, with that line as the error.
+pub fn run_watched(mut cmd: Command, classify: Classify, gives_up: fn(&str) -> bool) -> Result<()> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = spawn(&mut cmd)?;
+    let _tracked = cleanup::track_child(child.id());
+    let stderr = io::BufReader::new(child.stderr.take().expect("piped"));
+    let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    let mut gave_up = None;
+    for line in io::BufRead::lines(stderr) {
+        let Ok(line) = line else { break };
+        if gave_up.is_none() && gives_up(&line) {
+            let _ = child.kill();
+            gave_up = Some(line.clone());
+        }
+        tail.push_back(line);
+        if tail.len() > 20 {
+            tail.pop_front();
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| Error::io(format!("waiting for {}", program_name(&cmd)), e))?;
+    if let Some(line) = gave_up {
+        return Err(Error::new(
+            classify(&line),
+            format!("{} stopped: {}", program_name(&cmd), line.trim()),
+        ));
+    }
+    if !status.success() {
+        let said = Vec::from(tail).join("\n");
+        return Err(failure(&cmd, status, &said, classify));
+    }
+    Ok(())
+}
+
 /// Runs a short query-like command to the end and returns its stdout.
 pub fn output_of(mut cmd: Command, classify: Classify) -> Result<String> {
     cmd.stdin(Stdio::null());

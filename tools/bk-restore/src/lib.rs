@@ -12,7 +12,7 @@ use bk_core::progress::Progress;
 use bk_core::record::{Artifact, Output, Record, Restored};
 use bk_core::store::{Broken, Store, StoreConfig};
 
-use bk_engines::{count_mismatch, files, mongodb, mysql, postgres, sqlite, ReadOpts, RestoreOptions};
+use bk_engines::{count_mismatch, files, influxdb, mongodb, mysql, postgres, sqlite, ReadOpts, RestoreOptions};
 
 /// Restore a backup.
 ///
@@ -55,7 +55,9 @@ pub struct Cli {
     /// PostgreSQL: loaded and checked in a new database that takes the target's name only
     /// then, the old one dropped after; refused (75) while sessions are connected to it.
     /// MongoDB: each collection of the backup is loaded and checked under a temporary name,
-    /// then renamed over its target; the database's other collections are left alone
+    /// then renamed over its target; the database's other collections are left alone.
+    /// InfluxDB: loaded and counted in a bk_restore_* database first, then the target is
+    /// dropped and the backup restored again under its name (InfluxDB cannot rename)
     #[arg(long)]
     pub replace: bool,
     /// Database backups: restore into this database [default: the source's name]
@@ -194,11 +196,13 @@ fn restore(store: &dyn Store, artifact: &Artifact, cli: &Cli, identities: &Ident
         conn: cli.read.conn.clone(),
         mysql: cli.read.mysql.clone(),
         mongo: cli.read.mongo.with(&cli.read.conn),
+        influx: cli.read.influx.clone(),
         no_owner: cli.no_owner,
         jobs: cli.jobs,
     };
-    let is_database = matches!(artifact.engine.as_str(), "mysql" | "postgres" | "mongodb");
-    if is_database {
+    let is_database = matches!(artifact.engine.as_str(), "mysql" | "postgres" | "mongodb" | "influxdb");
+    // InfluxDB: unpacked whole and checked before the server is touched (influxdb::restore).
+    if is_database && artifact.engine != "influxdb" {
         // A database is loaded as the bytes come; check them all before touching it.
         check_stored(store.open(artifact)?, artifact)?;
     }
@@ -219,6 +223,7 @@ fn restore(store: &dyn Store, artifact: &Artifact, cli: &Cli, identities: &Ident
         "mysql" => mysql::restore(artifact, decoder, &options)?,
         "postgres" => postgres::restore(artifact, decoder, &options)?,
         "mongodb" => mongodb::restore(artifact, decoder, &options)?,
+        "influxdb" => influxdb::restore(artifact, decoder, &options)?,
         other => {
             return Err(Error::usage(format!(
                 "{}: this bk-restore cannot restore {other} backups",

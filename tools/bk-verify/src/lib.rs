@@ -20,7 +20,7 @@ use bk_core::record::{Artifact, Output, Record};
 use bk_core::store::newest_per_name;
 use bk_core::store::{Broken, Store};
 
-use bk_engines::{files, mongodb, mysql, postgres, sqlite, ReadOpts, RestoreOptions, LEFTOVER_AGE};
+use bk_engines::{files, influxdb, mongodb, mysql, postgres, sqlite, ReadOpts, RestoreOptions, LEFTOVER_AGE};
 
 const SCRATCH_PREFIX: &str = "bk_verify_";
 
@@ -62,8 +62,8 @@ pub struct Cli {
     #[arg(long, value_name = "N", requires = "from", value_parser = clap::value_parser!(u32).range(1..))]
     pub sample: Option<u32>,
     /// Also restore each backup into a throwaway target named bk_verify_<time>_<random>: a
-    /// database on the server the connection options name (MySQL, PostgreSQL), or a file or
-    /// directory in --scratch-dir (files, SQLite)
+    /// database on the server the connection options name (MySQL, PostgreSQL, MongoDB,
+    /// InfluxDB), or a file or directory in --scratch-dir (files, SQLite)
     #[arg(long)]
     pub scratch: bool,
     /// Where throwaway files and directories go, SQLite's decoded copies too [default: $TMPDIR
@@ -205,6 +205,7 @@ impl<'a> Verifier<'a> {
             conn: cli.read.conn.clone(),
             mysql: cli.read.mysql.clone(),
             mongo: cli.read.mongo.with(&cli.read.conn),
+            influx: cli.read.influx.clone(),
             no_owner: true,
             jobs: None,
         };
@@ -328,7 +329,9 @@ impl<'a> Verifier<'a> {
             Err(e) => {
                 // The server rejected what the dump holds (bad SQL, a broken archive): the
                 // backup does not restore, which is what this run is here to find.
-                let e = if e.kind == Kind::Io && matches!(artifact.engine.as_str(), "mysql" | "postgres" | "mongodb") {
+                let e = if e.kind == Kind::Io
+                    && matches!(artifact.engine.as_str(), "mysql" | "postgres" | "mongodb" | "influxdb")
+                {
                     Error::data(format!("{}: the backup does not restore: {}", artifact.id, e.message))
                 } else {
                     e
@@ -374,6 +377,7 @@ impl<'a> Verifier<'a> {
             "mysql" => mysql::derive_counts(artifact, &mut decoder)?,
             "postgres" => postgres::derive_counts(artifact, &mut decoder)?,
             "mongodb" => mongodb::derive_counts(artifact, &mut decoder)?,
+            "influxdb" => influxdb::derive_counts(artifact, &mut decoder)?,
             other => {
                 return Err(Error::usage(format!(
                     "{}: this bk-verify cannot verify {other} backups",
@@ -405,7 +409,7 @@ impl<'a> Verifier<'a> {
                 };
                 Ok((scratch, restored.counts))
             }
-            "mysql" | "postgres" | "mongodb" => {
+            "mysql" | "postgres" | "mongodb" | "influxdb" => {
                 options.database = Some(scratch.clone());
                 let dropper = options.clone();
                 let dropped_name = scratch.clone();
@@ -414,6 +418,7 @@ impl<'a> Verifier<'a> {
                     let dropped = match engine.as_str() {
                         "mysql" => mysql::drop_database(&dropper, &scratch),
                         "postgres" => postgres::drop_database(&dropper, &scratch),
+                        "influxdb" => influxdb::drop_database(&dropper, &scratch),
                         _ => mongodb::drop_database(&dropper, &scratch),
                     };
                     if let Err(e) = dropped {
@@ -426,6 +431,7 @@ impl<'a> Verifier<'a> {
                 let restored = match artifact.engine.as_str() {
                     "mysql" => mysql::restore(artifact, decoder, &options)?,
                     "postgres" => postgres::restore(artifact, decoder, &options)?,
+                    "influxdb" => influxdb::restore(artifact, decoder, &options)?,
                     _ => mongodb::restore(artifact, decoder, &options)?,
                 };
                 Ok((scratch, restored.counts))
@@ -445,10 +451,11 @@ impl<'a> Verifier<'a> {
         self.swept.push(engine.to_string());
         let stale = |name: &str| scratch_age(name).is_some_and(|age| age > LEFTOVER_AGE);
         match engine {
-            "mysql" | "postgres" | "mongodb" => {
+            "mysql" | "postgres" | "mongodb" | "influxdb" => {
                 let (list, drop): ScratchDatabases = match engine {
                     "mysql" => (mysql::databases_like, mysql::drop_database),
                     "postgres" => (postgres::databases_like, postgres::drop_database),
+                    "influxdb" => (influxdb::databases_like, influxdb::drop_database),
                     _ => (mongodb::databases_like, mongodb::drop_database),
                 };
                 for db in list(&self.restore_options, SCRATCH_PREFIX)?
@@ -521,7 +528,7 @@ fn differences(artifact: &Artifact, found: &BTreeMap<String, u64>, scratch: Opti
         .source
         .database
         .as_deref()
-        .filter(|_| matches!(artifact.engine.as_str(), "mysql" | "mongodb"));
+        .filter(|_| matches!(artifact.engine.as_str(), "mysql" | "mongodb" | "influxdb"));
     let found: BTreeMap<String, u64> = match (database, scratch) {
         (Some(db), Some(scratch)) => found
             .iter()

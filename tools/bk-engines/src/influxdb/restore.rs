@@ -1,0 +1,165 @@
+//! bk-restore's `influxdb` engine: the artifact is unpacked into a private directory and
+//! checked whole (names, tar, every shard's blocks, counts, sha256) before the server is
+//! touched; then `influxd restore -portable` loads it into a database that must not exist.
+//! InfluxDB 1.x can neither restore over a database nor rename one, so `--replace` loads
+//! and counts a `bk_restore_<time>_<random>` copy first, and only then drops the target and
+//! restores again under its name (the window is documented in docs/engines.md).
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bk_core::codec::Decoder;
+use bk_core::error::{Error, Kind, Result};
+use bk_core::record::Artifact;
+
+use super::{classify, gives_up, is_backup_file, unpack, Server, WorkDir};
+use crate::process::{find_program, run_watched};
+use crate::{count_mismatch, stamped_name, RestoreOptions, RestoredInfo};
+
+pub fn restore(artifact: &Artifact, mut decoder: Decoder, opts: &RestoreOptions) -> Result<RestoredInfo> {
+    if !opts.tables.is_empty() {
+        return Err(Error::usage(
+            "--table: an InfluxDB backup is restored whole (influxd restore -portable)",
+        ));
+    }
+    let server = Server::from_options(opts)?;
+    let source = artifact
+        .source
+        .database
+        .clone()
+        .ok_or_else(|| Error::data(format!("{}: the manifest names no source database", artifact.id)))?;
+    let target = opts.database.clone().unwrap_or_else(|| source.clone());
+    let influxd = find_program(&["influxd"], "influxdb")?;
+    let exists = server.databases()?.contains(&target);
+    if exists && !opts.replace {
+        return Err(Error::cant_create(format!(
+            "InfluxDB database {target} exists; pass --replace to replace it"
+        )));
+    }
+    let work = WorkDir::new("restore")?;
+    let files = work.path.join("backup");
+    let shards = work.path.join("shard");
+    bk_core::private::create_private_dir(&files)?;
+    bk_core::private::create_private_dir(&shards)?;
+    let counts = unpack(artifact, &mut decoder, Some(&files), &shards)?;
+    decoder.finish(artifact)?;
+    check_manifest(artifact, &files)?;
+    if let Some(m) = count_mismatch(&artifact.counts, &counts, &[]) {
+        return Err(Error::data(format!(
+            "{}: the shards differ from the manifest's counts: {m}; nothing restored",
+            artifact.id
+        )));
+    }
+    let restore_into = |database: &str| {
+        let mut cmd = Command::new(&influxd);
+        cmd.args(["restore", "-portable", "-host", &server.rpc(), "-db", &source, "-newdb", database])
+            .arg(&files);
+        run_watched(cmd, classify, gives_up)
+    };
+    let checked = |database: &str| -> Result<std::collections::BTreeMap<String, u64>> {
+        let found = server.count(database)?;
+        match count_mismatch(&artifact.counts, &found, &[]) {
+            Some(m) => Err(Error::data(format!(
+                "{}: the restored database {database} differs from the backup: {m}",
+                artifact.id
+            ))),
+            None => Ok(found),
+        }
+    };
+    if !exists {
+        let created = Dropped::unless_kept(&server, &target);
+        restore_into(&target).inspect_err(|e| {
+            // A database that appeared meanwhile is someone else's.
+            if e.kind == Kind::CantCreate {
+                created.keep();
+            }
+        })?;
+        let found = checked(&target)?;
+        created.keep();
+        return Ok(RestoredInfo {
+            target: server.target(&target),
+            counts: found,
+            complete: true,
+        });
+    }
+    let copy = stamped_name("bk_restore_");
+    let loaded = Dropped::unless_kept(&server, &copy);
+    let untouched = format!("{target} was left as it was");
+    restore_into(&copy).map_err(|e| e.context(format!("restoring into {copy}; {untouched}")))?;
+    checked(&copy).map_err(|e| e.context(&untouched))?;
+    // The window: from here until the second restore ends, the target is gone or partial.
+    server
+        .drop_database(&target)
+        .map_err(|e| e.context(format!("dropping {target} to replace it; the backup is loaded in {copy}")))?;
+    let replaced = restore_into(&target).and_then(|()| checked(&target));
+    let found = replaced.map_err(|e| {
+        loaded.keep();
+        e.context(format!(
+            "{target} was dropped and restoring into it failed; the backup's data is in {copy}, kept: \
+             run the restore again, then drop {copy}"
+        ))
+    })?;
+    drop(loaded);
+    Ok(RestoredInfo {
+        target: server.target(&target),
+        counts: found,
+        complete: true,
+    })
+}
+
+/// The backup's own manifest names only files of the artifact (influxd restore opens what
+/// it names, relative to the directory: a hostile `../` would read any file).
+fn check_manifest(artifact: &Artifact, dir: &Path) -> Result<()> {
+    let bad = |why: String| Error::data(format!("{}: {why}", artifact.file));
+    let manifests: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".manifest"))
+        .collect();
+    if manifests.len() != 1 {
+        return Err(bad(format!("{} manifests of influxd backup in it, not one", manifests.len())));
+    }
+    let text = std::fs::read_to_string(dir.join(&manifests[0]))
+        .map_err(|e| Error::io(format!("reading {}", manifests[0]), e))?;
+    let manifest: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("its influxd manifest is not JSON: {e}")))?;
+    let named = std::iter::once(&manifest["meta"]).chain(manifest["files"].as_array().into_iter().flatten());
+    for entry in named {
+        let name = entry["fileName"].as_str().unwrap_or_default();
+        if !is_backup_file(name) || !dir.join(name).is_file() {
+            return Err(bad(format!(
+                "its influxd manifest names {name:?}, which is not a file of the artifact"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A database dropped when this goes (or on SIGINT/SIGTERM), unless kept.
+struct Dropped {
+    kept: Arc<AtomicBool>,
+    _guard: bk_core::cleanup::Guard,
+}
+
+impl Dropped {
+    fn unless_kept(server: &Server, name: &str) -> Self {
+        let kept = Arc::new(AtomicBool::new(false));
+        let (server, name, flag) = (server.clone(), name.to_string(), kept.clone());
+        let guard = bk_core::cleanup::on_exit(move || {
+            if flag.load(Ordering::SeqCst) {
+                return;
+            }
+            if let Err(e) = server.drop_database(&name) {
+                eprintln!("bk-restore: warning: could not drop {name}: {}; drop it by hand", e.message);
+            }
+        });
+        Dropped { kept, _guard: guard }
+    }
+
+    fn keep(&self) {
+        self.kept.store(true, Ordering::SeqCst);
+    }
+}

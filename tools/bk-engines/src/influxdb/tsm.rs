@@ -1,0 +1,483 @@
+//! Counting what a shard of an `influxd backup -portable` holds, from its bytes: the shard
+//! file is a gzip'd tar of TSM files (and their tombstones); every block's CRC is checked and
+//! its timestamps counted. The count of a measurement is its field values: one per (series,
+//! field, timestamp), as `SELECT count(*)` sums them. Blocks of a key that overlap in time
+//! (a point written again before a compaction) are decoded and their timestamps merged, and
+//! tombstones (deletes not yet compacted away) are applied to the blocks of their file, so
+//! the count is what the server would answer for the restored shard.
+//!
+//! The format is InfluxDB 1.x's `tsdb/engine/tsm1` (file.go, timestamp.go, tombstone.go) and
+//! `pkg/encoding/simple8b`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use bk_core::error::{from_io, Error, Result};
+
+const TSM_MAGIC: u32 = 0x16D1_16D1;
+const TSM_VERSION: u8 = 1;
+const TOMBSTONE_V3: u32 = 0x1503;
+const TOMBSTONE_V4: u32 = 0x1504;
+/// Between a series key and a field name in a TSM key.
+const FIELD_SEPARATOR: &[u8] = b"#!~#";
+/// A block bigger than this is not one influxd writes (1000 points, 2 GiB files).
+const MAX_BLOCK: u32 = 64 << 20;
+
+/// One block of one key, as the index of its file gives it.
+struct Block {
+    file: usize,
+    offset: u64,
+    size: u32,
+    min: i64,
+    max: i64,
+}
+
+/// A deleted time range of a key (or of every field of a series) in one TSM file.
+struct Tombstone {
+    key: Vec<u8>,
+    min: i64,
+    max: i64,
+}
+
+/// A TSM file of the shard, extracted to the work directory.
+struct TsmFile {
+    stem: String,
+    database: String,
+    path: std::path::PathBuf,
+}
+
+/// The field values per `database.measurement` in a shard file (`what` names it in errors).
+/// TSM files are extracted one by one into `work` (private, the caller's), read, and removed.
+pub fn count_shard(shard: &mut dyn Read, what: &str, work: &Path) -> Result<BTreeMap<String, u64>> {
+    let bad = |why: String| Error::data(format!("{what}: {why}"));
+    let reading = |e: io::Error| {
+        if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+            from_io(format!("reading {what}"), e)
+        } else {
+            bad(format!("not a readable gzip'd tar of TSM files: {e}"))
+        }
+    };
+    let mut files: Vec<TsmFile> = Vec::new();
+    let mut tombstones: HashMap<String, Vec<Tombstone>> = HashMap::new();
+    let _remove = Removal(work.to_path_buf());
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(shard));
+    for entry in archive.entries().map_err(reading)? {
+        let mut entry = entry.map_err(reading)?;
+        if !entry.header().entry_type().is_file() {
+            io::copy(&mut entry, &mut io::sink()).map_err(reading)?;
+            continue;
+        }
+        let path = entry.path().map_err(reading)?.into_owned();
+        let database = path
+            .components()
+            .next()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        if let Some(stem) = name.strip_suffix(".tsm") {
+            let extracted = work.join(format!("{}.tsm", files.len()));
+            let mut out = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&extracted)
+                .map_err(|e| Error::create(&extracted, e))?;
+            io::copy(&mut entry, &mut out).map_err(reading)?;
+            files.push(TsmFile {
+                stem: stem.to_string(),
+                database,
+                path: extracted,
+            });
+        } else if let Some(stem) = name.strip_suffix(".tombstone") {
+            let read = read_tombstones(&mut entry).map_err(|e| match e {
+                Ok(why) => bad(format!("{}: {why}", path.display())),
+                Err(e) => reading(e),
+            })?;
+            tombstones.entry(stem.to_string()).or_default().extend(read);
+        } else {
+            io::copy(&mut entry, &mut io::sink()).map_err(reading)?;
+        }
+    }
+    // To the end of the gzip stream, whose CRC is checked there.
+    io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(reading)?;
+    count_files(&files, &tombstones).map_err(|e| match e {
+        Ok(why) => bad(why),
+        Err(e) => Error::io(format!("reading {what}"), e),
+    })
+}
+
+/// Removes the extracted files of a shard, whatever happens.
+struct Removal(std::path::PathBuf);
+
+impl Drop for Removal {
+    fn drop(&mut self) {
+        for entry in fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// A failure: `Ok(why)` the data is bad, `Err` reading it failed.
+type Failure = std::result::Result<String, io::Error>;
+
+fn count_files(files: &[TsmFile], tombstones: &HashMap<String, Vec<Tombstone>>) -> std::result::Result<BTreeMap<String, u64>, Failure> {
+    let mut keys: HashMap<(String, Vec<u8>), Vec<Block>> = HashMap::new();
+    let mut opened = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let mut file = File::open(&f.path).map_err(Err)?;
+        for (key, blocks) in read_index(&mut file).map_err(|e| e.map(|why| format!("{}.tsm: {why}", f.stem)))? {
+            let entry = keys.entry((f.database.clone(), key)).or_default();
+            entry.extend(blocks.into_iter().map(|(min, max, offset, size)| Block {
+                file: i,
+                offset,
+                size,
+                min,
+                max,
+            }));
+        }
+        opened.push(file);
+    }
+    let mut counts = BTreeMap::new();
+    for ((database, key), mut blocks) in keys {
+        blocks.sort_by_key(|b| b.min);
+        let deleted: Vec<(usize, i64, i64)> = files
+            .iter()
+            .enumerate()
+            .flat_map(|(i, f)| {
+                tombstones
+                    .get(&f.stem)
+                    .into_iter()
+                    .flatten()
+                    .filter(|t| applies(&t.key, &key))
+                    .map(move |t| (i, t.min, t.max))
+            })
+            .collect();
+        let overlap = blocks.windows(2).any(|w| w[1].min <= w[0].max);
+        let mut n = 0u64;
+        if !overlap && deleted.is_empty() {
+            for b in &blocks {
+                n += read_timestamps(&mut opened[b.file], b, false)?.0;
+            }
+        } else {
+            let mut all = Vec::new();
+            for b in &blocks {
+                let times = read_timestamps(&mut opened[b.file], b, true)?.1;
+                all.extend(times.into_iter().filter(|t| {
+                    !deleted
+                        .iter()
+                        .any(|(file, min, max)| *file == b.file && (min..=max).contains(&t))
+                }));
+            }
+            all.sort_unstable();
+            all.dedup();
+            n = all.len() as u64;
+        }
+        *counts
+            .entry(format!("{database}.{}", measurement(&key)))
+            .or_insert(0) += n;
+    }
+    Ok(counts)
+}
+
+/// A tombstone's key names a whole TSM key, or a series (every field of it).
+fn applies(tombstone: &[u8], key: &[u8]) -> bool {
+    key == tombstone || key.strip_prefix(tombstone).is_some_and(|rest| rest.starts_with(FIELD_SEPARATOR))
+}
+
+/// The measurement of a TSM key: up to the first unescaped ',' (tags follow) or the field
+/// separator, with line protocol's escapes of ',' and ' ' undone.
+fn measurement(key: &[u8]) -> String {
+    let series = match key.windows(FIELD_SEPARATOR.len()).position(|w| w == FIELD_SEPARATOR) {
+        Some(i) => &key[..i],
+        None => key,
+    };
+    let mut name = Vec::new();
+    let mut i = 0;
+    while i < series.len() {
+        match series[i] {
+            b'\\' if i + 1 < series.len() && matches!(series[i + 1], b',' | b' ') => {
+                name.push(series[i + 1]);
+                i += 2;
+            }
+            b',' => break,
+            c => {
+                name.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&name).into_owned()
+}
+
+type IndexEntries = Vec<(Vec<u8>, Vec<(i64, i64, u64, u32)>)>;
+
+/// The index of a TSM file: every key with its blocks (min time, max time, offset, size).
+fn read_index(file: &mut File) -> std::result::Result<IndexEntries, Failure> {
+    let len = file.metadata().map_err(Err)?.len();
+    let mut header = [0u8; 5];
+    if len < 13 || file.read_exact(&mut header).is_err() {
+        return Err(Ok("too short for a TSM file".into()));
+    }
+    if u32::from_be_bytes(header[..4].try_into().expect("4 bytes")) != TSM_MAGIC || header[4] != TSM_VERSION {
+        return Err(Ok("not a TSM file (version 1)".into()));
+    }
+    file.seek(SeekFrom::Start(len - 8)).map_err(Err)?;
+    let mut footer = [0u8; 8];
+    file.read_exact(&mut footer).map_err(Err)?;
+    let index_at = u64::from_be_bytes(footer);
+    if index_at < 5 || index_at > len - 8 {
+        return Err(Ok(format!("index offset {index_at} outside the file")));
+    }
+    file.seek(SeekFrom::Start(index_at)).map_err(Err)?;
+    let mut index = vec![0u8; (len - 8 - index_at) as usize];
+    file.read_exact(&mut index).map_err(Err)?;
+    let truncated = || Ok("the index is truncated".to_string());
+    let mut entries = Vec::new();
+    let mut at = 0usize;
+    let take = |at: &mut usize, n: usize| -> std::result::Result<&[u8], Failure> {
+        let piece = index.get(*at..*at + n).ok_or_else(truncated)?;
+        *at += n;
+        Ok(piece)
+    };
+    while at < index.len() {
+        let key_len = u16::from_be_bytes(take(&mut at, 2)?.try_into().expect("2 bytes")) as usize;
+        let key = take(&mut at, key_len)?.to_vec();
+        let _block_type = take(&mut at, 1)?;
+        let count = u16::from_be_bytes(take(&mut at, 2)?.try_into().expect("2 bytes"));
+        let mut blocks = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let e = take(&mut at, 28)?;
+            let min = i64::from_be_bytes(e[0..8].try_into().expect("8 bytes"));
+            let max = i64::from_be_bytes(e[8..16].try_into().expect("8 bytes"));
+            let offset = u64::from_be_bytes(e[16..24].try_into().expect("8 bytes"));
+            let size = u32::from_be_bytes(e[24..28].try_into().expect("4 bytes"));
+            if offset < 5 || size < 6 || size > MAX_BLOCK || offset + u64::from(size) > index_at || min > max {
+                return Err(Ok(format!(
+                    "block of {} at {offset} (+{size}) outside the data",
+                    String::from_utf8_lossy(&key)
+                )));
+            }
+            blocks.push((min, max, offset, size));
+        }
+        entries.push((key, blocks));
+    }
+    Ok(entries)
+}
+
+/// Reads a block, checks its CRC, and counts its timestamps (with `decode`, returns them too).
+fn read_timestamps(file: &mut File, block: &Block, decode: bool) -> std::result::Result<(u64, Vec<i64>), Failure> {
+    let mut data = vec![0u8; block.size as usize];
+    file.seek(SeekFrom::Start(block.offset)).map_err(Err)?;
+    file.read_exact(&mut data).map_err(Err)?;
+    let crc = u32::from_be_bytes(data[..4].try_into().expect("4 bytes"));
+    let mut sum = flate2::Crc::new();
+    sum.update(&data[4..]);
+    if sum.sum() != crc {
+        return Err(Ok(format!("a block at offset {} fails its CRC", block.offset)));
+    }
+    let bad = |why: &str| Ok(format!("block at offset {}: {why}", block.offset));
+    let body = &data[5..]; // after the CRC and the block type
+    let (ts_len, used) = uvarint(body).ok_or_else(|| bad("no timestamps"))?;
+    let ts = body
+        .get(used..used.saturating_add(ts_len as usize))
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| bad("timestamps outside the block"))?;
+    let times = timestamps(ts, decode).ok_or_else(|| bad("timestamps do not decode"))?;
+    if decode && times.1.first() != Some(&block.min) {
+        return Err(bad("its first timestamp is not the index's"));
+    }
+    Ok(times)
+}
+
+/// Counts (and with `decode`, decodes) a block's timestamps: raw, RLE or simple8b-packed
+/// deltas, scaled by the header's power of ten.
+fn timestamps(ts: &[u8], decode: bool) -> Option<(u64, Vec<i64>)> {
+    let header = ts[0];
+    let scale = 10u64.checked_pow(u32::from(header & 0x0f))?;
+    let first = || Some(u64::from_be_bytes(ts.get(1..9)?.try_into().ok()?));
+    let mut out = Vec::new();
+    let count = match header >> 4 {
+        // Uncompressed: the first timestamp, then deltas, 8 bytes each.
+        0 => {
+            let words = &ts[1..];
+            if words.len() % 8 != 0 || words.is_empty() {
+                return None;
+            }
+            if decode {
+                let mut t = 0u64;
+                for (i, w) in words.chunks(8).enumerate() {
+                    let v = u64::from_be_bytes(w.try_into().ok()?);
+                    t = if i == 0 { v } else { t.wrapping_add(v) };
+                    out.push(t as i64);
+                }
+            }
+            (words.len() / 8) as u64
+        }
+        // Simple8b: the first timestamp, then 64-bit words of deltas.
+        1 => {
+            let mut t = first()?;
+            let words = &ts[9..];
+            if words.len() % 8 != 0 {
+                return None;
+            }
+            if decode {
+                out.push(t as i64);
+            }
+            let mut n = 1u64;
+            for w in words.chunks(8) {
+                let word = u64::from_be_bytes(w.try_into().ok()?);
+                n += simple8b(word, |delta| {
+                    if decode {
+                        t = t.wrapping_add(delta.wrapping_mul(scale));
+                        out.push(t as i64);
+                    }
+                });
+            }
+            n
+        }
+        // RLE: the first timestamp, the delta, and how many timestamps in all.
+        2 => {
+            let start = first()?;
+            let (delta, used) = uvarint(&ts[9..])?;
+            let (n, _) = uvarint(&ts[9 + used..])?;
+            if n == 0 || (decode && n > u64::from(MAX_BLOCK)) {
+                return None;
+            }
+            if decode {
+                out.extend((0..n).map(|i| start.wrapping_add(i.wrapping_mul(delta.wrapping_mul(scale))) as i64));
+            }
+            n
+        }
+        _ => return None,
+    };
+    Some((count, out))
+}
+
+/// Simple8b: a word's selector (its top 4 bits) says how many values of how many bits it
+/// packs, lowest bits first; selectors 0 and 1 are runs of 1s. Returns the values' count.
+fn simple8b(word: u64, mut each: impl FnMut(u64)) -> u64 {
+    const LAYOUT: [(u64, u32); 16] = [
+        (240, 0),
+        (120, 0),
+        (60, 1),
+        (30, 2),
+        (20, 3),
+        (15, 4),
+        (12, 5),
+        (10, 6),
+        (8, 7),
+        (7, 8),
+        (6, 10),
+        (5, 12),
+        (4, 15),
+        (3, 20),
+        (2, 30),
+        (1, 60),
+    ];
+    let (n, bits) = LAYOUT[(word >> 60) as usize];
+    for i in 0..n {
+        each(if bits == 0 {
+            1
+        } else {
+            (word >> (i * u64::from(bits))) & ((1u64 << bits) - 1)
+        });
+    }
+    n
+}
+
+fn uvarint(b: &[u8]) -> Option<(u64, usize)> {
+    let mut value = 0u64;
+    for (i, byte) in b.iter().enumerate().take(10) {
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
+/// A tombstone file (format v3 or v4, what InfluxDB 1.5+ writes): a 4-byte header, then
+/// gzip'd entries (key length, key, min time, max time); v4 appends one gzip member per batch.
+fn read_tombstones(input: &mut dyn Read) -> std::result::Result<Vec<Tombstone>, Failure> {
+    let mut header = [0u8; 4];
+    match input.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Vec::new()),
+        Err(e) => return Err(Err(e)),
+    }
+    let version = u32::from_be_bytes(header);
+    if version != TOMBSTONE_V3 && version != TOMBSTONE_V4 {
+        return Err(Ok(format!(
+            "a tombstone file of format {version:#x}, which bk cannot read (InfluxDB before 1.5?)"
+        )));
+    }
+    let mut body = Vec::new();
+    flate2::read::MultiGzDecoder::new(input)
+        .read_to_end(&mut body)
+        .map_err(|e| Ok(format!("tombstones do not decode: {e}")))?;
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    let truncated = || Ok("tombstones truncated".to_string());
+    while at < body.len() {
+        let len = u32::from_be_bytes(body.get(at..at + 4).ok_or_else(truncated)?.try_into().expect("4")) as usize;
+        at += 4;
+        let key = body.get(at..at + len).ok_or_else(truncated)?.to_vec();
+        at += len;
+        let times = body.get(at..at + 16).ok_or_else(truncated)?;
+        at += 16;
+        out.push(Tombstone {
+            key,
+            min: i64::from_be_bytes(times[..8].try_into().expect("8")),
+            max: i64::from_be_bytes(times[8..].try_into().expect("8")),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn measurements_of_keys() {
+        assert_eq!(measurement(b"cpu,host=a#!~#usage"), "cpu");
+        assert_eq!(measurement(b"cpu#!~#usage"), "cpu");
+        assert_eq!(measurement(b"my\\ cpu\\,x,host=a#!~#f"), "my cpu,x");
+    }
+
+    #[test]
+    fn timestamps_decode_in_every_encoding() {
+        // RLE: 1000, +10 ns (scale 10^1 => delta 1), 4 timestamps.
+        let mut rle = vec![0x21];
+        rle.extend(1000u64.to_be_bytes());
+        rle.extend([1, 4]);
+        assert_eq!(timestamps(&rle, true), Some((4, vec![1000, 1010, 1020, 1030])));
+        // Raw: first, then deltas.
+        let mut raw = vec![0x00];
+        for v in [5u64, 3, 7] {
+            raw.extend(v.to_be_bytes());
+        }
+        assert_eq!(timestamps(&raw, true), Some((3, vec![5, 8, 15])));
+        // Simple8b: selector 15 (one 60-bit value) of delta 2, scale 1.
+        let mut packed = vec![0x10];
+        packed.extend(100u64.to_be_bytes());
+        packed.extend(((15u64 << 60) | 2).to_be_bytes());
+        assert_eq!(timestamps(&packed, true), Some((2, vec![100, 102])));
+        assert_eq!(timestamps(&packed, false), Some((2, vec![])));
+        // Selector 0: 240 deltas of 1.
+        let mut ones = vec![0x10];
+        ones.extend(0u64.to_be_bytes());
+        ones.extend(0u64.to_be_bytes());
+        assert_eq!(timestamps(&ones, false).unwrap().0, 241);
+    }
+
+    #[test]
+    fn tombstones_name_a_key_or_its_series() {
+        assert!(applies(b"cpu,host=a#!~#usage", b"cpu,host=a#!~#usage"));
+        assert!(applies(b"cpu,host=a", b"cpu,host=a#!~#usage"));
+        assert!(!applies(b"cpu,host=a", b"cpu,host=ab#!~#usage"));
+    }
+}
