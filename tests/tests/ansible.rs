@@ -18,7 +18,7 @@ use std::process::Command;
 
 use bk_core::record::{parse_line, Artifact, Record};
 use bk_tests::{
-    assert_tools_linked, cron, have_root, mongo_server, mysql_server, needs, pg_ident, pg_server, run_cmd, MysqlGuard,
+    assert_tools_linked, cron, have_root, influx_server, mongo_server, mysql_server, needs, pg_ident, pg_server, run_cmd, MysqlGuard,
     MysqlServer, PgServer, Receiver, Run, Sandbox,
 };
 use serde_json::{json, Value};
@@ -305,8 +305,8 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     if !have_root() {
         return;
     }
-    let (Some(mysql), Some(pg), Some(mongo), Some(venv)) =
-        (mysql_server(), pg_server(), mongo_server(), ansible_venv())
+    let (Some(mysql), Some(pg), Some(mongo), Some(influx), Some(venv)) =
+        (mysql_server(), pg_server(), mongo_server(), influx_server(), ansible_venv())
     else {
         return;
     };
@@ -353,6 +353,12 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         &[&unique],
     );
     let mongo_uri = format!("{}&appName={unique}-uri-secret", mongo.url);
+    // An InfluxDB database, in two retention policies.
+    let mut influx_dbs = influx.database(&unique);
+    influx_dbs.also(&format!("{unique}_restored"));
+    influx.query(&format!("CREATE RETENTION POLICY \"week\" ON \"{unique}\" DURATION 0s REPLICATION 1"));
+    influx.write(&unique, "autogen", "cpu,host=a usage=1.5,n=2i,ok=true 1700000000000000001\ncpu,host=b usage=3 1700000000000000002\n");
+    influx.write(&unique, "week", "mem free=7i 1700000000000000003\n");
     // The dumps' accounts, and verify restore's scratch accounts (the role creates all four).
     let accounts = RoleAccounts::new(&mysql, &pg, &unique);
     let scratch_user = accounts.scratch.clone();
@@ -414,6 +420,8 @@ fn role_converges_and_its_jobs_and_runbook_work() {
                "exclude": ["*.log", data.join("cache")]}),
         json!({"name": "mongo", "engine": "mongodb", "databases": [unique], "schedule": "30 4 * * *",
                "retention": {"last": 2}}),
+        json!({"name": "influx", "engine": "influxdb", "databases": [unique], "schedule": "50 4 * * *",
+               "retention": {"last": 2}, "verify": "restore"}),
     ];
     let mut vars = json!({
         "bk_install_src": snapshot_tools(&sb),
@@ -446,6 +454,7 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         "bk_notify_webhook": webhook,
         "bk_notify_prom_dir": prom.parent().unwrap(),
         "bk_stale_after": "26h",
+        "bk_influxdb_host": influx.host, "bk_influxdb_port": influx.port, "bk_influxdb_rpc_port": influx.rpc_port,
     });
     // verify restore's scratch accounts and the MongoDB URI (json! cannot take more lines at once).
     for (var, value) in [
@@ -563,6 +572,7 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         ("pg", format!("pg-{unique}")),
         ("data", "data".to_string()),
         ("mongo", format!("mongo-{unique}")),
+        ("influx", format!("influx-{unique}")),
     ] {
         let path = cron_dir.join(format!("bk-{job}"));
         let at = path.display().to_string();
@@ -668,6 +678,7 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         format!("pg-{unique}"),
         "data".to_string(),
         format!("mongo-{unique}"),
+        format!("influx-{unique}"),
     ] {
         assert!(
             listed.contains(&name),
@@ -807,7 +818,7 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     );
     let _pg_restored = pg.database(&format!("{unique}_restored"));
     let text = fs::read_to_string(&runbook).expect("the runbook");
-    for job in ["db", "pg", "data"] {
+    for job in ["db", "pg", "data", "influx"] {
         for step in ["Restore", "Check"] {
             let script = runbook_blocks(&text, job, step);
             let mut sh = Command::new("/bin/sh");
