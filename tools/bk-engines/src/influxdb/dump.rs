@@ -138,21 +138,31 @@ impl DumpJob for InfluxJob {
         if !names.iter().any(|n| n.ends_with(".manifest")) {
             return Err(Error::data("influxd backup wrote no manifest: the backup is incomplete"));
         }
-        let mut counts = BTreeMap::new();
+        let (mut counts, mut deleted) = (BTreeMap::new(), 0);
         let mut tar = tar::Builder::new(out);
         tar.mode(tar::HeaderMode::Deterministic);
         for name in &names {
             let path = backup.join(name);
             let open = || std::fs::File::open(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e));
             if is_shard(name) {
-                for (k, n) in tsm::count_shard(&mut open()?, name, &shards)? {
+                let shard = tsm::count_shard(&mut open()?, name, &shards)?;
+                for (k, n) in shard.values {
                     *counts.entry(k).or_insert(0) += n;
                 }
+                deleted += shard.deleted;
             }
             tar.append_file(name, &mut open()?)
                 .map_err(|e| from_io("writing the artifact", e))?;
         }
         tar.into_inner().map_err(|e| from_io("writing the artifact", e))?;
+        if deleted > 0 {
+            eprintln!(
+                "bk-dump: warning: {}: {deleted} field value(s) in the backup were deleted on the server but not \
+                 compacted away yet; influxd restore ignores such deletes, so a restore brings them back (the \
+                 counts include them)",
+                self.database
+            );
+        }
         Ok(Dumped {
             counts,
             tool: self.tool.clone(),

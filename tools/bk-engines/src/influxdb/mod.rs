@@ -30,7 +30,7 @@ pub const DEFAULT_HTTP_PORT: u16 = 8086;
 pub const DEFAULT_RPC_PORT: u16 = 8088;
 /// InfluxDB's own database, left out unless named.
 const INTERNAL_DATABASE: &str = "_internal";
-/// How long a restored shard may take to open.
+/// How long the restored shards may take to open.
 const SHARD_OPEN_WAIT: Duration = Duration::from_secs(60);
 /// How long an HTTP request may take: a count over a large database is a full scan.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -168,23 +168,26 @@ impl Server {
         self.first_column("SHOW DATABASES")
     }
 
-    /// Field values per `database.measurement`, summed over retention policies: what
-    /// `SELECT count(*)` counts, the unit of the artifact's counts.
-    /// A shard that influxd restore has just loaded is "disabled" until the server has
-    /// opened it: asked again until it is (a minute at most).
-    pub fn count(&self, database: &str) -> Result<BTreeMap<String, u64>> {
+    /// The counts of a database that influxd restore has just loaded: the server reopens
+    /// each restored shard after influxd restore has returned, and a query meanwhile fails
+    /// ("engine is closed", "shard is disabled") or misses that shard. So the counts are
+    /// read again until they are `expected` (or a minute has passed: then the last ones).
+    pub fn restored_count(&self, database: &str, expected: &BTreeMap<String, u64>) -> Result<BTreeMap<String, u64>> {
         let deadline = std::time::Instant::now() + SHARD_OPEN_WAIT;
         loop {
-            match self.count_once(database) {
-                Err(e) if e.message.contains("shard is disabled") && std::time::Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+            let waiting = std::time::Instant::now() < deadline;
+            match self.count(database) {
+                Err(e) if waiting && (e.message.contains("shard is disabled") || e.message.contains("engine is closed")) => {}
+                Ok(found) if waiting && crate::count_mismatch(expected, &found, &[]).is_some() => {}
                 counted => return counted,
             }
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 
-    fn count_once(&self, database: &str) -> Result<BTreeMap<String, u64>> {
+    /// Field values per `database.measurement`, summed over retention policies: what
+    /// `SELECT count(*)` counts, the unit of the artifact's counts.
+    pub fn count(&self, database: &str) -> Result<BTreeMap<String, u64>> {
         let mut counts = BTreeMap::new();
         for policy in self.first_column(&format!("SHOW RETENTION POLICIES ON {}", ident(database)))? {
             let result = self.query(&format!("SELECT count(*) FROM {}.{}./.*/", ident(database), ident(&policy)))?;
@@ -325,7 +328,7 @@ fn unpack(artifact: &Artifact, decoder: &mut Decoder, dir: Option<&Path>, work: 
         };
         let input: &mut dyn Read = &mut tee;
         if is_shard(&name) {
-            for (k, n) in tsm::count_shard(input, &format!("{} ({name})", artifact.file), work)? {
+            for (k, n) in tsm::count_shard(input, &format!("{} ({name})", artifact.file), work)?.values {
                 *counts.entry(k).or_insert(0) += n;
             }
         }

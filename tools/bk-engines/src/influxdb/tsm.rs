@@ -2,9 +2,11 @@
 //! file is a gzip'd tar of TSM files (and their tombstones); every block's CRC is checked and
 //! its timestamps counted. The count of a measurement is its field values: one per (series,
 //! field, timestamp), as `SELECT count(*)` sums them. Blocks of a key that overlap in time
-//! (a point written again before a compaction) are decoded and their timestamps merged, and
-//! tombstones (deletes not yet compacted away) are applied to the blocks of their file, so
-//! the count is what the server would answer for the restored shard.
+//! (a point written again before a compaction) are decoded and their timestamps merged, so
+//! the count is what the server answers for the restored shard. Tombstones (deletes not yet
+//! compacted away) are not applied: `influxd restore` leaves them out (it restores only the
+//! TSM files), so the deleted values come back with a restore; they are counted apart, for
+//! the dump to say so.
 //!
 //! The format is InfluxDB 1.x's `tsdb/engine/tsm1` (file.go, timestamp.go, tombstone.go) and
 //! `pkg/encoding/simple8b`.
@@ -49,9 +51,19 @@ struct TsmFile {
     path: std::path::PathBuf,
 }
 
-/// The field values per `database.measurement` in a shard file (`what` names it in errors).
-/// TSM files are extracted one by one into `work` (private, the caller's), read, and removed.
-pub fn count_shard(shard: &mut dyn Read, what: &str, work: &Path) -> Result<BTreeMap<String, u64>> {
+/// What a shard holds.
+#[derive(Default)]
+pub struct ShardCounts {
+    /// Field values per `database.measurement`, as a restore of the shard holds them.
+    pub values: BTreeMap<String, u64>,
+    /// Of those, the values that a delete not yet compacted away covers (a restore brings
+    /// them back).
+    pub deleted: u64,
+}
+
+/// The field values in a shard file (`what` names it in errors). TSM files are extracted
+/// into `work` (private, the caller's), read, and removed.
+pub fn count_shard(shard: &mut dyn Read, what: &str, work: &Path) -> Result<ShardCounts> {
     let bad = |why: String| Error::data(format!("{what}: {why}"));
     let reading = |e: io::Error| {
         if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
@@ -123,7 +135,7 @@ impl Drop for Removal {
 /// A failure: `Ok(why)` the data is bad, `Err` reading it failed.
 type Failure = std::result::Result<String, io::Error>;
 
-fn count_files(files: &[TsmFile], tombstones: &HashMap<String, Vec<Tombstone>>) -> std::result::Result<BTreeMap<String, u64>, Failure> {
+fn count_files(files: &[TsmFile], tombstones: &HashMap<String, Vec<Tombstone>>) -> std::result::Result<ShardCounts, Failure> {
     let mut keys: HashMap<(String, Vec<u8>), Vec<Block>> = HashMap::new();
     let mut opened = Vec::new();
     for (i, f) in files.iter().enumerate() {
@@ -140,7 +152,7 @@ fn count_files(files: &[TsmFile], tombstones: &HashMap<String, Vec<Tombstone>>) 
         }
         opened.push(file);
     }
-    let mut counts = BTreeMap::new();
+    let mut counts = ShardCounts::default();
     for ((database, key), mut blocks) in keys {
         blocks.sort_by_key(|b| b.min);
         let deleted: Vec<(usize, i64, i64)> = files
@@ -162,20 +174,25 @@ fn count_files(files: &[TsmFile], tombstones: &HashMap<String, Vec<Tombstone>>) 
                 n += read_timestamps(&mut opened[b.file], b, false)?.0;
             }
         } else {
-            let mut all = Vec::new();
+            let (mut all, mut kept) = (Vec::new(), Vec::new());
             for b in &blocks {
                 let times = read_timestamps(&mut opened[b.file], b, true)?.1;
-                all.extend(times.into_iter().filter(|t| {
+                kept.extend(times.iter().copied().filter(|t| {
                     !deleted
                         .iter()
                         .any(|(file, min, max)| *file == b.file && (min..=max).contains(&t))
                 }));
+                all.extend(times);
             }
-            all.sort_unstable();
-            all.dedup();
+            for times in [&mut all, &mut kept] {
+                times.sort_unstable();
+                times.dedup();
+            }
             n = all.len() as u64;
+            counts.deleted += n - kept.len() as u64;
         }
         *counts
+            .values
             .entry(format!("{database}.{}", measurement(&key)))
             .or_insert(0) += n;
     }
