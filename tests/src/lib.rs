@@ -729,8 +729,14 @@ pub struct InfluxServer {
 /// `host:port`). When missing or not answering: a failure when the full suite runs, else a
 /// SKIPPED note and `None`.
 pub fn influx_server() -> Option<InfluxServer> {
-    let vars = std::env::var("TEST_INFLUX_HTTP").ok().zip(std::env::var("TEST_INFLUX_RPC").ok());
-    let (http, rpc) = needs(vars, || "TEST_INFLUX_HTTP or TEST_INFLUX_RPC is not set".into(), SERVICES_ENV)?;
+    let vars = std::env::var("TEST_INFLUX_HTTP")
+        .ok()
+        .zip(std::env::var("TEST_INFLUX_RPC").ok());
+    let (http, rpc) = needs(
+        vars,
+        || "TEST_INFLUX_HTTP or TEST_INFLUX_RPC is not set".into(),
+        SERVICES_ENV,
+    )?;
     let (host, port) = http
         .strip_prefix("http://")
         .and_then(|a| a.rsplit_once(':'))
@@ -742,16 +748,27 @@ pub fn influx_server() -> Option<InfluxServer> {
         rpc_port: rpc_port.unwrap_or_else(|| panic!("TEST_INFLUX_RPC={rpc}: expected host:port")),
     };
     let answers = server.try_query("SHOW DATABASES").is_ok();
-    needs(answers.then_some(()), || format!("no InfluxDB answers at {http}"), SERVICES_ENV)?;
+    needs(
+        answers.then_some(()),
+        || format!("no InfluxDB answers at {http}"),
+        SERVICES_ENV,
+    )?;
     Some(server)
 }
 
 impl InfluxServer {
     /// `--host H --port P --rpc-port R`, as bk-dump, bk-restore and bk-verify take them.
     pub fn args(&self) -> Vec<String> {
-        ["--host", &self.host, "--port", &self.port.to_string(), "--rpc-port", &self.rpc_port.to_string()]
-            .map(String::from)
-            .to_vec()
+        [
+            "--host",
+            &self.host,
+            "--port",
+            &self.port.to_string(),
+            "--rpc-port",
+            &self.rpc_port.to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
     }
 
     fn url(&self, path: &str) -> String {
@@ -778,8 +795,7 @@ impl InfluxServer {
     }
 
     pub fn query(&self, statement: &str) -> serde_json::Value {
-        self.try_query(statement)
-            .unwrap_or_else(|e| panic!("{statement}: {e}"))
+        self.try_query(statement).unwrap_or_else(|e| panic!("{statement}: {e}"))
     }
 
     /// Writes points in line protocol (timestamps in ns) into a database's retention policy.

@@ -18,8 +18,8 @@ use std::process::Command;
 
 use bk_core::record::{parse_line, Artifact, Record};
 use bk_tests::{
-    assert_tools_linked, cron, have_root, influx_server, mongo_server, mysql_server, needs, pg_ident, pg_server, run_cmd, MysqlGuard,
-    MysqlServer, PgServer, Receiver, Run, Sandbox,
+    assert_tools_linked, cron, have_root, influx_server, mongo_server, mysql_server, needs, pg_ident, pg_server,
+    run_cmd, MysqlGuard, MysqlServer, PgServer, Receiver, Run, Sandbox,
 };
 use serde_json::{json, Value};
 
@@ -305,9 +305,13 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     if !have_root() {
         return;
     }
-    let (Some(mysql), Some(pg), Some(mongo), Some(influx), Some(venv)) =
-        (mysql_server(), pg_server(), mongo_server(), influx_server(), ansible_venv())
-    else {
+    let (Some(mysql), Some(pg), Some(mongo), Some(influx), Some(venv)) = (
+        mysql_server(),
+        pg_server(),
+        mongo_server(),
+        influx_server(),
+        ansible_venv(),
+    ) else {
         return;
     };
     let (s3_endpoint, s3_bucket) = (env("TEST_S3_ENDPOINT"), env("TEST_S3_BUCKET"));
@@ -356,8 +360,14 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     // An InfluxDB database, in two retention policies.
     let mut influx_dbs = influx.database(&unique);
     influx_dbs.also(&format!("{unique}_restored"));
-    influx.query(&format!("CREATE RETENTION POLICY \"week\" ON \"{unique}\" DURATION 0s REPLICATION 1"));
-    influx.write(&unique, "autogen", "cpu,host=a usage=1.5,n=2i,ok=true 1700000000000000001\ncpu,host=b usage=3 1700000000000000002\n");
+    influx.query(&format!(
+        "CREATE RETENTION POLICY \"week\" ON \"{unique}\" DURATION 0s REPLICATION 1"
+    ));
+    influx.write(
+        &unique,
+        "autogen",
+        "cpu,host=a usage=1.5,n=2i,ok=true 1700000000000000001\ncpu,host=b usage=3 1700000000000000002\n",
+    );
     influx.write(&unique, "week", "mem free=7i 1700000000000000003\n");
     // The dumps' accounts, and verify restore's scratch accounts (the role creates all four).
     let accounts = RoleAccounts::new(&mysql, &pg, &unique);

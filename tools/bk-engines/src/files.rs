@@ -752,7 +752,9 @@ pub(crate) fn tar_error(file: &str, e: io::Error) -> Error {
     if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
         from_io(format!("reading {file}"), e)
     } else if e.kind() == io::ErrorKind::UnexpectedEof || e.to_string().contains("unexpected EOF") {
-        Error::data(format!("{file}: the tar ends in the middle of an entry: it is truncated"))
+        Error::data(format!(
+            "{file}: the tar ends in the middle of an entry: it is truncated"
+        ))
     } else {
         Error::data(format!("{file}: not a valid tar archive: {e}"))
     }

@@ -121,8 +121,15 @@ impl DumpJob for InfluxJob {
         let shards = work.path.join("shard");
         bk_core::private::create_private_dir(&shards)?;
         let mut cmd = Command::new(&self.influxd);
-        cmd.args(["backup", "-portable", "-host", &self.server.rpc(), "-database", &self.database])
-            .arg(&backup);
+        cmd.args([
+            "backup",
+            "-portable",
+            "-host",
+            &self.server.rpc(),
+            "-database",
+            &self.database,
+        ])
+        .arg(&backup);
         run_watched(cmd, classify, gives_up)?;
         let mut names: Vec<String> = std::fs::read_dir(&backup)
             .map_err(|e| Error::io(format!("reading {}", backup.display()), e))?
@@ -136,7 +143,9 @@ impl DumpJob for InfluxJob {
             )));
         }
         if !names.iter().any(|n| n.ends_with(".manifest")) {
-            return Err(Error::data("influxd backup wrote no manifest: the backup is incomplete"));
+            return Err(Error::data(
+                "influxd backup wrote no manifest: the backup is incomplete",
+            ));
         }
         let (mut counts, mut deleted) = (BTreeMap::new(), 0);
         let mut tar = tar::Builder::new(out);

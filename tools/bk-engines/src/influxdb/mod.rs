@@ -137,7 +137,11 @@ impl Server {
             (401 | 403, said) => Err(Error::config(format!(
                 "InfluxDB at {} refused the credentials{}: {}",
                 self.url(),
-                if self.credentials.is_none() { " (none given: --credentials-file)" } else { "" },
+                if self.credentials.is_none() {
+                    " (none given: --credentials-file)"
+                } else {
+                    ""
+                },
                 said.unwrap_or_default()
             ))),
             (_, Some(said)) => {
@@ -177,7 +181,9 @@ impl Server {
         loop {
             let waiting = std::time::Instant::now() < deadline;
             match self.count(database) {
-                Err(e) if waiting && (e.message.contains("shard is disabled") || e.message.contains("engine is closed")) => {}
+                Err(e)
+                    if waiting
+                        && (e.message.contains("shard is disabled") || e.message.contains("engine is closed")) => {}
                 Ok(found) if waiting && crate::count_mismatch(expected, &found, &[]).is_some() => {}
                 counted => return counted,
             }
@@ -190,7 +196,11 @@ impl Server {
     pub fn count(&self, database: &str) -> Result<BTreeMap<String, u64>> {
         let mut counts = BTreeMap::new();
         for policy in self.first_column(&format!("SHOW RETENTION POLICIES ON {}", ident(database)))? {
-            let result = self.query(&format!("SELECT count(*) FROM {}.{}./.*/", ident(database), ident(&policy)))?;
+            let result = self.query(&format!(
+                "SELECT count(*) FROM {}.{}./.*/",
+                ident(database),
+                ident(&policy)
+            ))?;
             for (measurement, row) in rows(&result) {
                 // The first column is the time; the others count each field.
                 let n: u64 = row.iter().skip(1).filter_map(Value::as_u64).sum();
@@ -295,7 +305,12 @@ fn is_shard(name: &str) -> bool {
 /// Unpacks an influx-tar artifact into `dir` (or only reads it, without), counting every
 /// shard as it comes; checks its names, the tar's end and the stored bytes' sha256. Returns
 /// the counts.
-fn unpack(artifact: &Artifact, decoder: &mut Decoder, dir: Option<&Path>, work: &Path) -> Result<BTreeMap<String, u64>> {
+fn unpack(
+    artifact: &Artifact,
+    decoder: &mut Decoder,
+    dir: Option<&Path>,
+    work: &Path,
+) -> Result<BTreeMap<String, u64>> {
     let mut counts = BTreeMap::new();
     let mut seen = (false, false);
     crate::files::for_each_tar_entry(&artifact.file, decoder, |entry| {

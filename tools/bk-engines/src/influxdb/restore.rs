@@ -58,8 +58,17 @@ pub fn restore(artifact: &Artifact, mut decoder: Decoder, opts: &RestoreOptions)
         .any(|e| super::is_shard(&e.file_name().to_string_lossy()));
     let restore_into = |database: &str| {
         let mut cmd = Command::new(&influxd);
-        cmd.args(["restore", "-portable", "-host", &server.rpc(), "-db", &source, "-newdb", database])
-            .arg(&files);
+        cmd.args([
+            "restore",
+            "-portable",
+            "-host",
+            &server.rpc(),
+            "-db",
+            &source,
+            "-newdb",
+            database,
+        ])
+        .arg(&files);
         match run_watched(cmd, classify, gives_up) {
             // influxd 1.6 restores a backup without shards (an empty database), then says
             // that nothing changed and exits 1.
@@ -104,9 +113,11 @@ pub fn restore(artifact: &Artifact, mut decoder: Decoder, opts: &RestoreOptions)
     restore_into(&copy).map_err(|e| e.context(format!("restoring into {copy}; {untouched}")))?;
     checked(&copy).map_err(|e| e.context(&untouched))?;
     // The window: from here until the second restore ends, the target is gone or partial.
-    server
-        .drop_database(&target)
-        .map_err(|e| e.context(format!("dropping {target} to replace it; the backup is loaded in {copy}")))?;
+    server.drop_database(&target).map_err(|e| {
+        e.context(format!(
+            "dropping {target} to replace it; the backup is loaded in {copy}"
+        ))
+    })?;
     let replaced = restore_into(&target).and_then(|()| checked(&target));
     let found = replaced.map_err(|e| {
         loaded.keep();
@@ -134,7 +145,10 @@ fn check_manifest(artifact: &Artifact, dir: &Path) -> Result<()> {
         .filter(|n| n.ends_with(".manifest"))
         .collect();
     if manifests.len() != 1 {
-        return Err(bad(format!("{} manifests of influxd backup in it, not one", manifests.len())));
+        return Err(bad(format!(
+            "{} manifests of influxd backup in it, not one",
+            manifests.len()
+        )));
     }
     let text = std::fs::read_to_string(dir.join(&manifests[0]))
         .map_err(|e| Error::io(format!("reading {}", manifests[0]), e))?;
@@ -167,7 +181,10 @@ impl Dropped {
                 return;
             }
             if let Err(e) = server.drop_database(&name) {
-                eprintln!("bk-restore: warning: could not drop {name}: {}; drop it by hand", e.message);
+                eprintln!(
+                    "bk-restore: warning: could not drop {name}: {}; drop it by hand",
+                    e.message
+                );
             }
         });
         Dropped { kept, _guard: guard }

@@ -135,7 +135,10 @@ impl Drop for Removal {
 /// A failure: `Ok(why)` the data is bad, `Err` reading it failed.
 type Failure = std::result::Result<String, io::Error>;
 
-fn count_files(files: &[TsmFile], tombstones: &HashMap<String, Vec<Tombstone>>) -> std::result::Result<ShardCounts, Failure> {
+fn count_files(
+    files: &[TsmFile],
+    tombstones: &HashMap<String, Vec<Tombstone>>,
+) -> std::result::Result<ShardCounts, Failure> {
     let mut keys: HashMap<(String, Vec<u8>), Vec<Block>> = HashMap::new();
     let mut opened = Vec::new();
     for (i, f) in files.iter().enumerate() {
@@ -201,7 +204,10 @@ fn count_files(files: &[TsmFile], tombstones: &HashMap<String, Vec<Tombstone>>) 
 
 /// A tombstone's key names a whole TSM key, or a series (every field of it).
 fn applies(tombstone: &[u8], key: &[u8]) -> bool {
-    key == tombstone || key.strip_prefix(tombstone).is_some_and(|rest| rest.starts_with(FIELD_SEPARATOR))
+    key == tombstone
+        || key
+            .strip_prefix(tombstone)
+            .is_some_and(|rest| rest.starts_with(FIELD_SEPARATOR))
 }
 
 /// The measurement of a TSM key: up to the first unescaped ',' (tags follow) or the field
@@ -489,6 +495,91 @@ mod tests {
         ones.extend(0u64.to_be_bytes());
         ones.extend(0u64.to_be_bytes());
         assert_eq!(timestamps(&ones, false).unwrap().0, 241);
+    }
+
+    /// A TSM file of float blocks (values left out: only timestamps are read), each block's
+    /// timestamps raw-encoded; keys must come sorted, as in the index.
+    fn tsm_file(dir: &Path, name: &str, blocks: &[(&[u8], Vec<i64>)]) -> TsmFile {
+        let mut bytes = TSM_MAGIC.to_be_bytes().to_vec();
+        bytes.push(TSM_VERSION);
+        let mut index = Vec::new();
+        for (key, times) in blocks {
+            let mut ts = vec![0u8];
+            for (i, t) in times.iter().enumerate() {
+                let v = if i == 0 { *t } else { t - times[i - 1] };
+                ts.extend((v as u64).to_be_bytes());
+            }
+            let mut data = vec![0u8, ts.len() as u8];
+            data.extend(ts);
+            let mut crc = flate2::Crc::new();
+            crc.update(&data);
+            let offset = bytes.len() as u64;
+            bytes.extend(crc.sum().to_be_bytes());
+            bytes.extend(&data);
+            index.extend((key.len() as u16).to_be_bytes());
+            index.extend(*key);
+            index.push(0);
+            index.extend(1u16.to_be_bytes());
+            index.extend(times[0].to_be_bytes());
+            index.extend(times[times.len() - 1].to_be_bytes());
+            index.extend(offset.to_be_bytes());
+            index.extend((data.len() as u32 + 4).to_be_bytes());
+        }
+        let index_at = bytes.len() as u64;
+        bytes.extend(index);
+        bytes.extend(index_at.to_be_bytes());
+        let path = dir.join(format!("{name}.tsm"));
+        fs::write(&path, bytes).unwrap();
+        TsmFile {
+            stem: name.into(),
+            database: "db".into(),
+            path,
+        }
+    }
+
+    #[test]
+    fn overlapping_blocks_count_once_and_tombstones_are_counted_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = tsm_file(
+            dir.path(),
+            "1",
+            &[(b"cpu,h=a#!~#u", (0..10).collect()), (b"mem#!~#f", vec![1, 2])],
+        );
+        let b = tsm_file(dir.path(), "2", &[(b"cpu,h=a#!~#u", (5..15).collect())]);
+        let none = HashMap::new();
+        let counted = count_files(&[a, b], &none).unwrap();
+        assert_eq!(
+            counted.values,
+            BTreeMap::from([("db.cpu".into(), 15), ("db.mem".into(), 2)])
+        );
+        assert_eq!(counted.deleted, 0);
+        // A delete of 0..=6 in file 1: 0..=4 only there, 5 and 6 also in file 2 (written again).
+        let a = tsm_file(dir.path(), "3", &[(b"cpu,h=a#!~#u", (0..10).collect())]);
+        let b = tsm_file(dir.path(), "4", &[(b"cpu,h=a#!~#u", (5..15).collect())]);
+        let tombstones = HashMap::from([(
+            "3".to_string(),
+            vec![Tombstone {
+                key: b"cpu,h=a".to_vec(),
+                min: 0,
+                max: 6,
+            }],
+        )]);
+        let counted = count_files(&[a, b], &tombstones).unwrap();
+        assert_eq!(counted.values, BTreeMap::from([("db.cpu".into(), 15)]));
+        assert_eq!(counted.deleted, 5);
+    }
+
+    #[test]
+    fn a_damaged_block_fails_its_crc() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = tsm_file(dir.path(), "1", &[(b"m#!~#v", vec![1, 2, 3])]);
+        let mut bytes = fs::read(&f.path).unwrap();
+        bytes[12] ^= 1;
+        fs::write(&f.path, bytes).unwrap();
+        match count_files(&[f], &HashMap::new()) {
+            Err(Ok(why)) => assert!(why.contains("CRC"), "{why}"),
+            other => panic!("{:?}", other.map(|c| c.values)),
+        }
     }
 
     #[test]
