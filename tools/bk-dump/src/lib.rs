@@ -125,8 +125,10 @@ pub enum Engine {
     /// --credentials-file (mode 0600). The shards are compressed already: the default
     /// compression is none. counts: field values per `database.measurement` (all retention
     /// policies), read from the TSM blocks of the shards in the artifact: one per series,
-    /// field and timestamp, as SELECT count(*) sums them, so a point with three fields counts
-    /// 3 and a sparse point only the fields it has.
+    /// field and timestamp, as SELECT count(*) sums them after a restore, so a point with three
+    /// fields counts 3 and a sparse point only the fields it has. Values deleted on the server
+    /// but not yet compacted away are in the shards and come back with influxd restore, which
+    /// ignores tombstones: they are counted, and a warning says how many.
     Influxdb(influxdb::DumpArgs),
 }
 
