@@ -464,8 +464,10 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         "bk_notify_webhook": webhook,
         "bk_notify_prom_dir": prom.parent().unwrap(),
         "bk_stale_after": "26h",
-        "bk_influxdb_host": influx.host, "bk_influxdb_port": influx.port, "bk_influxdb_rpc_port": influx.rpc_port,
     });
+    vars["bk_influxdb_host"] = json!(influx.host);
+    vars["bk_influxdb_port"] = json!(influx.port);
+    vars["bk_influxdb_rpc_port"] = json!(influx.rpc_port);
     // verify restore's scratch accounts and the MongoDB URI (json! cannot take more lines at once).
     for (var, value) in [
         ("bk_mysql_scratch_user", &scratch_user),

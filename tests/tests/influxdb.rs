@@ -242,6 +242,34 @@ fn an_empty_database_round_trips() {
 }
 
 #[test]
+fn verify_drops_scratch_databases_a_killed_run_left() {
+    let Some(server) = influx_server() else { return };
+    let sb = Sandbox::new();
+    let db = unique_name("bk_influx_sweep_");
+    let _guard = server.database(&db);
+    // A day-old stamp: a killed run's leftover. A fresh one may be a running verify's.
+    let (old, fresh) = (
+        format!("bk_verify_1000_{}", unique_name("")),
+        bk_engines::stamped_name("bk_verify_"),
+    );
+    let _leftovers = {
+        let mut g = server.database(&old);
+        g.also(&fresh);
+        server.query(&format!("CREATE DATABASE \"{fresh}\""));
+        g
+    };
+    let conn = server.args();
+    server.write(&db, "autogen", "t v=1 1\n");
+    let a = sb.dump(&dump_args(&conn, &["--database", &db]));
+    let run = sb
+        .run_with_stdin("bk-verify", &args(&conn, &["--scratch"]), &artifact_line(&a))
+        .ok();
+    assert!(run.stderr.contains(&format!("dropping {old}")), "{}", run.stderr);
+    let left = server.databases();
+    assert!(!left.contains(&old) && left.contains(&fresh), "{left:?}");
+}
+
+#[test]
 fn a_missing_database_or_server_fails_without_an_artifact() {
     let Some(server) = influx_server() else { return };
     let sb = Sandbox::new();
@@ -357,6 +385,23 @@ fn replace_never_drops_the_old_data_before_the_backup_is_checked() {
     }
 
     std::fs::write(&a.location, &original).unwrap();
+    // A restore the server cannot take (nothing listens on the RPC port): the old data stays.
+    let port = bk_tests::free_port().to_string();
+    let no_rpc = [
+        "--host",
+        &server.host,
+        "--port",
+        &server.port.to_string(),
+        "--rpc-port",
+        &port,
+        "--replace",
+    ]
+    .map(String::from);
+    let run = sb.run_with_stdin("bk-restore", &args(&no_rpc, &[]), &artifact_line(&a));
+    run.failed("no RPC", 69, &["connection refused", "was left as it was"]);
+    assert_eq!(content(&server, &db), changed, "no RPC: the old data stays");
+    assert!(!server.databases().iter().any(|d| d.starts_with("bk_restore_")));
+
     let restored = sb
         .run_with_stdin("bk-restore", &args(&conn, &["--replace"]), &artifact_line(&a))
         .ok()

@@ -98,7 +98,7 @@ impl Server {
         format!("{}:{}", self.bracketed(), self.rpc_port)
     }
 
-    /// A restore target or an artifact's source, as recorded.
+    /// A restore target, as the `restored` record gives it.
     fn target(&self, database: &str) -> serde_json::Map<String, Value> {
         let mut t = serde_json::Map::new();
         t.insert("host".into(), crate::conn::local_or(Some(self.host.clone())).into());
