@@ -723,6 +723,8 @@ pub struct InfluxServer {
     pub host: String,
     pub port: u16,
     pub rpc_port: u16,
+    /// The user and password the test logs in with, on a server with authentication on.
+    pub login: Option<(String, String)>,
 }
 
 /// The InfluxDB test server (TEST_INFLUX_HTTP `http://host:port`, TEST_INFLUX_RPC
@@ -746,6 +748,7 @@ pub fn influx_server() -> Option<InfluxServer> {
         host: host.to_string(),
         port: port.parse().expect("TEST_INFLUX_HTTP's port"),
         rpc_port: rpc_port.unwrap_or_else(|| panic!("TEST_INFLUX_RPC={rpc}: expected host:port")),
+        login: None,
     };
     let answers = server.try_query("SHOW DATABASES").is_ok();
     needs(
@@ -782,7 +785,11 @@ impl InfluxServer {
 
     /// As [`InfluxServer::try_query`], in a database (for the statements that need one: DELETE).
     pub fn try_query_in(&self, database: &str, statement: &str) -> Result<serde_json::Value, String> {
-        let mut response = ureq::post(self.url("/query"))
+        let mut request = ureq::post(self.url("/query"));
+        if let Some((user, password)) = &self.login {
+            request = request.query("u", user).query("p", password);
+        }
+        let mut response = request
             .send_form([("q", statement), ("epoch", "ns"), ("db", database)])
             .map_err(|e| e.to_string())?;
         let body: serde_json::Value =
@@ -801,7 +808,11 @@ impl InfluxServer {
     /// Writes points in line protocol (timestamps in ns) into a database's retention policy.
     pub fn write(&self, database: &str, policy: &str, lines: &str) {
         let url = self.url(&format!("/write?db={database}&rp={policy}&precision=ns"));
-        ureq::post(url)
+        let mut request = ureq::post(url);
+        if let Some((user, password)) = &self.login {
+            request = request.query("u", user).query("p", password);
+        }
+        request
             .send(lines)
             .unwrap_or_else(|e| panic!("writing to {database}.{policy}: {e}"));
     }

@@ -416,15 +416,15 @@ fn replace_never_drops_the_old_data_before_the_backup_is_checked() {
     assert!(!server.databases().iter().any(|d| d.starts_with("bk_restore_")));
 }
 
-/// A private influxd on free ports in the sandbox (the config of tests/services.sh), killed
-/// when dropped.
+/// A private influxd on free ports in the sandbox (the config of tests/services.sh, with
+/// `http_config` lines added to its [http] section), killed when dropped.
 struct PrivateInflux {
     child: Child,
     server: InfluxServer,
 }
 
 impl PrivateInflux {
-    fn start(sb: &Sandbox) -> PrivateInflux {
+    fn start(sb: &Sandbox, http_config: &str) -> PrivateInflux {
         let dir = sb.path("influxd");
         std::fs::create_dir_all(&dir).unwrap();
         let (http, rpc) = (bk_tests::free_port(), bk_tests::free_port());
@@ -433,7 +433,7 @@ impl PrivateInflux {
             dir.join("conf"),
             format!(
                 "reporting-disabled = true\nbind-address = \"127.0.0.1:{rpc}\"\n[meta]\n  dir = \"{d}/meta\"\n\
-                 [data]\n  dir = \"{d}/data\"\n  wal-dir = \"{d}/wal\"\n[http]\n  bind-address = \"127.0.0.1:{http}\"\n\
+                 [data]\n  dir = \"{d}/data\"\n  wal-dir = \"{d}/wal\"\n[http]\n  bind-address = \"127.0.0.1:{http}\"\n{http_config}\
                  [monitor]\n  store-enabled = false\n"
             ),
         )
@@ -450,9 +450,12 @@ impl PrivateInflux {
             host: "127.0.0.1".into(),
             port: http,
             rpc_port: rpc,
+            login: None,
         };
         // Started when it answers (and the RPC port with it).
-        while server.try_query("SHOW DATABASES").is_err() || std::net::TcpStream::connect(("127.0.0.1", rpc)).is_err() {
+        while ureq::get(format!("http://127.0.0.1:{http}/ping")).call().is_err()
+            || std::net::TcpStream::connect(("127.0.0.1", rpc)).is_err()
+        {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         PrivateInflux { child, server }
@@ -466,15 +469,13 @@ impl Drop for PrivateInflux {
     }
 }
 
-#[test]
-fn a_server_stopped_mid_backup_leaves_nothing() {
-    if bk_tests::needs(which("influxd"), || "no influxd".into(), "apt install influxdb").is_none() {
-        return;
-    }
-    let sb = Sandbox::new();
-    let mut influx = PrivateInflux::start(&sb);
+/// A private server with a database of many one-hour shards, which influxd backup fetches
+/// one by one, and bk-dump of it started with its TMPDIR in the sandbox: returned once
+/// influxd backup has written its first shard there.
+fn dump_in_the_middle(sb: &Sandbox) -> Option<(PrivateInflux, Child, std::path::PathBuf)> {
+    bk_tests::needs(which("influxd"), || "no influxd".into(), "apt install influxdb")?;
+    let influx = PrivateInflux::start(sb, "");
     let server = influx.server.clone();
-    // Many one-hour shards: the backup fetches them one by one.
     server.query("CREATE DATABASE big");
     server.query("CREATE RETENTION POLICY \"hourly\" ON \"big\" DURATION 0s REPLICATION 1 SHARD DURATION 1h DEFAULT");
     let lines: String = (0..400u64)
@@ -488,14 +489,13 @@ fn a_server_stopped_mid_backup_leaves_nothing() {
         "bk-dump",
         &dump_args(&conn, &["--database", "big", "--to", &sb.store()]),
     );
-    cmd.env("TMPDIR", &tmp);
     let dump = cmd
+        .env("TMPDIR", &tmp)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Killed once influxd backup has written its first shard.
     let first_shard = || {
         bk_tests::files_below(&tmp)
             .iter()
@@ -504,12 +504,13 @@ fn a_server_stopped_mid_backup_leaves_nothing() {
     while !first_shard() {
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    influx.child.kill().unwrap();
-    influx.child.wait().unwrap();
-    let run = bk_tests::Run::from(dump.wait_with_output().unwrap());
-    run.failed("server killed", 69, &["influxd"]);
+    Some((influx, dump, tmp))
+}
+
+/// Nothing of a failed dump is left: no artifact, and no temporary directory.
+fn nothing_left(sb: &Sandbox, tmp: &Path) {
     assert_eq!(
-        bk_tests::files_below(&tmp),
+        bk_tests::files_below(tmp),
         Vec::<std::path::PathBuf>::new(),
         "the backup directory is removed"
     );
@@ -518,6 +519,84 @@ fn a_server_stopped_mid_backup_leaves_nothing() {
         stored.iter().all(|p| !p.to_string_lossy().contains("influx-tar")),
         "{stored:?}"
     );
+}
+
+#[test]
+fn a_server_stopped_mid_backup_leaves_nothing() {
+    let sb = Sandbox::new();
+    let Some((mut influx, dump, tmp)) = dump_in_the_middle(&sb) else {
+        return;
+    };
+    influx.child.kill().unwrap();
+    influx.child.wait().unwrap();
+    let run = bk_tests::Run::from(dump.wait_with_output().unwrap());
+    run.failed("server killed", 69, &["influxd"]);
+    nothing_left(&sb, &tmp);
+}
+
+#[test]
+fn sigterm_mid_backup_leaves_nothing() {
+    let sb = Sandbox::new();
+    let Some((_influx, dump, tmp)) = dump_in_the_middle(&sb) else {
+        return;
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(dump.id() as i32), nix::sys::signal::SIGTERM).unwrap();
+    let run = bk_tests::Run::from(dump.wait_with_output().unwrap());
+    run.failed("SIGTERM", 143, &[]);
+    nothing_left(&sb, &tmp);
+}
+
+#[test]
+fn with_authentication_the_credentials_come_from_the_file() {
+    if bk_tests::needs(which("influxd"), || "no influxd".into(), "apt install influxdb").is_none() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let influx = PrivateInflux::start(&sb, "  auth-enabled = true\n");
+    let mut server = influx.server.clone();
+    // The first user, an admin, may be created without logging in.
+    server.query("CREATE USER \"admin\" WITH PASSWORD 'pw-s3cret' WITH ALL PRIVILEGES");
+    server.login = Some(("admin".into(), "pw-s3cret".into()));
+    server.query("CREATE DATABASE lab");
+    server.write("lab", "autogen", "t,k=v f=1.5,i=2i 1700000000000000000\n");
+    let write_file = |name: &str, text: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        let file = sb.path(name);
+        std::fs::write(&file, text).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        file.display().to_string()
+    };
+    let good = write_file("good.cred", "username=admin\npassword=pw-s3cret\n");
+    let wrong = write_file("wrong.cred", "username = admin\npassword = nope-s3cret\n");
+    let conn = server.args();
+    for (case, extra) in [
+        ("no credentials", vec![]),
+        ("wrong password", vec!["--credentials-file", wrong.as_str()]),
+    ] {
+        let store = sb.store();
+        let mut more = extra.clone();
+        more.extend(["--to", store.as_str()]);
+        let run = sb.run("bk-dump", &dump_args(&conn, &more));
+        run.failed(case, 78, &["refused the credentials"]);
+        run.assert_hides(case, &["pw-s3cret", "nope-s3cret"]);
+    }
+    let run = sb
+        .run(
+            "bk-dump",
+            &dump_args(&conn, &["--credentials-file", &good, "--to", &sb.store()]),
+        )
+        .ok();
+    run.assert_hides("good", &["pw-s3cret"]);
+    let a = run.artifact();
+    assert_eq!(a.counts, [("lab.t".to_string(), 2)].into_iter().collect());
+    let with_file = args(&conn, &["--credentials-file", &good]);
+    let mut restore = with_file.clone();
+    restore.extend(["--database", "lab_copy"]);
+    sb.run_with_stdin("bk-restore", &restore, &artifact_line(&a)).ok();
+    assert_eq!(content(&server, "lab_copy"), content(&server, "lab"));
+    let mut verify = with_file.clone();
+    verify.push("--scratch");
+    sb.run_with_stdin("bk-verify", &verify, &artifact_line(&a)).ok();
 }
 
 fn which(program: &str) -> Option<()> {

@@ -109,16 +109,17 @@ impl Server {
     }
 
     /// Runs one InfluxQL statement and returns its result (`series`...). Sent as a POST
-    /// form, which the API takes for every statement: the credentials stay out of the URL.
+    /// form, which the API takes for every statement; the credentials go in a Basic
+    /// authorization header (InfluxDB reads `u` and `p` from the URL only, never the form).
     fn query(&self, statement: &str) -> Result<Value> {
-        let mut form = vec![("q", statement), ("epoch", "ns")];
+        let mut request = self.agent.post(format!("{}/query", self.url()));
         if let Some((user, password)) = &self.credentials {
-            form.extend([("u", user.as_str()), ("p", password.as_str())]);
+            use base64::Engine;
+            let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            request = request.header("Authorization", format!("Basic {token}"));
         }
-        let mut response = self
-            .agent
-            .post(format!("{}/query", self.url()))
-            .send_form(form)
+        let mut response = request
+            .send_form([("q", statement), ("epoch", "ns")])
             .map_err(|e| Error::unavailable(format!("InfluxDB at {} cannot be reached: {e}", self.url())))?;
         let status = response.status().as_u16();
         let body: Value = response
