@@ -277,7 +277,7 @@ fn read_index(file: &mut File) -> std::result::Result<IndexEntries, Failure> {
             let max = i64::from_be_bytes(e[8..16].try_into().expect("8 bytes"));
             let offset = u64::from_be_bytes(e[16..24].try_into().expect("8 bytes"));
             let size = u32::from_be_bytes(e[24..28].try_into().expect("4 bytes"));
-            if offset < 5 || size < 6 || size > MAX_BLOCK || offset + u64::from(size) > index_at || min > max {
+            if offset < 5 || !(6..=MAX_BLOCK).contains(&size) || offset + u64::from(size) > index_at || min > max {
                 return Err(Ok(format!(
                     "block of {} at {offset} (+{size}) outside the data",
                     String::from_utf8_lossy(&key)
@@ -326,7 +326,7 @@ fn timestamps(ts: &[u8], decode: bool) -> Option<(u64, Vec<i64>)> {
         // Uncompressed: the first timestamp, then deltas, 8 bytes each.
         0 => {
             let words = &ts[1..];
-            if words.len() % 8 != 0 || words.is_empty() {
+            if !words.len().is_multiple_of(8) || words.is_empty() {
                 return None;
             }
             if decode {
@@ -343,7 +343,7 @@ fn timestamps(ts: &[u8], decode: bool) -> Option<(u64, Vec<i64>)> {
         1 => {
             let mut t = first()?;
             let words = &ts[9..];
-            if words.len() % 8 != 0 {
+            if !words.len().is_multiple_of(8) {
                 return None;
             }
             if decode {
