@@ -11,11 +11,10 @@ use bk_core::private::check_private_file;
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ConnArgs {
     /// Server host name or address (PostgreSQL: or a socket directory) [default: the local
-    /// socket; InfluxDB: 127.0.0.1]
+    /// socket]
     #[arg(long)]
     pub host: Option<String>,
-    /// Server port [default: the server's usual one, 3306 or 5432; InfluxDB: its HTTP API's,
-    /// 8086]
+    /// Server port [default: the server's usual one, 3306 or 5432]
     #[arg(long)]
     pub port: Option<u16>,
     /// User name [default: MySQL: from the option file; PostgreSQL: PGUSER or the login name]

@@ -38,7 +38,8 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(3600);
 /// What InfluxDB needs besides --host and --port (its HTTP API).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct InfluxOpts {
-    /// InfluxDB: the backup and restore RPC port (influxd's bind-address) [default: 8088]
+    /// InfluxDB: the backup and restore RPC port (influxd's bind-address; the HTTP API is
+    /// --host and --port, default 127.0.0.1 and 8086) [default: 8088]
     #[arg(long, value_name = "PORT")]
     pub rpc_port: Option<u16>,
     /// InfluxDB: file with the HTTP API's credentials when authentication is on, lines
