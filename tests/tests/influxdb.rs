@@ -416,6 +416,52 @@ fn replace_never_drops_the_old_data_before_the_backup_is_checked() {
     assert!(!server.databases().iter().any(|d| d.starts_with("bk_restore_")));
 }
 
+/// influxd restore opens the files its manifest names, relative to the backup's directory:
+/// an artifact whose manifest names a file outside it is refused before anything is restored.
+#[test]
+fn a_manifest_naming_a_file_outside_the_artifact_is_refused() {
+    let Some(server) = influx_server() else { return };
+    let sb = Sandbox::new();
+    let db = unique_name("bk_influx_hostile_");
+    let copy = unique_name("bk_influx_hostilecopy_");
+    let mut guard = server.database(&db);
+    guard.also(&copy);
+    let conn = server.args();
+    server.write(&db, "autogen", "t v=1 1\n");
+    let a = sb.dump(&dump_args(&conn, &["--database", &db]));
+    let dir = sb.path("unpacked");
+    std::fs::create_dir(&dir).unwrap();
+    bk_tests::output_of(Command::new("tar").args(["-xf", &a.location, "-C"]).arg(&dir));
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    let manifest = dir.join(names.iter().find(|n| n.ends_with(".manifest")).unwrap());
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let meta = names.iter().find(|n| n.ends_with(".meta")).unwrap();
+    std::fs::write(&manifest, text.replace(meta.as_str(), "../../../../etc/passwd")).unwrap();
+    let tarred = sb.path("hostile.tar");
+    bk_tests::output_of(
+        Command::new("tar")
+            .arg("-cf")
+            .arg(&tarred)
+            .arg("-C")
+            .arg(&dir)
+            .args(&names),
+    );
+    let hostile = rewrite_plain(&a, &std::fs::read(&tarred).unwrap());
+    let run = sb.run_with_stdin("bk-verify", &args(&conn, &[]), &artifact_line(&hostile));
+    run.failed("verify", 65, &["etc/passwd", "not a file of the artifact"]);
+    let run = sb.run_with_stdin(
+        "bk-restore",
+        &args(&conn, &["--database", &copy]),
+        &artifact_line(&hostile),
+    );
+    run.failed("restore", 65, &["etc/passwd"]);
+    assert!(!server.databases().contains(&copy), "nothing restored");
+}
+
 /// A private influxd on free ports in the sandbox (the config of tests/services.sh, with
 /// `http_config` lines added to its [http] section), killed when dropped.
 struct PrivateInflux {

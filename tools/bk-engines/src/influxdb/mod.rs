@@ -30,6 +30,8 @@ pub const DEFAULT_HTTP_PORT: u16 = 8086;
 pub const DEFAULT_RPC_PORT: u16 = 8088;
 /// InfluxDB's own database, left out unless named.
 const INTERNAL_DATABASE: &str = "_internal";
+/// The largest influxd manifest read (one line of JSON per shard).
+const MANIFEST_MAX: u64 = 16 << 20;
 /// How long the restored shards may take to open.
 const SHARD_OPEN_WAIT: Duration = Duration::from_secs(60);
 /// How long an HTTP request may take: a count over a large database is a full scan.
@@ -305,27 +307,29 @@ fn is_shard(name: &str) -> bool {
 }
 
 /// Unpacks an influx-tar artifact into `dir` (or only reads it, without), counting every
-/// shard as it comes; checks its names, the tar's end and the stored bytes' sha256. Returns
-/// the counts.
+/// shard as it comes; checks its names (each once, only influxd backup's files), the tar's
+/// end, and that influxd's own manifest names only files of the artifact (influxd restore
+/// opens what it names, relative to the directory: a hostile `../` would read any file).
+/// Returns the counts; the caller checks the stored bytes' sha256 (`Decoder::finish`).
 fn unpack(
     artifact: &Artifact,
     decoder: &mut Decoder,
     dir: Option<&Path>,
     work: &Path,
 ) -> Result<BTreeMap<String, u64>> {
+    let bad = |why: String| Error::data(format!("{}: {why}", artifact.file));
     let mut counts = BTreeMap::new();
-    let mut seen = (false, false);
+    let mut names: Vec<String> = Vec::new();
+    let mut manifests: Vec<Vec<u8>> = Vec::new();
     crate::files::for_each_tar_entry(&artifact.file, decoder, |entry| {
         let path = entry.path().map_err(|e| crate::files::tar_error(&artifact.file, e))?;
         let name = path.to_string_lossy().into_owned();
-        if !entry.header().entry_type().is_file() || !is_backup_file(&name) {
-            return Err(Error::data(format!(
-                "{}: {name:?} is not a file of influxd backup -portable",
-                artifact.file
+        if !entry.header().entry_type().is_file() || !is_backup_file(&name) || names.contains(&name) {
+            return Err(bad(format!(
+                "{name:?} is not a file of influxd backup -portable, or is there twice"
             )));
         }
-        seen.0 |= name.ends_with(".meta");
-        seen.1 |= name.ends_with(".manifest");
+        names.push(name.clone());
         let mut kept = match dir {
             Some(dir) => {
                 let path = dir.join(&name);
@@ -344,19 +348,35 @@ fn unpack(
             copy: kept.as_mut(),
         };
         let input: &mut dyn Read = &mut tee;
+        let reading = |e| crate::files::tar_error(&artifact.file, e);
         if is_shard(&name) {
             for (k, n) in tsm::count_shard(input, &format!("{} ({name})", artifact.file), work)?.values {
                 *counts.entry(k).or_insert(0) += n;
             }
+        } else if name.ends_with(".manifest") {
+            let mut text = Vec::new();
+            input.take(MANIFEST_MAX).read_to_end(&mut text).map_err(reading)?;
+            manifests.push(text);
         }
-        std::io::copy(input, &mut std::io::sink()).map_err(|e| crate::files::tar_error(&artifact.file, e))?;
+        std::io::copy(input, &mut std::io::sink()).map_err(reading)?;
         Ok(())
     })?;
-    if seen != (true, true) {
-        return Err(Error::data(format!(
-            "{}: no metadata or manifest of influxd backup -portable in it",
-            artifact.file
+    let [manifest] = manifests.as_slice() else {
+        return Err(bad(format!(
+            "{} manifests of influxd backup in it, not one",
+            manifests.len()
         )));
+    };
+    let manifest: Value =
+        serde_json::from_slice(manifest).map_err(|e| bad(format!("its influxd manifest is not JSON: {e}")))?;
+    let named = std::iter::once(&manifest["meta"]).chain(manifest["files"].as_array().into_iter().flatten());
+    for entry in named {
+        let name = entry["fileName"].as_str().unwrap_or_default();
+        if !names.iter().any(|n| n == name) {
+            return Err(bad(format!(
+                "its influxd manifest names {name:?}, which is not a file of the artifact"
+            )));
+        }
     }
     Ok(counts)
 }

@@ -1,11 +1,11 @@
 //! bk-restore's `influxdb` engine: the artifact is unpacked into a private directory and
-//! checked whole (names, tar, every shard's blocks, counts, sha256) before the server is
-//! touched; then `influxd restore -portable` loads it into a database that must not exist.
+//! checked whole (names, tar, influxd's manifest, every shard's blocks, counts, sha256)
+//! before the server is touched; then `influxd restore -portable` loads it into a database
+//! that must not exist.
 //! InfluxDB 1.x can neither restore over a database nor rename one, so `--replace` loads
 //! and counts a `bk_restore_<time>_<random>` copy first, and only then drops the target and
 //! restores again under its name (the window is documented in docs/engines.md).
 
-use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use bk_core::codec::Decoder;
 use bk_core::error::{Error, Kind, Result};
 use bk_core::record::Artifact;
 
-use super::{classify, gives_up, is_backup_file, unpack, Server, WorkDir};
+use super::{classify, gives_up, unpack, Server, WorkDir};
 use crate::process::{find_program, run_watched};
 use crate::{count_mismatch, stamped_name, RestoreOptions, RestoredInfo};
 
@@ -45,7 +45,6 @@ pub fn restore(artifact: &Artifact, mut decoder: Decoder, opts: &RestoreOptions)
     bk_core::private::create_private_dir(&shards)?;
     let counts = unpack(artifact, &mut decoder, Some(&files), &shards)?;
     decoder.finish(artifact)?;
-    check_manifest(artifact, &files)?;
     if let Some(m) = count_mismatch(&artifact.counts, &counts, &[]) {
         return Err(Error::data(format!(
             "{}: the shards differ from the manifest's counts: {m}; nothing restored",
@@ -132,38 +131,6 @@ pub fn restore(artifact: &Artifact, mut decoder: Decoder, opts: &RestoreOptions)
         counts: found,
         complete: true,
     })
-}
-
-/// The backup's own manifest names only files of the artifact (influxd restore opens what
-/// it names, relative to the directory: a hostile `../` would read any file).
-fn check_manifest(artifact: &Artifact, dir: &Path) -> Result<()> {
-    let bad = |why: String| Error::data(format!("{}: {why}", artifact.file));
-    let manifests: Vec<_> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".manifest"))
-        .collect();
-    if manifests.len() != 1 {
-        return Err(bad(format!(
-            "{} manifests of influxd backup in it, not one",
-            manifests.len()
-        )));
-    }
-    let text = std::fs::read_to_string(dir.join(&manifests[0]))
-        .map_err(|e| Error::io(format!("reading {}", manifests[0]), e))?;
-    let manifest: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(format!("its influxd manifest is not JSON: {e}")))?;
-    let named = std::iter::once(&manifest["meta"]).chain(manifest["files"].as_array().into_iter().flatten());
-    for entry in named {
-        let name = entry["fileName"].as_str().unwrap_or_default();
-        if !is_backup_file(name) || !dir.join(name).is_file() {
-            return Err(bad(format!(
-                "its influxd manifest names {name:?}, which is not a file of the artifact"
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// A database dropped when this goes (or on SIGINT/SIGTERM), unless kept.
