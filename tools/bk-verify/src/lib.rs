@@ -66,8 +66,8 @@ pub struct Cli {
     /// InfluxDB), or a file or directory in --scratch-dir (files, SQLite)
     #[arg(long)]
     pub scratch: bool,
-    /// Where throwaway files and directories go, SQLite's decoded copies too [default: $TMPDIR
-    /// or /tmp]
+    /// Where throwaway files and directories go, SQLite's decoded copies and InfluxDB's TSM
+    /// files (one shard at a time) too [default: $TMPDIR or /tmp]
     #[arg(long, value_name = "DIR")]
     pub scratch_dir: Option<PathBuf>,
     #[command(flatten)]
@@ -377,7 +377,7 @@ impl<'a> Verifier<'a> {
             "mysql" => mysql::derive_counts(artifact, &mut decoder)?,
             "postgres" => postgres::derive_counts(artifact, &mut decoder)?,
             "mongodb" => mongodb::derive_counts(artifact, &mut decoder)?,
-            "influxdb" => influxdb::derive_counts(artifact, &mut decoder)?,
+            "influxdb" => influxdb::derive_counts(artifact, &mut decoder, &self.scratch_dir())?,
             other => {
                 return Err(Error::usage(format!(
                     "{}: this bk-verify cannot verify {other} backups",

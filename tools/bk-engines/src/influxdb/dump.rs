@@ -116,7 +116,7 @@ impl DumpJob for InfluxJob {
     }
 
     fn dump(&self, out: &mut dyn Write) -> Result<Dumped> {
-        let work = WorkDir::new("dump")?;
+        let work = WorkDir::new(None, "dump")?;
         let backup = work.path.join("backup");
         let shards = work.path.join("shard");
         bk_core::private::create_private_dir(&shards)?;

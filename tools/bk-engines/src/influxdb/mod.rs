@@ -281,8 +281,10 @@ struct WorkDir {
 }
 
 impl WorkDir {
-    fn new(purpose: &str) -> Result<Self> {
-        let path = std::env::temp_dir().join(format!(".bk-influxdb-{purpose}-{:016x}", rand::random::<u64>()));
+    /// In `parent`, or $TMPDIR.
+    fn new(parent: Option<&Path>, purpose: &str) -> Result<Self> {
+        let parent = parent.map_or_else(std::env::temp_dir, Path::to_path_buf);
+        let path = parent.join(format!(".bk-influxdb-{purpose}-{:016x}", rand::random::<u64>()));
         create_private_dir(&path)?;
         let removed = path.clone();
         let remove = bk_core::cleanup::on_exit(move || {
@@ -399,8 +401,9 @@ impl<R: Read> Read for Tee<'_, R> {
 
 /// Re-derives the counts of an influx-tar artifact: its tar read to its end, every shard's
 /// gzip, tar, TSM index and block CRCs read, and its field values counted.
-pub fn derive_counts(artifact: &Artifact, decoder: &mut Decoder) -> Result<BTreeMap<String, u64>> {
-    let work = WorkDir::new("verify")?;
+/// The shards' TSM files are extracted one shard at a time into `scratch_dir`.
+pub fn derive_counts(artifact: &Artifact, decoder: &mut Decoder, scratch_dir: &Path) -> Result<BTreeMap<String, u64>> {
+    let work = WorkDir::new(Some(scratch_dir), "verify")?;
     unpack(artifact, decoder, None, &work.path)
 }
 

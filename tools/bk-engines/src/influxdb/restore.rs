@@ -38,7 +38,7 @@ pub fn restore(artifact: &Artifact, mut decoder: Decoder, opts: &RestoreOptions)
             "InfluxDB database {target} exists; pass --replace to replace it"
         )));
     }
-    let work = WorkDir::new("restore")?;
+    let work = WorkDir::new(None, "restore")?;
     let files = work.path.join("backup");
     let shards = work.path.join("shard");
     bk_core::private::create_private_dir(&files)?;
