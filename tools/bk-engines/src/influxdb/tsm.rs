@@ -27,6 +27,11 @@ const TOMBSTONE_V4: u32 = 0x1504;
 const FIELD_SEPARATOR: &[u8] = b"#!~#";
 /// A block bigger than this is not one influxd writes (1000 points, 2 GiB files).
 const MAX_BLOCK: u32 = 64 << 20;
+/// Nor a block of more timestamps than this (influxd writes 1000 at most by default): a
+/// hostile count is refused before anything is allocated for it.
+const MAX_POINTS: u64 = 1 << 20;
+/// A TSM key is at most 64 KiB (its length is 16 bits in the index).
+const MAX_KEY: usize = 1 << 16;
 
 /// One block of one key, as the index of its file gives it.
 struct Block {
@@ -351,6 +356,9 @@ fn timestamps(ts: &[u8], decode: bool) -> Option<(u64, Vec<i64>)> {
             }
             let mut n = 1u64;
             for w in words.chunks(8) {
+                if n > MAX_POINTS {
+                    return None;
+                }
                 let word = u64::from_be_bytes(w.try_into().ok()?);
                 n += simple8b(word, |delta| {
                     if decode {
@@ -366,7 +374,7 @@ fn timestamps(ts: &[u8], decode: bool) -> Option<(u64, Vec<i64>)> {
             let start = first()?;
             let (delta, used) = uvarint(&ts[9..])?;
             let (n, _) = uvarint(&ts[9 + used..])?;
-            if n == 0 || (decode && n > u64::from(MAX_BLOCK)) {
+            if n == 0 || n > MAX_POINTS {
                 return None;
             }
             if decode {
@@ -437,20 +445,24 @@ fn read_tombstones(input: &mut dyn Read) -> std::result::Result<Vec<Tombstone>, 
             "a tombstone file of format {version:#x}, which bk cannot read (InfluxDB before 1.5?)"
         )));
     }
-    let mut body = Vec::new();
-    flate2::read::MultiGzDecoder::new(input)
-        .read_to_end(&mut body)
-        .map_err(|e| Ok(format!("tombstones do not decode: {e}")))?;
+    // Read entry by entry: what is kept is the entries, never the whole decompressed file.
+    let mut body = io::BufReader::new(flate2::read::MultiGzDecoder::new(input));
+    let bad = |e: io::Error| match e.kind() {
+        io::ErrorKind::UnexpectedEof => Ok("tombstones truncated".to_string()),
+        _ => Ok(format!("tombstones do not decode: {e}")),
+    };
     let mut out = Vec::new();
-    let mut at = 0usize;
-    let truncated = || Ok("tombstones truncated".to_string());
-    while at < body.len() {
-        let len = u32::from_be_bytes(body.get(at..at + 4).ok_or_else(truncated)?.try_into().expect("4")) as usize;
-        at += 4;
-        let key = body.get(at..at + len).ok_or_else(truncated)?.to_vec();
-        at += len;
-        let times = body.get(at..at + 16).ok_or_else(truncated)?;
-        at += 16;
+    while !io::BufRead::fill_buf(&mut body).map_err(bad)?.is_empty() {
+        let mut len = [0u8; 4];
+        body.read_exact(&mut len).map_err(bad)?;
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_KEY {
+            return Err(Ok(format!("a tombstone of a key of {len} bytes")));
+        }
+        let mut key = vec![0u8; len];
+        body.read_exact(&mut key).map_err(bad)?;
+        let mut times = [0u8; 16];
+        body.read_exact(&mut times).map_err(bad)?;
         out.push(Tombstone {
             key,
             min: i64::from_be_bytes(times[..8].try_into().expect("8")),
@@ -495,6 +507,16 @@ mod tests {
         ones.extend(0u64.to_be_bytes());
         ones.extend(0u64.to_be_bytes());
         assert_eq!(timestamps(&ones, false).unwrap().0, 241);
+        // A hostile count is refused before anything is allocated for it.
+        let mut huge = vec![0x20];
+        huge.extend(0u64.to_be_bytes());
+        huge.extend([1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
+        assert_eq!(timestamps(&huge, true), None);
+        assert_eq!(timestamps(&huge, false), None);
+        // A block cut anywhere does not decode.
+        for cut in 1..rle.len() {
+            assert_eq!(timestamps(&rle[..cut], true), None, "cut at {cut}");
+        }
     }
 
     /// A TSM file of float blocks (values left out: only timestamps are read), each block's
