@@ -469,3 +469,54 @@ fn a_large_output_is_dumped_in_bounded_memory() {
     let kib: u64 = fs::read_to_string(&rss).unwrap().trim().parse().unwrap();
     assert!(kib < 64 * 1024, "peak RSS {kib} KiB for a {size}-byte output");
 }
+
+/// SIGTERM to bk-dump while its program runs: the program is stopped too, the temporary
+/// file removed, and the error record says so (exit 143).
+#[test]
+fn sigterm_stops_the_program_and_removes_the_temporary_file() {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+    let sb = Sandbox::new();
+    let pid_file = sb.path("program.pid");
+    let script = format!("echo $$ > {}; echo data; exec sleep 300", s(&pid_file));
+    let store = sb.store();
+    let mut child = sb
+        .cmd(
+            "bk-dump",
+            &["command", "--name", "slow", "--to", &store, "--", "sh", "-c", &script],
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let program = loop {
+        if let Some(pid) = fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            break nix::unistd::Pid::from_raw(pid);
+        }
+        assert!(Instant::now() < deadline, "the program did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143), "128 + SIGTERM");
+    let mut stdout = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    assert!(
+        stdout.contains(r#""type":"error""#) && stdout.contains(r#""code":143"#),
+        "{stdout}"
+    );
+    assert_eq!(
+        files_below(&sb.path("store")),
+        Vec::<std::path::PathBuf>::new(),
+        "the temporary file is gone"
+    );
+    // The program was stopped with bk-dump (an orphan is reaped by init soon after).
+    while nix::sys::signal::kill(program, None).is_ok() {
+        assert!(Instant::now() < deadline, "the program outlived bk-dump");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
