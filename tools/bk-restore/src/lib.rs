@@ -59,7 +59,7 @@ pub struct Cli {
     #[arg(last = true, value_name = "PROGRAM", requires = "to_command")]
     pub program: Vec<std::ffi::OsString>,
     /// Restore into a target that is not empty (files are overwritten, directories merged;
-    /// a SQLite file is replaced; a database is replaced: MySQL loads and checks a
+    /// a SQLite or command backup's file is replaced; a database is replaced: MySQL loads and checks a
     /// bk_restore_* copy first, then swaps its tables in with one RENAME TABLE, the old ones
     /// kept in bk_old_* until the end; with --table only those tables are replaced).
     /// PostgreSQL: loaded and checked in a new database that takes the target's name only
