@@ -520,3 +520,26 @@ fn sigterm_stops_the_program_and_removes_the_temporary_file() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// `--to -` and `--to-command` are for command backups; with `--to -` stdout stays the
+/// content's alone, even for an upstream failure (exit 1, nothing on stdout).
+#[test]
+fn stdout_and_program_targets_are_for_command_backups_only() {
+    let sb = Sandbox::new();
+    fs::create_dir(sb.path("src")).unwrap();
+    fs::write(sb.path("src/a"), "a\n").unwrap();
+    let files = sb.dump(&["files", "src", "--name", "tree"]);
+    let line = artifact_line(&files);
+    let run = sb.run_with_stdin("bk-restore", &["--to-command", "--", "cat"], &line);
+    run.failed(
+        "--to-command of a files backup",
+        64,
+        &["--to-command is for command backups"],
+    );
+    let run = sb.run_with_stdin("bk-restore", &["--to", "-"], &line);
+    assert_eq!((run.code, run.stdout.as_str()), (64, ""), "{}", run.stderr);
+    assert!(run.stderr.contains("--to - is for command backups"), "{}", run.stderr);
+    let upstream = r#"{"bk":1,"type":"error","tool":"bk-dump","name":"x","code":74,"message":"sh exited with 3"}"#;
+    let run = sb.run_with_stdin("bk-restore", &["--to", "-"], &format!("{upstream}\n"));
+    assert_eq!((run.code, run.stdout.as_str()), (1, ""), "{}", run.stderr);
+}
