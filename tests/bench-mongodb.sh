@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark: bk-dump mongodb beside a plain pymongo read of the same collections (raw BSON,
-# nothing decoded: the floor for this server), on two generated databases:
+# nothing decoded: the floor for this server), and bk-restore beside a pymongo copy of them
+# into another database (read and inserted as raw BSON), on two generated databases:
 #   bk_bench      about BENCH_MIB MiB (default 1024) of ~1 KiB documents in 8 collections;
 #   bk_bench_big  BENCH_BIG_DOCS (default 16) documents of 15 MiB, near the 16 MiB BSON limit,
 #                 the worst case for memory (each reply holds one of them).
@@ -67,14 +68,41 @@ for name in db.list_collection_names():
     for d in db[name].find().batch_size(1000):
         pass'
 
+# Every document of the database argv[1] inserted into argv[2] as raw BSON, 1000 a batch
+# (mongorestore's), as bk-restore sends them.
+pymongo_copy='
+import os, sys
+from bson import CodecOptions
+from bson.raw_bson import RawBSONDocument
+from pymongo import MongoClient
+client = MongoClient(os.environ["BK_TEST_MONGO_URL"])
+raw = CodecOptions(document_class=RawBSONDocument)
+source, target = client.get_database(sys.argv[1], codec_options=raw), client[sys.argv[2]]
+for name in source.list_collection_names():
+    batch = []
+    for d in source[name].find().batch_size(1000):
+        batch.append(d)
+        if len(batch) == 1000:
+            target[name].insert_many(batch); batch = []
+    if batch:
+        target[name].insert_many(batch)'
+drop() { "$TEST_MONGO_PYTHON" -c 'import os, sys; from pymongo import MongoClient; MongoClient(os.environ["BK_TEST_MONGO_URL"]).drop_database(sys.argv[1])' "$1"; }
+
 for database in bk_bench bk_bench_big; do
   floor=$(timed /dev/null "$TEST_MONGO_PYTHON" -c "$pymongo_read" "$database")
   rm -rf "$work/store"
   bk=$(timed "$work/records" "$bin/bk-dump" mongodb --uri "$TEST_MONGO_URL" --database "$database" --to "$work/store")
+  drop "${database}_copy"
+  copy=$(timed /dev/null "$TEST_MONGO_PYTHON" -c "$pymongo_copy" "$database" "${database}_copy")
+  drop "${database}_copy"
+  restore=$(timed /dev/null "$bin/bk-restore" --from "$work/store" --name "mongodb-$database" -q \
+    --uri "$TEST_MONGO_URL" --database "${database}_copy")
+  drop "${database}_copy"
   # The archive's uncompressed size (its documents' BSON and the archive's few headers).
   bytes=$(grep '"type":"artifact"' "$work/records" | grep -o '"content_bytes":[0-9]*' | cut -d: -f2)
   printf -- '-- %s: %.0f MiB of BSON\n' "$database" "$(awk -v b="$bytes" 'BEGIN { print b / 1048576 }')"
-  for line in "pymongo raw read (floor)|$floor" "bk-dump mongodb (zstd 3)|$bk"; do
+  for line in "pymongo raw read (floor)|$floor" "bk-dump mongodb (zstd 3)|$bk" \
+    "pymongo raw copy (floor)|$copy" "bk-restore mongodb|$restore"; do
     IFS='|' read -r label figures <<< "$line"
     read -r secs kib <<< "$figures"
     awk -v l="$label" -v s="$secs" -v k="$kib" -v b="$bytes" \

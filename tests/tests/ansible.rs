@@ -432,6 +432,11 @@ fn role_converges_and_its_jobs_and_runbook_work() {
                "retention": {"last": 2}}),
         json!({"name": "influx", "engine": "influxdb", "databases": [unique], "schedule": "50 4 * * *",
                "retention": {"last": 2}, "verify": "restore"}),
+        // A program's output; a % the cron line must escape, a marker the dump checks.
+        json!({"name": "export", "engine": "command", "schedule": "20 4 * * *", "format": "txt",
+               "command": ["sh", "-c", "printf 'row %s\\n' 1 2 3; echo '-- export complete'"],
+               "end_marker": "-- export complete", "retention": {"last": 2},
+               "restore_command": ["sh", "-c", "cat >/dev/null"]}),
     ];
     let mut vars = json!({
         "bk_install_src": snapshot_tools(&sb),
@@ -585,6 +590,7 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         ("data", "data".to_string()),
         ("mongo", format!("mongo-{unique}")),
         ("influx", format!("influx-{unique}")),
+        ("export", "export".to_string()),
     ] {
         let path = cron_dir.join(format!("bk-{job}"));
         let at = path.display().to_string();
@@ -691,6 +697,7 @@ fn role_converges_and_its_jobs_and_runbook_work() {
         "data".to_string(),
         format!("mongo-{unique}"),
         format!("influx-{unique}"),
+        "export".to_string(),
     ] {
         assert!(
             listed.contains(&name),
@@ -830,7 +837,7 @@ fn role_converges_and_its_jobs_and_runbook_work() {
     );
     let _pg_restored = pg.database(&format!("{unique}_restored"));
     let text = fs::read_to_string(&runbook).expect("the runbook");
-    for job in ["db", "pg", "data", "influx"] {
+    for job in ["db", "pg", "data", "influx", "export"] {
         for step in ["Restore", "Check"] {
             let script = runbook_blocks(&text, job, step);
             let mut sh = Command::new("/bin/sh");
@@ -1222,6 +1229,23 @@ fn role_refuses_jobs_it_cannot_run() {
             json!({"name": "m", "engine": "mongodb", "databases": ["x"], "schedule": "@daily", "verify": "restore"}),
             json!({}),
             "a mongodb job with verify: restore needs a scratch server",
+        ),
+        // A command job: its command, a format that can be part of a file name, nothing to
+        // restore a scratch copy into.
+        (
+            json!({"name": "c", "engine": "command", "schedule": "@daily"}),
+            json!({}),
+            "a command job has a command",
+        ),
+        (
+            json!({"name": "c", "engine": "command", "command": ["true"], "format": "../x", "schedule": "@daily"}),
+            json!({}),
+            "a format of a-z, 0-9 and '-'",
+        ),
+        (
+            json!({"name": "c", "engine": "command", "command": ["true"], "schedule": "@daily", "verify": "restore"}),
+            json!({}),
+            "verify integrity or none",
         ),
     ];
     let built = snapshot_tools(&sb);

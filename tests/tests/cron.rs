@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use bk_core::record::Artifact;
 use bk_tests::cron::{has_bare_percent, is_operator, parse, valid_file_name, words, CronFile, Job};
 use bk_tests::{
-    bin_dir, mysql_server, mysql_unique_name, pg_server, pg_unique_name, run_cmd, MysqlGuard, MysqlServer, PgDatabase,
-    PgServer, Receiver, Remote, Run, Sandbox,
+    bin_dir, influx_server, mysql_server, mysql_unique_name, pg_server, pg_unique_name, run_cmd, InfluxGuard,
+    InfluxServer, MysqlGuard, MysqlServer, PgDatabase, PgServer, Receiver, Remote, Run, Sandbox,
 };
 
 /// The tools whose path a job must spell out in full.
@@ -32,7 +32,7 @@ const INSTALL_DIR: &str = "/usr/local/bin/";
 
 /// The options of the tools that take a value, besides `--keep-*` (the rest of a job's words
 /// are options without a value, engines, sources and stores).
-const VALUE_OPTIONS: [&str; 28] = [
+const VALUE_OPTIONS: [&str; 29] = [
     "--to",
     "--from",
     "--name",
@@ -50,6 +50,7 @@ const VALUE_OPTIONS: [&str; 28] = [
     "--socket",
     "--host",
     "--port",
+    "--rpc-port",
     "--user",
     "--database",
     "--exclude-database",
@@ -131,6 +132,7 @@ fn cron_files_are_what_cron_accepts() {
 struct Needs {
     mysql: bool,
     pg: bool,
+    influx: bool,
     remote: bool,
 }
 
@@ -143,6 +145,7 @@ fn needs(file: &CronFile) -> Needs {
             if i > 0 && tool_name(&words[i - 1]) == Some("bk-dump") {
                 needs.mysql |= w == "mysql";
                 needs.pg |= w == "postgres";
+                needs.influx |= w == "influxdb";
             }
         }
     }
@@ -158,12 +161,13 @@ struct SandboxedFile {
     remote: Option<Remote>,
     mysql: Option<(MysqlServer, PathBuf)>,
     pg: Option<(PgServer, PathBuf)>,
+    influx: Option<InfluxServer>,
     stores: BTreeMap<String, String>,
     /// The test stores some job of the file has written to.
     filled: BTreeSet<String>,
     /// Stands for the webhook of every `--webhook @FILE`.
     receiver: Receiver,
-    databases: (Vec<MysqlGuard>, Vec<PgDatabase>),
+    databases: (Vec<MysqlGuard>, Vec<PgDatabase>, Vec<InfluxGuard>),
 }
 
 /// A job with its words replaced: the command to run and what it writes and reads.
@@ -197,6 +201,7 @@ impl SandboxedFile {
         } else {
             None
         };
+        let influx = if needs.influx { Some(influx_server()?) } else { None };
         Some(SandboxedFile {
             sandbox,
             file,
@@ -204,10 +209,11 @@ impl SandboxedFile {
             remote,
             mysql,
             pg,
+            influx,
             stores: BTreeMap::new(),
             filled: BTreeSet::new(),
             receiver: Receiver::start(&[]),
-            databases: (Vec::new(), Vec::new()),
+            databases: (Vec::new(), Vec::new(), Vec::new()),
         })
     }
 
@@ -257,9 +263,20 @@ impl SandboxedFile {
         run_cmd(cmd, stdin)
     }
 
-    /// A database with a few rows on the test server of `engine`, dropped with the sandbox.
+    /// A database with a few rows (points) on the test server of `engine`, dropped with the
+    /// sandbox.
     fn database(&mut self, engine: &str) -> String {
         let name = mysql_unique_name("bkc");
+        if engine == "influxdb" {
+            let server = self.influx.as_ref().expect("checked by needs()");
+            self.databases.2.push(server.database(&name));
+            server.write(
+                &name,
+                "autogen",
+                "cpu,host=a value=1 1000000000\ncpu,host=b value=2 2000000000\n",
+            );
+            return name;
+        }
         let sql = "CREATE TABLE items(id INTEGER PRIMARY KEY, label TEXT); \
                    INSERT INTO items VALUES (1, 'a'), (2, 'b'), (3, 'c');";
         if engine == "mysql" {
@@ -305,8 +322,11 @@ impl SandboxedFile {
 
     /// The job with its tools, stores, sources and files moved into the sandbox. A database
     /// engine gets a database of its own to back up (the examples back up every database,
-    /// which on the shared test server are other tests' too).
+    /// which on the shared test server are other tests' too, or a database of their own
+    /// named by --database), on the test server (--host, --port and --rpc-port replaced).
     fn sandboxed(&mut self, job: &Job, at: &str) -> Sandboxed {
+        let names_database = words(&job.command).iter().any(|w| w == "--database");
+        let mut database: Option<String> = None;
         let mut out = Sandboxed {
             command: String::new(),
             to: Vec::new(),
@@ -340,6 +360,15 @@ impl SandboxedFile {
                         out.name = Some(word.clone());
                         word
                     }
+                    "--database" => database.clone().unwrap_or(word),
+                    "--host" | "--port" | "--rpc-port" if engine.as_deref() == Some("influxdb") => {
+                        let server = self.influx.as_ref().expect("checked by needs()");
+                        match option.as_str() {
+                            "--host" => server.host.clone(),
+                            "--port" => server.port.to_string(),
+                            _ => server.rpc_port.to_string(),
+                        }
+                    }
                     _ => word,
                 };
             } else if let Some(name) = word
@@ -358,9 +387,12 @@ impl SandboxedFile {
                 }
             } else if tool == Some("bk-dump") && engine.is_none() {
                 engine = Some(word.clone());
-                if word == "mysql" || word == "postgres" {
-                    let database = self.database(&word);
-                    word = format!("{word} --database {database}");
+                if ["mysql", "postgres", "influxdb"].contains(&word.as_str()) {
+                    let made = self.database(&word);
+                    if !names_database {
+                        word = format!("{word} --database {made}");
+                    }
+                    database = Some(made);
                 }
             } else if let Some(engine) = &engine {
                 word = self.source(engine, &word, at);

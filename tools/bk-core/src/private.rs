@@ -34,3 +34,17 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Creates a new file (never an existing one) with mode 0600, whatever the umask.
+pub fn create_private_file(path: &Path) -> Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::create(path, e))?;
+    file.set_permissions(fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::create(path, e))?;
+    Ok(file)
+}

@@ -52,6 +52,13 @@ pub struct Source {
     /// the server (a standalone) has no snapshots and the dump is not point-in-time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistency: Option<String>,
+    /// Command backups: the program and its arguments as given (a URL's password redacted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Command backups: the text the content must end with (in its last 4 KiB), checked again
+    /// by bk-verify and bk-restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_marker: Option<String>,
 }
 
 /// The program that produced the artifact's content.

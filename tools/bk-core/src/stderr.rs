@@ -11,11 +11,22 @@ pub const TAIL: usize = 64 * 1024;
 
 /// Reads `stderr` to its end on a thread; joining gives its last [`TAIL`] bytes.
 pub fn collect_tail(stderr: ChildStderr) -> JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || read_tail(stderr, TAIL))
+    std::thread::spawn(move || read_tail(stderr, TAIL, |_| {}))
 }
 
-/// The last `keep` bytes of what `reader` gives, read to its end (or its first error).
-fn read_tail(mut reader: impl Read, keep: usize) -> Vec<u8> {
+/// As [`collect_tail`], also copying what the child says to bk's own stderr as it comes: for
+/// a program of the user's, whose warnings are the user's to read.
+pub fn relay_tail(stderr: ChildStderr) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        read_tail(stderr, TAIL, |said| {
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), said);
+        })
+    })
+}
+
+/// The last `keep` bytes of what `reader` gives, read to its end (or its first error), each
+/// piece handed to `also` as it comes.
+fn read_tail(mut reader: impl Read, keep: usize, mut also: impl FnMut(&[u8])) -> Vec<u8> {
     let mut tail = Vec::new();
     let mut buf = [0u8; 8192];
     loop {
@@ -26,6 +37,7 @@ fn read_tail(mut reader: impl Read, keep: usize) -> Vec<u8> {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => break,
         };
+        also(&buf[..n]);
         tail.extend_from_slice(&buf[..n]);
         // Trimmed now and then, not on every read.
         if tail.len() > 2 * keep {
@@ -46,7 +58,7 @@ mod tests {
     fn keeps_the_tail() {
         let text: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         for keep in [1, 10, 8192, 20_000, 100_000, 200_000] {
-            let tail = read_tail(&text[..], keep);
+            let tail = read_tail(&text[..], keep, |_| {});
             assert_eq!(tail, text[text.len().saturating_sub(keep)..], "keep {keep}");
         }
     }

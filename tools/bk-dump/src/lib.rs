@@ -14,7 +14,7 @@ use bk_core::progress::Progress;
 use bk_core::record::{Artifact, Output, Record};
 use bk_core::store::Store;
 
-use bk_engines::{files, influxdb, mongodb, mysql, postgres, sqlite, DumpJob};
+use bk_engines::{command, files, influxdb, mongodb, mysql, postgres, sqlite, DumpJob};
 
 /// Back up a source into a store.
 ///
@@ -130,10 +130,23 @@ pub enum Engine {
     /// but not yet compacted away are in the shards and come back with influxd restore, which
     /// ignores tombstones: they are counted, and a warning says how many.
     Influxdb(influxdb::DumpArgs),
+    /// Any program's stdout, e.g. pg_dumpall, slapcat, redis-cli --rdb - (--name required)
+    ///
+    /// Runs PROGRAM with its ARGS (after '--'), without a shell, in bk's environment, stdin
+    /// empty; its stdout is the artifact, its stderr goes to bk's stderr. A non-zero exit, a
+    /// signal, an empty output (unless --allow-empty) or an output whose last 4 KiB lack
+    /// --end-marker fails the backup (exit 74; 69 when the program is missing), the exit status
+    /// or the signal in the message, nothing stored. Secrets go through the environment or the
+    /// program's own files, never its arguments, which the manifest keeps (URL passwords
+    /// redacted). The file is <name>.<stamp>.<format>[.zst]. counts: {"bytes": N, "lines": M},
+    /// M the newline characters (no lines with --no-count-lines). bk-restore writes it back
+    /// with --to FILE, --to - (stdout) or --to-command -- PROGRAM ARGS.
+    Command(command::DumpArgs),
 }
 
 impl Engine {
-    fn jobs(&self, store: &dyn Store) -> Result<Vec<Box<dyn DumpJob>>> {
+    /// `name` is --name, which the command engine requires.
+    fn jobs(&self, store: &dyn Store, name: Option<&str>) -> Result<Vec<Box<dyn DumpJob>>> {
         Ok(match self {
             Engine::Files(args) => vec![Box::new(files::FilesJob::new(
                 args.clone(),
@@ -144,6 +157,7 @@ impl Engine {
             Engine::Postgres(args) => postgres::jobs(args)?,
             Engine::Mongodb(args) => mongodb::jobs(args)?,
             Engine::Influxdb(args) => influxdb::jobs(args)?,
+            Engine::Command(args) => vec![Box::new(command::CommandJob::new(args.clone(), name)?)],
         })
     }
 }
@@ -163,7 +177,7 @@ impl Engine {
             Engine::Postgres(args) => ("postgres", &args.databases),
             Engine::Mongodb(args) => ("mongodb", &args.databases),
             Engine::Influxdb(args) => ("influxdb", &args.databases),
-            Engine::Files(_) | Engine::Sqlite(_) => return Vec::new(),
+            Engine::Files(_) | Engine::Sqlite(_) | Engine::Command(_) => return Vec::new(),
         };
         if template.contains("{host}") {
             return Vec::new();
@@ -194,7 +208,7 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     }
     let base = encode_options(&cli)?;
     let store = bk_stores::open(to, &cli.s3.store_config())?;
-    let jobs = match cli.engine.jobs(store.as_ref()) {
+    let jobs = match cli.engine.jobs(store.as_ref(), cli.name.as_deref()) {
         Ok(jobs) => jobs,
         // A failure before the jobs are known (a login refused, a database missing) is said
         // for each backup the command line names, so that bk-notify can tell whose it is.

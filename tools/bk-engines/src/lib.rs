@@ -1,6 +1,7 @@
 //! bk's engines: how each kind of source is dumped and restored, shared by bk-dump,
 //! bk-restore and bk-verify. Tools that need no engine (bk-ls, ...) do not link this.
 
+pub mod command;
 pub mod conn;
 pub mod files;
 pub mod influxdb;
@@ -26,7 +27,7 @@ pub struct Dumped {
 /// One source that becomes one artifact.
 pub trait DumpJob {
     fn engine(&self) -> &'static str;
-    fn format(&self) -> &'static str;
+    fn format(&self) -> &str;
     fn default_name(&self) -> String;
     fn source(&self) -> Source;
     /// The database this job dumps, for `{database}` in a --name template.
@@ -126,6 +127,24 @@ pub fn hostname() -> String {
     nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_else(|_| "localhost".into())
+}
+
+/// A hidden name beside `target`, in its directory (made if missing), for a file written whole
+/// before it is renamed over the target: the rename is atomic within one filesystem.
+pub fn hidden_temp_beside(target: &std::path::Path) -> Result<std::path::PathBuf> {
+    let dir = match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| bk_core::error::Error::create(&dir, e))?;
+    let file_name = target
+        .file_name()
+        .ok_or_else(|| bk_core::error::Error::usage(format!("{} is not a file path", target.display())))?;
+    Ok(dir.join(format!(
+        ".{}.bk-restore-{:08x}",
+        file_name.to_string_lossy(),
+        rand::random::<u32>()
+    )))
 }
 
 /// A restore target that is a path.

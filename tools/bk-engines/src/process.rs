@@ -4,6 +4,7 @@
 
 use std::ffi::OsStr;
 use std::io::{self, Read, Write};
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
@@ -64,6 +65,15 @@ fn spawn(cmd: &mut Command) -> Result<Child> {
     })
 }
 
+/// What becomes of a program's stderr, whose tail is kept for the error message either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stderr {
+    /// Kept only: the programs bk knows, whose failures bk's own message explains.
+    Keep,
+    /// Also copied to bk's stderr as it comes: a program of the user's (the command engine).
+    Relay,
+}
+
 /// A running program: stopped with bk on SIGINT/SIGTERM, its stderr collected.
 struct Running {
     child: Child,
@@ -72,10 +82,14 @@ struct Running {
 }
 
 /// Starts `cmd`, whose stderr must be piped.
-fn start(cmd: &mut Command) -> Result<Running> {
+fn start(cmd: &mut Command, said: Stderr) -> Result<Running> {
     let mut child = spawn(cmd)?;
     let tracked = cleanup::track_child(child.id());
-    let stderr = bk_core::stderr::collect_tail(child.stderr.take().expect("stderr piped"));
+    let piped = child.stderr.take().expect("stderr piped");
+    let stderr = match said {
+        Stderr::Keep => bk_core::stderr::collect_tail(piped),
+        Stderr::Relay => bk_core::stderr::relay_tail(piped),
+    };
     Ok(Running {
         child,
         _tracked: tracked,
@@ -106,9 +120,13 @@ fn failure(cmd: &Command, status: std::process::ExitStatus, stderr: &str, classi
         .cloned()
         .collect::<Vec<_>>()
         .join(" / ");
-    let how = match status.code() {
-        Some(c) => format!("exited with {c}"),
-        None => "was killed".to_string(),
+    let how = match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exited with {c}"),
+        (None, Some(n)) => match nix::sys::signal::Signal::try_from(n) {
+            Ok(signal) => format!("was killed by signal {n} ({signal})"),
+            Err(_) => format!("was killed by signal {n}"),
+        },
+        (None, None) => "was killed".to_string(),
     };
     let message = if said.is_empty() {
         format!("{} {how}", program_name(cmd))
@@ -120,14 +138,29 @@ fn failure(cmd: &Command, status: std::process::ExitStatus, stderr: &str, classi
 
 /// Runs a dump program, passing its stdout to `observe` and then to `out`. Fails if the
 /// program exits non-zero or is killed; if writing fails, the program is killed.
-pub fn stream_from(
+pub fn stream_from(cmd: Command, out: &mut dyn Write, observe: impl FnMut(&[u8]), classify: Classify) -> Result<u64> {
+    pump(cmd, Stderr::Keep, out, observe, classify)
+}
+
+/// As [`stream_from`], for a program of the user's: its stderr also goes to bk's as it comes.
+pub fn stream_from_relaying(
+    cmd: Command,
+    out: &mut dyn Write,
+    observe: impl FnMut(&[u8]),
+    classify: Classify,
+) -> Result<u64> {
+    pump(cmd, Stderr::Relay, out, observe, classify)
+}
+
+fn pump(
     mut cmd: Command,
+    said: Stderr,
     out: &mut dyn Write,
     mut observe: impl FnMut(&[u8]),
     classify: Classify,
 ) -> Result<u64> {
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut running = start(&mut cmd)?;
+    let mut running = start(&mut cmd, said)?;
     let mut stdout = running.child.stdout.take().expect("piped");
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = 0u64;
@@ -159,19 +192,24 @@ pub fn stream_from(
 /// Runs a restore program, feeding it `input` on stdin. Fails if the program exits
 /// non-zero.
 pub fn stream_into(cmd: Command, input: &mut dyn Read, classify: Classify) -> Result<()> {
-    feed(cmd, input, classify, false)
+    feed(cmd, input, classify, false, Stderr::Keep)
+}
+
+/// As [`stream_into`], for a program of the user's: its stderr also goes to bk's as it comes.
+pub fn stream_into_relaying(cmd: Command, input: &mut dyn Read, classify: Classify) -> Result<()> {
+    feed(cmd, input, classify, false, Stderr::Relay)
 }
 
 /// As [`stream_into`], for a program that rightly stops reading once it has what it wants
 /// (pg_restore --table): a broken pipe after it succeeded is no error. The caller reads
 /// the rest of `input` to check it.
 pub fn stream_into_may_stop(cmd: Command, input: &mut dyn Read, classify: Classify) -> Result<()> {
-    feed(cmd, input, classify, true)
+    feed(cmd, input, classify, true, Stderr::Keep)
 }
 
-fn feed(mut cmd: Command, input: &mut dyn Read, classify: Classify, may_stop: bool) -> Result<()> {
+fn feed(mut cmd: Command, input: &mut dyn Read, classify: Classify, may_stop: bool, said: Stderr) -> Result<()> {
     cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
-    let mut running = start(&mut cmd)?;
+    let mut running = start(&mut cmd, said)?;
     let mut stdin = running.child.stdin.take().expect("piped");
     let fed = io::copy(input, &mut stdin);
     drop(stdin);
@@ -256,7 +294,7 @@ pub fn scan_through<S: Send + 'static>(
     classify: Classify,
 ) -> Result<S> {
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut running = start(&mut cmd)?;
+    let mut running = start(&mut cmd, Stderr::Keep)?;
     let mut stdout = running.child.stdout.take().expect("piped");
     let reader = std::thread::spawn(move || {
         let mut buf = vec![0u8; 256 * 1024];
@@ -282,4 +320,13 @@ pub fn scan_through<S: Send + 'static>(
         Ok(_) => {}
     }
     Ok(scanner)
+}
+
+/// Keeps the last `keep` bytes of a stream in `tail`, a chunk at a time: where a dump
+/// program's completion marker is.
+pub fn keep_tail(tail: &mut Vec<u8>, keep: usize, chunk: &[u8]) {
+    tail.extend_from_slice(&chunk[chunk.len().saturating_sub(keep)..]);
+    if tail.len() > keep {
+        tail.drain(..tail.len() - keep);
+    }
 }

@@ -4,9 +4,8 @@
 //! database file itself.
 
 use std::collections::BTreeMap;
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -15,9 +14,10 @@ use rusqlite::{Connection, ErrorCode, OpenFlags};
 use bk_core::codec::Decoder;
 use bk_core::error::{describe_io, from_io, Error, Kind, Result};
 use bk_core::name::sanitize;
+use bk_core::private::create_private_file;
 use bk_core::record::{Artifact, Source, ToolInfo};
 
-use crate::{count_mismatch, hostname, path_target, DumpJob, Dumped, RestoreOptions, RestoredInfo};
+use crate::{count_mismatch, hidden_temp_beside, hostname, path_target, DumpJob, Dumped, RestoreOptions, RestoredInfo};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DumpArgs {
@@ -167,19 +167,7 @@ pub fn restore(
             target.display()
         )));
     }
-    let dir = match target.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    fs::create_dir_all(&dir).map_err(|e| Error::create(&dir, e))?;
-    let file_name = target
-        .file_name()
-        .ok_or_else(|| Error::usage(format!("{} is not a file path", target.display())))?;
-    let temp = dir.join(format!(
-        ".{}.bk-restore-{:08x}",
-        file_name.to_string_lossy(),
-        rand::random::<u32>()
-    ));
+    let temp = hidden_temp_beside(target)?;
     let removed = temp.clone();
     let _remove_temp = bk_core::cleanup::on_exit(move || remove_with_side_files(&removed));
     let result = write_checked(artifact, &mut decoder, &temp)
@@ -272,14 +260,7 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 }
 
 fn write_checked(artifact: &Artifact, decoder: &mut Decoder, temp: &Path) -> Result<()> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(temp)
-        .map_err(|e| Error::create(temp, e))?;
-    file.set_permissions(fs::Permissions::from_mode(0o600))
-        .map_err(|e| Error::create(temp, e))?;
+    let mut file = create_private_file(temp)?;
     io::copy(decoder, &mut file).map_err(|e| from_io(format!("restoring {}", artifact.file), e))?;
     file.sync_all()
         .map_err(|e| Error::io(format!("writing {}", temp.display()), e))

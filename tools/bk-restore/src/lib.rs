@@ -12,7 +12,9 @@ use bk_core::progress::Progress;
 use bk_core::record::{Artifact, Output, Record, Restored};
 use bk_core::store::{Broken, Store, StoreConfig};
 
-use bk_engines::{count_mismatch, files, influxdb, mongodb, mysql, postgres, sqlite, ReadOpts, RestoreOptions};
+use bk_engines::{
+    command, count_mismatch, files, influxdb, mongodb, mysql, postgres, sqlite, ReadOpts, RestoreOptions,
+};
 
 /// Restore a backup.
 ///
@@ -44,12 +46,22 @@ pub struct Cli {
     /// YYYY-MM-DD HH:MM[:SS] in UTC, or a date: its end)
     #[arg(long, value_name = "TIME", requires = "from")]
     pub at: Option<String>,
-    /// Where to restore: a directory for files backups, a file for SQLite (database backups
-    /// go to the server the connection options name)
+    /// Where to restore: a directory for files backups, a file for SQLite and command backups
+    /// ('-': a command backup's content to stdout, which then carries nothing else: no
+    /// record, and records piped in are not passed on); database backups go to the server the
+    /// connection options name
     #[arg(long, value_name = "TARGET")]
     pub to: Option<PathBuf>,
+    /// Command backups: pipe the content into PROGRAM ARGS (after '--'), run without a
+    /// shell, its stdout discarded; the stored bytes' sha256 is checked before it starts, and
+    /// the restore fails (74) when it fails
+    #[arg(long, requires = "program", conflicts_with = "to")]
+    pub to_command: bool,
+    /// The program of --to-command and its arguments
+    #[arg(last = true, value_name = "PROGRAM", requires = "to_command")]
+    pub program: Vec<std::ffi::OsString>,
     /// Restore into a target that is not empty (files are overwritten, directories merged;
-    /// a SQLite file is replaced; a database is replaced: MySQL loads and checks a
+    /// a SQLite or command backup's file is replaced; a database is replaced: MySQL loads and checks a
     /// bk_restore_* copy first, then swaps its tables in with one RENAME TABLE, the old ones
     /// kept in bk_old_* until the end; with --table only those tables are replaced).
     /// PostgreSQL: loaded and checked in a new database that takes the target's name only
@@ -80,7 +92,18 @@ pub struct Cli {
     pub include: Vec<String>,
 }
 
-impl bk_core::cli::Tool for Cli {}
+impl bk_core::cli::Tool for Cli {
+    /// `--to -` makes stdout the restored content.
+    fn prints_records(&self) -> bool {
+        !self.to_stdout()
+    }
+}
+
+impl Cli {
+    fn to_stdout(&self) -> bool {
+        self.to.as_deref() == Some(std::path::Path::new("-"))
+    }
+}
 
 pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     let identities = cli.read.start()?;
@@ -93,7 +116,7 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
             let artifact = pick(store.as_ref(), &cli)?;
             (store, artifact)
         }
-        None => match from_stdin(out, &cli.read.s3.store_config())? {
+        None => match from_stdin(out, &cli.read.s3.store_config(), !cli.to_stdout())? {
             Some(found) => found,
             None => return Ok(()),
         },
@@ -102,9 +125,10 @@ pub fn run(cli: Cli, out: &mut Output) -> Result<()> {
     restore(store.as_ref(), &artifact, &cli, &identities, out).map_err(|e| e.named(&name))
 }
 
-/// Reads the records on stdin: passes on what is not an artifact, and returns the one
-/// artifact to restore, or none when an upstream tool failed.
-fn from_stdin(out: &mut Output, config: &StoreConfig) -> Result<Option<(Box<dyn Store>, Artifact)>> {
+/// Reads the records on stdin: passes on what is not an artifact (unless `pass_on` is false:
+/// stdout is then the restored content), and returns the one artifact to restore, or none
+/// when an upstream tool failed.
+fn from_stdin(out: &mut Output, config: &StoreConfig, pass_on: bool) -> Result<Option<(Box<dyn Store>, Artifact)>> {
     let inputs = read_stdin_records(
         out,
         "pipe an artifact record in (bk-ls STORE --latest | bk-restore ...) or use --from",
@@ -132,7 +156,11 @@ fn from_stdin(out: &mut Output, config: &StoreConfig) -> Result<Option<(Box<dyn 
         .iter()
         .filter(|i| upstream_failed || !matches!(i.record, Record::Artifact(_)))
     {
-        out.pass(input)?;
+        if pass_on {
+            out.pass(input)?;
+        } else if matches!(input.record, Record::Error(_)) {
+            out.upstream_failed();
+        }
     }
     if upstream_failed {
         eprintln!("{}: an upstream tool failed; nothing restored", out.tool());
@@ -200,10 +228,19 @@ fn restore(store: &dyn Store, artifact: &Artifact, cli: &Cli, identities: &Ident
         no_owner: cli.no_owner,
         jobs: cli.jobs,
     };
+    if (cli.to_command || cli.to_stdout()) && artifact.engine != "command" {
+        let to = if cli.to_command { "--to-command" } else { "--to -" };
+        return Err(Error::usage(format!(
+            "{} is a {} backup: {to} is for command backups",
+            artifact.id, artifact.engine
+        )));
+    }
     let is_database = matches!(artifact.engine.as_str(), "mysql" | "postgres" | "mongodb" | "influxdb");
+    let streamed_out = artifact.engine == "command" && (cli.to_command || cli.to_stdout());
     // InfluxDB: unpacked whole and checked before the server is touched (influxdb::restore).
-    if is_database && artifact.engine != "influxdb" {
-        // A database is loaded as the bytes come; check them all before touching it.
+    if (is_database && artifact.engine != "influxdb") || streamed_out {
+        // A database is loaded, a program or stdout fed, as the bytes come: check them all
+        // before the first one goes.
         check_stored(store.open(artifact)?, artifact)?;
     }
     let raw = store.open(artifact)?;
@@ -224,6 +261,18 @@ fn restore(store: &dyn Store, artifact: &Artifact, cli: &Cli, identities: &Ident
         "postgres" => postgres::restore(artifact, decoder, &options)?,
         "mongodb" => mongodb::restore(artifact, decoder, &options)?,
         "influxdb" => influxdb::restore(artifact, decoder, &options)?,
+        "command" => {
+            let file;
+            let to = if cli.to_command {
+                command::Target::Program(&cli.program)
+            } else if cli.to_stdout() {
+                command::Target::Stdout
+            } else {
+                file = target()?;
+                command::Target::File(&file)
+            };
+            command::restore(artifact, decoder, to, &options)?
+        }
         other => {
             return Err(Error::usage(format!(
                 "{}: this bk-restore cannot restore {other} backups",
@@ -234,6 +283,13 @@ fn restore(store: &dyn Store, artifact: &Artifact, cli: &Cli, identities: &Ident
     let mismatch = is_database
         .then(|| count_mismatch(&artifact.counts, &restored.counts, &options.tables))
         .flatten();
+    if cli.to_stdout() {
+        if !cli.read.quiet {
+            let counts: Vec<String> = restored.counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
+            eprintln!("bk-restore: restored {} to stdout: {}", artifact.id, counts.join(", "));
+        }
+        return Ok(());
+    }
     out.emit(&Record::Restored(Restored {
         id: artifact.id.clone(),
         name: artifact.name.clone(),

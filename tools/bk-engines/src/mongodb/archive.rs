@@ -317,6 +317,12 @@ impl<R: Read> ArchiveReader<R> {
             .collect()
     }
 
+    /// The document of the last [`Event::Document`], taken rather than copied: a restore
+    /// hands it to the driver, so that a 16 MiB document is not held twice.
+    pub fn take_document(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buffer)
+    }
+
     pub fn next_event(&mut self) -> Result<Option<Event<'_>>> {
         loop {
             match self.state {

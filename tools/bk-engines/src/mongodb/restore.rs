@@ -19,16 +19,17 @@ use bk_core::codec::Decoder;
 use bk_core::error::{Error, Result};
 use bk_core::record::Artifact;
 
-use super::archive::{ArchiveReader, Event, Namespace, MAX_DOCUMENT};
+use super::archive::{ArchiveReader, Event, Namespace};
 use super::{block, mongo_error};
 use crate::{stamped_age, stamped_name, RestoreOptions, RestoredInfo, LEFTOVER_AGE};
 
 /// The temporary collections of --replace: `<prefix><unix time>_<random>_<n>`, valid
 /// collection names on every server (letters, digits and `_`).
 const TEMPORARY_PREFIX: &str = "bk_restore_";
-/// An insert holds at most this many documents or bytes (mongorestore's batch).
+/// An insert holds at most this many documents (mongorestore's batch) or bytes (a larger
+/// document goes alone): the driver copies a batch into its message, so this is held twice.
 const BATCH_DOCUMENTS: usize = 1000;
-const BATCH_BYTES: usize = MAX_DOCUMENT;
+const BATCH_BYTES: usize = 4 << 20;
 
 /// Held while collections are renamed over the targets: a SIGINT or SIGTERM waits for the
 /// swap to end rather than stopping between a drop and a rename.
@@ -319,9 +320,9 @@ fn load(
                     insert(db, planned, &mut batch)?;
                     batch.namespace = p.index;
                 }
-                let document = RawDocumentBuf::from_bytes(bytes.to_vec())
-                    .map_err(|e| Error::data(format!("a document of {}: {e}", prelude[namespace].name())))?;
                 batch.bytes += bytes.len();
+                let document = RawDocumentBuf::from_bytes(reader.take_document())
+                    .map_err(|e| Error::data(format!("a document of {}: {e}", prelude[namespace].name())))?;
                 batch.documents.push(document);
             }
             Event::End { namespace, count } => {

@@ -10,7 +10,7 @@ use bk_core::name::sanitize;
 use bk_core::record::{Source, ToolInfo};
 
 use crate::conn::ConnArgs;
-use crate::process::{find_program, stream_from, version_line};
+use crate::process::{find_program, keep_tail, stream_from, version_line};
 use crate::{DumpJob, Dumped};
 
 use super::conn::PgConn;
@@ -195,10 +195,7 @@ fn remember_ends(start: &mut Vec<u8>, tail: &mut Vec<u8>, bytes: &[u8]) {
     if start.len() < KEEP {
         start.extend_from_slice(&bytes[..bytes.len().min(KEEP - start.len())]);
     }
-    tail.extend_from_slice(&bytes[bytes.len().saturating_sub(KEEP)..]);
-    if tail.len() > KEEP {
-        tail.drain(..tail.len() - KEEP);
-    }
+    keep_tail(tail, KEEP, bytes);
 }
 
 /// Roles and tablespaces, without passwords.

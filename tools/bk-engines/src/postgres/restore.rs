@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 
 use postgres::error::SqlState;
@@ -459,14 +458,7 @@ impl TempFile {
             artifact.id,
             rand::random::<u32>()
         ));
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| Error::create(&path, e))?;
-        f.set_permissions(fs::Permissions::from_mode(0o600))
-            .map_err(|e| Error::create(&path, e))?;
+        bk_core::private::create_private_file(&path)?;
         Ok(TempFile(path))
     }
 }
