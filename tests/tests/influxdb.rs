@@ -5,10 +5,26 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
 
 use bk_core::record::Artifact;
 use bk_tests::{artifact_line, influx_server, unique_name, InfluxServer, Sandbox};
 use serde_json::Value;
+
+/// Held by every bk-verify --scratch on the shared server: each sweeps the day-old scratch
+/// databases, which would take the one the sweep test leaves before its own run sees it.
+static SCRATCH: Mutex<()> = Mutex::new(());
+
+fn scratch_lock() -> MutexGuard<'static, ()> {
+    SCRATCH.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// bk-verify --scratch of `a` on the shared server, which must pass.
+fn verify_scratch(sb: &Sandbox, conn: &[String], a: &Artifact) -> bk_tests::Run {
+    let _lock = scratch_lock();
+    sb.run_with_stdin("bk-verify", &args(conn, &["--scratch"]), &artifact_line(a))
+        .ok()
+}
 
 /// Measurements with tags and fields of every type, sparse points, nanosecond timestamps
 /// (irregular and regular: simple8b and RLE blocks), a measurement name needing escapes,
@@ -167,9 +183,7 @@ fn round_trip_point_by_point_with_exact_counts() {
     assert_eq!(content(&server, &copy), content(&server, &db));
 
     // bk-verify at both levels; its scratch database is gone afterwards.
-    let verified = sb
-        .run_with_stdin("bk-verify", &args(&conn, &["--scratch"]), &artifact_line(&a))
-        .ok();
+    let verified = verify_scratch(&sb, &conn, &a);
     assert!(verified.stdout.contains(r#""level":"restore""#), "{}", verified.stdout);
     assert!(verified.stdout.contains(r#""ok":true"#), "{}", verified.stdout);
     assert!(
@@ -219,8 +233,7 @@ fn uncompacted_deletes_come_back_with_a_restore_and_the_dump_says_so() {
     sb.run_with_stdin("bk-restore", &args(&conn, &["--database", &copy]), &artifact_line(&a))
         .ok();
     assert_eq!(server_counts(&server, &copy), [("m".to_string(), 100)]);
-    sb.run_with_stdin("bk-verify", &args(&conn, &["--scratch"]), &artifact_line(&a))
-        .ok();
+    verify_scratch(&sb, &conn, &a);
 }
 
 #[test]
@@ -237,14 +250,14 @@ fn an_empty_database_round_trips() {
     sb.run_with_stdin("bk-restore", &args(&conn, &["--database", &copy]), &artifact_line(&a))
         .ok();
     assert!(server.databases().contains(&copy));
-    sb.run_with_stdin("bk-verify", &args(&conn, &["--scratch"]), &artifact_line(&a))
-        .ok();
+    verify_scratch(&sb, &conn, &a);
 }
 
 #[test]
 fn verify_drops_scratch_databases_a_killed_run_left() {
     let Some(server) = influx_server() else { return };
     let sb = Sandbox::new();
+    let _lock = scratch_lock();
     let db = unique_name("bk_influx_sweep_");
     let _guard = server.database(&db);
     // A day-old stamp: a killed run's leftover. A fresh one may be a running verify's.
