@@ -195,8 +195,9 @@ fn round_trip_point_by_point_with_exact_counts() {
 
 /// Deleted points not yet compacted away are still in the shard's TSM file, with a tombstone
 /// that influxd restore leaves out: they come back with a restore, so they are counted, and
-/// the dump says so. (One TSM file: no compaction can run. Overlapping blocks of several
-/// files, which the server's compactions merge at their own time, are tested in tsm.rs.)
+/// the dump says so. (One TSM file, so no level compaction; the compactor's tombstone rewrite
+/// may still come first, see below. Overlapping blocks of several files, which the server's
+/// compactions merge at their own time, are tested in tsm.rs.)
 #[test]
 fn uncompacted_deletes_come_back_with_a_restore_and_the_dump_says_so() {
     let Some(server) = influx_server() else { return };
@@ -224,15 +225,21 @@ fn uncompacted_deletes_come_back_with_a_restore_and_the_dump_says_so() {
         .run("bk-dump", &dump_args(&conn, &["--database", &db, "--to", &sb.store()]))
         .ok();
     let a = run.artifact();
-    assert_eq!(a.counts[&format!("{db}.m")], 100, "what a restore holds");
-    assert!(
-        run.stderr.contains("50 field value(s) in the backup were deleted") && run.stderr.contains("brings them back"),
-        "{}",
-        run.stderr
-    );
+    // The server's compactor may apply the tombstone (a rewrite of the file without the
+    // deleted values) between the DELETE and the backup, about once a second: then there is
+    // nothing deleted in the backup, and nothing to say. Either way the count is what a
+    // restore holds.
+    let counted = a.counts[&format!("{db}.m")];
+    let warned =
+        run.stderr.contains("50 field value(s) in the backup were deleted") && run.stderr.contains("brings them back");
+    match counted {
+        100 => assert!(warned, "{}", run.stderr),
+        50 => assert!(!run.stderr.contains("deleted"), "compacted first: {}", run.stderr),
+        other => panic!("{other} values counted, 100 (not compacted yet) or 50 expected"),
+    }
     sb.run_with_stdin("bk-restore", &args(&conn, &["--database", &copy]), &artifact_line(&a))
         .ok();
-    assert_eq!(server_counts(&server, &copy), [("m".to_string(), 100)]);
+    assert_eq!(server_counts(&server, &copy), [("m".to_string(), counted)]);
     verify_scratch(&sb, &conn, &a);
 }
 
