@@ -137,6 +137,12 @@ fn a_dump_holds_every_document_as_the_server_sent_it() {
     // nx-27017 is a standalone: no snapshot, and the dump says so.
     assert_eq!(artifact.source.consistency.as_deref(), Some("none"));
     assert!(run.stderr.contains("not point-in-time"), "{}", run.stderr);
+    // Acknowledged: the record stays, the warning goes.
+    let acknowledged = t
+        .dump(&["--uri", &t.server.url, "--database", &db.name, "--no-snapshot-ok"])
+        .ok();
+    assert_eq!(acknowledged.artifact().source.consistency.as_deref(), Some("none"));
+    assert!(!acknowledged.stderr.contains("point-in-time"), "{}", acknowledged.stderr);
     let expected = BTreeMap::from([
         (format!("{}.people", db.name), 1000),
         (format!("{}.empty", db.name), 0),

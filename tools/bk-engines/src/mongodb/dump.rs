@@ -49,6 +49,11 @@ pub struct DumpArgs {
     /// Leave out the collections (and views) whose names match this glob (repeatable)
     #[arg(long, value_name = "GLOB")]
     pub exclude_collection: Vec<String>,
+    /// A standalone server, known to have no snapshots: do not warn that the dump is not
+    /// point-in-time (its source still says "consistency": "none"), so that a cron job's mail
+    /// is only for news
+    #[arg(long)]
+    pub no_snapshot_ok: bool,
 }
 
 /// What bk learns of the server once, before the jobs.
@@ -117,6 +122,7 @@ pub fn jobs(args: &DumpArgs) -> Result<Vec<Box<dyn DumpJob>>> {
                 server: server.clone(),
                 filter: filter.clone(),
                 database,
+                warn_no_snapshot: !args.no_snapshot_ok,
             })
         })
         .collect();
@@ -156,6 +162,7 @@ pub struct MongoJob {
     server: Arc<Server>,
     filter: Arc<CollectionFilter>,
     database: String,
+    warn_no_snapshot: bool,
 }
 
 impl DumpJob for MongoJob {
@@ -182,7 +189,7 @@ impl DumpJob for MongoJob {
     }
 
     fn dump(&self, out: &mut dyn Write) -> Result<Dumped> {
-        if !self.server.snapshots {
+        if !self.server.snapshots && self.warn_no_snapshot {
             eprintln!(
                 "bk-dump: warning: {}{}: a standalone server has no snapshots: this dump of {} is not \
                  point-in-time (writes while it runs may be partly in it), as mongodump without --oplog",
