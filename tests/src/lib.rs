@@ -1472,13 +1472,25 @@ pub fn mongo_server() -> Option<MongoServer> {
     })
 }
 
-/// What every [`MongoServer::python`] script starts with: `client`, and `digests(db)`.
+/// What every [`MongoServer::python`] script starts with: `client`, `digests(db)` and
+/// `database_names()`.
 const MONGO_PYTHON_PRELUDE: &str = r#"
-import hashlib, json, os, sys
+import hashlib, json, os, sys, time
 import bson
 from bson.raw_bson import RawBSONDocument
 from pymongo import MongoClient
+from pymongo.errors import OperationFailure
 client = MongoClient(os.environ["BK_TEST_MONGO_URL"], serverSelectionTimeoutMS=10000)
+def database_names():
+    """listDatabases, again when nx-27017 fails it with "disk I/O error": it opens every
+    database's SQLite file, and one that another test drops meanwhile fails the whole list."""
+    for attempt in range(5):
+        try:
+            return client.list_database_names()
+        except OperationFailure as e:
+            if "disk I/O error" not in str(e) or attempt == 4:
+                raise
+            time.sleep(0.2)
 def digests(db):
     """Per collection of db, read raw in natural order: {"db.coll": {count, sha256}}."""
     out = {}

@@ -142,7 +142,11 @@ fn a_dump_holds_every_document_as_the_server_sent_it() {
         .dump(&["--uri", &t.server.url, "--database", &db.name, "--no-snapshot-ok"])
         .ok();
     assert_eq!(acknowledged.artifact().source.consistency.as_deref(), Some("none"));
-    assert!(!acknowledged.stderr.contains("point-in-time"), "{}", acknowledged.stderr);
+    assert!(
+        !acknowledged.stderr.contains("point-in-time"),
+        "{}",
+        acknowledged.stderr
+    );
     let expected = BTreeMap::from([
         (format!("{}.people", db.name), 1000),
         (format!("{}.empty", db.name), 0),
@@ -785,7 +789,7 @@ fn a_killed_restore_leaves_the_target_and_old_temporaries_are_dropped() {
 /// Scratch databases bk-verify left on the test server.
 fn scratch_databases(server: &MongoServer) -> Vec<String> {
     let out = server.python(
-        "print(json.dumps([d for d in client.list_database_names() if d.startswith('bk_verify_')]))",
+        "print(json.dumps([d for d in database_names() if d.startswith('bk_verify_')]))",
         &[],
     );
     serde_json::from_str(&out).expect("names")
