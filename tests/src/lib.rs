@@ -1062,6 +1062,9 @@ pub fn write_backup(store: &str, name: &str, stamp: &str) -> Artifact {
             version: bk_core::BK_VERSION.to_string(),
         },
         bk_version: bk_core::BK_VERSION.to_string(),
+        level: None,
+        parent: None,
+        chain: None,
     };
     local.put_manifest(&artifact).expect("writing the manifest");
     artifact

@@ -516,6 +516,9 @@ mod tests {
                 version: "0".into(),
             },
             bk_version: "0".into(),
+            level: None,
+            parent: None,
+            chain: None,
             location: String::new(),
         }
     }

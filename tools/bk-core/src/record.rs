@@ -34,6 +34,16 @@ pub struct Artifact {
     pub tool: ToolInfo,
     pub bk_version: String,
     pub location: String,
+    /// Incremental backups (`files --incremental`): 0 for the full a chain starts with, n for
+    /// the n-th backup after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<u32>,
+    /// Incremental backups above level 0: the id of the backup whose changes this one holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Incremental backups: the id of the full the chain starts with (its own id at level 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<String>,
 }
 
 /// Where a backup came from. Which fields are set depends on the engine.
@@ -215,7 +225,54 @@ impl Artifact {
                 self.file, self.id
             )));
         }
-        Ok(())
+        self.check_chain()
+    }
+
+    /// The chain fields of an incremental backup agree: a full (level 0) is its own chain and
+    /// has no parent; a level n > 0 names an older parent and a chain no newer than that
+    /// parent, both backups of the same name. Tools then follow `parent` without checking.
+    fn check_chain(&self) -> Result<()> {
+        let same_name_older = |field: &str, id: &str, than: &str| -> Result<()> {
+            let stamp = id.strip_prefix(&format!("{}.", self.name)).unwrap_or_default();
+            let ok = !stamp.is_empty()
+                && stamp
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                && id <= than;
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::data(format!(
+                    "field {field:?}: {id:?} is not an older backup of {:?} than {than:?}",
+                    self.name
+                )))
+            }
+        };
+        match (self.level, &self.parent, &self.chain) {
+            (None, None, None) => Ok(()),
+            (Some(0), None, Some(chain)) if *chain == self.id => Ok(()),
+            (Some(level), Some(parent), Some(chain)) if level > 0 && *parent != self.id => {
+                same_name_older("parent", parent, &self.id)?;
+                same_name_older("chain", chain, parent)?;
+                if level == 1 && chain != parent {
+                    return Err(Error::data(format!(
+                        "level 1 backup {:?}: its parent {parent:?} must be its chain's full {chain:?}",
+                        self.id
+                    )));
+                }
+                Ok(())
+            }
+            (level, parent, chain) => Err(Error::data(format!(
+                "fields \"level\", \"parent\", \"chain\": {level:?}, {parent:?}, {chain:?} do not make an \
+                 incremental backup (a full: level 0, no parent, chain its own id; above: level n, an \
+                 older parent and chain)"
+            ))),
+        }
+    }
+
+    /// Whether it belongs to an incremental chain.
+    pub fn is_incremental(&self) -> bool {
+        self.level.is_some()
     }
 }
 
@@ -619,6 +676,48 @@ mod tests {
             );
         }
         with("file", "files-etc.20261122T001500Z.tar.zst.age").unwrap();
+    }
+
+    #[test]
+    fn chain_fields_must_make_a_chain() {
+        let id = "files-etc.20261122T001500Z";
+        let with = |level: Value, parent: Value, chain: Value| {
+            let mut v: Value = serde_json::from_str(&artifact_line()).unwrap();
+            for (field, value) in [("level", level), ("parent", parent), ("chain", chain)] {
+                if !value.is_null() {
+                    v[field] = value;
+                }
+            }
+            parse_line(&v.to_string(), "m")
+        };
+        let (older, oldest) = ("files-etc.20261122T001000Z", "files-etc.20261122T000000Z");
+        let good: [(Value, Value, Value); 4] = [
+            (Value::Null, Value::Null, Value::Null),
+            (0.into(), Value::Null, id.into()),
+            (1.into(), older.into(), older.into()),
+            (5.into(), older.into(), oldest.into()),
+        ];
+        for (level, parent, chain) in good {
+            with(level.clone(), parent.clone(), chain.clone())
+                .unwrap_or_else(|e| panic!("{level} {parent} {chain}: {e}"));
+        }
+        let bad: [(Value, Value, Value); 11] = [
+            (0.into(), older.into(), id.into()),
+            (0.into(), Value::Null, older.into()),
+            (1.into(), Value::Null, older.into()),
+            (2.into(), id.into(), oldest.into()),
+            (2.into(), "files-etc.20261122T002000Z".into(), oldest.into()),
+            (2.into(), "other.20261122T001000Z".into(), oldest.into()),
+            (2.into(), "files-etc.x/../../y".into(), oldest.into()),
+            (2.into(), oldest.into(), older.into()),
+            (1.into(), older.into(), oldest.into()),
+            (Value::Null, older.into(), oldest.into()),
+            ("1".into(), older.into(), older.into()),
+        ];
+        for (level, parent, chain) in bad {
+            let e = with(level.clone(), parent.clone(), chain.clone()).unwrap_err();
+            assert_eq!(e.exit_code(), 65, "{level} {parent} {chain}: {}", e.message);
+        }
     }
 
     #[test]

@@ -311,6 +311,9 @@ fn dump_one(job: &dyn DumpJob, name: &str, store: &dyn Store, options: &EncodeOp
         counts: dumped.counts,
         tool: dumped.tool,
         bk_version: bk_core::BK_VERSION.to_string(),
+        level: None,
+        parent: None,
+        chain: None,
     };
     if let Err(e) = store.put_manifest(&artifact) {
         let _ = store.delete(&artifact);

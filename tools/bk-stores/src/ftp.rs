@@ -878,11 +878,11 @@ impl Store for FtpStore {
         Ok(listing)
     }
 
-    fn open(&self, artifact: &Artifact) -> Result<Box<dyn Read>> {
-        let doing = format!("reading {}", self.location(&artifact.name, &artifact.file));
+    fn open_file(&self, name: &str, file: &str) -> Result<Box<dyn Read>> {
+        let doing = format!("reading {}", self.location(name, file));
         let mut session = self.connect(&doing)?;
         let data = session
-            .retr_as_stream(self.path(&[&artifact.name, &artifact.file]))
+            .retr_as_stream(self.path(&[name, file]))
             .map_err(|e| fail(&doing, e, Kind::NoInput))?;
         Ok(Box::new(io::BufReader::with_capacity(
             BUFFER,

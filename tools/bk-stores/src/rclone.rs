@@ -347,9 +347,9 @@ impl Store for RcloneStore {
         ))
     }
 
-    fn open(&self, artifact: &Artifact) -> Result<Box<dyn Read>> {
-        let doing = format!("reading {}", self.location(&artifact.name, &artifact.file));
-        let reader = self.reader(&self.path(&[&artifact.name, &artifact.file]), doing)?;
+    fn open_file(&self, name: &str, file: &str) -> Result<Box<dyn Read>> {
+        let doing = format!("reading {}", self.location(name, file));
+        let reader = self.reader(&self.path(&[name, file]), doing)?;
         Ok(Box::new(io::BufReader::with_capacity(256 * 1024, reader)))
     }
 

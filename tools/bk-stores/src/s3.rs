@@ -672,10 +672,10 @@ impl Store for S3Store {
         ))
     }
 
-    fn open(&self, artifact: &Artifact) -> Result<Box<dyn Read>> {
+    fn open_file(&self, name: &str, file: &str) -> Result<Box<dyn Read>> {
         Ok(Box::new(io::BufReader::with_capacity(
             256 * 1024,
-            self.reader(&self.key(&artifact.name, &artifact.file))?,
+            self.reader(&self.key(name, file))?,
         )))
     }
 

@@ -459,10 +459,10 @@ done' sh {{}} +"#,
         ))
     }
 
-    fn open(&self, artifact: &Artifact) -> Result<Box<dyn Read>> {
-        let dir = self.dir(&artifact.name);
-        let path = format!("{dir}/{}", artifact.file);
-        let doing = format!("reading {}", self.location(&artifact.name, &artifact.file));
+    fn open_file(&self, name: &str, file: &str) -> Result<Box<dyn Read>> {
+        let dir = self.dir(name);
+        let path = format!("{dir}/{}", file);
+        let doing = format!("reading {}", self.location(name, file));
         // A symlink is not followed, and a FIFO would never end: regular files only.
         let script = format!(
             r#"{l}

@@ -336,11 +336,11 @@ impl Store for LocalStore {
         Ok(listing)
     }
 
-    fn open(&self, artifact: &Artifact) -> Result<Box<dyn Read>> {
+    fn open_file(&self, name: &str, file: &str) -> Result<Box<dyn Read>> {
         let dir = self
-            .existing_name_dir(&artifact.name, Access::Read)?
-            .ok_or_else(|| Error::no_input(format!("no backups of {} in {}", artifact.name, self.url())))?;
-        let file = open_regular(&dir.join(&artifact.file))?;
+            .existing_name_dir(name, Access::Read)?
+            .ok_or_else(|| Error::no_input(format!("no backups of {} in {}", name, self.url())))?;
+        let file = open_regular(&dir.join(file))?;
         Ok(Box::new(BufReader::with_capacity(256 * 1024, file)))
     }
 
@@ -453,6 +453,9 @@ mod tests {
                 version: "0".into(),
             },
             bk_version: "0".into(),
+            level: None,
+            parent: None,
+            chain: None,
             location: String::new(),
         }
     }

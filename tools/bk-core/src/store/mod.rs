@@ -151,7 +151,8 @@ pub fn list_name_dir(
                 .push(broken(format!("unreadable manifest: {}", e.message))),
         }
     }
-    for f in entries.keys().filter(|f| !claimed.contains(f.as_str())) {
+    let state = chain_state_file(name);
+    for f in entries.keys().filter(|f| !claimed.contains(f.as_str()) && **f != state) {
         let why = if is_temp(f) {
             "temporary file of an unfinished run"
         } else {
@@ -206,7 +207,12 @@ pub trait Store {
     fn has_manifest(&self, name: &str, id: &str) -> Result<bool>;
     /// Lists manifests, of one name or of all.
     fn list(&self, name: Option<&str>) -> Result<Listing>;
-    fn open(&self, artifact: &Artifact) -> Result<Box<dyn Read>>;
+    fn open(&self, artifact: &Artifact) -> Result<Box<dyn Read>> {
+        self.open_file(&artifact.name, &artifact.file)
+    }
+    /// Reads a file of a name's directory (an artifact's, or the chain state of incremental
+    /// backups); a missing one is an error of kind `NoInput`.
+    fn open_file(&self, name: &str, file: &str) -> Result<Box<dyn Read>>;
     /// The directory of a store on this machine's filesystem, if it is one.
     fn local_root(&self) -> Option<std::path::PathBuf> {
         None
@@ -298,6 +304,12 @@ pub fn percent_decode(s: &str) -> String {
 
 /// The largest manifest any store reads: a manifest is one line of a few kilobytes.
 pub const MAX_MANIFEST: u64 = 1 << 20;
+
+/// The file beside a name's manifests that lets `bk-dump files --incremental` continue the
+/// name's newest chain (never a manifest, never an artifact: no listing counts it).
+pub fn chain_state_file(name: &str) -> String {
+    format!("{name}.chain-state")
+}
 
 /// The manifest's file name of an artifact id.
 pub fn manifest_file(id: &str) -> String {
