@@ -1,5 +1,7 @@
 //! bk-dump: one artifact per source, streamed through the codec into a store.
 
+mod chain;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -286,13 +288,33 @@ fn dump_one(job: &dyn DumpJob, name: &str, store: &dyn Store, options: &EncodeOp
     let _lock = cli.lock.acquire(name)?;
     let started = unused_stamp(store, name)?;
     let id = artifact_id(name, started);
+    let plan = match job.full_every() {
+        Some(every) => Some(chain::plan(store, name, &job.source().paths, &every, started)?),
+        None => None,
+    };
     let file = format!("{id}.{}{}", job.format(), options.suffix());
     let upload = store.create(name, &file)?;
     let mut encoder = Encoder::new(upload, options, Progress::new(name, cli.quiet))?;
+    // GNU tar updates the snapshot file in place: a private copy, the state in the store
+    // replaced only once the backup is complete.
+    let work = plan
+        .as_ref()
+        .map(|_| bk_engines::WorkDir::new(None, "dump"))
+        .transpose()?;
     // On error the encoder, and with it the upload, is dropped: the temporary file goes.
-    let dumped = job.dump(&mut encoder)?;
+    let dumped = match (&plan, &work) {
+        (Some(plan), Some(work)) => {
+            let snapshot = work.path.join("snapshot");
+            if let Some((bytes, _)) = &plan.snapshot {
+                std::fs::write(&snapshot, bytes).map_err(|e| Error::create(&snapshot, e))?;
+            }
+            job.dump_since(&mut encoder, &snapshot, plan.snapshot.as_ref().map(|(_, s)| &s.tree))?
+        }
+        _ => job.dump(&mut encoder)?,
+    };
     let encoded = encoder.finish()?;
     encoded.inner.commit()?;
+    let (level, parent, chain) = plan.as_ref().map_or((None, None, None), |p| p.fields(&id));
     let artifact = Artifact {
         id,
         name: name.to_string(),
@@ -311,13 +333,22 @@ fn dump_one(job: &dyn DumpJob, name: &str, store: &dyn Store, options: &EncodeOp
         counts: dumped.counts,
         tool: dumped.tool,
         bk_version: bk_core::BK_VERSION.to_string(),
-        level: None,
-        parent: None,
-        chain: None,
+        level,
+        parent,
+        chain,
     };
     if let Err(e) = store.put_manifest(&artifact) {
         let _ = store.delete(&artifact);
         return Err(e);
+    }
+    if let Some(work) = &work {
+        // The backup is whole without it: only the next one becomes a full.
+        if let Err(e) = chain::write_state(store, &artifact, &work.path.join("snapshot")) {
+            eprintln!(
+                "bk-dump: warning: {name}: the chain state could not be saved, so the next backup will be a full one: {}",
+                e.message
+            );
+        }
     }
     Ok(artifact)
 }

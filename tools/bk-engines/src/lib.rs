@@ -40,6 +40,26 @@ pub trait DumpJob {
     }
     /// Writes the whole content to `out`; an error means the content is incomplete.
     fn dump(&self, out: &mut dyn Write) -> Result<Dumped>;
+    /// Incremental jobs (files --incremental): when their chains end. `None`: every backup of
+    /// the job is whole, and `dump` makes it.
+    fn full_every(&self) -> Option<files::incremental::FullEvery> {
+        None
+    }
+    /// Incremental jobs: writes what changed since GNU tar's snapshot file `snapshot`
+    /// (missing: everything, a full), which it updates; `parent` is the tree the snapshot
+    /// holds, for the counts.
+    fn dump_since(
+        &self,
+        out: &mut dyn Write,
+        snapshot: &std::path::Path,
+        parent: Option<&files::incremental::Tree>,
+    ) -> Result<Dumped> {
+        let _ = (out, snapshot, parent);
+        Err(bk_core::error::Error::usage(format!(
+            "{} backups cannot be incremental",
+            self.engine()
+        )))
+    }
 }
 
 /// The options of the tools that read backups back (bk-restore, bk-verify): where the
@@ -197,4 +217,27 @@ pub fn for_each_chunk(input: &mut dyn std::io::Read, mut each: impl FnMut(&[u8])
         each(chunk);
         Ok(())
     })
+}
+
+/// A private (0700) working directory, removed with everything in it when dropped or when a
+/// signal ends the run.
+pub struct WorkDir {
+    pub path: std::path::PathBuf,
+    _remove: bk_core::cleanup::Guard,
+}
+
+impl WorkDir {
+    /// `.bk-<purpose>-<random>` in `parent`, or $TMPDIR.
+    pub fn new(parent: Option<&std::path::Path>, purpose: &str) -> Result<Self> {
+        let parent = parent.map_or_else(std::env::temp_dir, std::path::Path::to_path_buf);
+        let path = parent.join(format!(".bk-{purpose}-{:016x}", rand::random::<u64>()));
+        bk_core::private::create_private_dir(&path)?;
+        let removed = path.clone();
+        let remove = bk_core::cleanup::on_exit(move || {
+            if let Err(e) = std::fs::remove_dir_all(&removed) {
+                eprintln!("bk: warning: could not remove {}: {e}", removed.display());
+            }
+        });
+        Ok(WorkDir { path, _remove: remove })
+    }
 }

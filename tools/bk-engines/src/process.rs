@@ -6,7 +6,7 @@ use std::ffi::OsStr;
 use std::io::{self, Read, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
 
 use bk_core::cleanup;
@@ -139,7 +139,20 @@ fn failure(cmd: &Command, status: std::process::ExitStatus, stderr: &str, classi
 /// Runs a dump program, passing its stdout to `observe` and then to `out`. Fails if the
 /// program exits non-zero or is killed; if writing fails, the program is killed.
 pub fn stream_from(cmd: Command, out: &mut dyn Write, observe: impl FnMut(&[u8]), classify: Classify) -> Result<u64> {
-    pump(cmd, Stderr::Keep, out, observe, classify)
+    pump(cmd, Stderr::Keep, out, observe, classify, ExitStatus::success)
+}
+
+/// As [`stream_from_relaying`], for GNU tar --create, whose exit status 1 says that a file
+/// changed while it was read (relayed on stderr): the archive is complete all the same.
+pub fn stream_from_tar(
+    cmd: Command,
+    out: &mut dyn Write,
+    observe: impl FnMut(&[u8]),
+    classify: Classify,
+) -> Result<u64> {
+    pump(cmd, Stderr::Relay, out, observe, classify, |s| {
+        s.success() || s.code() == Some(1)
+    })
 }
 
 /// As [`stream_from`], for a program of the user's: its stderr also goes to bk's as it comes.
@@ -149,7 +162,7 @@ pub fn stream_from_relaying(
     observe: impl FnMut(&[u8]),
     classify: Classify,
 ) -> Result<u64> {
-    pump(cmd, Stderr::Relay, out, observe, classify)
+    pump(cmd, Stderr::Relay, out, observe, classify, ExitStatus::success)
 }
 
 fn pump(
@@ -158,6 +171,7 @@ fn pump(
     out: &mut dyn Write,
     mut observe: impl FnMut(&[u8]),
     classify: Classify,
+    succeeded: fn(&ExitStatus) -> bool,
 ) -> Result<u64> {
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut running = start(&mut cmd, said)?;
@@ -183,7 +197,7 @@ fn pump(
     drop(stdout);
     let (status, stderr) = running.wait(&cmd)?;
     pumped?;
-    if !status.success() {
+    if !succeeded(&status) {
         return Err(failure(&cmd, status, &stderr, classify));
     }
     Ok(total)

@@ -13,8 +13,9 @@ use bk_core::error::{from_io, Error, Result};
 use bk_core::name::sanitize;
 use bk_core::record::{Source, ToolInfo};
 
-use super::{classify, gives_up, is_backup_file, is_shard, tsm, InfluxOpts, Server, WorkDir, INTERNAL_DATABASE};
+use super::{classify, gives_up, is_backup_file, is_shard, tsm, InfluxOpts, Server, INTERNAL_DATABASE};
 use crate::process::{find_program, output_of, run_watched};
+use crate::WorkDir;
 use crate::{DumpJob, Dumped};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -116,7 +117,7 @@ impl DumpJob for InfluxJob {
     }
 
     fn dump(&self, out: &mut dyn Write) -> Result<Dumped> {
-        let work = WorkDir::new(None, "dump")?;
+        let work = WorkDir::new(None, "influxdb-dump")?;
         let backup = work.path.join("backup");
         let shards = work.path.join("shard");
         bk_core::private::create_private_dir(&shards)?;

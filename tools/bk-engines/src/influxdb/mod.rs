@@ -18,9 +18,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::WorkDir;
 use bk_core::codec::Decoder;
 use bk_core::error::{Error, Kind, Result};
-use bk_core::private::{check_private_file, create_private_dir};
+use bk_core::private::check_private_file;
 use bk_core::record::Artifact;
 
 use crate::RestoreOptions;
@@ -273,29 +274,6 @@ fn gives_up(line: &str) -> bool {
     line.contains("connection refused") && line.contains("retrying")
 }
 
-/// A private (0700) temporary directory, removed with everything in it when dropped, or on
-/// SIGINT/SIGTERM.
-struct WorkDir {
-    path: PathBuf,
-    _remove: bk_core::cleanup::Guard,
-}
-
-impl WorkDir {
-    /// In `parent`, or $TMPDIR.
-    fn new(parent: Option<&Path>, purpose: &str) -> Result<Self> {
-        let parent = parent.map_or_else(std::env::temp_dir, Path::to_path_buf);
-        let path = parent.join(format!(".bk-influxdb-{purpose}-{:016x}", rand::random::<u64>()));
-        create_private_dir(&path)?;
-        let removed = path.clone();
-        let remove = bk_core::cleanup::on_exit(move || {
-            if let Err(e) = std::fs::remove_dir_all(&removed) {
-                eprintln!("bk: warning: could not remove {}: {e}", removed.display());
-            }
-        });
-        Ok(WorkDir { path, _remove: remove })
-    }
-}
-
 /// A file of a portable backup: `<stamp>.meta`, `<stamp>.manifest` or `<stamp>.s<N>.tar.gz`.
 fn is_backup_file(name: &str) -> bool {
     !name.is_empty()
@@ -403,7 +381,7 @@ impl<R: Read> Read for Tee<'_, R> {
 /// gzip, tar, TSM index and block CRCs read, and its field values counted.
 /// The shards' TSM files are extracted one shard at a time into `scratch_dir`.
 pub fn derive_counts(artifact: &Artifact, decoder: &mut Decoder, scratch_dir: &Path) -> Result<BTreeMap<String, u64>> {
-    let work = WorkDir::new(Some(scratch_dir), "verify")?;
+    let work = WorkDir::new(Some(scratch_dir), "influxdb-verify")?;
     unpack(artifact, decoder, None, &work.path)
 }
 

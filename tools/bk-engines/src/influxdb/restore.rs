@@ -14,8 +14,9 @@ use bk_core::codec::Decoder;
 use bk_core::error::{Error, Kind, Result};
 use bk_core::record::Artifact;
 
-use super::{classify, gives_up, unpack, Server, WorkDir};
+use super::{classify, gives_up, unpack, Server};
 use crate::process::{find_program, run_watched};
+use crate::WorkDir;
 use crate::{count_mismatch, stamped_name, RestoreOptions, RestoredInfo};
 
 pub fn restore(artifact: &Artifact, mut decoder: Decoder, opts: &RestoreOptions) -> Result<RestoredInfo> {
@@ -38,7 +39,7 @@ pub fn restore(artifact: &Artifact, mut decoder: Decoder, opts: &RestoreOptions)
             "InfluxDB database {target} exists; pass --replace to replace it"
         )));
     }
-    let work = WorkDir::new(None, "restore")?;
+    let work = WorkDir::new(None, "influxdb-restore")?;
     let files = work.path.join("backup");
     let shards = work.path.join("shard");
     bk_core::private::create_private_dir(&files)?;

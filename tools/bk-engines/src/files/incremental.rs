@@ -1,0 +1,534 @@
+//! `files --incremental`: chains of GNU tar `--listed-incremental` dumps. GNU tar is the
+//! trusted implementation of its own format: it writes every piece (so that `tar --extract
+//! --listed-incremental=/dev/null`, piece after piece, restores a chain without bk) and
+//! extracts them again. bk keeps GNU tar's snapshot file between runs, reads every piece as
+//! it passes (entries, the listing of each directory), counts what changed, and checks
+//! pieces and chains against their manifests.
+//!
+//! A piece holds every directory of the tree as a GNU "dumpdir" entry: the names the
+//! directory held at that time, each flagged `Y` (its content is in this piece), `N` (it is
+//! unchanged, in an older piece) or `D` (a directory); plus `R`/`T` pairs for renamed
+//! directories. The snapshot file holds the same listings. So one piece's listings are the
+//! whole tree at its time, and two successive ones tell what was added, changed and deleted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use bk_core::codec::Decoder;
+use bk_core::error::{Error, Kind, Result};
+use bk_core::record::Artifact;
+use bk_core::retention::{Span, Zone};
+
+use super::{bad_entry, check_entry_name, for_each_tar_entry, staged_path, tar_error};
+use crate::process::{self, find_program};
+
+/// When a chain ends: the next backup is a full (level 0).
+#[derive(Debug, Clone, PartialEq)]
+pub enum FullEvery {
+    /// After this many backups in the chain, the full included (`24`: a full and 23 more).
+    Backups(u32),
+    /// Once the chain's full is this old (`7d`, `24h`).
+    Age(Span),
+}
+
+impl std::str::FromStr for FullEvery {
+    type Err = String;
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        if let Ok(n) = text.trim().parse::<u32>() {
+            return match n {
+                0 => Err("--full-every 0: give a number of backups of 1 or more, or a duration such as 7d".into()),
+                n => Ok(FullEvery::Backups(n)),
+            };
+        }
+        Span::parse(text).map(FullEvery::Age)
+    }
+}
+
+/// A cron job's start drifts by seconds: a full due "every 7d" comes in the same hour as the
+/// last one, not an hour later.
+const CRON_DRIFT: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
+
+impl FullEvery {
+    /// Why a chain whose full is `full` and whose newest backup is at `level` ends now, if it does.
+    pub fn ends(&self, full: &Artifact, level: u32, now: chrono::DateTime<chrono::Utc>) -> Result<Option<String>> {
+        Ok(match self {
+            FullEvery::Backups(n) if level + 1 >= *n => Some(format!(
+                "the chain of {} holds {} backups (--full-every {n})",
+                full.id,
+                level + 1
+            )),
+            FullEvery::Backups(_) => None,
+            FullEvery::Age(span) => {
+                let due = span.before(now, &Zone::parse("UTC").map_err(|e| Error::new(Kind::Io, e))?) + CRON_DRIFT;
+                (full.made_at()? <= due)
+                    .then(|| format!("the chain's full {} is older than {span} (--full-every)", full.id))
+            }
+        })
+    }
+}
+
+/// The directories of a tree, each with its GNU dumpdir (the names it holds, flagged).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Tree {
+    /// Directory path as tar names it (no leading or trailing '/') -> its raw dumpdir.
+    dirs: HashMap<Vec<u8>, Vec<u8>>,
+}
+
+/// The entries of a raw dumpdir: (flag, name), up to its empty terminating entry.
+fn dumpdir_entries(raw: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    raw.split(|b| *b == 0)
+        .take_while(|e| !e.is_empty())
+        .map(|e| (e[0], &e[1..]))
+}
+
+/// The file names (not directories) of a dumpdir, with their flags.
+fn files_of(raw: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    dumpdir_entries(raw).filter(|(flag, _)| matches!(flag, b'Y' | b'N'))
+}
+
+impl Tree {
+    fn insert(&mut self, dir: &[u8], dumpdir: Vec<u8>) {
+        let dir = dir.strip_suffix(b"/").unwrap_or(dir);
+        self.dirs.insert(dir.to_vec(), dumpdir);
+    }
+
+    /// The number of files (everything but directories) in the tree.
+    pub fn files(&self) -> u64 {
+        self.dirs.values().map(|d| files_of(d).count() as u64).sum()
+    }
+
+    /// The directories, as relative paths.
+    pub fn dirs(&self) -> impl Iterator<Item = &Path> {
+        use std::os::unix::ffi::OsStrExt;
+        self.dirs.keys().map(|d| Path::new(std::ffi::OsStr::from_bytes(d)))
+    }
+}
+
+/// The counts of a piece: `entries` (tar members), and files `added`, `changed` (stored again)
+/// and `deleted` since `parent`'s tree (all files are added in a full), and the `files` of the
+/// tree at its time, which a restore of the chain holds. Directories are not counted as
+/// files; a renamed directory's files count as deleted and added, though not stored again.
+pub fn counts(parent: Option<&Tree>, tree: &Tree, entries: u64) -> BTreeMap<String, u64> {
+    let empty = Tree::default();
+    let parent = parent.unwrap_or(&empty);
+    let (mut added, mut changed, mut deleted) = (0u64, 0u64, 0u64);
+    for (dir, now) in &tree.dirs {
+        let before: HashMap<&[u8], u8> = parent
+            .dirs
+            .get(dir)
+            .map(|d| files_of(d).map(|(f, n)| (n, f)).collect())
+            .unwrap_or_default();
+        let mut present = 0u64;
+        for (flag, name) in files_of(now) {
+            match before.get(name) {
+                None => added += 1,
+                Some(_) => {
+                    present += 1;
+                    if flag == b'Y' {
+                        changed += 1;
+                    }
+                }
+            }
+        }
+        deleted += before.len() as u64 - present;
+    }
+    for (dir, then) in &parent.dirs {
+        if !tree.dirs.contains_key(dir) {
+            deleted += files_of(then).count() as u64;
+        }
+    }
+    BTreeMap::from([
+        (super::ENTRIES.to_string(), entries),
+        ("added".to_string(), added),
+        ("changed".to_string(), changed),
+        ("deleted".to_string(), deleted),
+        ("files".to_string(), tree.files()),
+    ])
+}
+
+/// GNU tar's snapshot file (format 2): when its dump started, and its tree.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Seconds since the epoch.
+    pub started: i64,
+    pub tree: Tree,
+}
+
+/// Reads a snapshot file of GNU tar's format 2 (`GNU tar-<version>-2`, then NUL-terminated
+/// fields: the dump's start, and for each directory nfs, mtime, dev, inode, name and its
+/// dumpdir). `what` names it in errors (65: not one bk can continue from).
+pub fn parse_snapshot(bytes: &[u8], what: &str) -> Result<Snapshot> {
+    let bad = |why: &str| Error::data(format!("{what}: {why}: not a GNU tar snapshot of format 2"));
+    let header_end = bytes
+        .iter()
+        .position(|b| *b == b'\n')
+        .ok_or_else(|| bad("no header line"))?;
+    let header = &bytes[..header_end];
+    if !header.starts_with(b"GNU tar-") || !header.ends_with(b"-2") {
+        return Err(bad("its header is not 'GNU tar-VERSION-2'"));
+    }
+    let mut rest = &bytes[header_end + 1..];
+    // The next NUL-terminated field; None at the end of the file.
+    let mut field = || -> Option<&[u8]> {
+        let end = rest.iter().position(|b| *b == 0)?;
+        let (f, after) = (&rest[..end], &rest[end + 1..]);
+        rest = after;
+        Some(f)
+    };
+    let number = |f: Option<&[u8]>, name: &str| -> Result<i64> {
+        f.and_then(|f| std::str::from_utf8(f).ok()?.parse().ok())
+            .ok_or_else(|| bad(&format!("its {name} is not a number")))
+    };
+    let started = number(field(), "start time")?;
+    number(field(), "start time's nanoseconds")?;
+    let mut tree = Tree::default();
+    // Each directory: nfs, mtime (two fields), dev, inode, name, then its dumpdir up to its
+    // empty entry, then an empty field.
+    while let Some(nfs) = field() {
+        let record: Vec<&[u8]> = std::iter::once(Some(nfs))
+            .chain((0..5).map(|_| field()))
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad("a directory's record is cut short"))?;
+        let name = record[5];
+        let mut dumpdir = Vec::new();
+        loop {
+            let entry = field().ok_or_else(|| bad("a dumpdir is cut short"))?;
+            dumpdir.extend_from_slice(entry);
+            dumpdir.push(0);
+            if entry.is_empty() {
+                break;
+            }
+        }
+        // ... and one more NUL ends the directory's record.
+        if field() != Some(&[][..]) {
+            return Err(bad("a directory's record does not end with two NULs"));
+        }
+        check_dumpdir(&dumpdir).map_err(|why| bad(&format!("directory {:?}: {why}", String::from_utf8_lossy(name))))?;
+        tree.insert(name, dumpdir);
+    }
+    if !rest.is_empty() {
+        return Err(bad("it ends in the middle of a field"));
+    }
+    Ok(Snapshot { started, tree })
+}
+
+/// A dumpdir names what its directory holds by plain names (never '/', '.' or '..') and
+/// renames by relative paths; anything else is not GNU tar's.
+fn check_dumpdir(raw: &[u8]) -> std::result::Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    if !raw.ends_with(b"\0") || (raw.len() > 1 && !raw.ends_with(b"\0\0")) {
+        return Err("its dumpdir does not end with an empty entry".into());
+    }
+    let mut renaming = false;
+    for (flag, name) in dumpdir_entries(raw) {
+        let bad = || {
+            format!(
+                "its dumpdir holds {:?}",
+                String::from_utf8_lossy(&[&[flag], name].concat())
+            )
+        };
+        match flag {
+            b'Y' | b'N' | b'D' if !renaming => {
+                if name.is_empty() || name.contains(&b'/') || name == b"." || name == b".." {
+                    return Err(bad());
+                }
+            }
+            b'R' | b'X' if !renaming || flag == b'X' => {
+                if !name.is_empty() {
+                    staged_path(Path::new(""), Path::new(std::ffi::OsStr::from_bytes(name)))
+                        .map_err(|why| format!("{}: {why}", bad()))?;
+                }
+                renaming = flag == b'R';
+            }
+            b'T' if renaming => {
+                if !name.is_empty() {
+                    staged_path(Path::new(""), Path::new(std::ffi::OsStr::from_bytes(name)))
+                        .map_err(|why| format!("{}: {why}", bad()))?;
+                }
+                renaming = false;
+            }
+            _ => return Err(bad()),
+        }
+    }
+    if renaming {
+        return Err("its dumpdir has a rename without its target".into());
+    }
+    Ok(())
+}
+
+/// What reading a piece found.
+pub struct Piece {
+    pub entries: u64,
+    pub tree: Tree,
+}
+
+/// Reads a piece to its end: every entry's name checked as bk-verify checks a full's, each
+/// dumpdir checked and kept. `file` names the artifact in errors (65 for what GNU tar never
+/// writes).
+pub fn scan_piece(file: &str, input: &mut dyn Read) -> Result<Piece> {
+    let mut piece = Piece {
+        entries: 0,
+        tree: Tree::default(),
+    };
+    let mut symlinks = std::collections::HashSet::new();
+    for_each_tar_entry(file, input, |entry| {
+        let path = entry.path_bytes().into_owned();
+        let name = || Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&path)).to_path_buf();
+        check_entry_name(entry, &mut symlinks).map_err(|why| bad_entry(file, &name(), why))?;
+        piece.entries += 1;
+        if entry.header().entry_type() == tar::EntryType::new(b'D') {
+            // A dumpdir lists names: a few bytes per file of the directory.
+            let mut dumpdir = Vec::new();
+            entry.read_to_end(&mut dumpdir).map_err(|e| tar_error(file, e))?;
+            check_dumpdir(&dumpdir).map_err(|why| bad_entry(file, &name(), why))?;
+            piece.tree.insert(&path, dumpdir);
+        } else {
+            io::copy(entry, &mut io::sink()).map_err(|e| tar_error(file, e))?;
+        }
+        Ok(())
+    })?;
+    if piece.tree.dirs.is_empty() && piece.entries > 0 {
+        return Err(Error::data(format!(
+            "{file}: no directory of it is a GNU incremental one (dumpdir): not a piece of an incremental chain"
+        )));
+    }
+    Ok(piece)
+}
+
+/// The counts a piece's manifest must have, given its parent's tree; 65 when they differ.
+pub fn check_piece(artifact: &Artifact, parent: Option<&Tree>, piece: &Piece) -> Result<()> {
+    let found = counts(parent, &piece.tree, piece.entries);
+    if found != artifact.counts {
+        let show = |c: &BTreeMap<String, u64>| c.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ");
+        return Err(Error::data(format!(
+            "{}: the piece holds {}; its manifest says {}",
+            artifact.file,
+            show(&found),
+            show(&artifact.counts)
+        )));
+    }
+    Ok(())
+}
+
+/// GNU tar, which writes and extracts the pieces.
+pub fn gnu_tar() -> Result<PathBuf> {
+    let tar = find_program(&["tar"], "tar (GNU tar)")?;
+    let version = process::version_line(&tar);
+    if !version.contains("GNU tar") {
+        return Err(Error::unavailable(format!(
+            "{} is not GNU tar ({version:?}): incremental backups need GNU tar",
+            tar.display()
+        )));
+    }
+    Ok(tar)
+}
+
+/// tar's exit status 2 is a fatal error; what it says decides the kind.
+fn classify(stderr: &str) -> Kind {
+    if stderr.contains("Cannot open") && stderr.contains("Permission denied") {
+        Kind::NoPerm
+    } else {
+        Kind::Io
+    }
+}
+
+/// The `tar --create` of one piece: named by path without the leading '/', sparse files
+/// kept sparse, GNU format (the one whose dumpdirs GNU tar extracts).
+pub fn create_command(
+    tar: &Path,
+    snapshot: &Path,
+    roots: &[PathBuf],
+    excludes: &[String],
+    one_file_system: bool,
+) -> Command {
+    let mut cmd = Command::new(tar);
+    cmd.args(["--create", "--file=-", "--format=gnu", "--sparse", "--numeric-owner"])
+        .arg(format!("--listed-incremental={}", snapshot.display()))
+        .args(["--directory=/", "--no-wildcards-match-slash", "--wildcards"]);
+    if one_file_system {
+        cmd.arg("--one-file-system");
+    }
+    for pattern in excludes {
+        // A GLOB with '/' names whole paths (anchored at the root), one without it names
+        // files anywhere, as bk-dump files --exclude does.
+        match pattern.strip_prefix('/') {
+            Some(path) => cmd.args(["--anchored", &format!("--exclude={path}")]),
+            None if pattern.contains('/') => cmd.args(["--anchored", &format!("--exclude={pattern}")]),
+            None => cmd.args(["--no-anchored", &format!("--exclude={pattern}")]),
+        };
+    }
+    // The paths are names, not patterns (with --wildcards on, GNU tar would take them as
+    // patterns and write no dumpdirs).
+    cmd.args(["--no-wildcards", "--"]);
+    for root in roots {
+        let relative = root.strip_prefix("/").unwrap_or(root);
+        cmd.arg(if relative.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            relative
+        });
+    }
+    cmd
+}
+
+/// Runs `tar --create`, its output into `out`, and reads the same bytes as they pass.
+/// GNU tar's exit status 1 (a file changed while it was read) leaves a valid piece: its
+/// warnings were relayed to stderr.
+pub fn dump_piece(cmd: Command, out: &mut dyn io::Write) -> Result<Piece> {
+    let (reader, mut writer) = io::pipe().map_err(|e| Error::io("creating a pipe", e))?;
+    let scanner = std::thread::spawn(move || {
+        let mut reader = reader;
+        let scanned = scan_piece("the tar output", &mut reader);
+        // Drained, so that the writer never waits on a scanner that stopped.
+        let _ = io::copy(&mut reader, &mut io::sink());
+        scanned
+    });
+    let dumped = process::stream_from_tar(
+        cmd,
+        out,
+        |chunk| {
+            let _ = io::Write::write_all(&mut writer, chunk);
+        },
+        classify,
+    );
+    drop(writer);
+    let scanned = scanner
+        .join()
+        .map_err(|_| Error::new(Kind::Io, "the tar reader panicked"))?;
+    dumped?;
+    scanned
+}
+
+/// Extracts one piece into `staging` with GNU tar as it is decoded, reading the same bytes to
+/// check them: the stored bytes' sha256 first, then the piece's entries and counts (against
+/// `parent`, the tree before it), then tar's own success. Returns the piece's tree.
+pub fn extract_piece(
+    tar: &Path,
+    artifact: &Artifact,
+    mut decoder: Decoder,
+    staging: &Path,
+    parent: Option<&Tree>,
+) -> Result<Tree> {
+    let (reader, writer) = io::pipe().map_err(|e| Error::io("creating a pipe", e))?;
+    let file = artifact.file.clone();
+    let scanner = std::thread::spawn(move || {
+        let mut reader = reader;
+        let scanned = scan_piece(&file, &mut reader);
+        let _ = io::copy(&mut reader, &mut io::sink());
+        scanned
+    });
+    let mut cmd = Command::new(tar);
+    cmd.args([
+        "--extract",
+        "--file=-",
+        "--listed-incremental=/dev/null",
+        "--preserve-permissions",
+        "--numeric-owner",
+    ])
+    .arg(format!("--directory={}", staging.display()));
+    if !nix::unistd::geteuid().is_root() {
+        cmd.arg("--no-same-owner");
+    }
+    let mut tee = Tee {
+        input: &mut decoder,
+        copy: Some(writer),
+    };
+    let extracted = process::stream_into(cmd, &mut tee, classify);
+    // tar may stop early: the rest still goes through the checks.
+    let rest = io::copy(&mut tee, &mut io::sink());
+    drop(tee);
+    let scanned = scanner
+        .join()
+        .map_err(|_| Error::new(Kind::Io, "the tar reader panicked"));
+    rest.map_err(|e| super::tar_error(&artifact.file, e))?;
+    decoder.finish(artifact)?;
+    let piece = scanned??;
+    check_piece(artifact, parent, &piece)?;
+    extracted.map_err(|e| e.context(format!("extracting {}", artifact.file)))?;
+    Ok(piece.tree)
+}
+
+/// Passes `input` on, copying every byte read into `copy` too (while it takes them).
+struct Tee<'a> {
+    input: &'a mut dyn Read,
+    copy: Option<io::PipeWriter>,
+}
+
+impl Read for Tee<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.input.read(buf)?;
+        if let Some(copy) = &mut self.copy {
+            if io::Write::write_all(copy, &buf[..n]).is_err() {
+                self.copy = None;
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(dirs: &[(&str, &str)]) -> Tree {
+        let mut t = Tree::default();
+        for (dir, entries) in dirs {
+            let mut raw: Vec<u8> = entries
+                .split(' ')
+                .filter(|e| !e.is_empty())
+                .flat_map(|e| [e.as_bytes(), b"\0"].concat())
+                .collect();
+            raw.push(0);
+            t.insert(dir.as_bytes(), raw);
+        }
+        t
+    }
+
+    #[test]
+    fn counts_tell_added_changed_and_deleted_files() {
+        let full = tree(&[("srv", "Da Yx Yy"), ("srv/a", "Yf Yg")]);
+        let c = counts(None, &full, 7);
+        assert_eq!(
+            (c["added"], c["changed"], c["deleted"], c["files"], c["entries"]),
+            (4, 0, 0, 4, 7)
+        );
+        // y changed, x unchanged, g deleted, h added, a renamed to b (f moves: deleted + added).
+        let next = tree(&[("srv", "Db Nx Yy Yz"), ("srv/b", "Nf Yh")]);
+        let c = counts(Some(&full), &next, 5);
+        assert_eq!((c["added"], c["changed"], c["deleted"], c["files"]), (3, 1, 2, 5));
+    }
+
+    #[test]
+    fn snapshots_of_gnu_tar_parse_and_hostile_ones_are_refused() {
+        let good = b"GNU tar-1.34-2\n1796335153\x00668938434\x000\x001796335153\x00664549459\x0065024\x0010060777\x00tmp/inc/src\x00Dd1\x00Yn\x00\x00\x000\x001\x002\x003\x004\x00tmp/inc/src/d1\x00Ya\x00\x00\x00";
+        let s = parse_snapshot(good, "state").unwrap();
+        assert_eq!(s.started, 1796335153);
+        assert_eq!(s.tree.files(), 2);
+        let empty_dir = b"GNU tar-1.34-2\n1\x002\x000\x001\x002\x003\x004\x00d\x00\x00\x00";
+        assert_eq!(parse_snapshot(empty_dir, "state").unwrap().tree.dirs.len(), 1);
+        for bad in [
+            &b"GNU tar-1.34-1\n1\x002\x00"[..],
+            b"GNU tar-1.34-2\n1\x00",
+            b"GNU tar-1.34-2\nx\x002\x00",
+            b"GNU tar-1.34-2\n1\x002\x000\x001\x002\x003\x004\x00d\x00Y../x\x00\x00\x00",
+            b"GNU tar-1.34-2\n1\x002\x000\x001\x002\x003\x004\x00d\x00Ya/b\x00\x00\x00",
+            b"GNU tar-1.34-2\n1\x002\x000\x001\x002\x003\x004\x00d\x00R/etc\x00Tx\x00\x00\x00",
+            b"GNU tar-1.34-2\n1\x002\x000\x001\x002\x003\x004\x00d\x00Qx\x00\x00\x00",
+            b"GNU tar-1.34-2\n1\x002\x000\x001\x002\x003\x004\x00d\x00Yx\x00",
+            b"GNU tar-1.34-2\n1\x002\x000\x001\x002\x003\x004\x00d\x00Yx\x00\x00",
+        ] {
+            let e = parse_snapshot(bad, "state").unwrap_err();
+            assert_eq!(e.exit_code(), 65, "{:?}: {}", String::from_utf8_lossy(bad), e.message);
+        }
+    }
+
+    #[test]
+    fn full_every_is_a_count_or_a_duration() {
+        assert_eq!("24".parse::<FullEvery>(), Ok(FullEvery::Backups(24)));
+        assert!(matches!("7d".parse::<FullEvery>(), Ok(FullEvery::Age(_))));
+        assert!("0".parse::<FullEvery>().is_err());
+        assert!("soon".parse::<FullEvery>().is_err());
+    }
+}
