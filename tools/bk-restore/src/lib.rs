@@ -243,8 +243,7 @@ fn restore(store: &dyn Store, artifact: &Artifact, cli: &Cli, identities: &Ident
         // before the first one goes.
         check_stored(store.open(artifact)?, artifact)?;
     }
-    let raw = store.open(artifact)?;
-    let decoder = Decoder::new(raw, artifact, identities, Progress::new(&artifact.name, cli.read.quiet))?;
+    let open = |a: &Artifact| Decoder::new(store.open(a)?, a, identities, Progress::new(&a.name, cli.read.quiet));
     let target = || -> Result<PathBuf> {
         let to = cli.to.as_ref().ok_or_else(|| {
             Error::usage(format!(
@@ -255,12 +254,16 @@ fn restore(store: &dyn Store, artifact: &Artifact, cli: &Cli, identities: &Ident
         std::path::absolute(to).map_err(|e| Error::io(to.display(), e))
     };
     let restored = match artifact.engine.as_str() {
-        "files" => files::restore(artifact, decoder, &target()?, &options)?,
-        "sqlite" => sqlite::restore(artifact, decoder, &target()?, &options)?,
-        "mysql" => mysql::restore(artifact, decoder, &options)?,
-        "postgres" => postgres::restore(artifact, decoder, &options)?,
-        "mongodb" => mongodb::restore(artifact, decoder, &options)?,
-        "influxdb" => influxdb::restore(artifact, decoder, &options)?,
+        "files" if artifact.is_incremental() => {
+            let chain = files::incremental::chain_of(store, artifact)?;
+            files::restore_chain(&chain, open, &target()?, &options)?
+        }
+        "files" => files::restore(artifact, open(artifact)?, &target()?, &options)?,
+        "sqlite" => sqlite::restore(artifact, open(artifact)?, &target()?, &options)?,
+        "mysql" => mysql::restore(artifact, open(artifact)?, &options)?,
+        "postgres" => postgres::restore(artifact, open(artifact)?, &options)?,
+        "mongodb" => mongodb::restore(artifact, open(artifact)?, &options)?,
+        "influxdb" => influxdb::restore(artifact, open(artifact)?, &options)?,
         "command" => {
             let file;
             let to = if cli.to_command {
@@ -271,7 +274,7 @@ fn restore(store: &dyn Store, artifact: &Artifact, cli: &Cli, identities: &Ident
                 file = target()?;
                 command::Target::File(&file)
             };
-            command::restore(artifact, decoder, to, &options)?
+            command::restore(artifact, open(artifact)?, to, &options)?
         }
         other => {
             return Err(Error::usage(format!(

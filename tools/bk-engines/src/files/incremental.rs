@@ -19,6 +19,7 @@ use std::process::Command;
 use bk_core::codec::Decoder;
 use bk_core::error::{Error, Kind, Result};
 use bk_core::record::Artifact;
+use bk_core::store::Store;
 use bk_core::retention::{Span, Zone};
 
 use super::{bad_entry, check_entry_name, for_each_tar_entry, staged_path, tar_error};
@@ -106,6 +107,9 @@ impl Tree {
     }
 }
 
+/// The counts key of the files a tree holds: a restore of the chain holds as many.
+pub const FILES: &str = "files";
+
 /// The counts of a piece: `entries` (tar members), and files `added`, `changed` (stored again)
 /// and `deleted` since `parent`'s tree (all files are added in a full), and the `files` of the
 /// tree at its time, which a restore of the chain holds. Directories are not counted as
@@ -144,7 +148,7 @@ pub fn counts(parent: Option<&Tree>, tree: &Tree, entries: u64) -> BTreeMap<Stri
         ("added".to_string(), added),
         ("changed".to_string(), changed),
         ("deleted".to_string(), deleted),
-        ("files".to_string(), tree.files()),
+        (FILES.to_string(), tree.files()),
     ])
 }
 
@@ -310,6 +314,33 @@ pub fn check_piece(artifact: &Artifact, parent: Option<&Tree>, piece: &Piece) ->
         )));
     }
     Ok(())
+}
+
+/// The chain of `artifact` as `store`'s manifests give it, its full first and `artifact`
+/// last: 66 when a piece is missing (a chain without it cannot be restored), 65 when the
+/// manifests do not make one chain.
+pub fn chain_of(store: &dyn Store, artifact: &Artifact) -> Result<Vec<Artifact>> {
+    let listing = store.list(Some(&artifact.name))?;
+    let mut chain = vec![artifact.clone()];
+    while let Some(parent) = chain.last().and_then(|a| a.parent.clone()) {
+        let child = chain.last().expect("not empty");
+        let Some(found) = listing.artifacts.iter().find(|a| a.id == parent) else {
+            let why = match listing.broken.iter().find(|b| b.id == parent) {
+                Some(b) => return Err(b.error().context(format!("{} builds on {parent}", child.id))),
+                None => format!("{} builds on {parent}, which is not in {}", child.id, store.url()),
+            };
+            return Err(Error::no_input(format!("{why}: the chain cannot be restored")));
+        };
+        if found.chain != child.chain || found.level.map(|l| l + 1) != child.level {
+            return Err(Error::data(format!(
+                "{} (level {:?} of chain {:?}) builds on {parent}, which is level {:?} of chain {:?}: not one chain",
+                child.id, child.level, child.chain, found.level, found.chain
+            )));
+        }
+        chain.push(found.clone());
+    }
+    chain.reverse();
+    Ok(chain)
 }
 
 /// GNU tar, which writes and extracts the pieces.

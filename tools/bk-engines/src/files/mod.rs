@@ -409,6 +409,93 @@ impl Read for ExactSize<'_> {
 /// checked (sha256, entry count), then moved into place.
 pub fn restore(artifact: &Artifact, decoder: Decoder, target: &Path, opts: &RestoreOptions) -> Result<RestoredInfo> {
     let include = PathGlobs::new(&opts.include, "--include")?;
+    let counts = into_target(target, opts, |staging| {
+        let (entries, archived_dirs) = unpack(artifact, decoder, staging, &include)?;
+        check_entries(artifact, entries, include.empty)?;
+        Ok((BTreeMap::from([(ENTRIES.to_string(), entries)]), archived_dirs))
+    })?;
+    Ok(RestoredInfo {
+        target: path_target(target),
+        counts,
+        complete: include.empty,
+    })
+}
+
+/// Restores an incremental chain (`chain`: the full first, the backup to restore last) into
+/// `target`: every piece extracted in order by GNU tar into a staging directory (which
+/// deletes what each piece's listings no longer hold), each checked as it passes (sha256,
+/// entries, counts against the tree before it), then the files counted against the last
+/// manifest, then moved into place. `open` opens a piece's stored bytes.
+pub fn restore_chain(
+    chain: &[Artifact],
+    mut open: impl FnMut(&Artifact) -> Result<Decoder>,
+    target: &Path,
+    opts: &RestoreOptions,
+) -> Result<RestoredInfo> {
+    let include = PathGlobs::new(&opts.include, "--include")?;
+    let tar = incremental::gnu_tar()?;
+    let newest = chain.last().expect("a chain holds its backup");
+    let counts = into_target(target, opts, |staging| {
+        let mut tree = None;
+        for piece in chain {
+            tree = Some(incremental::extract_piece(&tar, piece, open(piece)?, staging, tree.as_ref())?);
+        }
+        let tree = tree.expect("a chain holds its backup");
+        if !include.empty {
+            keep_only(staging, staging, &include)?;
+        }
+        let files = count_files(staging)?;
+        let expected = newest.counts.get(incremental::FILES).copied();
+        if include.empty && expected != Some(files) {
+            return Err(Error::data(format!(
+                "{}: the restored chain holds {files} files, the manifest says {}",
+                newest.id,
+                expected.map_or("none".into(), |n| n.to_string())
+            )));
+        }
+        let archived_dirs = tree.dirs().map(|d| staging.join(d)).collect();
+        Ok((BTreeMap::from([(incremental::FILES.to_string(), files)]), archived_dirs))
+    })?;
+    Ok(RestoredInfo {
+        target: path_target(target),
+        counts,
+        complete: include.empty,
+    })
+}
+
+/// Removes from `dir` (inside `staging`) every file that `include` does not match;
+/// directories stay, as a partial restore of a full keeps them.
+fn keep_only(staging: &Path, dir: &Path, include: &PathGlobs) -> Result<()> {
+    for path in list_dir(dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e))? {
+        let meta = fs::symlink_metadata(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        if meta.is_dir() {
+            keep_only(staging, &path, include)?;
+        } else if !include.matches(&Path::new("/").join(path.strip_prefix(staging).expect("below the staging directory"))) {
+            fs::remove_file(&path).map_err(|e| Error::io(format!("removing {}", path.display()), e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Everything below `dir` that is not a directory.
+fn count_files(dir: &Path) -> Result<u64> {
+    let mut files = 0;
+    for path in list_dir(dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e))? {
+        let meta = fs::symlink_metadata(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        files += if meta.is_dir() { count_files(&path)? } else { 1 };
+    }
+    Ok(files)
+}
+
+/// Restores into `target` through a staging directory inside it that `fill` fills and
+/// checks, returning the counts and the staged directories the backup holds; then moves what
+/// it holds into place. A target that is not empty is refused without --replace; whatever
+/// fails, the staging directory goes and the target is as it was.
+fn into_target(
+    target: &Path,
+    opts: &RestoreOptions,
+    fill: impl FnOnce(&Path) -> Result<(BTreeMap<String, u64>, HashSet<PathBuf>)>,
+) -> Result<BTreeMap<String, u64>> {
     // The target and its missing parents, innermost first: removed again if the restore fails.
     let created: Vec<&Path> = target
         .ancestors()
@@ -435,26 +522,17 @@ pub fn restore(artifact: &Artifact, decoder: Decoder, target: &Path, opts: &Rest
     create_private_dir(target)?;
     let staging = target.join(format!(".bk-restore-{:08x}", rand::random::<u32>()));
     create_private_dir(&staging)?;
-    let unpacked = unpack(artifact, decoder, &staging, &include);
-    let result = unpacked.and_then(|(entries, archived_dirs)| {
-        check_entries(artifact, entries, include.empty)?;
+    let result = fill(&staging).and_then(|(counts, archived_dirs)| {
         merge_into(&staging, target, &archived_dirs)?;
-        Ok(entries)
+        Ok(counts)
     });
     let _ = remove_tree(&staging);
-    match result {
-        Ok(entries) => Ok(RestoredInfo {
-            target: path_target(target),
-            counts: BTreeMap::from([(ENTRIES.to_string(), entries)]),
-            complete: include.empty,
-        }),
-        Err(e) => {
-            for dir in created {
-                let _ = fs::remove_dir(dir);
-            }
-            Err(e)
+    if result.is_err() {
+        for dir in created {
+            let _ = fs::remove_dir(dir);
         }
     }
+    result
 }
 
 fn check_entries(artifact: &Artifact, found: u64, complete: bool) -> Result<()> {
