@@ -378,6 +378,11 @@ impl<'a> Verifier<'a> {
     }
 
     fn decode(&self, store: &dyn Store, artifact: &Artifact) -> Result<BTreeMap<String, u64>> {
+        if artifact.is_incremental() {
+            // Every piece it builds on is read and checked too: it restores only with them.
+            let chain = files::incremental::chain_of(store, artifact)?;
+            return files::incremental::derive_chain_counts(&chain, |a| self.decoder(store, a));
+        }
         let mut decoder = self.decoder(store, artifact)?;
         let counts = match artifact.engine.as_str() {
             "files" => files::derive_counts(artifact, &mut decoder)?,
@@ -404,17 +409,19 @@ impl<'a> Verifier<'a> {
         let engine = artifact.engine.clone();
         self.sweep(&engine)?;
         let scratch = scratch_name();
-        let decoder = self.decoder(store, artifact)?;
         let mut options = self.restore_options.clone();
         match engine.as_str() {
             "files" | "sqlite" => {
                 let target = self.scratch_dir().join(&scratch);
                 let removed = target.clone();
                 let _remove = bk_core::cleanup::on_exit(move || remove_path(&removed));
-                let restored = if engine == "files" {
-                    files::restore(artifact, decoder, &target, &options)?
+                let restored = if artifact.is_incremental() {
+                    let chain = files::incremental::chain_of(store, artifact)?;
+                    files::restore_chain(&chain, |a| self.decoder(store, a), &target, &options)?
+                } else if engine == "files" {
+                    files::restore(artifact, self.decoder(store, artifact)?, &target, &options)?
                 } else {
-                    sqlite::restore(artifact, decoder, &target, &options)?
+                    sqlite::restore(artifact, self.decoder(store, artifact)?, &target, &options)?
                 };
                 Ok((scratch, restored.counts))
             }
@@ -437,6 +444,7 @@ impl<'a> Verifier<'a> {
                         );
                     }
                 });
+                let decoder = self.decoder(store, artifact)?;
                 let restored = match artifact.engine.as_str() {
                     "mysql" => mysql::restore(artifact, decoder, &options)?,
                     "postgres" => postgres::restore(artifact, decoder, &options)?,
@@ -550,7 +558,15 @@ fn differences(artifact: &Artifact, found: &BTreeMap<String, u64>, scratch: Opti
             .collect(),
         _ => found.clone(),
     };
-    let expected = &artifact.counts;
+    // A restored chain is a tree of files: what the pieces add, change and delete is checked
+    // as each one passes.
+    let expected: BTreeMap<String, u64> = artifact
+        .counts
+        .iter()
+        .filter(|(k, _)| !(artifact.is_incremental() && scratch.is_some()) || *k == files::incremental::FILES)
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    let expected = &expected;
     let keys: std::collections::BTreeSet<&String> = expected.keys().chain(found.keys()).collect();
     keys.into_iter()
         .filter(|k| expected.get(*k) != found.get(*k))

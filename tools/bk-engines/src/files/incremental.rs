@@ -19,8 +19,8 @@ use std::process::Command;
 use bk_core::codec::Decoder;
 use bk_core::error::{Error, Kind, Result};
 use bk_core::record::Artifact;
-use bk_core::store::Store;
 use bk_core::retention::{Span, Zone};
+use bk_core::store::Store;
 
 use super::{bad_entry, check_entry_name, for_each_tar_entry, staged_path, tar_error};
 use crate::process::{self, find_program};
@@ -341,6 +341,27 @@ pub fn chain_of(store: &dyn Store, artifact: &Artifact) -> Result<Vec<Artifact>>
     }
     chain.reverse();
     Ok(chain)
+}
+
+/// Reads every piece of `chain` (its full first), each checked against its manifest but the
+/// last, whose counts (against the tree before it) are returned for the caller to compare.
+pub fn derive_chain_counts(
+    chain: &[Artifact],
+    mut open: impl FnMut(&Artifact) -> Result<Decoder>,
+) -> Result<BTreeMap<String, u64>> {
+    let mut tree = None;
+    for (i, piece) in chain.iter().enumerate() {
+        let mut decoder = open(piece)?;
+        let scanned = scan_piece(&piece.file, &mut decoder)?;
+        decoder.finish(piece)?;
+        if i + 1 == chain.len() {
+            return Ok(counts(tree.as_ref(), &scanned.tree, scanned.entries));
+        }
+        check_piece(piece, tree.as_ref(), &scanned)
+            .map_err(|e| e.context(format!("{} builds on {}", chain[chain.len() - 1].id, piece.id)))?;
+        tree = Some(scanned.tree);
+    }
+    unreachable!("a chain holds its backup")
 }
 
 /// GNU tar, which writes and extracts the pieces.

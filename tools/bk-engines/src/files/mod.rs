@@ -438,7 +438,13 @@ pub fn restore_chain(
     let counts = into_target(target, opts, |staging| {
         let mut tree = None;
         for piece in chain {
-            tree = Some(incremental::extract_piece(&tar, piece, open(piece)?, staging, tree.as_ref())?);
+            tree = Some(incremental::extract_piece(
+                &tar,
+                piece,
+                open(piece)?,
+                staging,
+                tree.as_ref(),
+            )?);
         }
         let tree = tree.expect("a chain holds its backup");
         if !include.empty {
@@ -470,7 +476,9 @@ fn keep_only(staging: &Path, dir: &Path, include: &PathGlobs) -> Result<()> {
         let meta = fs::symlink_metadata(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
         if meta.is_dir() {
             keep_only(staging, &path, include)?;
-        } else if !include.matches(&Path::new("/").join(path.strip_prefix(staging).expect("below the staging directory"))) {
+        } else if !include
+            .matches(&Path::new("/").join(path.strip_prefix(staging).expect("below the staging directory")))
+        {
             fs::remove_file(&path).map_err(|e| Error::io(format!("removing {}", path.display()), e))?;
         }
     }
