@@ -17,15 +17,15 @@ use sha2::{Digest, Sha256};
 use bk_core::error::{from_io, Error, Kind, Result};
 use bk_core::record::Artifact;
 use bk_core::store::{chain_state_file, Store};
-use bk_engines::files::incremental::{parse_snapshot, FullEvery, Snapshot};
+use bk_engines::files::incremental::{parse_snapshot, FullEvery, Snapshot, Tree};
 
 /// What the next backup of an incremental name is.
 pub struct Plan {
     pub level: u32,
     /// The backup it builds on, and that backup's chain; `None` for a full.
     pub parent: Option<(String, String)>,
-    /// The snapshot file to continue from (`None`: a full), and what it holds.
-    pub snapshot: Option<(Vec<u8>, Snapshot)>,
+    /// The snapshot file to continue from (`None`: a full), and the tree it stands for.
+    pub snapshot: Option<(Vec<u8>, Tree)>,
 }
 
 impl Plan {
@@ -51,8 +51,11 @@ impl Plan {
 struct StateHeader {
     /// The backup whose dump left this snapshot.
     follows: String,
-    /// Of the snapshot bytes after the line.
+    /// Of the bytes after the line: the snapshot file, then the paths it lists that are not
+    /// in the backup (excluded, unreadable), each ended by a NUL.
     sha256: String,
+    /// The size of the snapshot file.
+    snapshot_bytes: usize,
 }
 
 /// Decides what the next backup of `name` is. An unexpected full (the state lost, damaged or
@@ -63,7 +66,11 @@ pub fn plan(store: &dyn Store, name: &str, paths: &[String], every: &FullEvery, 
         eprintln!("bk-dump: {name}: this backup is a full one (level 0): {why}");
         Ok(Plan::full())
     };
-    let listing = store.list(Some(name))?;
+    let listing = match store.list(Some(name)) {
+        // The store is made by the first backup's upload.
+        Err(e) if e.kind == Kind::NoInput => return Ok(Plan::full()),
+        listed => listed?,
+    };
     let Some(newest) = listing.artifacts.last() else {
         return Ok(Plan::full());
     };
@@ -101,7 +108,7 @@ pub fn plan(store: &dyn Store, name: &str, paths: &[String], every: &FullEvery, 
             }
         });
     }
-    let (bytes, snapshot) = match read_state(store, name, &newest.id) {
+    let (bytes, snapshot, absent) = match read_state(store, name, &newest.id) {
         Ok(Some(state)) => state,
         Ok(None) => {
             return unexpected(format!(
@@ -126,13 +133,15 @@ pub fn plan(store: &dyn Store, name: &str, paths: &[String], every: &FullEvery, 
     Ok(Plan {
         level: level + 1,
         parent: Some((newest.id.clone(), chain.clone())),
-        snapshot: Some((bytes, snapshot)),
+        snapshot: Some((bytes, snapshot.tree(&absent))),
     })
 }
 
 /// The snapshot of the state file, if there is one and it follows `newest`; a state that
 /// does not (a killed run's, an older one) or is damaged is bad data (65).
-fn read_state(store: &dyn Store, name: &str, newest: &str) -> Result<Option<(Vec<u8>, Snapshot)>> {
+type State = (Vec<u8>, Snapshot, std::collections::HashSet<Vec<u8>>);
+
+fn read_state(store: &dyn Store, name: &str, newest: &str) -> Result<Option<State>> {
     let file = chain_state_file(name);
     let mut input = match store.open_file(name, &file) {
         Ok(input) => input,
@@ -150,8 +159,8 @@ fn read_state(store: &dyn Store, name: &str, newest: &str) -> Result<Option<(Vec
         .ok_or_else(|| Error::data(format!("{file} has no header line")))?;
     let header: StateHeader = serde_json::from_slice(&bytes[..line_end])
         .map_err(|e| Error::data(format!("{file}: its header line is not bk's: {e}")))?;
-    let snapshot = bytes.split_off(line_end + 1);
-    if hex::encode(Sha256::digest(&snapshot)) != header.sha256 {
+    let mut snapshot = bytes.split_off(line_end + 1);
+    if hex::encode(Sha256::digest(&snapshot)) != header.sha256 || header.snapshot_bytes > snapshot.len() {
         return Err(Error::data(format!(
             "{file}: its sha256 is not the one its header says"
         )));
@@ -162,16 +171,29 @@ fn read_state(store: &dyn Store, name: &str, newest: &str) -> Result<Option<(Vec
             header.follows
         )));
     }
+    let absent = snapshot.split_off(header.snapshot_bytes);
+    let absent = absent
+        .split(|b| *b == 0)
+        .filter(|p| !p.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect();
     let parsed = parse_snapshot(&snapshot, &file)?;
-    Ok(Some((snapshot, parsed)))
+    Ok(Some((snapshot, parsed, absent)))
 }
 
-/// Saves the snapshot file that the dump of `artifact` left at `snapshot` as the name's state.
-pub fn write_state(store: &dyn Store, artifact: &Artifact, snapshot: &Path) -> Result<()> {
-    let bytes = std::fs::read(snapshot).map_err(|e| Error::io(format!("reading {}", snapshot.display()), e))?;
+/// Saves the snapshot file that the dump of `artifact` left at `snapshot`, and what of it
+/// `tree` (the tree after the dump) does not hold, as the name's state.
+pub fn write_state(store: &dyn Store, artifact: &Artifact, snapshot: &Path, tree: &Tree) -> Result<()> {
+    let mut bytes = std::fs::read(snapshot).map_err(|e| Error::io(format!("reading {}", snapshot.display()), e))?;
+    let snapshot_bytes = bytes.len();
+    for path in tree.absent_from(&parse_snapshot(&bytes, "the new snapshot")?.listing) {
+        bytes.extend(path);
+        bytes.push(0);
+    }
     let header = StateHeader {
         follows: artifact.id.clone(),
         sha256: hex::encode(Sha256::digest(&bytes)),
+        snapshot_bytes,
     };
     let file = chain_state_file(&artifact.name);
     let mut upload = store.create(&artifact.name, &file)?;

@@ -302,15 +302,16 @@ fn dump_one(job: &dyn DumpJob, name: &str, store: &dyn Store, options: &EncodeOp
         .map(|_| bk_engines::WorkDir::new(None, "dump"))
         .transpose()?;
     // On error the encoder, and with it the upload, is dropped: the temporary file goes.
-    let dumped = match (&plan, &work) {
+    let (dumped, tree) = match (&plan, &work) {
         (Some(plan), Some(work)) => {
             let snapshot = work.path.join("snapshot");
             if let Some((bytes, _)) = &plan.snapshot {
                 std::fs::write(&snapshot, bytes).map_err(|e| Error::create(&snapshot, e))?;
             }
-            job.dump_since(&mut encoder, &snapshot, plan.snapshot.as_ref().map(|(_, s)| &s.tree))?
+            let (dumped, tree) = job.dump_since(&mut encoder, &snapshot, plan.snapshot.as_ref().map(|(_, t)| t))?;
+            (dumped, Some(tree))
         }
-        _ => job.dump(&mut encoder)?,
+        _ => (job.dump(&mut encoder)?, None),
     };
     let encoded = encoder.finish()?;
     encoded.inner.commit()?;
@@ -341,9 +342,9 @@ fn dump_one(job: &dyn DumpJob, name: &str, store: &dyn Store, options: &EncodeOp
         let _ = store.delete(&artifact);
         return Err(e);
     }
-    if let Some(work) = &work {
+    if let (Some(work), Some(tree)) = (&work, &tree) {
         // The backup is whole without it: only the next one becomes a full.
-        if let Err(e) = chain::write_state(store, &artifact, &work.path.join("snapshot")) {
+        if let Err(e) = chain::write_state(store, &artifact, &work.path.join("snapshot"), tree) {
             eprintln!(
                 "bk-dump: warning: {name}: the chain state could not be saved, so the next backup will be a full one: {}",
                 e.message

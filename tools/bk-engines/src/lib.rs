@@ -47,13 +47,13 @@ pub trait DumpJob {
     }
     /// Incremental jobs: writes what changed since GNU tar's snapshot file `snapshot`
     /// (missing: everything, a full), which it updates; `parent` is the tree the snapshot
-    /// holds, for the counts.
+    /// stands for. Returns the tree after this backup too.
     fn dump_since(
         &self,
         out: &mut dyn Write,
         snapshot: &std::path::Path,
         parent: Option<&files::incremental::Tree>,
-    ) -> Result<Dumped> {
+    ) -> Result<(Dumped, files::incremental::Tree)> {
         let _ = (out, snapshot, parent);
         Err(bk_core::error::Error::usage(format!(
             "{} backups cannot be incremental",

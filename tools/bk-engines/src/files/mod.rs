@@ -158,7 +158,12 @@ impl DumpJob for FilesJob {
         })
     }
 
-    fn dump_since(&self, out: &mut dyn Write, snapshot: &Path, parent: Option<&incremental::Tree>) -> Result<Dumped> {
+    fn dump_since(
+        &self,
+        out: &mut dyn Write,
+        snapshot: &Path,
+        parent: Option<&incremental::Tree>,
+    ) -> Result<(Dumped, incremental::Tree)> {
         let tar = incremental::gnu_tar()?;
         // GNU tar archives a symlink named as a path as a link: bk-dump follows it.
         let roots = self
@@ -170,14 +175,16 @@ impl DumpJob for FilesJob {
         excludes.extend(self.skip.iter().map(|p| p.display().to_string()));
         let cmd = incremental::create_command(&tar, snapshot, &roots, &excludes, self.args.one_file_system);
         let piece = incremental::dump_piece(cmd, out)?;
+        let tree = incremental::Tree::after(parent, &piece.listing, &piece.members);
         let version = crate::process::version_line(&tar);
-        Ok(Dumped {
-            counts: incremental::counts(parent, &piece.tree, piece.entries),
+        let dumped = Dumped {
+            counts: incremental::counts(parent, &piece, &tree),
             tool: ToolInfo {
                 program: "tar".into(),
                 version: version.rsplit(' ').next().unwrap_or_default().to_string(),
             },
-        })
+        };
+        Ok((dumped, tree))
     }
 
     fn dump(&self, out: &mut dyn Write) -> Result<Dumped> {
