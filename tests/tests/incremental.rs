@@ -84,6 +84,20 @@ fn restore_with_gnu_tar(pieces: &[Artifact], target: &Path) {
     }
 }
 
+/// The README's loop that restores a chain with GNU tar alone, for the chain `chain` of the
+/// store directory `dir`, into `target`.
+fn readme_chain_loop(dir: &Path, chain: &str, target: &Path) -> String {
+    let readme = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let start = readme
+        .find("cd ../moodledata; for id in")
+        .expect("the README's chain loop");
+    let end = start + readme[start..].find("; done").expect("its end") + "; done".len();
+    readme[start..end]
+        .replace("../moodledata", s(dir))
+        .replace("moodledata.20261130T000500Z", chain)
+        .replace("/dest", s(target))
+}
+
 /// A tree with one of everything tar keeps: files, a sparse file, hard links, a symlink, a
 /// FIFO, empty and nested directories.
 fn first_tree(src: &Path) {
@@ -103,8 +117,8 @@ fn first_tree(src: &Path) {
     fs::create_dir(src.join("e")).unwrap();
     nix::unistd::mkfifo(&src.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o640)).unwrap();
     let sparse = fs::File::create(src.join("sparse")).unwrap();
-    sparse.set_len(64 << 20).unwrap();
-    std::os::unix::fs::FileExt::write_at(&sparse, b"the middle", 32 << 20).unwrap();
+    sparse.set_len(8 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_at(&sparse, b"the middle", 4 << 20).unwrap();
 }
 
 /// The changes between the backups of a chain, one step each.
@@ -127,7 +141,7 @@ fn change(src: &Path, step: usize) {
             write_files(src, &[("f/y", "a file replaced by a directory")]);
             fs::hard_link(src.join("h1"), src.join("a/h3")).unwrap();
             let sparse = fs::OpenOptions::new().write(true).open(src.join("sparse")).unwrap();
-            std::os::unix::fs::FileExt::write_at(&sparse, b"THE MIDDLE", 32 << 20).unwrap();
+            std::os::unix::fs::FileExt::write_at(&sparse, b"THE MIDDLE", 4 << 20).unwrap();
         }
         _ => {
             fs::remove_file(src.join("d2")).unwrap();
@@ -207,6 +221,16 @@ fn every_point_of_a_chain_restores_exactly_with_bk_and_with_gnu_tar_alone() {
             &format!("GNU tar's restore of point {i}"),
         );
     }
+    // The README's loop restores the whole chain as bk-restore of its newest backup does.
+    let by_readme = sb.path("readme");
+    fs::create_dir(&by_readme).unwrap();
+    let script = readme_chain_loop(&sb.path("store/fs"), &points[0].0.id, &by_readme);
+    output_of(Command::new("sh").args(["-ec", &script]));
+    assert_same_tree(
+        &points[3].1,
+        &tree_digest(&restored_root(&by_readme, &src)),
+        "the README's loop",
+    );
     // The sparse file stays sparse.
     let sparse = restored_root(&sb.path("bk-3"), &src).join("sparse");
     let blocks = std::os::unix::fs::MetadataExt::blocks(&fs::metadata(&sparse).unwrap());
