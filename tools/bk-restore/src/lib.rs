@@ -256,7 +256,13 @@ fn restore(store: &dyn Store, artifact: &Artifact, cli: &Cli, identities: &Ident
     let restored = match artifact.engine.as_str() {
         "files" if artifact.is_incremental() => {
             let chain = files::incremental::chain_of(store, artifact)?;
-            files::restore_chain(&chain, open, &target()?, &options)?
+            files::restore_chain(
+                &chain,
+                open,
+                &target()?,
+                &options,
+                files::incremental::Hashing::NamesOnly,
+            )?
         }
         "files" => files::restore(artifact, open(artifact)?, &target()?, &options)?,
         "sqlite" => sqlite::restore(artifact, open(artifact)?, &target()?, &options)?,

@@ -417,7 +417,13 @@ impl<'a> Verifier<'a> {
                 let _remove = bk_core::cleanup::on_exit(move || remove_path(&removed));
                 let restored = if artifact.is_incremental() {
                     let chain = files::incremental::chain_of(store, artifact)?;
-                    files::restore_chain(&chain, |a| self.decoder(store, a), &target, &options)?
+                    files::restore_chain(
+                        &chain,
+                        |a| self.decoder(store, a),
+                        &target,
+                        &options,
+                        files::incremental::Hashing::Contents,
+                    )?
                 } else if engine == "files" {
                     files::restore(artifact, self.decoder(store, artifact)?, &target, &options)?
                 } else {

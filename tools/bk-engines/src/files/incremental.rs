@@ -358,16 +358,165 @@ pub struct Piece {
     pub listing: Listing,
     /// The paths of the members that are not directories: the files it holds.
     pub members: HashSet<Vec<u8>>,
+    /// With `Hashing::Contents`: what each member holds, and its hard links (path, target).
+    contents: HashMap<Vec<u8>, Content>,
+    hard_links: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Whether reading a piece also hashes what its files hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hashing {
+    NamesOnly,
+    Contents,
+}
+
+/// What a file of a tree holds, as a piece stores it and as a restore leaves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Content {
+    Data {
+        size: u64,
+        sha256: [u8; 32],
+    },
+    Symlink(Vec<u8>),
+    /// A FIFO or a device node: its kind only.
+    Special,
+}
+
+impl std::fmt::Display for Content {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Content::Data { size, sha256 } => write!(f, "{size} bytes, sha256 {}", hex::encode(&sha256[..8])),
+            Content::Symlink(target) => write!(f, "a symlink to {:?}", String::from_utf8_lossy(target)),
+            Content::Special => f.write_str("a FIFO or device"),
+        }
+    }
+}
+
+/// What every file of a chain's tree holds, piece after piece: for bk-verify to compare a
+/// restored tree with the pieces it came from.
+#[derive(Debug, Default)]
+pub struct Contents(HashMap<Vec<u8>, Content>);
+
+impl Contents {
+    /// Adds what `piece` stores, moves what renamed directories hold, and keeps only the
+    /// files of `tree`, the tree after it.
+    fn apply(&mut self, piece: &Piece, tree: &Tree) {
+        for (from, to) in piece.listing.renames() {
+            let moved: Vec<Vec<u8>> = self
+                .0
+                .keys()
+                .filter(|k| k.strip_prefix(from).is_some_and(|r| r.first() == Some(&b'/')))
+                .cloned()
+                .collect();
+            for old in moved {
+                let content = self.0.remove(&old).expect("listed");
+                self.0.insert([to, &old[from.len()..]].concat(), content);
+            }
+        }
+        self.0
+            .extend(piece.contents.iter().map(|(k, v)| (k.clone(), v.clone())));
+        for (path, target) in &piece.hard_links {
+            if let Some(content) = self.0.get(target).cloned() {
+                self.0.insert(path.clone(), content);
+            }
+        }
+        self.0.retain(|path, _| {
+            let (dir, name) = match path.iter().rposition(|b| *b == b'/') {
+                Some(slash) => (&path[..slash], &path[slash + 1..]),
+                None => (&[][..], &path[..]),
+            };
+            tree.dirs.get(dir).is_some_and(|files| files.contains(name))
+        });
+    }
+
+    /// Compares the files below `root` (the tree restored there) with what the pieces
+    /// stored: 65 naming the first differences.
+    pub fn check(&self, root: &Path, id: &str) -> Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut found = HashMap::new();
+        restored_contents(root, root, &mut found)?;
+        let mut differences: Vec<String> = Vec::new();
+        for (path, want) in &self.0 {
+            let shown = String::from_utf8_lossy(path);
+            match found.remove(path) {
+                None => differences.push(format!("{shown} is missing")),
+                Some(got) if got != *want => differences.push(format!("{shown} is {got}, stored as {want}")),
+                Some(_) => {}
+            }
+        }
+        differences.extend(
+            found
+                .keys()
+                .map(|p| format!("{} is in no piece", Path::new(std::ffi::OsStr::from_bytes(p)).display())),
+        );
+        if differences.is_empty() {
+            return Ok(());
+        }
+        differences.sort();
+        let more = differences.len().saturating_sub(5);
+        differences.truncate(5);
+        Err(Error::data(format!(
+            "{id}: the restored tree differs from its pieces: {}{}",
+            differences.join("; "),
+            if more > 0 {
+                format!(" (and {more} more)")
+            } else {
+                String::new()
+            }
+        )))
+    }
+}
+
+/// What the files below `dir` hold, by path relative to `root`.
+fn restored_contents(root: &Path, dir: &Path, found: &mut HashMap<Vec<u8>, Content>) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let reading = |p: &Path, e| Error::io(format!("reading {}", p.display()), e);
+    for entry in std::fs::read_dir(dir).map_err(|e| reading(dir, e))? {
+        let path = entry.map_err(|e| reading(dir, e))?.path();
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| reading(&path, e))?;
+        let content = if meta.is_dir() {
+            restored_contents(root, &path, found)?;
+            continue;
+        } else if meta.file_type().is_symlink() {
+            Content::Symlink(
+                std::fs::read_link(&path)
+                    .map_err(|e| reading(&path, e))?
+                    .as_os_str()
+                    .as_bytes()
+                    .to_vec(),
+            )
+        } else if meta.is_file() {
+            let mut file = std::fs::File::open(&path).map_err(|e| reading(&path, e))?;
+            hash_content(&mut file).map_err(|e| reading(&path, e))?
+        } else {
+            Content::Special
+        };
+        let rel = path.strip_prefix(root).expect("below the root");
+        found.insert(rel.as_os_str().as_bytes().to_vec(), content);
+    }
+    Ok(())
+}
+
+fn hash_content(input: &mut dyn Read) -> io::Result<Content> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let size = io::copy(input, &mut hasher)?;
+    Ok(Content::Data {
+        size,
+        sha256: hasher.finalize().into(),
+    })
 }
 
 /// Reads a piece to its end: every entry's name checked as bk-verify checks a full's, each
 /// dumpdir checked and kept. `file` names the artifact in errors (65 for what GNU tar never
 /// writes).
-pub fn scan_piece(file: &str, input: &mut dyn Read) -> Result<Piece> {
+pub fn scan_piece(file: &str, input: &mut dyn Read, hashing: Hashing) -> Result<Piece> {
     let mut piece = Piece {
         entries: 0,
         listing: Listing::default(),
         members: HashSet::new(),
+        contents: HashMap::new(),
+        hard_links: Vec::new(),
     };
     let mut symlinks = HashSet::new();
     for_each_tar_entry(file, input, |entry| {
@@ -382,6 +531,22 @@ pub fn scan_piece(file: &str, input: &mut dyn Read) -> Result<Piece> {
             check_dumpdir(&dumpdir).map_err(|why| bad_entry(file, &name(), why))?;
             piece.listing.insert(&path, dumpdir);
         } else {
+            let kind = entry.header().entry_type();
+            if hashing == Hashing::Contents {
+                let link =
+                    || -> Result<Vec<u8>> { Ok(entry.link_name_bytes().map(|l| l.into_owned()).unwrap_or_default()) };
+                if kind.is_hard_link() {
+                    piece.hard_links.push((path.clone(), link()?));
+                } else if kind.is_symlink() {
+                    piece.contents.insert(path.clone(), Content::Symlink(link()?));
+                } else if kind.is_file() || kind.is_gnu_sparse() || kind.is_contiguous() {
+                    piece
+                        .contents
+                        .insert(path.clone(), hash_content(entry).map_err(|e| tar_error(file, e))?);
+                } else {
+                    piece.contents.insert(path.clone(), Content::Special);
+                }
+            }
             piece.members.insert(path);
             io::copy(entry, &mut io::sink()).map_err(|e| tar_error(file, e))?;
         }
@@ -448,7 +613,7 @@ pub fn derive_chain_counts(
     let mut tree = None;
     for (i, piece) in chain.iter().enumerate() {
         let mut decoder = open(piece)?;
-        let scanned = scan_piece(&piece.file, &mut decoder)?;
+        let scanned = scan_piece(&piece.file, &mut decoder, Hashing::NamesOnly)?;
         decoder.finish(piece)?;
         if i + 1 == chain.len() {
             let after = Tree::after(tree.as_ref(), &scanned.listing, &scanned.members);
@@ -529,7 +694,7 @@ pub fn dump_piece(cmd: Command, out: &mut dyn io::Write) -> Result<Piece> {
     let (reader, mut writer) = io::pipe().map_err(|e| Error::io("creating a pipe", e))?;
     let scanner = std::thread::spawn(move || {
         let mut reader = reader;
-        let scanned = scan_piece("the tar output", &mut reader);
+        let scanned = scan_piece("the tar output", &mut reader, Hashing::NamesOnly);
         // Drained, so that the writer never waits on a scanner that stopped.
         let _ = io::copy(&mut reader, &mut io::sink());
         scanned
@@ -559,12 +724,18 @@ pub fn extract_piece(
     mut decoder: Decoder,
     staging: &Path,
     parent: Option<&Tree>,
+    contents: Option<&mut Contents>,
 ) -> Result<Tree> {
     let (reader, writer) = io::pipe().map_err(|e| Error::io("creating a pipe", e))?;
     let file = artifact.file.clone();
+    let hashing = if contents.is_some() {
+        Hashing::Contents
+    } else {
+        Hashing::NamesOnly
+    };
     let scanner = std::thread::spawn(move || {
         let mut reader = reader;
-        let scanned = scan_piece(&file, &mut reader);
+        let scanned = scan_piece(&file, &mut reader, hashing);
         let _ = io::copy(&mut reader, &mut io::sink());
         scanned
     });
@@ -596,6 +767,9 @@ pub fn extract_piece(
     let piece = scanned??;
     let tree = check_piece(artifact, parent, &piece)?;
     extracted.map_err(|e| e.context(format!("extracting {}", artifact.file)))?;
+    if let Some(contents) = contents {
+        contents.apply(&piece, &tree);
+    }
     Ok(tree)
 }
 
@@ -628,6 +802,8 @@ mod tests {
             entries: 0,
             listing: Listing::default(),
             members: HashSet::new(),
+            contents: HashMap::new(),
+            hard_links: Vec::new(),
         };
         for (dir, entries) in dirs {
             let mut raw = Vec::new();
@@ -696,6 +872,29 @@ mod tests {
             let e = parse_snapshot(bad, "state").unwrap_err();
             assert_eq!(e.exit_code(), 65, "{:?}: {}", String::from_utf8_lossy(bad), e.message);
         }
+    }
+
+    #[test]
+    fn a_restored_tree_is_compared_with_what_its_pieces_stored() {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path();
+        std::fs::create_dir_all(dir.join("d")).unwrap();
+        std::fs::write(dir.join("d/a"), "x").unwrap();
+        std::os::unix::fs::symlink("a", dir.join("d/l")).unwrap();
+        let stored = |content: &str| {
+            let data = hash_content(&mut content.as_bytes()).unwrap();
+            Contents(HashMap::from([
+                (b"d/a".to_vec(), data),
+                (b"d/l".to_vec(), Content::Symlink(b"a".to_vec())),
+            ]))
+        };
+        stored("x").check(dir, "fs.1").unwrap();
+        let e = stored("y").check(dir, "fs.1").unwrap_err();
+        assert_eq!(e.exit_code(), 65);
+        assert!(e.message.contains("d/a is 1 bytes"), "{}", e.message);
+        std::fs::write(dir.join("d/extra"), "").unwrap();
+        let e = stored("x").check(dir, "fs.1").unwrap_err();
+        assert!(e.message.contains("d/extra is in no piece"), "{}", e.message);
     }
 
     #[test]

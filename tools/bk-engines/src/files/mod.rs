@@ -432,28 +432,37 @@ pub fn restore(artifact: &Artifact, decoder: Decoder, target: &Path, opts: &Rest
 /// `target`: every piece extracted in order by GNU tar into a staging directory (which
 /// deletes what each piece's listings no longer hold), each checked as it passes (sha256,
 /// entries, counts against the tree before it), then the files counted against the last
-/// manifest, then moved into place. `open` opens a piece's stored bytes.
+/// manifest, then moved into place. `open` opens a piece's stored bytes. With `Hashing::Contents`
+/// (bk-verify) every file restored is also compared with what the pieces stored: size,
+/// sha256, symlink target.
 pub fn restore_chain(
     chain: &[Artifact],
     mut open: impl FnMut(&Artifact) -> Result<Decoder>,
     target: &Path,
     opts: &RestoreOptions,
+    hashing: incremental::Hashing,
 ) -> Result<RestoredInfo> {
     let include = PathGlobs::new(&opts.include, "--include")?;
     let tar = incremental::gnu_tar()?;
     let newest = chain.last().expect("a chain holds its backup");
     let counts = into_target(target, opts, |staging| {
         let mut tree = None;
+        let mut contents = (hashing == incremental::Hashing::Contents).then(incremental::Contents::default);
         for piece in chain {
+            let decoder = open(piece)?;
             tree = Some(incremental::extract_piece(
                 &tar,
                 piece,
-                open(piece)?,
+                decoder,
                 staging,
                 tree.as_ref(),
+                contents.as_mut(),
             )?);
         }
         let tree = tree.expect("a chain holds its backup");
+        if let Some(contents) = &contents {
+            contents.check(staging, &newest.id)?;
+        }
         if !include.empty {
             keep_only(staging, staging, &include)?;
         }
