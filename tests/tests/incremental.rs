@@ -564,9 +564,12 @@ fn sigterm_mid_incremental_leaves_the_chain_state_as_before() {
 fn a_chain_in_a_remote_store_continues_and_restores() {
     let Some(r) = Remote::from_env() else { return };
     let sb = Sandbox::new();
-    let src = sb.path("src");
-    write_files(&src, &[("a", "1"), ("d/b", "2")]);
-    for store in [r.s3_store("bk-incremental"), r.ssh_store("bk-incremental")] {
+    for (i, store) in [r.s3_store("bk-incremental"), r.ssh_store("bk-incremental")]
+        .into_iter()
+        .enumerate()
+    {
+        let src = sb.path(&format!("src{i}"));
+        write_files(&src, &[("a", "1"), ("d/b", "2")]);
         let mut made = Vec::new();
         for step in 0..3 {
             match step {
@@ -594,5 +597,14 @@ fn a_chain_in_a_remote_store_continues_and_restores() {
         )
         .ok();
         assert_same_tree(&tree_digest(&src), &tree_digest(&restored_root(&target, &src)), &store);
+        if let Some(dir) = store.strip_prefix(&r.ssh_url("")) {
+            // A state lost on the remote side: the next backup is a full, and says why.
+            r.shell(&format!("rm {dir}/fs/fs.chain-state"), b"");
+            std::thread::sleep(Duration::from_millis(1100));
+            let args = ["files", s(&src), "--incremental", "--name", "fs", "--to", &store];
+            let run = r.run(&sb, "bk-dump", &args, "").ok();
+            assert_eq!(run.artifact().level, Some(0), "{store}");
+            assert!(run.stderr.contains("no chain state"), "{}", run.stderr);
+        }
     }
 }

@@ -143,15 +143,19 @@ type State = (Vec<u8>, Snapshot, std::collections::HashSet<Vec<u8>>);
 
 fn read_state(store: &dyn Store, name: &str, newest: &str) -> Result<Option<State>> {
     let file = chain_state_file(name);
-    let mut input = match store.open_file(name, &file) {
-        Ok(input) => input,
+    // A remote store may say that the file is missing only once it is read.
+    let read = store.open_file(name, &file).and_then(|mut input| {
+        let mut bytes = Vec::new();
+        input
+            .read_to_end(&mut bytes)
+            .map_err(|e| from_io(format!("reading {file}"), e))?;
+        Ok(bytes)
+    });
+    let mut bytes = match read {
+        Ok(bytes) => bytes,
         Err(e) if e.kind == Kind::NoInput => return Ok(None),
         Err(e) => return Err(e),
     };
-    let mut bytes = Vec::new();
-    input
-        .read_to_end(&mut bytes)
-        .map_err(|e| from_io(format!("reading {file}"), e))?;
     let line_end = bytes
         .iter()
         .take(64 * 1024)
